@@ -1,0 +1,76 @@
+"""Shared by every benchmark: the environment record, atomic JSON results, timing, plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: torch.device | str = "cpu") -> dict:
+    """Device, library versions and commit: what a reader needs to trust or reproduce a number."""
+    device = torch.device(device)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = None, None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return {
+        "device": device.type,
+        "device_name": name,
+        "cpu_threads": torch.get_num_threads(),
+        "python": sys.version.split()[0],
+        "versions": {p: _version(p) for p in ("torch", "triton", "transformers", "peft", "modlora")},
+        "commit": commit,
+        "dirty": dirty,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def write_json(name: str, payload: dict, directory: Path = RESULTS) -> Path:
+    """Write ``directory/name.json`` atomically (a reader never sees a half-written file)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def bench(fn: Callable[[], object], *, warmup: int = 2, reps: int = 10, device: str = "cpu") -> dict:
+    """Median and 20/80% quantiles of ``fn``'s wall time in ms (CUDA: triton's do_bench)."""
+    if device == "cuda":
+        import triton.testing
+
+        med, q20, q80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+        return {"ms": med, "q20": q20, "q80": q80}
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]
+    return {"ms": pick(0.5), "q20": pick(0.2), "q80": pick(0.8)}

@@ -1,0 +1,101 @@
+"""Plain-torch reference of the dual-LoRA linear: the test oracle and the fallback of every kernel.
+
+    y = x W^T + b + sum_a coef_a (x A_a^T) B_a^T                       strategy "output"
+    y = x W^T + b + (x A_m^T) B_m^T,  A_m = sum_a c_a A_a,  B_m = sum_a c_a B_a,  c_a = sqrt(w_a s_a)
+                                                                         strategy "ab"
+
+An adapter is ``(A [r, K], B [N, r], scale)``; ``coef_a = w_a * scale_a``. Autograd through these
+few torch ops gives every gradient (x, A, B, w), so this file is also the gradient oracle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+Adapter = tuple[Tensor, Tensor, float]
+Weight = float | Tensor
+STRATEGIES = ("output", "ab")
+
+
+def check_strategy(strategy: str, lora_in: Adapter | None, lora_out: Adapter | None) -> None:
+    """Raise a clear error for an unknown strategy or ranks that strategy ``ab`` cannot merge."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}: expected one of {STRATEGIES}")
+    if strategy == "ab" and lora_in is not None and lora_out is not None:
+        r_in, r_out = lora_in[0].shape[0], lora_out[0].shape[0]
+        if r_in != r_out:
+            raise ValueError(
+                f"strategy 'ab' merges A and B element-wise and needs equal ranks, got r_in={r_in}, r_out={r_out}"
+            )
+
+
+def merge_ab(lora_in: Adapter | None, lora_out: Adapter | None, w_in: Weight, w_out: Weight) -> tuple[Tensor, Tensor]:
+    """``A_m = sum_a c_a A_a``, ``B_m = sum_a c_a B_a`` with ``c_a = sqrt(w_a s_a)`` (PEFT's "linear")."""
+    parts = [(a, w) for a, w in ((lora_in, w_in), (lora_out, w_out)) if a is not None]
+    a_m = b_m = None
+    for (A, B, scale), w in parts:
+        c = torch.sqrt(torch.as_tensor(w * scale, dtype=torch.float32, device=A.device)).to(A.dtype)
+        a_m = c * A if a_m is None else a_m + c * A
+        b_m = c * B if b_m is None else b_m + c * B
+    return a_m, b_m
+
+
+def lora_delta_ref(
+    x: Tensor,
+    lora_in: Adapter | None,
+    lora_out: Adapter | None,
+    w_in: Weight = 1.0,
+    w_out: Weight = 1.0,
+    strategy: str = "output",
+) -> Tensor | None:
+    """The adapters' part of ``y`` alone (None without adapters)."""
+    check_strategy(strategy, lora_in, lora_out)
+    if lora_in is None and lora_out is None:
+        return None
+    if strategy == "ab":
+        a_m, b_m = merge_ab(lora_in, lora_out, w_in, w_out)
+        return (x @ a_m.t()) @ b_m.t()
+    delta = None
+    for adapter, w in ((lora_in, w_in), (lora_out, w_out)):
+        if adapter is not None:
+            A, B, scale = adapter
+            term = ((x @ A.t()) * (w * scale)) @ B.t()
+            delta = term if delta is None else delta + term
+    return delta
+
+
+def dual_lora_linear_ref(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    lora_in: Adapter | None,
+    lora_out: Adapter | None,
+    w_in: Weight = 1.0,
+    w_out: Weight = 1.0,
+    strategy: str = "output",
+) -> Tensor:
+    """``x [..., K] -> y [..., N]``; see the module docstring for the math."""
+    y = torch.nn.functional.linear(x, weight, bias)
+    delta = lora_delta_ref(x, lora_in, lora_out, w_in, w_out, strategy)
+    return y if delta is None else y + delta
+
+
+def pairwise_lora_linear_ref(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    pairs: Sequence[tuple[Adapter | None, Adapter | None, Weight, Weight]],
+    row_pair: Tensor,
+    strategy: str = "output",
+) -> Tensor:
+    """Row b of ``x [B, ..., K]`` uses the pair ``pairs[row_pair[b]]``: rows are grouped by pair."""
+    y = torch.nn.functional.linear(x, weight, bias)
+    for p in torch.unique(row_pair).tolist():
+        rows = (row_pair == p).nonzero().squeeze(1)
+        delta = lora_delta_ref(x[rows], *pairs[p], strategy=strategy)
+        if delta is not None:
+            y = y.index_add(0, rows, delta)
+    return y
