@@ -1,0 +1,119 @@
+"""Checkpoint I/O: HF safetensors directories in (streamed, checked tensor by tensor) and out (atomic)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import Qwen2Config
+from .fileio import atomic_write, atomic_write_text
+from .model import Qwen2ForCausalLM
+
+_INDEX = "model.safetensors.index.json"
+_SINGLE = "model.safetensors"
+
+
+def _tensor_files(path: Path) -> dict[str, Path]:
+    """Map every tensor name to the safetensors file that holds it."""
+    if (path / _INDEX).is_file():
+        weight_map = json.loads((path / _INDEX).read_text())["weight_map"]
+        files = {name: path / shard for name, shard in weight_map.items()}
+        absent = sorted({str(f) for f in files.values() if not f.is_file()})
+        if absent:
+            raise FileNotFoundError(f"{_INDEX} names shard(s) that do not exist: {', '.join(absent)}")
+        return files
+    if (path / _SINGLE).is_file():
+        with safe_open(path / _SINGLE, framework="pt") as f:
+            return {name: path / _SINGLE for name in f.keys()}
+    raise FileNotFoundError(f"no {_SINGLE} or {_INDEX} in {path}")
+
+
+def _build_empty(config: Qwen2Config, dtype: torch.dtype, device: torch.device | str | None) -> Qwen2ForCausalLM:
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM(config)
+    # Non-persistent buffers are computed, not loaded: rebuild them on the target device.
+    model.model.rotary_emb = type(model.model.rotary_emb)(config.head_dim, config.rope_theta).to(device)
+    return model.to(dtype=dtype) if dtype else model
+
+
+def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+                    device: torch.device | str | None = None) -> Qwen2ForCausalLM:
+    """Load an HF Qwen2 checkpoint directory; tensors stream one by one from safetensors into place.
+
+    dtype None keeps the checkpoint's dtype (config ``torch_dtype``/``dtype``). Base weights are
+    frozen (``requires_grad=False``): adapters and mixing weights are what modlora trains.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {path} does not exist")
+    config = Qwen2Config.from_json(path)
+    dtype = dtype or config.torch_dtype
+    device = torch.device(device or "cpu")
+    files = _tensor_files(path)
+    model = _build_empty(config, dtype, device)
+    expected = dict(model.named_parameters())  # tied lm_head appears once, as embed_tokens
+    tied_head = "lm_head.weight" if config.tie_word_embeddings else None
+    unexpected = sorted(set(files) - set(expected) - {tied_head})
+    if unexpected:
+        raise KeyError(f"checkpoint {path} has unexpected tensor(s): {', '.join(unexpected[:8])}")
+    missing = sorted(set(expected) - set(files))
+    if missing:
+        raise KeyError(f"checkpoint {path} is missing tensor(s): {', '.join(missing[:8])}")
+    handles: dict[Path, object] = {}
+    try:
+        for name, param in expected.items():
+            file = files[name]
+            if file not in handles:
+                handles[file] = safe_open(file, framework="pt", device="cpu")
+            tensor = handles[file].get_tensor(name)
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise ValueError(f"tensor {name} in {file.name} has shape {tuple(tensor.shape)}, "
+                                 f"the config implies {tuple(param.shape)}")
+            _set_parameter(model, name, tensor.to(device=device, dtype=dtype))
+    finally:
+        handles.clear()
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def _set_parameter(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(module_name), attr, torch.nn.Parameter(tensor, requires_grad=False))
+
+
+def random_model(config: Qwen2Config | str, *, seed: int = 0, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> Qwen2ForCausalLM:
+    """Seeded random weights of a config or preset name (HF's init: N(0, 0.02), unit norms, zero biases)."""
+    if isinstance(config, str):
+        config = Qwen2Config.preset(config)
+    generator = torch.Generator().manual_seed(seed)
+    model = _build_empty(config, torch.float32, device)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            value = torch.ones(param.shape)
+        elif name.endswith(".bias"):
+            value = torch.zeros(param.shape)
+        else:
+            value = torch.randn(param.shape, generator=generator) * 0.02
+        _set_parameter(model, name, value.to(device=device, dtype=dtype or config.torch_dtype))
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def save_pretrained(model: Qwen2ForCausalLM, path: str | os.PathLike) -> None:
+    """Write ``config.json`` and ``model.safetensors`` (HF layout); each file lands atomically."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    atomic_write(path / _SINGLE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write_text(path / "config.json", json.dumps(model.config.to_dict(), indent=2) + "\n")
+

@@ -1,0 +1,268 @@
+"""A minimal Qwen2 decoder in plain PyTorch, parameter for parameter the Hugging Face layout.
+
+Three ways to run it:
+
+- ``model(input_ids, attention_mask)``: full causal forward (training, scoring), logits [B, T, V];
+- ``model.prefill(input_ids, attention_mask, cache)`` then ``model.decode_step(tokens, cache)``:
+  generation on a static :class:`KVCache`. The prompt is stored once per sentence and shared by
+  its beams; only the generated positions are per beam, so reordering beams copies
+  ``t`` positions per layer, not the whole cache.
+
+Left padding works everywhere: position ids come from the attention mask, as transformers'
+``generate`` computes them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .adapted import AdaptedLinear
+from .config import Qwen2Config
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        # fp32 statistics, as HF: bf16 variance loses the small-norm tokens.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half RoPE (HF convention): cos/sin computed in fp32 from integer positions."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        freqs = positions.float()[..., None] * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, H, T, D], cos/sin [B, T, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+@dataclass
+class KVCache:
+    """Static cache for generation: a shared prompt segment and a per-beam generated segment.
+
+    prompt_k/v: [L, B, Hkv, P, D] one row per sentence; gen_k/v: [L, B*beams, Hkv, T, D].
+    Allocated once per batch by :meth:`Qwen2ForCausalLM.new_cache`; never part of the state dict.
+    """
+
+    prompt_k: Tensor
+    prompt_v: Tensor
+    gen_k: Tensor
+    gen_v: Tensor
+    prompt_mask: Tensor  # [B, P] bool, False on left padding
+    prompt_lengths: Tensor  # [B] non-padding prompt tokens per sentence
+    num_beams: int
+    step: int = 0  # generated positions written so far
+
+    @property
+    def capacity(self) -> int:
+        return self.gen_k.shape[3]
+
+    def reorder(self, beam_idx: Tensor) -> None:
+        """Make row i continue beam ``beam_idx[i]``: copies only the ``step`` generated positions."""
+        t = self.step
+        self.gen_k[:, :, :, :t] = self.gen_k[:, beam_idx, :, :t]
+        self.gen_v[:, :, :, :t] = self.gen_v[:, beam_idx, :, :t]
+
+    def reorder_bytes(self) -> int:
+        """Bytes one :meth:`reorder` reads and writes at the current step (k and v, all layers)."""
+        per_position = self.gen_k[:, :, :, :1].numel() * self.gen_k.element_size()
+        return 2 * 2 * per_position * self.step
+
+
+class Qwen2Attention(nn.Module):
+    def __init__(self, cfg: Qwen2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = AdaptedLinear(cfg.hidden_size, self.n_heads * self.head_dim, bias=True)
+        self.k_proj = AdaptedLinear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.v_proj = AdaptedLinear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
+        self.o_proj = AdaptedLinear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def _qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: KVCache | None = None) -> Tensor:
+        """Full causal attention over x [B, T, C]; mask [B, 1, T, T] bool. Fills the prompt cache if given."""
+        q, k, v = self._qkv(x, cos, sin)
+        if cache is not None:
+            cache.prompt_k[self.layer_idx] = k
+            cache.prompt_v[self.layer_idx] = v
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+
+    def decode(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache) -> Tensor:
+        """One new token per row, x [B*beams, 1, C]: attends to its sentence's prompt and its own beam."""
+        rows = x.shape[0]
+        beams, groups, t = cache.num_beams, self.n_heads // self.n_kv, cache.step
+        q, k, v = self._qkv(x, cos, sin)
+        gen_k, gen_v = cache.gen_k[self.layer_idx], cache.gen_v[self.layer_idx]
+        gen_k[:, :, t] = k[:, :, 0]
+        gen_v[:, :, t] = v[:, :, 0]
+        # q as [B, beams, Hkv, G, D]: the prompt keys [B, Hkv, P, D] broadcast over beams, uncopied.
+        q = q.view(rows // beams, beams, self.n_kv, groups, self.head_dim) * (1.0 / math.sqrt(self.head_dim))
+        p_k, p_v = cache.prompt_k[self.layer_idx][:, None], cache.prompt_v[self.layer_idx][:, None]
+        s_prompt = (q @ p_k.transpose(-1, -2)).float()
+        s_prompt = s_prompt.masked_fill(~cache.prompt_mask[:, None, None, None, :], float("-inf"))
+        g_k = gen_k[:, :, : t + 1].view(rows // beams, beams, self.n_kv, t + 1, self.head_dim)
+        g_v = gen_v[:, :, : t + 1].view(rows // beams, beams, self.n_kv, t + 1, self.head_dim)
+        s_gen = (q @ g_k.transpose(-1, -2)).float()
+        probs = torch.softmax(torch.cat((s_prompt, s_gen), dim=-1), dim=-1).to(q.dtype)
+        n_prompt = s_prompt.shape[-1]
+        out = probs[..., :n_prompt] @ p_v + probs[..., n_prompt:] @ g_v  # [B, beams, Hkv, G, D]
+        return self.o_proj(out.reshape(rows, 1, -1))
+
+
+class Qwen2MLP(nn.Module):
+    def __init__(self, cfg: Qwen2Config) -> None:
+        super().__init__()
+        self.gate_proj = AdaptedLinear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = AdaptedLinear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = AdaptedLinear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen2DecoderLayer(nn.Module):
+    def __init__(self, cfg: Qwen2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = Qwen2Attention(cfg, layer_idx)
+        self.mlp = Qwen2MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None = None,
+                decode: bool = False) -> Tensor:
+        h = self.input_layernorm(x)
+        h = self.self_attn.decode(h, cos, sin, cache) if decode else self.self_attn(h, cos, sin, mask, cache)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2Model(nn.Module):
+    def __init__(self, cfg: Qwen2Config) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Qwen2DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+        """Hidden states [B, T, C] after the final norm."""
+        b, t = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        valid = attention_mask.bool()
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        causal = torch.ones(t, t, dtype=torch.bool, device=input_ids.device).tril()
+        # Padding queries attend to themselves only, so no row is all -inf (SDPA would give NaN).
+        mask = (causal & valid[:, None, :]) | torch.eye(t, dtype=torch.bool, device=input_ids.device)
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask[:, None], cache)
+        return self.norm(x)
+
+    def decode(self, tokens: Tensor, cache: KVCache) -> Tensor:
+        """Hidden state [B*beams, 1, C] of one new token per row; advances the cache by one position."""
+        if cache.step >= cache.capacity:
+            raise RuntimeError(f"KV cache is full: {cache.capacity} generated positions were allocated")
+        positions = (cache.prompt_lengths.repeat_interleave(cache.num_beams) + cache.step)[:, None]
+        x = self.embed_tokens(tokens[:, None])
+        cos, sin = self.rotary_emb(positions, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, None, cache, decode=True)
+        cache.step += 1
+        return self.norm(x)
+
+
+class Qwen2ForCausalLM(nn.Module):
+    """Qwen2 causal LM; parameter names are those of ``transformers.Qwen2ForCausalLM``."""
+
+    def __init__(self, config: Qwen2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Qwen2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @classmethod
+    def from_config(cls, config: Qwen2Config | str, *, seed: int = 0, dtype: torch.dtype | None = None,
+                    device: torch.device | str | None = None) -> Qwen2ForCausalLM:
+        """Seeded random weights (HF's init: N(0, 0.02), unit norms, zero biases) for a config or preset."""
+        from .loading import random_model
+
+        return random_model(config, seed=seed, dtype=dtype, device=device)
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, dtype: torch.dtype | None = None,
+                        device: torch.device | str | None = None) -> Qwen2ForCausalLM:
+        """Load an unmodified HF checkpoint directory (single or sharded safetensors)."""
+        from .loading import load_pretrained
+
+        return load_pretrained(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path: str) -> None:
+        from .loading import save_pretrained
+
+        save_pretrained(self, path)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        return self.lm_head(self.model(input_ids, attention_mask))
+
+    def new_cache(self, batch_size: int, prompt_len: int, max_new_tokens: int, num_beams: int = 1) -> KVCache:
+        cfg, p = self.config, self.lm_head.weight
+        prompt_shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, prompt_len, cfg.head_dim)
+        gen_shape = (cfg.num_hidden_layers, batch_size * num_beams, cfg.num_key_value_heads, max_new_tokens,
+                     cfg.head_dim)
+        new = lambda shape: torch.zeros(shape, dtype=p.dtype, device=p.device)
+        return KVCache(new(prompt_shape), new(prompt_shape), new(gen_shape), new(gen_shape),
+                       prompt_mask=torch.ones(batch_size, prompt_len, dtype=torch.bool, device=p.device),
+                       prompt_lengths=torch.full((batch_size,), prompt_len, device=p.device), num_beams=num_beams)
+
+    def prefill(self, input_ids: Tensor, attention_mask: Tensor | None, cache: KVCache) -> Tensor:
+        """Run the prompts [B, P] once, fill the cache's prompt segment; logits [B, V] of the last position."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        cache.prompt_mask.copy_(attention_mask.bool())
+        cache.prompt_lengths.copy_(attention_mask.sum(-1))
+        cache.step = 0
+        h = self.model(input_ids, attention_mask, cache)
+        return self.lm_head(h[:, -1])
+
+    def decode_step(self, tokens: Tensor, cache: KVCache) -> Tensor:
+        """Logits [B*beams, V] for one new token per row."""
+        return self.lm_head(self.model.decode(tokens, cache)[:, 0])
+
+    def adapted_linears(self) -> dict[str, AdaptedLinear]:
+        """Every adapted linear by its HF module name (e.g. ``model.layers.0.self_attn.q_proj``)."""
+        return {name: m for name, m in self.named_modules() if isinstance(m, AdaptedLinear)}

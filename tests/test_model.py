@@ -1,0 +1,179 @@
+"""The Qwen2 decoder against transformers.Qwen2ForCausalLM on the same random checkpoints."""
+
+import json
+
+import pytest
+import torch
+from hf_reference import hf_model, save_hf
+
+from modlora.config import Qwen2Config
+from modlora.model import Qwen2ForCausalLM
+
+# fp32 on CPU: both sides do the same math in a different op order; 1e-5 relative is the design's bar.
+FP32 = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def pair(request, tmp_path_factory):
+    hf = hf_model(tie=request.param, seed=int(request.param))
+    path = save_hf(hf, tmp_path_factory.mktemp("ckpt"), shard=not request.param)
+    return hf, Qwen2ForCausalLM.from_pretrained(path, dtype=torch.float32), path
+
+
+def test_sharded_checkpoint_was_written(pair):
+    hf, _, path = pair
+    if not hf.config.tie_word_embeddings:
+        assert (path / "model.safetensors.index.json").is_file()
+        assert len(list(path.glob("model-*.safetensors"))) > 1
+
+
+@torch.no_grad()
+def test_logits_match_transformers(pair):
+    hf, ours, _ = pair
+    ids = torch.randint(0, 1000, (2, 13), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ours(ids), hf(ids).logits, **FP32)
+
+
+@torch.no_grad()
+def test_left_padded_batch_matches_transformers(pair):
+    hf, ours, _ = pair
+    ids = torch.randint(0, 1000, (3, 11), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    mask[2, :9] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what transformers' generate passes
+    expected = hf(ids, attention_mask=mask, position_ids=positions).logits
+    got = ours(ids, mask)
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], expected[valid], **FP32)
+    # And each padded row equals the same sentence run alone without padding.
+    torch.testing.assert_close(got[2, 9:], ours(ids[2:3, 9:])[0], **FP32)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_cached_decoding_matches_full_forward(pair, num_beams):
+    _, ours, _ = pair
+    g = torch.Generator().manual_seed(2)
+    prompt = torch.randint(0, 1000, (2, 6), generator=g)
+    mask = torch.ones_like(prompt)
+    mask[0, :2] = 0
+    new = torch.randint(0, 1000, (2 * num_beams, 5), generator=g)
+    cache = ours.new_cache(2, prompt.shape[1], max_new_tokens=5, num_beams=num_beams)
+    first = ours.prefill(prompt, mask, cache)
+    torch.testing.assert_close(first, ours(prompt, mask)[:, -1], **FP32)
+    steps = [ours.decode_step(new[:, t], cache) for t in range(new.shape[1])]
+    full_ids = torch.cat((prompt.repeat_interleave(num_beams, 0), new), dim=1)
+    full_mask = torch.cat((mask.repeat_interleave(num_beams, 0), torch.ones_like(new)), dim=1)
+    full = ours(full_ids, full_mask)[:, prompt.shape[1]:]
+    torch.testing.assert_close(torch.stack(steps, 1), full, **FP32)
+
+
+@torch.no_grad()
+def test_cache_reorder_follows_beams(pair):
+    _, ours, _ = pair
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, 1000, (1, 4), generator=g)
+    new = torch.randint(0, 1000, (3, 3), generator=g)
+    cache = ours.new_cache(1, 4, max_new_tokens=3, num_beams=3)
+    ours.prefill(prompt, None, cache)
+    ours.decode_step(new[:, 0], cache)
+    ours.decode_step(new[:, 1], cache)
+    order = torch.tensor([2, 2, 0])
+    cache.reorder(order)
+    got = ours.decode_step(new[:, 2], cache)
+    history = torch.cat((new[order, :2], new[:, 2:]), dim=1)
+    full = ours(torch.cat((prompt.expand(3, -1), history), dim=1))[:, -1]
+    torch.testing.assert_close(got, full, **FP32)
+
+
+@torch.no_grad()
+def test_bf16_load_and_forward(pair):
+    hf, _, path = pair
+    ours = Qwen2ForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    assert ours.lm_head.weight.dtype == torch.bfloat16
+    ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(4))
+    ref = hf(ids).logits
+    # bf16 keeps 8 mantissa bits: ~0.4% per rounding, a few roundings per layer; logits here are O(1).
+    torch.testing.assert_close(ours(ids).float(), ref, rtol=0.05, atol=0.05)
+
+
+def test_save_and_reload_round_trip(tmp_path):
+    model = Qwen2ForCausalLM.from_config(Qwen2Config(**{**_small(), "tie_word_embeddings": True}), seed=3)
+    model.save_pretrained(tmp_path)
+    again = Qwen2ForCausalLM.from_pretrained(tmp_path)
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def _small() -> dict:
+    from hf_reference import SMALL
+
+    return dict(SMALL, dtype="float32")
+
+
+def test_transformers_v5_config_dialect(tmp_path, pair):
+    _, ours, path = pair
+    raw = json.loads((path / "config.json").read_text())
+    theta = raw.pop("rope_theta", None) or raw["rope_parameters"]["rope_theta"]
+    raw["rope_parameters"] = {"rope_theta": theta, "rope_type": "default"}
+    raw["dtype"] = raw.pop("torch_dtype", "float32")
+    assert Qwen2Config.from_dict(raw).rope_theta == theta
+    v4 = {k: v for k, v in raw.items() if k not in ("rope_parameters", "dtype")}
+    assert Qwen2Config.from_dict({**v4, "rope_theta": theta, "torch_dtype": "bfloat16"}).dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_type": "llama"}, "unsupported model_type 'llama'"),
+    ({"use_sliding_window": True}, "sliding-window"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "unsupported RoPE type 'yarn'"),
+    ({"rope_theta": None, "rope_parameters": None}, "no rope_theta"),
+])
+def test_unsupported_config_is_rejected(change, message):
+    raw = {**_small(), "model_type": "qwen2", **change}
+    with pytest.raises(ValueError, match=message):
+        Qwen2Config.from_dict(raw)
+
+
+def test_wrong_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Qwen2ForCausalLM.from_pretrained(tmp_path / "nope")
+    (tmp_path / "config.json").write_text(json.dumps({**_small(), "model_type": "qwen2"}))
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        Qwen2ForCausalLM.from_pretrained(tmp_path)
+
+
+def _rewrite(path, tmp_path, edit):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(path / "model.safetensors")
+    edit(state)
+    tmp_path.mkdir()
+    save_file(state, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    return tmp_path
+
+
+def test_missing_and_misshapen_tensors_are_named(tmp_path):
+    hf = hf_model(tie=True)
+    path = save_hf(hf, tmp_path / "src")
+    bad = _rewrite(path, tmp_path / "missing", lambda s: s.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(KeyError, match=r"missing tensor\(s\): model.layers.1.mlp.up_proj.weight"):
+        Qwen2ForCausalLM.from_pretrained(bad)
+    key = "model.layers.0.self_attn.k_proj.weight"
+    bad = _rewrite(path, tmp_path / "shape", lambda s: s.__setitem__(key, s[key][:-1]))
+    with pytest.raises(ValueError, match=f"tensor {key} .* shape"):
+        Qwen2ForCausalLM.from_pretrained(bad)
+    bad = _rewrite(path, tmp_path / "extra", lambda s: s.__setitem__("model.extra.weight", torch.ones(1)))
+    with pytest.raises(KeyError, match="unexpected tensor.*model.extra.weight"):
+        Qwen2ForCausalLM.from_pretrained(bad)
+
+
+def test_presets_build():
+    cfg = Qwen2Config.preset("qwen2.5-0.5b")
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.rope_theta) == (896, 24, 1e6)
+    model = Qwen2ForCausalLM.from_config("tiny", seed=0)
+    again = Qwen2ForCausalLM.from_config("tiny", seed=0)
+    assert torch.equal(model.model.layers[0].mlp.up_proj.weight, again.model.layers[0].mlp.up_proj.weight)
+    with pytest.raises(ValueError, match="unknown preset"):
+        Qwen2Config.preset("gpt5")
