@@ -1,0 +1,85 @@
+"""One forward pass and one decode step of the Qwen2.5-0.5B shape: modlora vs transformers.
+
+Both models hold the same random weights; timings are taken in the same run, alternating, so
+the ratio is robust to this machine's noise. Writes benchmarks/results/forward-<device>.json.
+
+    python benchmarks/forward.py [--quick] [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from common import bench, environment, write_json
+
+from modlora.config import Qwen2Config
+from modlora.model import Qwen2ForCausalLM
+
+
+def hf_twin(model: Qwen2ForCausalLM):
+    """A transformers Qwen2ForCausalLM holding exactly our weights."""
+    import transformers
+
+    cfg = model.config.to_dict()
+    hf_cfg = transformers.Qwen2Config(**{k: v for k, v in cfg.items() if k != "torch_dtype"})
+    with torch.device("meta"):
+        hf = transformers.Qwen2ForCausalLM(hf_cfg)
+    hf.load_state_dict(model.state_dict(), assign=True, strict=False)
+    hf.tie_weights()
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_cfg).to(model.lm_head.weight.device)
+    return hf.eval()
+
+
+def run(dtype: torch.dtype, device: str, prompt_len: int, batch: int, reps: int) -> dict:
+    config = Qwen2Config.preset("qwen2.5-0.5b")
+    ours = Qwen2ForCausalLM.from_config(config, seed=0, dtype=dtype, device=device)
+    hf = hf_twin(ours)
+    ids = torch.randint(0, 150000, (batch, prompt_len), device=device)
+    step_ids = ids[:, -1]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids[:, :8]).float(), hf(ids[:, :8]).logits.float(),
+                                   rtol=0.05 if dtype != torch.float32 else 1e-4, atol=0.05)
+        cache = ours.new_cache(batch, prompt_len, max_new_tokens=1)
+        ours.prefill(ids, None, cache)
+        hf_cache = hf(ids, use_cache=True).past_key_values
+
+        def ours_step():
+            cache.step = 0
+            return ours.decode_step(step_ids, cache)
+
+        def hf_step():
+            logits = hf(step_ids[:, None], past_key_values=hf_cache, use_cache=True).logits
+            hf_cache.crop(-1)  # drop the step again, so every call decodes at the same position
+            return logits
+
+        timings = {
+            "forward": {"modlora": bench(lambda: ours(ids), reps=reps, device=device),
+                        "transformers": bench(lambda: hf(ids).logits, reps=reps, device=device)},
+            "decode_step": {"modlora": bench(ours_step, reps=reps, device=device),
+                            "transformers": bench(hf_step, reps=reps, device=device)},
+        }
+    for t in timings.values():
+        t["speedup_vs_transformers"] = t["transformers"]["ms"] / t["modlora"]["ms"]
+    return {"dtype": str(dtype).removeprefix("torch."), "batch": batch, "prompt_len": prompt_len, **timings}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (CI smoke test)")
+    args = parser.parse_args()
+    reps = 3 if args.quick else 10
+    dtypes = [torch.bfloat16] if args.device == "cuda" else [torch.float32, torch.bfloat16]
+    results = [run(dt, args.device, prompt_len=64, batch=1, reps=reps) for dt in dtypes]
+    for r in results:
+        parts = [f"{what} {r[what]['modlora']['ms']:.1f} ms vs {r[what]['transformers']['ms']:.1f} ms"
+                 f" ({r[what]['speedup_vs_transformers']:.2f}x)" for what in ("forward", "decode_step")]
+        print(f"{r['dtype']:>9}: " + "; ".join(parts))
+    path = write_json(f"forward-{args.device}", {"benchmark": "forward", "env": environment(args.device),
+                                                  "model": "qwen2.5-0.5b (random weights)", "results": results})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
