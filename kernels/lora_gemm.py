@@ -1,0 +1,256 @@
+"""Triton building blocks of the dual-LoRA linear: a GEMM with a LoRA epilogue, and the rank shrink.
+
+    lora_gemm:    out[M, P] = a[M, Q] @ b[Q, P] + bias[P] + (v[M, R] * coef[R]) @ e[P, R]^T
+                  v = a @ s ([Q, R]) is accumulated in the same Q loop as the base GEMM ("fused":
+                  each a tile is read once), or passed in, computed before by lora_shrink ("split").
+    lora_shrink:  v[M, R] = a[M, Q] @ s[Q, R], fp32.
+
+The forward is ``a = x, b = W^T, s = [A_in; A_out]^T, e = [B_in | B_out]``; the backward's dx is
+``a = dy, b = W, s = [B_in | B_out], e = [A_in; A_out]^T``. The two adapters are never
+concatenated in memory: a ``RankStack`` reads rank columns [0, r1) from the first adapter's tensor
+and [r1, R) from the second's, in place. Accumulation is fp32; v * coef is rounded to the input
+dtype before the expand, as in the unfused torch path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+Coef = float | Tensor
+
+
+@triton.jit
+def _load_rank_tile(p1, p2, rows, ranks, row_mask, r1, R, stride_row1, stride_row2, stride_rank,
+                    TWO: tl.constexpr):
+    """[rows, ranks] tile of two adapters stacked along rank: ranks [0, r1) from p1, [r1, R) from p2."""
+    tile = tl.load(p1 + rows[:, None] * stride_row1 + ranks[None, :] * stride_rank,
+                   mask=row_mask[:, None] & (ranks < r1)[None, :], other=0.0)
+    if TWO:
+        in2 = (ranks >= r1) & (ranks < R)
+        tile += tl.load(p2 + rows[:, None] * stride_row2 + (ranks - r1)[None, :] * stride_rank,
+                        mask=row_mask[:, None] & in2[None, :], other=0.0)
+    return tile
+
+
+@triton.jit
+def _lora_gemm_kernel(
+    a_ptr, b_ptr, bias_ptr, out_ptr, v_ptr, coef_ptr,
+    s1_ptr, s2_ptr, e1_ptr, e2_ptr,
+    c1, c2, M, P, Q, r1, R,
+    stride_am, stride_aq, stride_bq, stride_bp, stride_om, stride_op,
+    stride_s1, stride_s2, stride_sr, stride_e1, stride_e2, stride_er,
+    SHRINK: tl.constexpr, STORE_V: tl.constexpr, TWO: tl.constexpr, HAS_BIAS: tl.constexpr,
+    COEF_PTR: tl.constexpr, PRECISION: tl.constexpr,
+    BM: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped program order: GROUP_M row tiles share each b column tile while it is in L2.
+    pid = tl.program_id(0)
+    tiles_m, tiles_p = tl.cdiv(M, BM), tl.cdiv(P, BP)
+    first_m = (pid // (GROUP_M * tiles_p)) * GROUP_M
+    group_m = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * tiles_p)) % group_m
+    pid_p = (pid % (GROUP_M * tiles_p)) // group_m
+
+    rm = pid_m * BM + tl.arange(0, BM)
+    rp = pid_p * BP + tl.arange(0, BP)
+    rr = tl.arange(0, BR)
+    m_mask, p_mask = rm < M, rp < P
+
+    acc = tl.zeros((BM, BP), dtype=tl.float32)
+    v = tl.zeros((BM, BR), dtype=tl.float32)
+    for q0 in range(0, Q, BQ):
+        rq = q0 + tl.arange(0, BQ)
+        q_mask = rq < Q
+        a = tl.load(a_ptr + rm[:, None] * stride_am + rq[None, :] * stride_aq,
+                    mask=m_mask[:, None] & q_mask[None, :], other=0.0)
+        b = tl.load(b_ptr + rq[:, None] * stride_bq + rp[None, :] * stride_bp,
+                    mask=q_mask[:, None] & p_mask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if SHRINK:
+            s = _load_rank_tile(s1_ptr, s2_ptr, rq, rr, q_mask, r1, R, stride_s1, stride_s2, stride_sr, TWO)
+            v = tl.dot(a, s, v, input_precision=PRECISION)
+
+    v_mask = m_mask[:, None] & (rr < R)[None, :]
+    if SHRINK:
+        if STORE_V:
+            if pid_p == 0:  # every column tile computed the same v: one of them saves it
+                tl.store(v_ptr + rm[:, None] * R + rr[None, :], v, mask=v_mask)
+    else:
+        v = tl.load(v_ptr + rm[:, None] * R + rr[None, :], mask=v_mask, other=0.0)
+
+    if COEF_PTR:  # learned weights: read on device, no host sync
+        coef = tl.where(rr < r1, tl.load(coef_ptr), tl.load(coef_ptr + 1))
+    else:
+        coef = tl.where(rr < r1, c1, c2)
+    e = _load_rank_tile(e1_ptr, e2_ptr, rp, rr, p_mask, r1, R, stride_e1, stride_e2, stride_er, TWO)
+    acc = tl.dot((v * coef[None, :]).to(e.dtype), tl.trans(e), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rp, mask=p_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rm[:, None] * stride_om + rp[None, :] * stride_op,
+             acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & p_mask[None, :])
+
+
+@triton.jit
+def _shrink_kernel(
+    a_ptr, s1_ptr, s2_ptr, v_ptr,
+    M, Q, r1, R, stride_am, stride_aq, stride_s1, stride_s2, stride_sr,
+    TWO: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr,
+):
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rr = tl.arange(0, BR)
+    m_mask = rm < M
+    v = tl.zeros((BM, BR), dtype=tl.float32)
+    for q0 in range(0, Q, BQ):
+        rq = q0 + tl.arange(0, BQ)
+        q_mask = rq < Q
+        a = tl.load(a_ptr + rm[:, None] * stride_am + rq[None, :] * stride_aq,
+                    mask=m_mask[:, None] & q_mask[None, :], other=0.0)
+        s = _load_rank_tile(s1_ptr, s2_ptr, rq, rr, q_mask, r1, R, stride_s1, stride_s2, stride_sr, TWO)
+        v = tl.dot(a, s, v, input_precision=PRECISION)
+    tl.store(v_ptr + rm[:, None] * R + rr[None, :], v, mask=m_mask[:, None] & (rr < R)[None, :])
+
+
+@dataclass(frozen=True)
+class RankStack:
+    """One or two adapters' A or B matrices stacked along rank, read in place as a [rows, R] operand."""
+
+    mats: tuple[Tensor, ...]
+    ranks: tuple[int, ...]
+    rows: int
+    row_strides: tuple[int, int]  # step along rows, per adapter
+    rank_stride: int  # step along rank, shared
+
+    @classmethod
+    def of_a(cls, *mats: Tensor | None) -> RankStack:
+        """A_a [r_a, D], made contiguous: element (d, r) at r * D + d."""
+        mats = tuple(m.contiguous() for m in mats if m is not None)
+        D = mats[0].shape[1]
+        if any(m.shape[1] != D for m in mats):
+            raise ValueError(f"adapters disagree on in_features: {[tuple(m.shape) for m in mats]}")
+        return cls(mats, tuple(m.shape[0] for m in mats), D, (1, 1), D)
+
+    @classmethod
+    def of_b(cls, *mats: Tensor | None) -> RankStack:
+        """B_a [D, r_a], made contiguous: element (d, r) at d * r_a + r."""
+        mats = tuple(m.contiguous() for m in mats if m is not None)
+        D = mats[0].shape[0]
+        if any(m.shape[0] != D for m in mats):
+            raise ValueError(f"adapters disagree on out_features: {[tuple(m.shape) for m in mats]}")
+        ranks = tuple(m.shape[1] for m in mats)
+        return cls(mats, ranks, D, (ranks[0], ranks[-1]), 1)
+
+    @property
+    def rank(self) -> int:
+        return sum(self.ranks)
+
+    def ptrs(self) -> tuple[Tensor, Tensor]:
+        return self.mats[0], self.mats[-1]  # a single adapter passes itself twice (never read: TWO=False)
+
+    def strides(self) -> tuple[int, int, int]:
+        return (*self.row_strides, self.rank_stride)
+
+
+def _check(a: Tensor, *stacks: RankStack, others: tuple[Tensor | None, ...] = ()) -> None:
+    tensors = [a, *others, *(m for st in stacks for m in st.mats)]
+    for t in tensors:
+        if t is None:
+            continue
+        if t.dtype != a.dtype:
+            raise TypeError(f"dtype mismatch: {a.dtype} activations with a {t.dtype} operand")
+        if t.device != a.device:
+            raise ValueError(f"device mismatch: activations on {a.device}, an operand on {t.device}")
+    if a.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"unsupported dtype {a.dtype}: expected float32, float16 or bfloat16")
+    if a.device.type != "cuda" and isinstance(_lora_gemm_kernel, triton.runtime.JITFunction):
+        raise RuntimeError(f"Triton kernels need CUDA tensors (got {a.device}); for CPU, use the "
+                           "torch reference or set TRITON_INTERPRET=1 before importing modlora.kernels")
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 follows torch's own matmul setting, so kernel and reference agree on TF32 use.
+    return "ieee" if dtype != torch.float32 or torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def _rank_block(R: int) -> int:
+    return max(16, triton.next_power_of_2(R))  # tl.dot needs >= 16
+
+
+def _coef_args(coef: tuple[Coef, Coef], device: torch.device) -> tuple[Tensor | None, float, float]:
+    """Plain floats go as kernel scalars; 0-dim tensors (learned weights) are read on device."""
+    if not any(isinstance(c, Tensor) for c in coef):
+        return None, float(coef[0]), float(coef[1])
+    stacked = torch.stack([torch.as_tensor(c, dtype=torch.float32, device=device).reshape(()) for c in coef])
+    return stacked.detach(), 0.0, 0.0
+
+
+def lora_gemm(a: Tensor, b: Tensor, bias: Tensor | None, expand: RankStack, coef: tuple[Coef, Coef], *,
+              shrink: RankStack | None = None, v: Tensor | None = None,
+              store_v: bool = False) -> tuple[Tensor, Tensor | None]:
+    """``out = a @ b + bias + (v * coef) @ expand^T``; ``v = a @ shrink`` in the same loop, or given.
+
+    a [M, Q] and b [Q, P] may have any strides (b is ``W.t()`` in the forward, ``W`` for dx).
+    coef is per adapter (first, second). Returns ``(out, v)``: v [M, R] fp32 when ``store_v``
+    (fused) or given (split), else None.
+    """
+    (M, Q), P = a.shape, b.shape[1]
+    R = expand.rank
+    if (shrink is None) == (v is None):
+        raise ValueError("pass exactly one of shrink (fused) and v (split)")
+    if b.shape[0] != Q or expand.rows != P or (bias is not None and bias.shape != (P,)):
+        raise ValueError(f"shape mismatch: a {tuple(a.shape)}, b {tuple(b.shape)}, expand rows {expand.rows}, "
+                         f"bias {None if bias is None else tuple(bias.shape)}")
+    if shrink is not None and (shrink.rows != Q or shrink.ranks != expand.ranks):
+        raise ValueError(f"shrink operand [{shrink.rows}, {shrink.ranks}] does not match a [{M}, {Q}], "
+                         f"expand ranks {expand.ranks}")
+    if v is not None and (v.shape != (M, R) or v.dtype != torch.float32 or not v.is_contiguous()):
+        raise ValueError(f"v must be a contiguous float32 [{M}, {R}] tensor, got {v.dtype} {tuple(v.shape)}")
+    _check(a, expand, *(() if shrink is None else (shrink,)), others=(b, bias))
+
+    out = torch.empty((M, P), dtype=a.dtype, device=a.device)
+    if store_v and shrink is not None:
+        v = torch.empty((M, R), dtype=torch.float32, device=a.device)
+    if M == 0:
+        return out, v
+    coef_ptr, c1, c2 = _coef_args(coef, a.device)
+    BR = _rank_block(R)
+    # Untuned heuristics (no GPU measurements yet): narrow column tiles at small M spread the W read
+    # over more SMs; wide rank blocks take registers, so the tiles shrink with them.
+    BM = min(64 if BR > 64 else 128, max(16, triton.next_power_of_2(M)))
+    BP = 64 if M <= 64 or BR > 64 else 128
+    BQ = 32 if BR > 64 else 64
+    s_ptrs, s_strides = ((None, None), (0, 0, 0)) if shrink is None else (shrink.ptrs(), shrink.strides())
+    grid = (triton.cdiv(M, BM) * triton.cdiv(P, BP),)
+    _lora_gemm_kernel[grid](
+        a, b, bias, out, v, coef_ptr, *s_ptrs, *expand.ptrs(),
+        c1, c2, M, P, Q, expand.ranks[0], R,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+        *s_strides, *expand.strides(),
+        SHRINK=shrink is not None, STORE_V=store_v, TWO=len(expand.ranks) == 2, HAS_BIAS=bias is not None,
+        COEF_PTR=coef_ptr is not None, PRECISION=_precision(a.dtype),
+        BM=BM, BP=BP, BQ=BQ, BR=BR, GROUP_M=8, num_warps=8 if BM * BP >= 128 * 128 else 4, num_stages=3,
+    )
+    return out, v
+
+
+def lora_shrink(a: Tensor, shrink: RankStack) -> Tensor:
+    """``v[M, R] = a[M, Q] @ shrink[Q, R]`` in fp32; a may have any strides."""
+    M, Q = a.shape
+    if shrink.rows != Q:
+        raise ValueError(f"shape mismatch: a {tuple(a.shape)}, shrink rows {shrink.rows}")
+    _check(a, shrink)
+    R = shrink.rank
+    v = torch.empty((M, R), dtype=torch.float32, device=a.device)
+    if M == 0:
+        return v
+    BR = _rank_block(R)
+    BM = 64 if BR <= 64 else 32
+    _shrink_kernel[(triton.cdiv(M, BM),)](
+        a, *shrink.ptrs(), v, M, Q, shrink.ranks[0], R, a.stride(0), a.stride(1), *shrink.strides(),
+        TWO=len(shrink.ranks) == 2, PRECISION=_precision(a.dtype), BM=BM, BQ=64, BR=BR,
+    )
+    return v
