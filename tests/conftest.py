@@ -1,5 +1,13 @@
+import os
 import sys
 from pathlib import Path
+
+import torch
+
+# Without CUDA, Triton kernels run in its interpreter. Triton reads this when first imported (its
+# own tl.* helpers included), and transformers/peft import it, so it is set here, before any test.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Test helpers (tests/hf_reference.py) import as plain modules.
 sys.path.insert(0, str(Path(__file__).parent))
