@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,9 @@ from torch import Tensor, nn
 
 from .adapted import AdaptedLinear
 from .config import Qwen2Config
+
+if TYPE_CHECKING:
+    from .adapters import LoraAdapter
 
 
 class RMSNorm(nn.Module):
@@ -266,3 +270,52 @@ class Qwen2ForCausalLM(nn.Module):
     def adapted_linears(self) -> dict[str, AdaptedLinear]:
         """Every adapted linear by its HF module name (e.g. ``model.layers.0.self_attn.q_proj``)."""
         return {name: m for name, m in self.named_modules() if isinstance(m, AdaptedLinear)}
+
+    # Adapters: thin delegates to modlora.adapters (imported on use, like loading above).
+    def set_adapters(self, lora_in: LoraAdapter | None = None, lora_out: LoraAdapter | None = None, *,
+                     w_in: float | Tensor = 0.5, w_out: float | Tensor = 0.5, strategy: str = "output") -> None:
+        """Apply LoRA ``in`` and/or ``out`` merged by ``strategy``; see :func:`modlora.adapters.set_adapters`."""
+        from .adapters import set_adapters
+
+        set_adapters(self, lora_in, lora_out, w_in=w_in, w_out=w_out, strategy=strategy)
+
+    def clear_adapters(self) -> None:
+        from .adapters import clear_adapters
+
+        clear_adapters(self)
+
+    def enable_weight_learning(self, lora_in: LoraAdapter, lora_out: LoraAdapter,
+                               strategy: str = "output") -> nn.Parameter:
+        """Per-layer ``(w_in, w_out) = softmax(theta_l)``; returns theta [L, 2], the only trainable tensor."""
+        from .adapters import enable_weight_learning
+
+        return enable_weight_learning(self, lora_in, lora_out, strategy)
+
+    def learned_weights(self) -> list[tuple[float, float]]:
+        from .adapters import learned_weights
+
+        return learned_weights(self)
+
+    def set_adapter_pairs(self, pairs: list[tuple[LoraAdapter | None, LoraAdapter | None, float | Tensor,
+                                                float | Tensor]], strategy: str = "output") -> None:
+        """One (lora_in, lora_out, w_in, w_out) per direction; then :meth:`route_rows` picks each row's pair."""
+        from .adapters import set_adapter_pairs
+
+        set_adapter_pairs(self, pairs, strategy)
+
+    def route_rows(self, row_pair: Tensor) -> None:
+        """Row b uses pair ``row_pair[b]``; before decoding beams pass ``row_pair.repeat_interleave(num_beams)``."""
+        from .adapters import route_rows
+
+        route_rows(self, row_pair)
+
+    def merge_adapters(self, lora_in: LoraAdapter | None, lora_out: LoraAdapter | None, *,
+                       w_in: float | Tensor = 0.5, w_out: float | Tensor = 0.5, strategy: str = "output") -> None:
+        from .adapters import merge_adapters
+
+        merge_adapters(self, lora_in, lora_out, w_in=w_in, w_out=w_out, strategy=strategy)
+
+    def unmerge_adapters(self) -> None:
+        from .adapters import unmerge_adapters
+
+        unmerge_adapters(self)
