@@ -1,0 +1,362 @@
+"""Adapters against peft on transformers.Qwen2ForCausalLM with the same random weights (fp32, CPU)."""
+
+import copy
+import json
+
+import pytest
+import torch
+from hf_reference import SMALL, hf_model, save_hf
+from safetensors.torch import load_file, save_file
+
+import modlora.adapters as adapters_mod
+from modlora.adapters import AdapterError, LoraAdapter, export_pair, load_learned_weights, save_learned_weights
+from modlora.config import Qwen2Config
+from modlora.model import Qwen2ForCausalLM
+from modlora.pool import AdapterPool
+
+# fp32 on CPU: the same math in a different op order (PEFT adds each adapter's output separately).
+FP32 = dict(rtol=1e-5, atol=1e-5)
+# Gradients sum over every token and layer: a little more rounding than logits.
+GRAD = dict(rtol=1e-4, atol=1e-6)
+L = 3  # layers of hf_reference.SMALL
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    hf = hf_model(seed=0)
+    path = save_hf(hf, tmp_path_factory.mktemp("ckpt"))
+    return hf, path
+
+
+@pytest.fixture
+def hf(base):
+    return copy.deepcopy(base[0])  # peft wraps the model in place: a fresh copy per test
+
+
+@pytest.fixture
+def ours(base):
+    return Qwen2ForCausalLM.from_pretrained(base[1], dtype=torch.float32)
+
+
+def ids(batch=2, t=9, seed=0):
+    return torch.randint(0, 1000, (batch, t), generator=torch.Generator().manual_seed(seed))
+
+
+def adapter(model, rank, alpha, seed, language="fr", role="in", **kw) -> LoraAdapter:
+    """PEFT's init, then B (zero at init) made random too, so both A and B matter."""
+    a = LoraAdapter.init(model, rank=rank, alpha=alpha, seed=seed, language=language, role=role, **kw)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for _, B in a.tensors.values():
+            B.copy_(torch.randn(B.shape, generator=g) * 0.2)
+    return a
+
+
+def peft_model(hf, named: dict[str, LoraAdapter]):
+    """A PeftModel holding each adapter, tensors copied in directly (independent of our file format)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = None
+    for name, a in named.items():
+        cfg = LoraConfig(r=a.rank, lora_alpha=a.alpha, use_rslora=a.use_rslora, lora_dropout=0.0,
+                         target_modules=list(a.target_modules))
+        if model is None:
+            model = get_peft_model(hf, cfg, adapter_name=name)
+        else:
+            model.add_adapter(name, cfg)
+        with torch.no_grad():
+            for module, (A, B) in a.tensors.items():
+                layer = model.base_model.model.get_submodule(module)
+                layer.lora_A[name].weight.copy_(A)
+                layer.lora_B[name].weight.copy_(B)
+    return model.eval()
+
+
+def loss_of(logits, labels):
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+
+
+@pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
+def test_single_adapter_matches_peft(hf, ours, rslora, monkeypatch):
+    a = adapter(ours, rank=4, alpha=8, seed=1, use_rslora=rslora)
+    calls = []
+    real = adapters_mod.dual_lora_linear
+    monkeypatch.setattr(adapters_mod, "dual_lora_linear", lambda *args: calls.append(args) or real(*args))
+    ours.set_adapters(lora_in=a, w_in=1.0)
+    x = ids()
+    with torch.no_grad():
+        got, base_logits = ours(x), hf(x).logits
+        want = peft_model(hf, {"one": a})(x).logits
+    assert (got - base_logits).abs().max() > 1e-2  # the adapter really changes the output
+    torch.testing.assert_close(got, want, **FP32)
+    assert len(calls) == 7 * L and all(c[4] is None for c in calls)  # one adapter alone: no second one
+    ours.clear_adapters()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), base_logits, **FP32)
+
+
+def test_output_strategy_matches_peft_cat(hf, ours):
+    a_in = adapter(ours, rank=4, alpha=8, seed=1)
+    a_out = adapter(ours, rank=8, alpha=4, seed=2, language="de", role="out")
+    ours.set_adapters(a_in, a_out, w_in=0.3, w_out=0.7, strategy="output")
+    peft = peft_model(hf, {"in": a_in, "out": a_out})
+    peft.add_weighted_adapter(["in", "out"], [0.3, 0.7], "cat", combination_type="cat")
+    peft.set_adapter("cat")
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), peft(x).logits, **FP32)
+
+
+@pytest.mark.parametrize("alphas", [(16, 16), (16, 4)], ids=["same-alpha", "different-alpha"])
+def test_ab_strategy_matches_peft_linear(hf, ours, alphas):
+    a_in = adapter(ours, rank=8, alpha=alphas[0], seed=1)
+    a_out = adapter(ours, rank=8, alpha=alphas[1], seed=2, language="de", role="out")
+    ours.set_adapters(a_in, a_out, w_in=0.3, w_out=0.7, strategy="ab")
+    peft = peft_model(hf, {"in": a_in, "out": a_out})
+    peft.add_weighted_adapter(["in", "out"], [0.3, 0.7], "lin", combination_type="linear")
+    peft.set_adapter("lin")
+    x = ids()
+    with torch.no_grad():
+        got = ours(x)
+        torch.testing.assert_close(got, peft(x).logits, **FP32)
+        ours.set_adapters(a_in, a_out, w_in=0.3, w_out=0.7, strategy="output")
+        assert (ours(x) - got).abs().max() > 1e-3  # ab's cross terms: not the same function as output
+
+
+@pytest.mark.parametrize("two", [False, True], ids=["in-alone", "in+out"])
+def test_gradients_match_peft(hf, ours, two):
+    a_in = adapter(ours, rank=4, alpha=8, seed=1)
+    a_out = adapter(ours, rank=8, alpha=4, seed=2, language="de", role="out") if two else None
+    # PEFT sums its active adapters with weight 1: compare at w = 1.
+    ours.set_adapters(a_in, a_out, w_in=1.0, w_out=1.0)
+    named = {"in": a_in} | ({"out": a_out} if two else {})
+    peft = peft_model(hf, named)
+    peft.base_model.set_adapter(list(named))
+    x, labels = ids(seed=3), ids(seed=4)
+    loss_of(ours(x), labels).backward()
+    loss_of(peft(x).logits, labels).backward()
+    assert all(p.grad is None for p in ours.parameters())  # base frozen
+    for name, a in named.items():
+        for module, (A, B) in a.tensors.items():
+            layer = peft.base_model.model.get_submodule(module)
+            torch.testing.assert_close(A.grad, layer.lora_A[name].weight.grad, **GRAD)
+            torch.testing.assert_close(B.grad, layer.lora_B[name].weight.grad, **GRAD)
+
+
+@pytest.mark.parametrize("strategy", ["output", "ab"])
+def test_weight_learning_theta_gradient(hf, ours, strategy, tmp_path):
+    a_in = adapter(ours, rank=4, alpha=8, seed=1)
+    a_out = adapter(ours, rank=4, alpha=16, seed=2, language="de", role="out")
+    theta = ours.enable_weight_learning(a_in, a_out, strategy=strategy)
+    assert theta.shape == (L, 2) and torch.equal(theta, torch.ones(L, 2))
+    assert [p for p in ours.parameters() if p.requires_grad] == []
+    with torch.no_grad():
+        theta.copy_(torch.randn(L, 2, generator=torch.Generator().manual_seed(5)))
+    x, labels = ids(seed=3), ids(seed=4)
+    loss_of(ours(x), labels).backward()
+    assert all(t.grad is None for t in a_in.parameters() + a_out.parameters())  # adapters frozen
+
+    # Reference: the same function written as merged weights on plain tensors, autograd to theta.
+    ref_theta = theta.detach().clone().requires_grad_()
+    params = dict(hf.named_parameters())
+    for module, (A_in, B_in) in a_in.tensors.items():
+        layer = int(module.split(".")[2])
+        w_in, w_out = torch.softmax(ref_theta[layer], 0)
+        A_out, B_out = a_out.tensors[module]
+        A_in, B_in, A_out, B_out = A_in.detach(), B_in.detach(), A_out.detach(), B_out.detach()
+        if strategy == "output":
+            delta = w_in * a_in.scale * B_in @ A_in + w_out * a_out.scale * B_out @ A_out
+        else:
+            c_in, c_out = (w_in * a_in.scale).sqrt(), (w_out * a_out.scale).sqrt()
+            delta = (c_in * B_in + c_out * B_out) @ (c_in * A_in + c_out * A_out)
+        params[module + ".weight"] = params[module + ".weight"] + delta
+    logits = torch.func.functional_call(hf, params, (x,)).logits
+    loss_of(logits, labels).backward()
+    torch.testing.assert_close(theta.grad, ref_theta.grad, **GRAD)
+
+    # Learned weights: read out, saved per direction, loaded back into set_adapters.
+    weights = ours.learned_weights()
+    torch.testing.assert_close(torch.tensor(weights), torch.softmax(theta.detach(), -1))
+    save_learned_weights(ours, tmp_path / "fr-de.json")
+    lw = load_learned_weights(tmp_path / "fr-de.json")
+    assert (lw.src, lw.tgt, lw.strategy) == ("fr", "de", strategy)
+    with torch.no_grad():
+        learned = ours(x)
+        ours.set_adapters(a_in, a_out, w_in=lw.w_in, w_out=lw.w_out, strategy=lw.strategy)
+        torch.testing.assert_close(ours(x), learned, **FP32)
+
+
+def test_save_then_peft_loads(hf, ours, tmp_path):
+    from peft import PeftModel
+
+    a = adapter(ours, rank=4, alpha=12, seed=1, language="ja", role="out", target_modules=["q_proj", "v_proj"])
+    a.save(tmp_path / "a")
+    peft = PeftModel.from_pretrained(hf, tmp_path / "a").eval()
+    ours.set_adapters(lora_out=a, w_out=1.0)
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), peft(x).logits, **FP32)
+    back = LoraAdapter.load(tmp_path / "a")  # our metadata survives beside PEFT's files
+    assert (back.language, back.role, back.base, back.target_modules) == ("ja", "out", a.base, ("q_proj", "v_proj"))
+
+
+def test_peft_saves_then_we_load(hf, ours, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    peft = get_peft_model(hf, LoraConfig(r=6, lora_alpha=10, use_rslora=True, target_modules=["k_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    peft.save_pretrained(tmp_path / "p")
+    a = LoraAdapter.load(tmp_path / "p")
+    assert (a.rank, a.alpha, a.use_rslora, a.target_modules) == (6, 10, True, ("k_proj", "down_proj"))
+    ours.set_adapters(lora_in=a, w_in=1.0)
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), peft.eval()(x).logits, **FP32)
+
+
+@pytest.mark.parametrize("strategy", ["output", "ab"])
+def test_exported_pair_in_peft_equals_merged(hf, ours, strategy, tmp_path):
+    from peft import PeftModel
+
+    a_in = adapter(ours, rank=4, alpha=8, seed=1)
+    a_out = adapter(ours, rank=4 if strategy == "ab" else 8, alpha=4, seed=2, language="de", role="out")
+    w_in = torch.tensor([0.2, 0.5, 0.9])  # learned per-layer weights get folded too
+    w_out = 1 - w_in
+    x = ids()
+    with torch.no_grad():
+        ours.set_adapters(a_in, a_out, w_in=w_in, w_out=w_out, strategy=strategy)
+        bound = ours(x)
+        ours.merge_adapters(a_in, a_out, w_in=w_in, w_out=w_out, strategy=strategy)
+        merged = ours(x)
+        pair = export_pair(a_in, a_out, w_in=w_in, w_out=w_out, strategy=strategy)
+        assert pair.rank == (4 if strategy == "ab" else 12)
+        pair.save(tmp_path / "pair")
+        served = PeftModel.from_pretrained(hf, tmp_path / "pair").eval()(x).logits
+    torch.testing.assert_close(merged, bound, **FP32)
+    torch.testing.assert_close(served, merged, **FP32)
+
+
+def test_merge_then_unmerge_restores_base_exactly(base):
+    ours = Qwen2ForCausalLM.from_pretrained(base[1], dtype=torch.bfloat16)  # where a `+=` merge would drift
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    a_in = adapter(ours, rank=4, alpha=8, seed=1)
+    a_out = adapter(ours, rank=4, alpha=8, seed=2, language="de", role="out")
+    ours.merge_adapters(a_in, a_out, w_in=0.3, w_out=0.7, strategy="ab")
+    assert not torch.equal(ours.model.layers[0].mlp.up_proj.weight, before["model.layers.0.mlp.up_proj.weight"])
+    with pytest.raises(AdapterError, match="unmerge_adapters"):
+        ours.set_adapters(a_in, w_in=1.0)
+    ours.unmerge_adapters()
+    after = ours.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("strategy", ["output", "ab"])
+def test_per_row_pairs_equal_each_row_alone(ours, strategy):
+    fr_in, de_in = adapter(ours, 4, 8, seed=1), adapter(ours, 4, 8, seed=2, language="de")
+    fr_out = adapter(ours, 4, 16, seed=3, role="out")
+    de_out = adapter(ours, 4, 4, seed=4, language="de", role="out")
+    pairs = [(fr_in, de_out, 0.3, 0.7), (de_in, fr_out, torch.tensor([0.1, 0.5, 0.8]), torch.tensor([0.9, 0.5, 0.2])),
+             (fr_in, None, 1.0, 0.0)]
+    row_pair = torch.tensor([1, 0, 2, 1, 0])
+    x = ids(batch=5, t=8, seed=6)
+    mask = torch.ones_like(x)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        ours.set_adapter_pairs(pairs, strategy=strategy)
+        ours.route_rows(row_pair)
+        got = ours(x, mask)
+        for b, p in enumerate(row_pair.tolist()):
+            a_in, a_out, w_in, w_out = pairs[p]
+            ours.set_adapters(a_in, a_out, w_in=w_in, w_out=w_out, strategy=strategy)
+            torch.testing.assert_close(got[b:b + 1], ours(x[b:b + 1], mask[b:b + 1]), **FP32)
+
+
+@torch.no_grad()
+def test_per_row_pairs_with_beams(ours):
+    fr_in, de_out = adapter(ours, 4, 8, seed=1), adapter(ours, 4, 8, seed=2, language="de", role="out")
+    ours.set_adapter_pairs([(fr_in, de_out, 0.5, 0.5), (None, de_out, 0.0, 1.0)])
+    row_pair, beams = torch.tensor([1, 0]), 2
+    prompt, new = ids(batch=2, t=5, seed=7), ids(batch=4, t=1, seed=8)
+    cache = ours.new_cache(2, 5, max_new_tokens=1, num_beams=beams)
+    ours.route_rows(row_pair)
+    ours.prefill(prompt, None, cache)
+    with pytest.raises(AdapterError, match="repeat_interleave"):
+        ours.decode_step(new[:, 0], cache)
+    ours.route_rows(row_pair.repeat_interleave(beams))
+    step = ours.decode_step(new[:, 0], cache)
+    full = ours(torch.cat((prompt.repeat_interleave(beams, 0), new), 1))[:, -1]
+    torch.testing.assert_close(step, full, **FP32)
+
+
+def test_ab_with_unequal_ranks_is_rejected(ours):
+    a_in, a_out = adapter(ours, 4, 8, seed=1), adapter(ours, 8, 8, seed=2, language="de", role="out")
+    with pytest.raises(AdapterError, match=r"equal ranks: in\[fr\] has rank 4, out\[de\] has rank 8"):
+        ours.set_adapters(a_in, a_out, strategy="ab")
+    with pytest.raises(AdapterError, match="equal ranks"):
+        export_pair(a_in, a_out, strategy="ab")
+
+
+def test_adapter_for_another_base_model_is_rejected(ours, tmp_path):
+    other = Qwen2ForCausalLM.from_config(Qwen2Config(**{**SMALL, "num_hidden_layers": 4}))
+    a = adapter(other, 4, 8, seed=1)
+    with pytest.raises(AdapterError, match=r"in\[fr\] was trained for qwen2 \(hidden_size=96, num_hidden_layers=4\)"):
+        ours.set_adapters(a, w_in=1.0)
+    # Without our sidecar (a plain PEFT file) the module check still names the stranger.
+    a.save(tmp_path / "a")
+    (tmp_path / "a" / "modlora.json").unlink()
+    with pytest.raises(AdapterError, match=r"does not have: \['model.layers.3.mlp.down_proj'"):
+        ours.set_adapters(LoraAdapter.load(tmp_path / "a"), w_in=1.0)
+
+
+def test_unknown_target_module_is_rejected(ours):
+    with pytest.raises(AdapterError, match=r"unknown target module\(s\) \['lm_head'\].*'q_proj'"):
+        LoraAdapter.init(ours, rank=4, alpha=8, target_modules=["q_proj", "lm_head"])
+
+
+def test_missing_tensor_in_adapter_file_is_named(ours, tmp_path):
+    adapter(ours, 4, 8, seed=1).save(tmp_path / "a")
+    file = tmp_path / "a" / "adapter_model.safetensors"
+    tensors = load_file(file)
+    gone = "base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"
+    del tensors[gone]
+    save_file(tensors, file)
+    with pytest.raises(AdapterError, match=f"missing tensor {gone}"):
+        LoraAdapter.load(tmp_path / "a")
+    del tensors[gone.replace("lora_B", "lora_A")]
+    save_file(tensors, file)
+    with pytest.raises(AdapterError, match="lacks tensors for 1 targeted module.*model.layers.1.mlp.up_proj"):
+        ours.set_adapters(LoraAdapter.load(tmp_path / "a"))
+
+
+def test_dropout_is_rejected(ours):
+    with pytest.raises(AdapterError, match="dropout is not implemented"):
+        LoraAdapter.init(ours, rank=4, alpha=8, dropout=0.1)
+
+
+def test_pool(ours, tmp_path):
+    pool = AdapterPool(tmp_path / "pool")
+    for lang in ("fr", "de"):
+        for role in ("in", "out"):
+            pool.save(adapter(ours, 4, 8, seed=len(lang + role), language=lang, role=role))
+    assert pool.languages() == ["de", "fr"] and ("fr", "out") in pool
+    fresh = AdapterPool(tmp_path / "pool")
+    a = fresh.get("fr", "out")
+    assert (a.language, a.role, a.rank) == ("fr", "out", 4) and fresh.get("fr", "out") is a
+    fresh.check(ours)
+    assert len(fresh.listing().splitlines()) == 4
+    with pytest.raises(AdapterError, match=r"unknown language 'ja' in adapter pool .*\['de', 'fr'\]"):
+        fresh.get("ja", "in")
+    other = Qwen2ForCausalLM.from_config(Qwen2Config(**{**SMALL, "hidden_size": 48}))
+    with pytest.raises(AdapterError, match=r"in\[de\]: .*hidden_size=96"):
+        fresh.check(other)
+
+
+def test_learned_weights_json_is_per_direction(ours, tmp_path):
+    a_in, a_out = adapter(ours, 4, 8, seed=1), adapter(ours, 4, 8, seed=2, language="de", role="out")
+    ours.enable_weight_learning(a_in, a_out)
+    raw = json.loads(save_learned_weights(ours, tmp_path / "w.json").read_text())
+    assert raw["w_in"] == [0.5] * L and raw["theta"] == [[1.0, 1.0]] * L
+
