@@ -1,0 +1,38 @@
+// modlora._C CPU "LoRA bank" linear: shared declarations (plain C++, no torch headers).
+//
+//   y[m, n] = sum_k x[m, k] W[n, k] + b[n] + sum_r u[m, r] B_bank[p_m, n, r],   u[m] = A_bank[p_m] x[m]
+//
+// The ISA files (kernels_*.cpp) compile the same body (kernel_body.h) under different
+// `#pragma GCC target` regions; lora_bank_cpu.cpp picks one at run time with __builtin_cpu_supports.
+// Nothing here may include torch headers: inline functions of torch compiled under an AVX target
+// could be merged by the linker into code that runs on CPUs without that ISA.
+#pragma once
+#include <cstdint>
+
+namespace modlora_cpu {
+
+// One call of the main phase: output columns [n0, n1) for all M rows.
+struct BankArgs {
+  int64_t M = 0, N = 0, K = 0, R = 0;
+  const void* w = nullptr;      // W [N, K], row stride ldw elements; fp32 or bf16 (raw uint16)
+  bool w_bf16 = false;
+  int64_t ldw = 0;
+  const float* xf = nullptr;    // x [M, K] fp32, row stride K
+  const uint16_t* xb = nullptr; // x [M, K] bf16, row stride K, or null (only used by the bf16-dot path)
+  const float* u = nullptr;     // u [M, R] fp32 (rank intermediate), null when R == 0
+  const void* bank_b = nullptr; // B_bank [P, N, R] contiguous; fp32 or bf16
+  bool b_bf16 = false;
+  const int64_t* pair = nullptr;  // [M] pair of each row, null: all rows use pair 0
+  const float* bias = nullptr;  // [N] fp32 or null
+  void* y = nullptr;            // y [M, N], row stride N; fp32 or bf16
+  bool y_bf16 = false;
+};
+
+using RowsFn = void (*)(const BankArgs&, int64_t n0, int64_t n1);
+
+void rows_scalar(const BankArgs& a, int64_t n0, int64_t n1);
+void rows_avx2(const BankArgs& a, int64_t n0, int64_t n1);
+void rows_avx512(const BankArgs& a, int64_t n0, int64_t n1);
+void rows_avx512bf16(const BankArgs& a, int64_t n0, int64_t n1);
+
+}  // namespace modlora_cpu

@@ -1,0 +1,251 @@
+"""The C++ CPU LoRA-bank linear (modlora._C) against the plain-torch reference.
+
+Oracle: the same function evaluated in float64 from the very same (already rounded) inputs, so
+the only differences left are the kernel's fp32 accumulation and the final cast to x's dtype.
+Tolerance per element (`_tolerance`): 2 * (K + R) * 2^-24 * |terms| + u_out * |y|, where |terms|
+is the sum of the absolute values of every product that enters y (x W^T, bias, and (A x) B) and
+u_out is the output's unit roundoff (2^-24 fp32, 2^-8 bf16). The first part is a standard
+worst-case bound of fp32 dot products (gamma_n), the second the last rounding. Adapters are
+scaled so that their delta is of the same size as x W^T: a dropped bias or LoRA term, a wrong
+pair, a wrong row, a skipped K tail or N tail, or a B coefficient off by 2x is off by O(|y|),
+hundreds of times the bf16 tolerance and ~1e5 times the fp32 one.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from modlora.kernels import dual_lora_linear_ref, pairwise_lora_linear_ref
+
+from modlora import _ext
+
+if not _ext.HAVE_C:
+    reason = ("MODLORA_DISABLE_C is set" if os.environ.get("MODLORA_DISABLE_C", "") not in ("", "0")
+              else "modlora._C is not built (pip install --no-build-isolation -e .)")
+    pytest.skip(reason, allow_module_level=True)
+
+from modlora import _C  # noqa: E402
+
+ISAS = _C.supported_isas()  # e.g. ['scalar', 'avx2'] or [..., 'avx512', 'avx512_bf16']
+K, N = 130, 97  # not multiples of 8 or 16 lanes, nor of the 4-row blocks
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    _C.set_isa(request.param)
+    yield request.param
+    _C.set_isa("auto")
+
+
+def _adapter(r: int, scale: float, gen: torch.Generator, k: int = K, n: int = N):
+    # PEFT-like sizes: A ~ 1/sqrt(K) so x A^T ~ |x|; B chosen so the delta is ~ |x W^T|.
+    A = torch.randn(r, k, generator=gen) / k**0.5
+    B = torch.randn(n, r, generator=gen) * (k / max(r, 1)) ** 0.5
+    return A, B, scale
+
+
+def _pairs(strategy: str, gen: torch.Generator):
+    """Three pairs with unequal ranks 1, 8, 16 (and one single-adapter pair)."""
+    if strategy == "output":
+        return [(_adapter(1, 2.0, gen), _adapter(16, 0.5, gen), 0.3, 0.7),
+                (_adapter(8, 1.0, gen), None, 1.0, 0.0),
+                (_adapter(16, 0.25, gen), _adapter(8, 2.0, gen), 0.6, 0.4)]
+    return [(_adapter(1, 2.0, gen), _adapter(1, 0.5, gen), 0.3, 0.7),  # "ab": equal ranks per pair
+            (_adapter(8, 1.0, gen), _adapter(8, 1.0, gen), 0.5, 0.5),
+            (_adapter(16, 0.25, gen), _adapter(16, 2.0, gen), 0.6, 0.4)]
+
+
+def _oracle(x, W, b, A_bank, B_bank, row_pair):
+    """float64 value and the |terms| magnitude of the bank op, row by row."""
+    x64, W64 = x.double(), W.double()
+    y = x64 @ W64.t()
+    mag = x64.abs() @ W64.abs().t()
+    if b is not None:
+        y, mag = y + b.double(), mag + b.double().abs()
+    if A_bank is not None:
+        for m in range(x.shape[0]):
+            p = 0 if row_pair is None else int(row_pair[m])
+            A, B = A_bank[p].double(), B_bank[p].double()
+            y[m] += (A @ x64[m]) @ B.t()
+            mag[m] += (A.abs() @ x64[m].abs()) @ B.abs().t()
+    return y, mag
+
+
+def _tolerance(mag, y64, k_eff: int, out_dtype: torch.dtype):
+    u_out = 2.0**-24 if out_dtype == torch.float32 else 2.0**-8
+    return 2 * k_eff * 2.0**-24 * mag + u_out * y64.abs() + 1e-30
+
+
+def _assert_close(y, y64, mag, k_eff):
+    assert y.dtype in (torch.float32, torch.bfloat16)
+    err = (y.double() - y64).abs()
+    tol = _tolerance(mag, y64, k_eff, y.dtype)
+    worst = (err / tol).max().item()
+    assert worst <= 1.0, f"max error {err.max().item():.3g} exceeds its tolerance by {worst:.2f}x"
+
+
+@pytest.mark.parametrize("M", [1, 2, 5, 13])
+@pytest.mark.parametrize("w_dtype,x_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                             (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("strategy", ["output", "ab"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_bank_matches_pairwise_reference(isa, M, w_dtype, x_dtype, strategy, with_bias):
+    gen = torch.Generator().manual_seed(M * 7 + (strategy == "ab"))
+    x = torch.randn(M, K, generator=gen).to(x_dtype)
+    W = (torch.randn(N, K, generator=gen) / K**0.5).to(w_dtype)
+    b = torch.randn(N, generator=gen).to(w_dtype) if with_bias else None
+    pairs = _pairs(strategy, gen)
+    row_pair = torch.arange(M) % len(pairs)
+    A_bank, B_bank = _ext.pack_bank(pairs, strategy, torch.float32)
+    assert A_bank.shape == (3, 24 if strategy == "output" else 16, K) and B_bank.shape[:2] == (3, N)
+
+    y = _ext.lora_bank_linear(x, W, b, A_bank, B_bank, row_pair, impl="c")
+    assert y.dtype == x_dtype and y.shape == (M, N)
+
+    # pack_bank + the op computes the paper's strategies: compare with the reference itself (fp64).
+    d = lambda a: None if a is None else (a[0].double(), a[1].double(), a[2])
+    ref = pairwise_lora_linear_ref(x.double(), W.double(), None if b is None else b.double(),
+                                   [(d(i), d(o), wi, wo) for i, o, wi, wo in pairs], row_pair, strategy)
+    y64, mag = _oracle(x, W, b, A_bank, B_bank, row_pair)
+    # The fp32 bank is the strategy up to the fp32 rounding of its entries (a few ulps of |terms|).
+    assert ((y64 - ref).abs() <= 8 * 2.0**-24 * mag).all()
+    _assert_close(y, ref, mag, K + A_bank.shape[1])
+
+
+@pytest.mark.parametrize("M", [1, 5, 13])
+@pytest.mark.parametrize("strategy", ["output", "ab"])
+def test_single_pair_matches_dual_reference(isa, M, strategy):
+    """row_pair=None: every row uses pair 0, as in dual_lora_linear_ref."""
+    gen = torch.Generator().manual_seed(11 + M)
+    x = torch.randn(M, K, generator=gen).to(torch.bfloat16)
+    W = (torch.randn(N, K, generator=gen) / K**0.5).to(torch.bfloat16)
+    b = torch.randn(N, generator=gen).to(torch.bfloat16)
+    lora_in, lora_out = _adapter(8, 2.0, gen), _adapter(8, 0.5, gen)
+    A_bank, B_bank = _ext.pack_bank([(lora_in, lora_out, 0.25, 0.75)], strategy, torch.float32)
+    y = _ext.lora_bank_linear(x, W, b, A_bank, B_bank, None, impl="c")
+    d = lambda a: (a[0].double(), a[1].double(), a[2])
+    ref = dual_lora_linear_ref(x.double(), W.double(), b.double(), d(lora_in), d(lora_out), 0.25, 0.75, strategy)
+    _, mag = _oracle(x, W, b, A_bank, B_bank, None)
+    _assert_close(y, ref, mag, K + A_bank.shape[1])
+
+
+@pytest.mark.parametrize("bank_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("M", [1, 2, 5, 13])
+def test_bank_dtypes_and_strided_weight(isa, bank_dtype, M):
+    """bf16 banks (exact fp64 oracle of the rounded bank) and a weight with row stride > K."""
+    gen = torch.Generator().manual_seed(3 + M)
+    x = torch.randn(M, K, generator=gen).to(torch.bfloat16)
+    W = (torch.randn(N, K + 20, generator=gen) / K**0.5).to(torch.bfloat16)[:, 7:7 + K]
+    assert W.stride(0) == K + 20
+    A_bank, B_bank = _ext.pack_bank(_pairs("output", gen), "output", bank_dtype)
+    row_pair = torch.randint(0, 3, (M,), generator=gen)
+    y = _ext.lora_bank_linear(x, W, None, A_bank, B_bank, row_pair, impl="c")
+    y64, mag = _oracle(x, W, None, A_bank, B_bank, row_pair)
+    _assert_close(y, y64, mag, K + A_bank.shape[1])
+
+
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 12, 13, 16, 17, 25])
+def test_no_adapters_is_plain_linear(isa, w_dtype, M):
+    """The lm_head case, and every register-block size (M up to 12 per block, then splits)."""
+    gen = torch.Generator().manual_seed(M)
+    k, n = 67, 203
+    x = torch.randn(M, k, generator=gen).to(w_dtype)
+    W = torch.randn(n, k, generator=gen).to(w_dtype)
+    y = _ext.lora_bank_linear(x, W, impl="c")
+    y64, mag = _oracle(x, W, None, None, None, None)
+    _assert_close(y, y64, mag, k)
+
+
+def test_tiny_and_degenerate_shapes(isa):
+    gen = torch.Generator().manual_seed(0)
+    for m, k, n, r in [(1, 1, 1, 1), (3, 5, 2, 3), (2, 17, 5, 1), (1, 33, 4, 40)]:
+        x, W = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
+        A, B = torch.randn(2, r, k, generator=gen), torch.randn(2, n, r, generator=gen)
+        rp = torch.tensor([1] * m)
+        y = _ext.lora_bank_linear(x, W, None, A, B, rp, impl="c")
+        y64, mag = _oracle(x, W, None, A, B, rp)
+        _assert_close(y, y64, mag, k + r)
+    assert _ext.lora_bank_linear(torch.randn(0, 8), torch.randn(4, 8), impl="c").shape == (0, 4)
+    A0, B0 = torch.zeros(1, 0, 8), torch.zeros(1, 4, 0)  # rank 0 bank: no adapter at all
+    x, W = torch.randn(2, 8), torch.randn(4, 8)
+    torch.testing.assert_close(_ext.lora_bank_linear(x, W, None, A0, B0, impl="c"), x @ W.t())
+
+
+def test_c_and_torch_paths_agree_with_leading_dims():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, K, generator=gen).to(torch.bfloat16)  # 2 sentences x 3 positions
+    W = (torch.randn(N, K, generator=gen) / K**0.5).to(torch.bfloat16)
+    A_bank, B_bank = _ext.pack_bank(_pairs("output", gen), "output", torch.bfloat16)
+    row_pair = torch.tensor([2, 0])  # one pair per sentence (dim 0), as in pairwise_lora_linear_ref
+    y_c = _ext.lora_bank_linear(x, W, None, A_bank, B_bank, row_pair, impl="c")
+    y_t = _ext.lora_bank_linear(x, W, None, A_bank, B_bank, row_pair, impl="torch")
+    assert y_c.shape == (2, 3, N)
+    y64, mag = _oracle(x.reshape(6, K), W, None, A_bank, B_bank, row_pair.repeat_interleave(3))
+    _assert_close(y_c.reshape(6, N), y64, mag, K + A_bank.shape[1])
+    # torch path: bf16 GEMM rounds x W^T to bf16 before the delta is added: two bf16 roundings.
+    torch.testing.assert_close(y_t.float(), y_c.float(), rtol=2 * 2.0**-8, atol=1e-2)
+
+
+def test_auto_dispatch_large_m_and_autograd():
+    gen = torch.Generator().manual_seed(9)
+    W = torch.randn(N, K, generator=gen)
+    A_bank, B_bank = _ext.pack_bank(_pairs("output", gen), "output")
+    big = torch.randn(_ext.C_MAX_ROWS[torch.float32] + 7, K, generator=gen)
+    rp = torch.randint(0, 3, (big.shape[0],), generator=gen)
+    y64, mag = _oracle(big, W, None, A_bank, B_bank, rp)
+    _assert_close(_ext.lora_bank_linear(big, W, None, A_bank, B_bank, rp), y64, mag, K + 24)
+    x = torch.randn(2, K, generator=gen, requires_grad=True)  # autograd: torch path, gradients flow
+    _ext.lora_bank_linear(x, W, None, A_bank, B_bank, torch.tensor([0, 1])).sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
+def test_clear_errors():
+    x, W = torch.randn(2, 8), torch.randn(4, 8)
+    A, B = torch.randn(3, 2, 8), torch.randn(3, 4, 2)
+    with pytest.raises(ValueError, match="K=8 features"):
+        _ext.lora_bank_linear(x, torch.randn(4, 9))
+    with pytest.raises(TypeError, match="float32 or bfloat16"):
+        _ext.lora_bank_linear(x.half(), W.half())
+    with pytest.raises(ValueError, match="B_bank must be"):
+        _ext.lora_bank_linear(x, W, None, A, torch.randn(3, 4, 3))
+    with pytest.raises(ValueError, match="both be given"):
+        _ext.lora_bank_linear(x, W, None, A, None)
+    with pytest.raises(ValueError, match="one entry per row"):
+        _ext.lora_bank_linear(x, W, None, A, B, torch.tensor([0, 1, 2]))
+    for impl, err in (("c", RuntimeError), ("torch", IndexError)):
+        with pytest.raises(err, match="out of range|must lie in"):
+            _ext.lora_bank_linear(x, W, None, A, B, torch.tensor([0, 3]), impl=impl)
+    with pytest.raises(RuntimeError, match=r"but weight is \[4, 9\]"):  # the op itself checks too
+        torch.ops.modlora.lora_bank_linear(x, torch.randn(4, 9))
+    with pytest.raises(RuntimeError, match="not supported on this CPU"):
+        _C.set_isa("sse9")
+
+
+def test_opcheck_and_compile():
+    """Schema, fake (meta) implementation and torch.compile tracing of the registered op."""
+    gen = torch.Generator().manual_seed(1)
+    x, W, b = torch.randn(3, K, generator=gen), torch.randn(N, K, generator=gen), torch.randn(N, generator=gen)
+    A_bank, B_bank = _ext.pack_bank(_pairs("output", gen), "output")
+    rp = torch.tensor([2, 0, 1])
+    torch.library.opcheck(torch.ops.modlora.lora_bank_linear.default, (x, W, b, A_bank, B_bank, rp))
+    fn = torch.compile(lambda x: torch.ops.modlora.lora_bank_linear(x, W, b, A_bank, B_bank, rp) + 1,
+                       fullgraph=True, backend="eager")
+    y64, mag = _oracle(x, W, b, A_bank, B_bank, rp)
+    _assert_close(fn(x) - 1, y64, mag, K + 24 + 2)
+
+
+@pytest.mark.parametrize("env,expect", [({"MODLORA_DISABLE_C": "1"}, "False torch"),
+                                        ({"MODLORA_CPU_ISA": "scalar"}, "True scalar")])
+def test_environment_switches(env, expect):
+    code = ("import torch; from modlora import _ext; "
+            "print(_ext.HAVE_C, _ext._C.isa() if _ext.HAVE_C else 'torch'); "
+            "x, W = torch.randn(2, 8), torch.randn(3, 8); "
+            "assert torch.allclose(_ext.lora_bank_linear(x, W), x @ W.t(), atol=1e-5)")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == expect
