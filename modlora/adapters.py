@@ -488,9 +488,8 @@ def export_pair(lora_in: LoraAdapter | None, lora_out: LoraAdapter | None, *, w_
     tensors = {}
     for name in parts[0].tensors:
         ws = weights(_layer_of(name))
-        fp32 = [None if a is None or name not in a.tensors else
-                (a.tensors[name][0].detach().float(), a.tensors[name][1].detach().float(), a.scale)
-                for a in (lora_in, lora_out)]
+        fp32 = [None if a is None else (a.tensors[name][0].detach().float(), a.tensors[name][1].detach().float(),
+                                        a.scale) for a in (lora_in, lora_out)]
         if strategy == "ab":
             A, B = merge_ab(fp32[0], fp32[1], *ws)
         else:
