@@ -111,7 +111,10 @@ SHAPES = [
     (7, 130, 96, (8, 4), (1, 1), False, "3d", True),
     (33, 130, 48, (4, 8), (8, 8), True, "strided", True),
 ]
-DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+# bf16 on the GPU only: Triton 3.9's interpreter returns garbage for a bf16 tl.dot (checked on a bare
+# 16x16 dot), so it cannot be the oracle's judge on CPU.
+DTYPES = [torch.float32, torch.float16,
+          pytest.param(torch.bfloat16, marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs CUDA")])]
 
 
 @pytest.mark.parametrize("variant", ["fused", "split"])
