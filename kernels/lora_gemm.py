@@ -166,9 +166,12 @@ def _check(a: Tensor, *stacks: RankStack, others: tuple[Tensor | None, ...] = ()
             raise ValueError(f"device mismatch: activations on {a.device}, an operand on {t.device}")
     if a.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"unsupported dtype {a.dtype}: expected float32, float16 or bfloat16")
-    if a.device.type != "cuda" and isinstance(_lora_gemm_kernel, triton.runtime.JITFunction):
+    interpreted = not isinstance(_lora_gemm_kernel, triton.runtime.JITFunction)
+    if a.device.type != "cuda" and not interpreted:
         raise RuntimeError(f"Triton kernels need CUDA tensors (got {a.device}); for CPU, use the "
-                           "torch reference or set TRITON_INTERPRET=1 before importing modlora.kernels")
+                           "torch reference or set TRITON_INTERPRET=1 before importing triton")
+    if interpreted and a.dtype == torch.bfloat16:  # it returns garbage rather than failing
+        raise TypeError("Triton's interpreter cannot compute bf16 dots: use float16/float32 or the torch reference")
 
 
 def _precision(dtype: torch.dtype) -> str:

@@ -192,6 +192,9 @@ def test_clear_errors():
         dual_lora_linear(x, W, None, lin, lout, variant="tiled")
     with pytest.raises(TypeError, match="dtype mismatch"):
         dual_lora_linear(x.half(), W, None, lin, lout)
+    if not CUDA:
+        with pytest.raises(TypeError, match="interpreter cannot compute bf16"):
+            dual_lora_linear(x.bfloat16(), W.bfloat16(), None, None, (lout[0].bfloat16(), lout[1].bfloat16(), 1.0))
     with pytest.raises(ValueError, match="shape mismatch"):
         dual_lora_linear(x[:, :32], W, None, (lin[0][:, :32], lin[1], 1.0), None)
 
