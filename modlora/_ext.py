@@ -162,6 +162,9 @@ if not HAVE_C:  # _C defines the schema and the CPU kernel itself when it loads
 _lib.impl("lora_bank_linear", lora_bank_linear_torch, "CUDA")  # no CUDA kernel yet: torch path
 
 
+_OP = torch.ops.modlora.lora_bank_linear.default
+
+
 @torch.library.register_fake("modlora::lora_bank_linear")
 def _lora_bank_linear_fake(x, weight, bias=None, A_bank=None, B_bank=None, row_pair=None):
     return x.new_empty((x.shape[0], weight.shape[0]))
@@ -180,33 +183,48 @@ def lora_bank_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, A_ba
     (C++ kernel for small M on CPU when built and enabled, else torch), ``"c"`` (C++ kernel, error
     if unavailable) or ``"torch"``.
     """
-    if impl not in ("auto", "c", "torch"):
-        raise ValueError(f"lora_bank_linear: impl must be 'auto', 'c' or 'torch', got {impl!r}")
-    if x.dim() < 1:
-        raise ValueError("lora_bank_linear: x must have a feature dimension")
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    M = x2.shape[0]
-    if row_pair is not None:
-        if row_pair.dtype in (torch.int32, torch.int16, torch.uint8):
-            row_pair = row_pair.long()
-        if x.dim() > 2 and row_pair.dim() == 1 and row_pair.shape[0] == x.shape[0] != M:
-            row_pair = row_pair.repeat_interleave(M // x.shape[0])
-    _check(x2, weight, bias, A_bank, B_bank, row_pair)
+    if x.dim() != 2 or (row_pair is not None and row_pair.dtype != torch.int64):
+        if x.dim() < 1:
+            raise ValueError("lora_bank_linear: x must have a feature dimension")
+        y = _lora_bank_linear_2d(x.reshape(-1, x.shape[-1]), weight, bias, A_bank, B_bank,
+                                 _rows_of(x, row_pair), impl)
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+    return _lora_bank_linear_2d(x, weight, bias, A_bank, B_bank, row_pair, impl)
 
-    use_c = impl == "c"
-    if impl == "c" and not HAVE_C:
-        raise RuntimeError("lora_bank_linear: impl='c' but modlora._C is not built or disabled")
+
+def _rows_of(x: Tensor, row_pair: Tensor | None) -> Tensor | None:
+    """row_pair per flattened row: int64, and expanded when it indexes dim 0 of a >2-D x."""
+    if row_pair is None:
+        return None
+    if row_pair.dtype in (torch.int32, torch.int16, torch.uint8):
+        row_pair = row_pair.long()
+    M = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if x.dim() > 2 and row_pair.dim() == 1 and row_pair.shape[0] == x.shape[0] != M:
+        row_pair = row_pair.repeat_interleave(M // x.shape[0])
+    return row_pair
+
+
+def _lora_bank_linear_2d(x, weight, bias, A_bank, B_bank, row_pair, impl):
     if impl == "auto":
-        use_c = (_use_c and x2.device.type == "cpu" and weight.device.type == "cpu"
-                 and M <= C_MAX_ROWS.get(weight.dtype, 0)
-                 and not (torch.is_grad_enabled() and any(
-                     t is not None and t.requires_grad for t in (x, weight, bias, A_bank, B_bank))))
-    if use_c:
-        y = torch.ops.modlora.lora_bank_linear(x2, weight, bias, A_bank, B_bank, row_pair)
+        use_c = (_use_c and x.shape[0] <= C_MAX_ROWS.get(weight.dtype, 0) and x.device.type == "cpu"
+                 and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or any(
+                     t is not None and t.requires_grad for t in (bias, A_bank, B_bank)))))
+    elif impl == "c":
+        if not HAVE_C:
+            raise RuntimeError("lora_bank_linear: impl='c' but modlora._C is not built or disabled")
+        use_c = True
+    elif impl == "torch":
+        use_c = False
     else:
-        y = lora_bank_linear_torch(x2, weight, bias, A_bank, B_bank, row_pair)
-    return y.reshape(*lead, weight.shape[0])
+        raise ValueError(f"lora_bank_linear: impl must be 'auto', 'c' or 'torch', got {impl!r}")
+    if use_c:
+        try:  # the C++ op checks its arguments itself: no Python checks on the hot path
+            return _OP(x, weight, bias, A_bank, B_bank, row_pair)
+        except RuntimeError:
+            _check(x, weight, bias, A_bank, B_bank, row_pair)  # the same problem as a Python error
+            raise
+    _check(x, weight, bias, A_bank, B_bank, row_pair)
+    return lora_bank_linear_torch(x, weight, bias, A_bank, B_bank, row_pair)
 
 
 def pack_bank(pairs: Sequence[tuple[Adapter | None, Adapter | None, Weight, Weight]],
