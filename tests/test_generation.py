@@ -16,6 +16,15 @@ VOCAB, PAD = 300, 1
 EARLY_EOS, LATE_EOS = (283, 147), (298, 299)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny shapes gain nothing from intra-op threads, and on a busy 2-core box they cost several x.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     hf = hf_model(seed=0, vocab_size=VOCAB)
@@ -157,3 +166,64 @@ def test_translate_truncates_overlong_text_with_a_warning(models, char_prompts):
     assert len(out) == 2
     with pytest.raises(ValueError, match="lower max_new_tokens"):
         translate(small, CharTokenizer(), ["ok"], "fr", "de", max_new_tokens=39)
+
+
+def _adapter(model, seed: int):
+    """PEFT's init with B made random too, so the adapter changes the output."""
+    from modlora.adapters import LoraAdapter
+
+    a = LoraAdapter.init(model, rank=4, alpha=8, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for _, B in a.tensors.values():
+            B.copy_(torch.randn(B.shape, generator=g) * 0.3)
+    return a
+
+
+def test_adapter_pair_matches_peft(models, prompts):
+    """The `output` pair against PEFT's `cat` weighted adapter (DESIGN.md section 3)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    hf, ours = models
+    a_in, a_out = _adapter(ours, 1), _adapter(ours, 2)
+    cfg = lambda a: LoraConfig(r=a.rank, lora_alpha=a.alpha, lora_dropout=0.0, target_modules=list(a.target_modules))
+    peft = get_peft_model(copy.deepcopy(hf), cfg(a_in), adapter_name="in")  # peft wraps in place
+    peft.add_adapter("out", cfg(a_out))
+    with torch.no_grad():
+        for name, a in (("in", a_in), ("out", a_out)):
+            for module, (A, B) in a.tensors.items():
+                layer = peft.base_model.model.get_submodule(module)
+                layer.lora_A[name].weight.copy_(A)
+                layer.lora_B[name].weight.copy_(B)
+    peft.add_weighted_adapter(["in", "out"], [0.3, 0.7], "cat", combination_type="cat")
+    peft.set_adapter("cat")
+    ours.set_adapters(a_in, a_out, w_in=0.3, w_out=0.7, strategy="output")
+    try:
+        got = compare((peft.eval(), ours), prompts, num_beams=5)[0]
+    finally:
+        ours.clear_adapters()
+    base = generate(ours, *prompts, num_beams=5, max_new_tokens=12, eos_token_id=EARLY_EOS, pad_token_id=PAD)
+    assert not torch.equal(got, base)  # the adapters did change the translation
+
+
+@pytest.mark.parametrize("strategy", ["output", "ab"])
+def test_mixed_directions_equal_each_direction_alone(models, prompts, strategy):
+    _, ours = models
+    pairs = [(_adapter(ours, 1), _adapter(ours, 2), 0.3, 0.7), (_adapter(ours, 3), _adapter(ours, 4), 0.6, 0.4)]
+    ids, mask = prompts
+    kw = dict(num_beams=5, max_new_tokens=12, eos_token_id=EARLY_EOS, pad_token_id=PAD)
+    try:
+        alone = []
+        for a_in, a_out, w_in, w_out in pairs:
+            ours.set_adapters(a_in, a_out, w_in=w_in, w_out=w_out, strategy=strategy)
+            alone.append(generate(ours, ids, mask, **kw))
+        ours.set_adapter_pairs(pairs, strategy)
+        row_pair = torch.tensor([1, 0, 1])
+        mixed = generate(ours, ids, mask, row_pair=row_pair, **kw)
+    finally:
+        ours.clear_adapters()
+    assert not torch.equal(alone[0], alone[1])
+    for row, pair in enumerate(row_pair.tolist()):
+        assert torch.equal(mixed[row], alone[pair][row])
