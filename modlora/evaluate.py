@@ -1,0 +1,144 @@
+"""chrF++ of every direction and configuration, and the paper's Table 1 layout (DESIGN.md section 6).
+
+A configuration says which adapters translate ``src -> tgt``: none (the base model), ``in[src]``
+alone, ``out[tgt]`` alone, or the pair merged by strategy ``output`` or ``ab`` at fixed weights or
+at the per-layer weights learned for that direction. Scores are corpus-level chrF++
+(``CHRF(word_order=2)``; plain ``CHRF()`` would be chrF) and every score keeps its signature.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from sacrebleu.metrics import CHRF
+from torch import Tensor
+
+from .generation import translate
+
+RATIOS = ((1, 9), (3, 7), (7, 3), (9, 1))
+STRATEGIES = ("output", "ab")
+
+
+def chrf_pp(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
+    """Corpus chrF++ and its sacrebleu signature."""
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
+    metric = CHRF(word_order=2)
+    score = metric.corpus_score(list(hypotheses), [list(references)])
+    return {"score": score.score, "signature": str(metric.get_signature())}
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """One row of Table 1: which adapters are active, merged how, with which weights."""
+
+    name: str
+    use_in: bool = False
+    use_out: bool = False
+    strategy: str = "output"
+    w_in: float = 1.0
+    w_out: float = 1.0
+    learned: bool = False
+
+    @property
+    def slug(self) -> str:
+        """File-system name of the configuration ("output 3:7" -> "output-3-7")."""
+        return self.name.replace(" ", "-").replace(":", "-")
+
+    def num_adapters(self) -> int:
+        return int(self.use_in) + int(self.use_out)
+
+
+def table1_configs(strategies: Sequence[str] = STRATEGIES, ratios: Sequence[Sequence[int]] = RATIOS,
+                   learned: bool = True) -> list[EvalConfig]:
+    """Table 1's rows: base, in only, out only, then per strategy the fixed ratios and learned weights."""
+    configs = [EvalConfig("base"), EvalConfig("in only", use_in=True), EvalConfig("out only", use_out=True)]
+    for strategy in strategies:
+        for a, b in ratios:
+            configs.append(EvalConfig(f"{strategy} {a}:{b}", True, True, strategy, a / (a + b), b / (a + b)))
+        if learned:
+            configs.append(EvalConfig(f"{strategy} learned", True, True, strategy, learned=True))
+    return configs
+
+
+def summarize(scores: Mapping[tuple[str, str], float], langs: Sequence[str]) -> dict:
+    """The direction matrix (rows: source, columns: target, diagonal None), the per-source
+    ``x->`` and per-target ``->x`` averages, and the average over all directions."""
+    matrix = [[None if s == t else scores[(s, t)] for t in langs] for s in langs]
+    from_avg = {s: statistics.fmean(scores[(s, t)] for t in langs if t != s) for s in langs}
+    to_avg = {t: statistics.fmean(scores[(s, t)] for s in langs if s != t) for t in langs}
+    return {"langs": list(langs), "matrix": matrix, "from": from_avg, "to": to_avg,
+            "avg": statistics.fmean(scores.values())}
+
+
+def markdown_table(rows: Sequence[dict], langs: Sequence[str]) -> str:
+    """Table 1 layout: one row per configuration with its trainable-parameter ratio, the ``x->``
+    and ``->x`` chrF++ averages and the overall average; then each configuration's matrix."""
+    head = ["configuration", "trainable %", *(f"{x}→" for x in langs), *(f"→{x}" for x in langs), "avg"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for row in rows:
+        s = row["summary"]
+        cells = [row["name"], f"{row['trainable_percent']:.2f}", *(f"{s['from'][x]:.1f}" for x in langs),
+                 *(f"{s['to'][x]:.1f}" for x in langs), f"{s['avg']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if rows:
+        lines.append(f"\nchrF++ signature: `{rows[0]['signature']}`")
+    for row in rows:
+        lines += ["", f"**{row['name']}** (rows: source, columns: target)", "",
+                  "| src \\ tgt | " + " | ".join(langs) + " |", "|---|" + "---:|" * len(langs)]
+        for src, values in zip(langs, row["summary"]["matrix"], strict=True):
+            lines.append(f"| {src} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in values) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def trainable_percent(config: EvalConfig, adapter_params: int, base_params: int, num_layers: int) -> float:
+    """Trainable parameters a direction uses under ``config``, in % of the base model: one adapter
+    each for ``in``/``out``, plus two theta values per layer for learned weights."""
+    extra = 2 * num_layers if config.learned else 0
+    return 100.0 * (config.num_adapters() * adapter_params + extra) / base_params
+
+
+def evaluate_configuration(model, tokenizer, config: EvalConfig, directions: Sequence[tuple[str, str]],
+                           sources: Mapping[str, Sequence[str]], references: Mapping[str, Sequence[str]], *,
+                           pool=None, learned: Mapping[tuple[str, str], tuple[Tensor, Tensor]] | None = None,
+                           num_beams: int = 5, batch_size: int = 16, max_new_tokens: int = 256,
+                           progress=None) -> dict[tuple[str, str], dict]:
+    """Translate every direction under ``config`` and score it: {(src, tgt): {score, signature, hypotheses}}.
+
+    All directions share the batches: each row gets its own adapter pair (``in[src]``, ``out[tgt]``)
+    through ``model.set_adapter_pairs``. ``pool`` serves the adapters; ``learned`` holds the
+    per-layer ``(w_in, w_out)`` tensors of each direction for ``config.learned``.
+    """
+    texts, srcs, tgts, pair_ids = [], [], [], []
+    for k, (src, tgt) in enumerate(directions):
+        texts += sources[src]
+        srcs += [src] * len(sources[src])
+        tgts += [tgt] * len(sources[src])
+        pair_ids += [k] * len(sources[src])
+    if config.num_adapters():
+        pairs = []
+        for src, tgt in directions:
+            w_in, w_out = config.w_in, config.w_out
+            if config.learned:
+                if learned is None or (src, tgt) not in learned:
+                    raise ValueError(f"configuration {config.name!r} needs the learned weights of {src}->{tgt}")
+                w_in, w_out = learned[(src, tgt)]
+            pairs.append((pool.get(src, "in") if config.use_in else None,
+                          pool.get(tgt, "out") if config.use_out else None, w_in, w_out))
+        model.set_adapter_pairs(pairs, config.strategy)
+    else:
+        model.clear_adapters()
+    try:
+        hypotheses = translate(model, tokenizer, texts, srcs, tgts, num_beams=num_beams, batch_size=batch_size,
+                               max_new_tokens=max_new_tokens, pair_ids=pair_ids if config.num_adapters() else None,
+                               progress=progress)
+    finally:
+        model.clear_adapters()
+    results, start = {}, 0
+    for src, tgt in directions:
+        hyps = hypotheses[start:start + len(sources[src])]
+        start += len(hyps)
+        results[(src, tgt)] = {**chrf_pp(hyps, references[tgt]), "hypotheses": hyps}
+    return results

@@ -1,0 +1,303 @@
+"""The paper's whole experiment from one config: adapters, learned weights, the chrF++ table.
+
+Stages, each skipping what an earlier run already finished (every output is written atomically,
+training resumes from its checkpoint):
+
+1. ``train_adapters``: ``in[X]`` on X->pivot and ``out[X]`` on pivot->X for every language X
+   (the pivot's own pair on pivot->pivot), into ``out_dir/pool/{X}/{in|out}/``.
+2. ``learn_weights``: per direction and strategy, the per-layer merge weights with both adapters
+   frozen, into ``out_dir/weights/{strategy}/{src}-{tgt}/weights.json`` (+ ``weights.png``).
+3. ``evaluate``: every Table 1 configuration over every direction of the evaluation split, into
+   ``out_dir/eval/{configuration}.json`` (scores, signatures, hypotheses).
+4. ``table``: ``out_dir/results.json`` and ``out_dir/table.md``.
+
+Without ``model.path`` the base is a seeded random Qwen2 preset: the pipeline runs end to end, but
+a random model cannot translate, so its scores are noise. The paper uses Qwen2.5-0.5B-Instruct.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .data import DEFAULT_LANGS, PIVOT, adapter_jobs, directions, load_split
+from .evaluate import (
+    EvalConfig,
+    evaluate_configuration,
+    markdown_table,
+    summarize,
+    table1_configs,
+    trainable_percent,
+)
+from .fileio import atomic_write_json, atomic_write_text
+from .progress import Progress
+from .train import LoraConfig, TrainConfig, base_parameters, learn_weights, resolve_lora, train_adapter
+
+RANDOM_BASE_NOTE = ("NOTE: the base model has random weights (no --model DIR): it cannot translate, so these "
+                    "scores are noise. Pass --model DIR with a Qwen2.5-0.5B-Instruct checkpoint (and the "
+                    "full data) to reproduce the paper.")
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None  # an HF checkpoint directory; None: the random ``preset``
+    preset: str = "tiny"
+    seed: int = 0
+    dtype: str | None = None  # None: float32 on CPU, bfloat16 on CUDA
+    device: str | None = None  # None: cuda if available
+
+
+@dataclass
+class DataConfig:
+    root: str | None = None  # FLORES-style folder; None: the vendored FLORES-101
+    langs: list[str] = field(default_factory=lambda: list(DEFAULT_LANGS))
+    pivot: str = PIVOT
+    train_split: str = "dev"
+    eval_split: str = "devtest"
+    train_limit: int | None = None  # first N lines of each split (None: all)
+    weights_limit: int | None = None  # lines used to learn merge weights (None: train_limit)
+    eval_limit: int | None = None
+
+
+@dataclass
+class EvalSettings:
+    num_beams: int = 5
+    max_new_tokens: int = 256
+    batch_size: int = 16
+    strategies: list[str] = field(default_factory=lambda: ["output", "ab"])
+    ratios: list[list[int]] = field(default_factory=lambda: [[1, 9], [3, 7], [7, 3], [9, 1]])
+    learned: bool = True
+
+
+def _default_weight_training() -> TrainConfig:
+    # theta starts at (1, 1); the paper's adapter lr (2e-5) would barely move it in two epochs.
+    return TrainConfig(lr=1e-2, warmup_ratio=0.0)
+
+
+@dataclass
+class PipelineConfig:
+    out_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    weights: TrainConfig = field(default_factory=_default_weight_training)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> PipelineConfig:
+        """Build from a nested dict (a parsed TOML); unknown keys are an error that names them."""
+        def build(kind, values: dict, where: str, base=None):
+            known = {f.name for f in dataclasses.fields(kind)}
+            unknown = sorted(set(values) - known)
+            if unknown:
+                raise ValueError(f"unknown key(s) in [{where}]: {', '.join(unknown)} "
+                                 f"(known: {', '.join(sorted(known))})")
+            values = {k: tuple(v) if k == "target_modules" else v for k, v in values.items()}
+            return dataclasses.replace(base if base is not None else kind(), **values)
+
+        raw = dict(raw)
+        default = cls()
+        sections = {"model": ModelConfig, "data": DataConfig, "lora": LoraConfig, "train": TrainConfig,
+                    "weights": TrainConfig, "eval": EvalSettings}
+        parts = {name: build(kind, raw.pop(name, {}), name, getattr(default, name)) for name, kind in sections.items()}
+        top = build(cls, raw, "top level")
+        return dataclasses.replace(top, **parts)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> PipelineConfig:
+        import tomllib
+
+        with open(path, "rb") as f:
+            return cls.from_dict(tomllib.load(f))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# The two built-in setups, mirrored by configs/default.toml and configs/paper.toml (a test keeps them equal).
+DEMO: dict = {
+    "out_dir": "runs/default",
+    "model": {"preset": "tiny", "seed": 0},
+    "data": {"train_limit": 16, "weights_limit": 4, "eval_limit": 3},
+    "train": {"epochs": 2, "lr": 1e-3, "batch_size": 8, "grad_accum": 1},
+    "weights": {"epochs": 1, "lr": 1e-2, "batch_size": 4, "grad_accum": 1},
+    "eval": {"num_beams": 5, "max_new_tokens": 12, "batch_size": 60},
+}
+PAPER: dict = {
+    "out_dir": "runs/paper",
+    "train": {"epochs": 2, "lr": 2e-5, "batch_size": 8, "grad_accum": 2},
+    "weights": {"epochs": 2, "lr": 1e-2},
+    "eval": {"num_beams": 5, "max_new_tokens": 256, "batch_size": 32},
+}
+
+
+def default_config(model_path: str | None = None) -> PipelineConfig:
+    """The demo on the random tiny preset without a model; the paper's setup with one."""
+    if model_path is None:
+        return PipelineConfig.from_dict(DEMO)
+    config = PipelineConfig.from_dict(PAPER)
+    config.model.path = model_path
+    return config
+
+
+class Pipeline:
+    """The experiment of one :class:`PipelineConfig`; each stage method skips finished work."""
+
+    def __init__(self, config: PipelineConfig, log: Callable[[str], None] | None = None) -> None:
+        self.config = config
+        self.out = Path(config.out_dir)
+        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        self._model = self._tokenizer = self._pool = None
+
+    # -- shared resources, built on first use ------------------------------------------------
+
+    @property
+    def model(self):
+        if self._model is None:
+            from .model import Qwen2ForCausalLM
+
+            mc = self.config.model
+            device = torch.device(mc.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            default = torch.bfloat16 if device.type == "cuda" else torch.float32
+            dtype = getattr(torch, mc.dtype) if mc.dtype else default
+            if mc.path:
+                self._model = Qwen2ForCausalLM.from_pretrained(mc.path, dtype=dtype, device=device)
+                self.log(f"base model: {mc.path} ({dtype}, {device})")
+            else:
+                self._model = Qwen2ForCausalLM.from_config(mc.preset, seed=mc.seed, dtype=dtype, device=device)
+                self.log(f"base model: random preset {mc.preset!r} (seed {mc.seed}, {dtype}, {device})")
+        return self._model
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from .tokenizer import Tokenizer
+
+            path = self.config.model.path
+            has_own = path and any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
+            self._tokenizer = Tokenizer.from_pretrained(path) if has_own else Tokenizer.default()
+        return self._tokenizer
+
+    @property
+    def pool(self):
+        if self._pool is None:
+            from .pool import AdapterPool
+
+            self._pool = AdapterPool(self.out / "pool")
+        return self._pool
+
+    def _split(self, split: str, limit: int | None) -> dict[str, list[str]]:
+        d = self.config.data
+        return load_split(split, d.langs, d.root, limit)
+
+    def directions(self) -> list[tuple[str, str]]:
+        return directions(self.config.data.langs)
+
+    # -- stages -------------------------------------------------------------------------------
+
+    def train_adapters(self) -> None:
+        """Stage 1: the 2n English-centric adapters."""
+        cfg = self.config
+        lora = resolve_lora(self.model, cfg.lora)
+        data = None
+        for job in adapter_jobs(cfg.data.langs, cfg.data.pivot):
+            if (job.lang, job.side) in self.pool:
+                self.log(f"{job}: done (in {self.pool.path(job.lang, job.side)})")
+                continue
+            data = data or self._split(cfg.data.train_split, cfg.data.train_limit)
+            pairs = list(zip(data[job.src], data[job.tgt], strict=True))
+            adapter = train_adapter(self.model, self.tokenizer, job.lang, job.side, job.src, job.tgt, pairs, lora,
+                                    cfg.train, self.out / "train" / f"{job.lang}-{job.side}", log=self.log)
+            self.pool.save(adapter)
+
+    def weights_path(self, strategy: str, src: str, tgt: str) -> Path:
+        return self.out / "weights" / strategy / f"{src}-{tgt}" / "weights.json"
+
+    def learn_weights(self) -> None:
+        """Stage 2: per-layer merge weights of every direction, for each evaluated strategy."""
+        cfg = self.config
+        if not cfg.eval.learned:
+            return
+        data = None
+        for strategy in cfg.eval.strategies:
+            for src, tgt in self.directions():
+                path = self.weights_path(strategy, src, tgt)
+                if path.is_file():
+                    continue
+                data = data or self._split(cfg.data.train_split, cfg.data.weights_limit or cfg.data.train_limit)
+                pairs = list(zip(data[src], data[tgt], strict=True))
+                learn_weights(self.model, self.tokenizer, self.pool.get(src, "in"), self.pool.get(tgt, "out"), src,
+                              tgt, pairs, strategy, cfg.weights, path.parent, log=self.log)
+
+    def configurations(self) -> list[EvalConfig]:
+        e = self.config.eval
+        return table1_configs(e.strategies, e.ratios, e.learned)
+
+    def eval_path(self, config: EvalConfig) -> Path:
+        return self.out / "eval" / f"{config.slug}.json"
+
+    def evaluate(self) -> None:
+        """Stage 3: translate the evaluation split in every direction under every configuration."""
+        from .adapters import load_learned_weights
+
+        cfg = self.config
+        data = None
+        todo = [c for c in self.configurations() if not self.eval_path(c).is_file()]
+        for config in todo:
+            data = data or self._split(cfg.data.eval_split, cfg.data.eval_limit)
+            learned = None
+            if config.learned:
+                learned = {}
+                for src, tgt in self.directions():
+                    w = load_learned_weights(self.weights_path(config.strategy, src, tgt))
+                    learned[(src, tgt)] = (w.w_in, w.w_out)
+            n = sum(len(data[src]) for src, _ in self.directions())
+            bar = Progress(n, f"eval {config.name}")
+            results = evaluate_configuration(
+                self.model, self.tokenizer, config, self.directions(), data, data, pool=self.pool, learned=learned,
+                num_beams=cfg.eval.num_beams, batch_size=cfg.eval.batch_size,
+                max_new_tokens=cfg.eval.max_new_tokens, progress=bar.update)
+            bar.close()
+            atomic_write_json(self.eval_path(config), {
+                "config": dataclasses.asdict(config), "split": cfg.data.eval_split, "num_beams": cfg.eval.num_beams,
+                "directions": [{"src": s, "tgt": t, **r} for (s, t), r in results.items()]})
+
+    def table(self) -> str:
+        """Stage 4: gather the evaluation files into ``results.json`` and ``table.md``; returns the Markdown."""
+        cfg = self.config
+        langs = cfg.data.langs
+        base = base_parameters(self.model)
+        adapter_params = self.pool.get(langs[0], "in").num_parameters()
+        rows = []
+        for config in self.configurations():
+            path = self.eval_path(config)
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing: run the evaluate stage first")
+            raw = json.loads(path.read_text(encoding="utf-8"))
+            scores = {(d["src"], d["tgt"]): d["score"] for d in raw["directions"]}
+            rows.append({"name": config.name, "trainable_percent": trainable_percent(
+                config, adapter_params, base, self.model.config.num_hidden_layers),
+                "signature": raw["directions"][0]["signature"], "summary": summarize(scores, langs)})
+        md = markdown_table(rows, langs)
+        if not cfg.model.path:
+            md = f"> {RANDOM_BASE_NOTE}\n\n" + md
+        atomic_write_json(self.out / "results.json", {"config": cfg.to_dict(), "metric": "chrF++",
+                                                      "base_parameters": base, "adapter_parameters": adapter_params,
+                                                      "rows": rows})
+        atomic_write_text(self.out / "table.md", md)
+        return md
+
+    def run(self) -> str:
+        """All stages; returns the Markdown table."""
+        atomic_write_json(self.out / "config.json", self.config.to_dict())
+        self.train_adapters()
+        self.learn_weights()
+        self.evaluate()
+        return self.table()

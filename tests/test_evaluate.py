@@ -1,0 +1,69 @@
+"""chrF++ against sacrebleu itself; Table 1 averages against the matrix."""
+
+import subprocess
+import sys
+
+import pytest
+import sacrebleu
+
+from modlora.evaluate import chrf_pp, markdown_table, summarize, table1_configs, trainable_percent
+
+HYPS = ["Le chat est assis sur le tapis.", "Il pleut des cordes aujourd'hui", "Bonjour le monde"]
+REFS = ["Le chat s'est assis sur le tapis.", "Il pleut à verse aujourd'hui.", "Bonjour tout le monde"]
+
+
+def test_chrf_pp_equals_sacrebleu_on_the_same_files(tmp_path):
+    (tmp_path / "hyp.txt").write_text("\n".join(HYPS) + "\n", encoding="utf-8")
+    (tmp_path / "ref.txt").write_text("\n".join(REFS) + "\n", encoding="utf-8")
+    got = chrf_pp(HYPS, REFS)
+    api = sacrebleu.corpus_chrf(HYPS, [REFS], word_order=2)
+    cli = subprocess.run([sys.executable, "-m", "sacrebleu", str(tmp_path / "ref.txt"), "-i", str(tmp_path / "hyp.txt"),
+                          "-m", "chrf", "--chrf-word-order", "2", "-b", "-w", "6"],
+                         capture_output=True, text=True, check=True)
+    assert got["score"] == pytest.approx(api.score, abs=1e-9)
+    assert got["score"] == pytest.approx(float(cli.stdout), abs=1e-6)
+    assert "nw:2" in got["signature"] and "nc:6" in got["signature"]  # chrF++, not chrF
+    assert got["score"] != pytest.approx(sacrebleu.corpus_chrf(HYPS, [REFS]).score)
+
+
+def test_chrf_pp_needs_aligned_lists():
+    with pytest.raises(ValueError, match="2 hypotheses for 3 references"):
+        chrf_pp(HYPS[:2], REFS)
+
+
+LANGS = ["en", "fr", "de", "ja", "zh"]
+
+
+def _scores():
+    return {(s, t): 10.0 * i + j for i, s in enumerate(LANGS) for j, t in enumerate(LANGS) if s != t}
+
+
+def test_table_averages_are_matrix_row_and_column_means():
+    scores = _scores()
+    summary = summarize(scores, LANGS)
+    matrix = summary["matrix"]
+    for i, lang in enumerate(LANGS):
+        assert matrix[i][i] is None
+        row = [v for v in matrix[i] if v is not None]
+        col = [matrix[k][i] for k in range(len(LANGS)) if k != i]
+        assert summary["from"][lang] == pytest.approx(sum(row) / len(row))
+        assert summary["to"][lang] == pytest.approx(sum(col) / len(col))
+    assert summary["avg"] == pytest.approx(sum(scores.values()) / 20)
+    assert matrix[1][2] == scores[("fr", "de")]
+
+
+def test_table1_configurations_and_markdown():
+    configs = table1_configs()
+    assert [c.name for c in configs] == [
+        "base", "in only", "out only", "output 1:9", "output 3:7", "output 7:3", "output 9:1", "output learned",
+        "ab 1:9", "ab 3:7", "ab 7:3", "ab 9:1", "ab learned"]
+    assert configs[4].w_in == pytest.approx(0.3) and configs[4].w_out == pytest.approx(0.7)
+    assert trainable_percent(configs[0], 100, 10_000, 24) == 0
+    assert trainable_percent(configs[1], 50, 10_000, 24) == pytest.approx(0.5)
+    assert trainable_percent(configs[7], 50, 10_000, 24) == pytest.approx(100 * (100 + 48) / 10_000)
+    rows = [{"name": c.name, "trainable_percent": 1.0, "signature": "sig", "summary": summarize(_scores(), LANGS)}
+            for c in configs[:2]]
+    md = markdown_table(rows, LANGS)
+    assert "| configuration | trainable % | en→ | fr→ |" in md
+    assert "| in only | 1.00 |" in md and "chrF++ signature: `sig`" in md
+    assert "| fr | 10.0 | - | 12.0 | 13.0 | 14.0 |" in md

@@ -1,0 +1,70 @@
+"""The whole pipeline on the tiny random preset with a few sentences per language, then a resume."""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from modlora.pipeline import DEMO, PAPER, Pipeline, PipelineConfig, default_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _config(out: Path) -> PipelineConfig:
+    return PipelineConfig.from_dict({
+        "out_dir": str(out),
+        "data": {"langs": ["en", "fr", "zh"], "train_limit": 4, "weights_limit": 2, "eval_limit": 2},
+        "train": {"epochs": 1, "lr": 1e-3, "batch_size": 4, "grad_accum": 1},
+        "weights": {"epochs": 1, "batch_size": 2},
+        "eval": {"num_beams": 2, "max_new_tokens": 4, "batch_size": 40},
+    })
+
+
+def test_whole_pipeline_then_resume_skips_everything(tmp_path):
+    started = time.perf_counter()
+    md = Pipeline(_config(tmp_path), log=lambda _: None).run()
+    first = time.perf_counter() - started
+
+    pool = sorted(p.parent.name + "/" + p.name for p in (tmp_path / "pool").glob("*/*"))
+    assert pool == [f"{lang}/{role}" for lang in ("en", "fr", "zh") for role in ("in", "out")]
+    assert len(list((tmp_path / "weights").glob("*/*/weights.json"))) == 2 * 6
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["name"] for r in results["rows"]][:3] == ["base", "in only", "out only"]
+    assert len(results["rows"]) == 13
+    for row in results["rows"]:
+        assert "nw:2" in row["signature"]
+        assert len(row["summary"]["matrix"]) == 3
+    evaluation = json.loads((tmp_path / "eval" / "output-3-7.json").read_text())
+    assert len(evaluation["directions"]) == 6 and len(evaluation["directions"][0]["hypotheses"]) == 2
+    assert "random weights" in md and "| output learned |" in md
+    assert (tmp_path / "table.md").read_text() == md
+
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()
+              and p.name not in ("results.json", "table.md", "config.json")}
+    started = time.perf_counter()
+    assert Pipeline(_config(tmp_path), log=lambda _: None).run() == md
+    assert time.perf_counter() - started < first / 3
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing recomputed
+
+
+def test_shipped_configs_equal_the_builtin_defaults():
+    assert PipelineConfig.from_toml(ROOT / "configs" / "default.toml") == default_config()
+    paper = PipelineConfig.from_toml(ROOT / "configs" / "paper.toml")
+    paper.model.path = "X"
+    assert paper == default_config("X")
+    assert DEMO["out_dir"] != PAPER["out_dir"]
+
+
+def test_unknown_config_key_is_named():
+    with pytest.raises(ValueError, match=r"unknown key\(s\) in \[train\]: lr_typo"):
+        PipelineConfig.from_dict({"train": {"lr_typo": 1}})
