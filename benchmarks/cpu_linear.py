@@ -9,8 +9,9 @@ stream through once. "GB/s" is bytes of W / time (the adapters' bytes are not co
 fused op that pays for them shows as lower GB/s). Next to it: a memory-read probe (every byte of a
 512 MiB buffer read once by all threads, `_C.read_probe`; and torch's `.sum()` over fp32),
 re-measured before every shape because other processes may share the machine; the load average is
-recorded. Also measures the crossover M at which torch's GEMM path beats the C++ kernel (the
-wrapper's C_MAX_ROWS). Writes results/cpu_linear_<cpu>.json and .png, prints a table.
+recorded. Times are medians (and 20% quantiles, less hit by preemption on a shared machine).
+Also measures the crossover M at which torch's GEMM path beats the C++ kernel (the wrapper's
+C_MAX_ROWS). Writes results/cpu_linear_<cpu>.json and .png, prints a table.
 
 Providers (bias and adapters as in the model: two rank-16 adapters, strategy "output", R=32):
   c_bf16, c_fp32            modlora._C, no adapters (the lm_head case)
@@ -42,7 +43,7 @@ SHAPES = {"q/o": (896, 896), "k/v": (128, 896), "gate/up": (4864, 896), "down": 
           "lm_head": (151936, 896)}
 MS = [1, 5, 10, 40]
 RANK, L3_BYTES = 16, 96 << 20  # copies of W until they exceed this (> 32 MiB L3 here)
-CROSSOVER_MS = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128]
+CROSSOVER_MS = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256]
 
 
 def _cpu_name() -> str:
@@ -126,7 +127,7 @@ def run_shape(name: str, n: int, k: int, reps: int, gen: torch.Generator) -> lis
         for pname, (fn, elt) in prov.items():
             t = bench(fn, warmup=3, reps=reps)
             rows.append({"shape": name, "N": n, "K": k, "M": m, "provider": pname, **t,
-                         "W_GBs": n * k * elt / t["ms"] / 1e6})
+                         "W_GBs": n * k * elt / t["ms"] / 1e6, "W_GBs_q20": n * k * elt / t["q20"] / 1e6})
     return rows
 
 
@@ -180,8 +181,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--no-crossover", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = ap.parse_args()
-    reps = 5 if args.quick else 15
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    reps = 5 if args.quick else 12
     gen = torch.Generator().manual_seed(0)
     buf = torch.rand(128 << 20, generator=gen)  # 512 MiB
     rows, probes = [], {}
@@ -194,16 +198,18 @@ def main() -> None:
     cross = None if args.no_crossover else crossover(reps, gen)
 
     # Table and goals: at M <= 10, c_bf16 reads W at >= 80% of the probe and is >= 1.5x torch_bf16.
-    print(f"\n{'shape':8} {'M':>3} {'provider':18} {'ms':>8} {'W GB/s':>7} {'%probe':>6} {'vs torch_bf16':>13}")
+    print(f"\n{'shape':8} {'M':>3} {'provider':18} {'ms':>8} {'W GB/s':>7} {'q20 GB/s':>8} {'%probe':>6} "
+          f"{'vs torch_bf16':>13}")
     summary = []
     for r in rows:
         base = next(q for q in rows if q["shape"] == r["shape"] and q["M"] == r["M"] and q["provider"] == "torch_bf16")
         r["pct_probe"] = 100 * r["W_GBs"] / probes[r["shape"]]["GBs"]
         r["speedup_vs_torch_bf16"] = base["ms"] / r["ms"]
-        print(f"{r['shape']:8} {r['M']:>3} {r['provider']:18} {r['ms']:8.3f} {r['W_GBs']:7.1f} "
+        print(f"{r['shape']:8} {r['M']:>3} {r['provider']:18} {r['ms']:8.3f} {r['W_GBs']:7.1f} {r['W_GBs_q20']:8.1f} "
               f"{r['pct_probe']:6.0f} {r['speedup_vs_torch_bf16']:12.2f}x")
         if r["provider"] == "c_bf16" and r["M"] <= 10:
-            summary.append({k: r[k] for k in ("shape", "M", "W_GBs", "pct_probe", "speedup_vs_torch_bf16")})
+            summary.append({k: r[k] for k in ("shape", "M", "W_GBs", "W_GBs_q20", "pct_probe",
+                                              "speedup_vs_torch_bf16")})
     if cross:
         for dt, c in cross.items():
             print(f"crossover {dt}: C++ faster at M in {c['c_faster_at']}; torch wins first at M="
@@ -214,7 +220,7 @@ def main() -> None:
                "isa": _ext._C.isa() if _ext.HAVE_C else None, "rank": RANK, "probes": probes,
                "goal_rows_c_bf16_M_le_10": summary, "crossover": cross, "results": rows,
                "c_max_rows": {str(k).replace("torch.", ""): v for k, v in _ext.C_MAX_ROWS.items()}}
-    path = write_json(f"cpu_linear_{tag}", payload)
+    path = write_json(f"cpu_linear_{tag}_{torch.get_num_threads()}t", payload)
     plot(rows, probes, path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png').name}")
 

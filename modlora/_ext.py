@@ -60,8 +60,11 @@ if HAVE_C and os.environ.get("MODLORA_CPU_ISA"):
 
 # Largest M (rows of x) for which the C++ kernel beats torch's F.linear + LoRA path, by W dtype;
 # above it the wrapper uses torch (oneDNN/MKL GEMMs win once the op is compute-bound).
-# Measured with benchmarks/cpu_linear.py on 2 AMD EPYC (Zen 3, AVX2) cores; see its JSON results.
-C_MAX_ROWS: dict[torch.dtype, int] = {torch.bfloat16: 64, torch.float32: 16}
+# Measured with benchmarks/cpu_linear.py on 2 AMD EPYC (Zen 3, AVX2) cores (gate/up, two adapters):
+# _C was faster at every M up to 256 in bf16 (oneDNN's bf16 GEMM is slow without AVX-512 BF16) and
+# up to 128 in fp32 (tie at 256). Kept below those crossovers, since CPUs with AVX-512 BF16 or AMX
+# make torch's large-M GEMMs much faster; re-measure there.
+C_MAX_ROWS: dict[torch.dtype, int] = {torch.bfloat16: 128, torch.float32: 64}
 
 _use_c = HAVE_C
 
