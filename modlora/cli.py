@@ -1,0 +1,253 @@
+"""The ``modlora`` command: info, translate, and the pipeline's stages (train-adapters, learn-weights,
+evaluate, table) or all of them at once (run). Results go to stdout, progress and logs to stderr.
+
+Without ``--model DIR`` the base is the embedded random-weight tiny preset (real Qwen2.5 tokenizer
+and vocabulary): everything runs, nothing translates. ``--model DIR`` (a Qwen2.5-0.5B-Instruct
+checkpoint) switches the pipeline to the paper's setup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+RUN_EPILOG = """examples:
+  modlora run                              # the demo: random tiny base, FLORES slice, a few minutes on CPU
+  modlora run --model Qwen2.5-0.5B-Instruct  # the paper: full FLORES-101 dev/devtest (GPU advised)
+  modlora run configs/paper.toml --out runs/mine
+Finished work (adapters, weights, evaluations) is skipped; an interrupted training resumes from its checkpoint."""
+
+
+def _pipeline_args(p: argparse.ArgumentParser, *, config_positional: bool = False) -> None:
+    if config_positional:
+        p.add_argument("config", nargs="?", help="TOML config (default: the demo, or the paper's setup with --model)")
+    else:
+        p.add_argument("--config", help="TOML config (default: the demo, or the paper's setup with --model)")
+    p.add_argument("--model", help="HF Qwen2 checkpoint directory (default: the random tiny preset)")
+    p.add_argument("--preset", help="random-weight preset when no --model: tiny or qwen2.5-0.5b")
+    p.add_argument("--out", help="output directory (default: the config's out_dir)")
+    p.add_argument("--data", help="FLORES-style folder split/lang.txt (default: the vendored FLORES-101)")
+    p.add_argument("--langs", help="comma-separated language codes, e.g. en,fr,de,ja,zh")
+    p.add_argument("--train-limit", type=int, help="use the first N training sentences")
+    p.add_argument("--eval-limit", type=int, help="evaluate on the first N sentences")
+    p.add_argument("--strategies", help="comma-separated merge strategies to learn and evaluate: output,ab")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--grad-accum", type=int)
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-beams", type=int)
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--eval-batch-size", type=int)
+
+
+def _config(args: argparse.Namespace):
+    from .pipeline import PipelineConfig, default_config
+
+    cfg = PipelineConfig.from_toml(args.config) if args.config else default_config(args.model)
+    if args.model:
+        cfg.model.path = args.model
+    for attr, section, key in [("preset", cfg.model, "preset"), ("out", cfg, "out_dir"), ("data", cfg.data, "root"),
+                               ("train_limit", cfg.data, "train_limit"), ("eval_limit", cfg.data, "eval_limit"),
+                               ("rank", cfg.lora, "rank"), ("alpha", cfg.lora, "alpha"),
+                               ("num_beams", cfg.eval, "num_beams"), ("max_new_tokens", cfg.eval, "max_new_tokens"),
+                               ("eval_batch_size", cfg.eval, "batch_size")]:
+        if getattr(args, attr, None) is not None:
+            setattr(section, key, getattr(args, attr))
+    if args.langs:
+        cfg.data.langs = [x.strip() for x in args.langs.split(",") if x.strip()]
+    if getattr(args, "strategies", None):
+        cfg.eval.strategies = [x.strip() for x in args.strategies.split(",")]
+    train = cfg.weights if args.command == "learn-weights" else cfg.train
+    for attr in ("epochs", "lr", "batch_size", "grad_accum"):
+        if getattr(args, attr, None) is not None:
+            setattr(train, attr, getattr(args, attr))
+    return cfg
+
+
+def _stage(args: argparse.Namespace) -> int:
+    from .pipeline import RANDOM_BASE_NOTE, Pipeline
+
+    cfg = _config(args)
+    pipe = Pipeline(cfg)
+    started = time.perf_counter()
+    if args.command == "train-adapters":
+        pipe.train_adapters()
+        print(pipe.pool.listing())
+    elif args.command == "learn-weights":
+        pipe.learn_weights()
+        print(f"learned weights under {pipe.out / 'weights'}")
+    elif args.command == "evaluate":
+        pipe.evaluate()
+        print(pipe.table())
+    elif args.command == "table":
+        print(pipe.table())
+    else:
+        print(pipe.run())
+    print(f"done in {time.perf_counter() - started:.0f}s; outputs in {pipe.out}", file=sys.stderr)
+    if args.command in ("run", "evaluate", "table") and not cfg.model.path:
+        print(RANDOM_BASE_NOTE, file=sys.stderr)
+    return 0
+
+
+def _load_model(model_dir: str | None, preset: str):
+    from .model import Qwen2ForCausalLM
+
+    if model_dir:
+        return Qwen2ForCausalLM.from_pretrained(model_dir)
+    return Qwen2ForCausalLM.from_config(preset, seed=0)
+
+
+def _info(args: argparse.Namespace) -> int:
+    import torch
+
+    from .train import base_parameters, lora_parameters_per_rank, paper_rank
+
+    model = _load_model(args.model, args.preset)
+    c = model.config
+    print(f"model: {args.model or f'random preset {args.preset!r} (embedded default)'}")
+    print(f"shape: {c.num_hidden_layers} layers, hidden {c.hidden_size}, intermediate {c.intermediate_size}, "
+          f"heads {c.num_attention_heads} (kv {c.num_key_value_heads}), vocab {c.vocab_size}, dtype {c.dtype}")
+    n = base_parameters(model)
+    rank = paper_rank(model)
+    per_rank = lora_parameters_per_rank(model)
+    print(f"parameters: {n:,}")
+    print(f"paper adapter rank: {rank} ({rank * per_rank:,} parameters per adapter, {100 * rank * per_rank / n:.2f}%)")
+    ids = torch.randint(0, min(c.vocab_size, 151643), (1, args.tokens), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        model(ids)
+        start = time.perf_counter()
+        model(ids)
+        ms = (time.perf_counter() - start) * 1e3
+    print(f"forward: 1 x {args.tokens} tokens in {ms:.1f} ms ({args.tokens / ms * 1e3:,.0f} tokens/s, "
+          f"{torch.get_num_threads()} threads)")
+    return 0
+
+
+def _read_input(args: argparse.Namespace) -> list[str]:
+    raw = open(args.input, "rb").read() if args.input else sys.stdin.buffer.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        print(f"warning: input is not valid UTF-8 ({e}); undecodable bytes replaced by U+FFFD", file=sys.stderr)
+        text = raw.decode("utf-8", errors="replace")
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines
+
+
+def _translate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .adapters import load_learned_weights
+    from .generation import translate
+    from .pool import AdapterPool
+    from .progress import Progress
+    from .tokenizer import Tokenizer
+
+    model = _load_model(args.model, args.preset)
+    tok = Tokenizer.from_pretrained(args.model) if args.model else Tokenizer.default()
+    if args.pool:
+        pool = AdapterPool(args.pool)
+        lora_in = pool.get(args.src, "in") if args.use in ("both", "in") else None
+        lora_out = pool.get(args.tgt, "out") if args.use in ("both", "out") else None
+        w_in, w_out = args.w_in, args.w_out
+        if args.weights:
+            learned = load_learned_weights(args.weights)
+            w_in, w_out = learned.w_in, learned.w_out
+        elif args.use != "both":  # one adapter alone is used at full strength
+            w_in = w_out = 1.0
+        model.set_adapters(lora_in=lora_in, lora_out=lora_out, w_in=w_in, w_out=w_out, strategy=args.strategy)
+    texts = _read_input(args)
+    bar = Progress(len(texts), f"{args.src}->{args.tgt}")
+    with torch.inference_mode():
+        out = translate(model, tok, texts, args.src, args.tgt, num_beams=args.num_beams, batch_size=args.batch_size,
+                        max_new_tokens=args.max_new_tokens, progress=bar.update)
+    bar.close()
+    # One output line per input line: a translation's own line breaks (\r, \n, U+2028...) become spaces.
+    text = "".join(" ".join(line.splitlines()) + "\n" for line in out)
+    if args.output:
+        from .fileio import atomic_write_text
+
+        atomic_write_text(args.output, text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modlora", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="the model's shape, parameter count and a forward timing")
+    p.add_argument("--model", help="HF Qwen2 checkpoint directory (default: the embedded random preset)")
+    p.add_argument("--preset", default="tiny", help="random-weight preset when no --model (default: tiny)")
+    p.add_argument("--tokens", type=int, default=128, help="sequence length of the timed forward")
+    p.set_defaults(func=_info)
+
+    p = sub.add_parser("translate", help="translate lines from stdin (or --input) with an adapter pair",
+                       description="Translate one sentence per line, src -> tgt, with in[src] and out[tgt] "
+                                   "from an adapter pool merged by --strategy.")
+    p.add_argument("--model", help="HF Qwen2 checkpoint directory (default: the embedded random preset)")
+    p.add_argument("--preset", default="tiny", help="random-weight preset when no --model")
+    p.add_argument("--pool", help="adapter pool directory (lang/in, lang/out); without it the base model translates")
+    p.add_argument("--src", required=True, help="source language code")
+    p.add_argument("--tgt", required=True, help="target language code")
+    p.add_argument("--strategy", choices=("output", "ab"), default="output")
+    p.add_argument("--w-in", type=float, default=0.5)
+    p.add_argument("--w-out", type=float, default=0.5)
+    p.add_argument("--use", choices=("both", "in", "out"), default="both", help="which adapters of the pair")
+    p.add_argument("--weights", help="learned per-layer weights JSON (from learn-weights) instead of --w-in/--w-out")
+    p.add_argument("--input", help="input file (default: stdin)")
+    p.add_argument("--output", help="output file, written atomically (default: stdout)")
+    p.add_argument("--num-beams", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.set_defaults(func=_translate)
+
+    p = sub.add_parser("train-adapters", help="stage 1: train in[X] and out[X] for every language (resumes)")
+    _pipeline_args(p)
+    _train_args(p)
+    p.add_argument("--rank", type=int, help="LoRA rank (default: ~0.5%% trainable parameters per adapter)")
+    p.add_argument("--alpha", type=float, help="LoRA alpha (default: 2 * rank)")
+    p.set_defaults(func=_stage)
+
+    p = sub.add_parser("learn-weights", help="stage 2: per-layer merge weights of every direction (resumes)")
+    _pipeline_args(p)
+    _train_args(p)
+    p.set_defaults(func=_stage)
+
+    p = sub.add_parser("evaluate", help="stage 3: chrF++ of every direction and configuration, then the table")
+    _pipeline_args(p)
+    _eval_args(p)
+    p.set_defaults(func=_stage)
+
+    p = sub.add_parser("table", help="stage 4: print (and write) the Table 1 layout from finished evaluations")
+    _pipeline_args(p)
+    p.set_defaults(func=_stage)
+
+    p = sub.add_parser("run", help="the whole pipeline from a config; skips what is done",
+                       epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _pipeline_args(p, config_positional=True)
+    _train_args(p)
+    _eval_args(p)
+    p.set_defaults(func=_stage)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

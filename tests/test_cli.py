@@ -1,0 +1,61 @@
+"""The modlora command: every subcommand's --help, info, translate, and stages on a finished run."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from modlora.cli import main
+
+SUBCOMMANDS = ["info", "translate", "train-adapters", "learn-weights", "evaluate", "table", "run"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    assert f"modlora {command}" in capsys.readouterr().out
+
+
+def test_entry_point():
+    out = subprocess.run([sys.executable, "-m", "modlora.cli", "--help"], capture_output=True, text=True, check=True)
+    assert all(c in out.stdout for c in SUBCOMMANDS)
+
+
+def test_info(capsys):
+    assert main(["info", "--tokens", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters: 9,798,208" in out
+    assert "paper adapter rank: 24" in out and "tokens/s" in out
+
+
+def test_stages_and_translate_on_a_small_run(tmp_path, capsys):
+    common = ["--out", str(tmp_path), "--langs", "en,fr", "--train-limit", "2", "--eval-limit", "1"]
+    assert main(["train-adapters", *common, "--epochs", "1", "--batch-size", "2", "--rank", "2"]) == 0
+    assert "fr       in   r=2" in capsys.readouterr().out
+    assert main(["learn-weights", *common, "--epochs", "1", "--strategies", "output"]) == 0
+    assert (tmp_path / "weights" / "output" / "fr-en" / "weights.json").is_file()
+    capsys.readouterr()
+    assert main(["evaluate", *common, "--strategies", "output", "--num-beams", "1", "--max-new-tokens", "2"]) == 0
+    table = capsys.readouterr().out
+    assert "| output learned |" in table and "| ab 1:9 |" not in table
+    assert main(["table", *common, "--strategies", "output"]) == 0
+    assert capsys.readouterr().out == table
+
+    (tmp_path / "in.txt").write_bytes("Bonjour.\n\nAu revoir \xff.\n".encode("latin-1"))
+    assert main(["translate", "--pool", str(tmp_path / "pool"), "--src", "fr", "--tgt", "en", "--strategy", "ab",
+                 "--w-in", "0.3", "--w-out", "0.7", "--num-beams", "2", "--max-new-tokens", "3",
+                 "--input", str(tmp_path / "in.txt"), "--output", str(tmp_path / "out.txt")]) == 0
+    lines = (tmp_path / "out.txt").read_text(encoding="utf-8").split("\n")
+    assert len(lines) == 4 and lines[1] == "" and lines[3] == ""  # one line per input line; empty stays empty
+    assert "not valid UTF-8" in capsys.readouterr().err
