@@ -1,6 +1,8 @@
-"""The linear layer the model builds wherever adapters may attach.
+"""The linear layers the model builds: :class:`FastLinear` everywhere, :class:`AdaptedLinear`
+wherever adapters may attach. Both run through :mod:`modlora.ops` (the C++ op when decoding on a
+CPU), and both are ``nn.Linear`` so parameter names stay HF's.
 
-It is an ``nn.Linear`` (the frozen base keeps its HF name, ``q_proj.weight``) plus an optional
+An adapted linear is an ``nn.Linear`` (the frozen base keeps its HF name, ``q_proj.weight``) plus an optional
 ``lora`` binding: a callable ``(x, weight, bias) -> y`` that computes the adapted output. The
 binding is not a submodule, so the state dict stays exactly the base checkpoint's.
 """
@@ -9,16 +11,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from . import ops
 
 LoraBinding = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 
 
-class AdaptedLinear(nn.Linear):
+class FastLinear(nn.Linear):
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.linear(x, self.weight, self.bias)
+
+
+class AdaptedLinear(FastLinear):
     lora: LoraBinding | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.lora is None:
-            return F.linear(x, self.weight, self.bias)
+            return super().forward(x)
         return self.lora(x, self.weight, self.bias)

@@ -1,6 +1,8 @@
 """Where an adapted linear's math runs: one entry point, dispatching to the best available backend.
 
 - CUDA: the fused Triton kernel (``modlora.kernels.dual_lora_linear``), forward and backward;
+- CPU inference with few rows (decoding): the C++ op ``modlora._C`` (one pass over W at memory
+  bandwidth), adapters packed once per (pair, weights) into its bank layout;
 - anything else: the plain-torch reference (``modlora.kernels.reference``), which is also the
   oracle every backend is tested against.
 
@@ -9,12 +11,14 @@ Callers (the adapter bindings) never pick a backend themselves.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from . import _ext
 from .kernels.reference import Adapter, Weight, dual_lora_linear_ref, pairwise_lora_linear_ref
 
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
@@ -29,6 +33,40 @@ def _autocast(x: Tensor, weight: Tensor, bias: Tensor | None, adapters: Sequence
     return x.to(dt), weight.to(dt), None if bias is None else bias.to(dt), [cast(a) for a in adapters]
 
 
+def _use_cpu_kernel(x: Tensor, weight: Tensor, *tensors: Tensor | float | None) -> bool:
+    """C++ op: CPU, C built and enabled, few rows, and no autograd graph to build (it has no backward)."""
+    if x.device.type != "cpu" or not _ext.c_enabled():
+        return False
+    if x.numel() > _ext.C_MAX_ROWS.get(weight.dtype, 0) * x.shape[-1]:
+        return False
+    return not (torch.is_grad_enabled()
+                and any(isinstance(t, Tensor) and t.requires_grad for t in (x, weight, *tensors)))
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x W^T + b`` (the un-adapted linears and the ``lm_head``)."""
+    if _use_cpu_kernel(x, weight, bias):
+        return _ext.lora_bank_linear(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+@functools.lru_cache(maxsize=1024)  # one entry per adapted linear and pair set: ~170 per pair
+def _bank(pairs: tuple, strategy: str, dtype: torch.dtype, versions: tuple) -> tuple[Tensor, Tensor]:
+    """Packed bank of frozen adapters; tensors hash by identity and ``versions`` (their in-place
+    version counters) invalidates an entry if one was modified in place."""
+    return _ext.pack_bank(pairs, strategy, dtype)
+
+
+def _packed(pairs: Sequence[tuple], strategy: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    pairs = tuple((a_in, a_out, float(w_in), float(w_out)) for a_in, a_out, w_in, w_out in pairs)
+    versions = tuple(t._version for p in pairs for a in p[:2] if a is not None for t in a[:2])
+    return _bank(pairs, strategy, dtype, versions)
+
+
+def _adapter_tensors(*adapters: Adapter | None) -> list[Tensor]:
+    return [t for a in adapters if a is not None for t in a[:2]]
+
+
 def dual_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_in: Adapter | None,
                      lora_out: Adapter | None, w_in: Weight = 1.0, w_out: Weight = 1.0,
                      strategy: str = "output") -> Tensor:
@@ -38,6 +76,8 @@ def dual_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_in: Ad
 
         x, weight, bias, (lora_in, lora_out) = _autocast(x, weight, bias, (lora_in, lora_out))
         return fused(x, weight, bias, lora_in, lora_out, w_in, w_out, strategy)
+    if _use_cpu_kernel(x, weight, bias, w_in, w_out, *_adapter_tensors(lora_in, lora_out)):
+        return _ext.lora_bank_linear(x, weight, bias, *_packed([(lora_in, lora_out, w_in, w_out)], strategy, x.dtype))
     return dual_lora_linear_ref(x, weight, bias, lora_in, lora_out, w_in, w_out, strategy)
 
 
@@ -45,4 +85,8 @@ def pairwise_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None,
                          pairs: Sequence[tuple[Adapter | None, Adapter | None, Weight, Weight]],
                          row_pair: Tensor, strategy: str = "output") -> Tensor:
     """Like :func:`dual_lora_linear`, but batch row b uses the pair ``pairs[row_pair[b]]``."""
+    weights = [w for p in pairs for w in p[2:]]
+    if _use_cpu_kernel(x, weight, bias, *weights, *_adapter_tensors(*(a for p in pairs for a in p[:2]))):
+        a_bank, b_bank = _packed(pairs, strategy, x.dtype)
+        return _ext.lora_bank_linear(x, weight, bias, a_bank, b_bank, row_pair)
     return pairwise_lora_linear_ref(x, weight, bias, pairs, row_pair, strategy)

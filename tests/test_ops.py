@@ -1,0 +1,101 @@
+"""The dispatch point: every backend it picks gives the reference's result, on the whole model too."""
+
+import contextlib
+
+import pytest
+import torch
+
+from modlora import _ext, ops
+from modlora.adapters import LoraAdapter
+from modlora.config import Qwen2Config
+from modlora.kernels import dual_lora_linear_ref
+from modlora.model import Qwen2ForCausalLM
+
+needs_c = pytest.mark.skipif(not _ext.HAVE_C, reason="modlora._C is not built (CI builds it)")
+CONFIG = Qwen2Config(vocab_size=503, hidden_size=96, intermediate_size=200, num_hidden_layers=2,
+                     num_attention_heads=6, num_key_value_heads=2, rope_theta=1e4, dtype="float32")
+
+
+@contextlib.contextmanager
+def torch_path():
+    enabled = _ext.c_enabled()
+    _ext.set_c_enabled(False)
+    try:
+        yield
+    finally:
+        _ext.set_c_enabled(enabled)
+
+
+def random_adapter(model, rank, seed, role):
+    adapter = LoraAdapter.init(model, rank=rank, alpha=2 * rank, seed=seed, role=role, language="fr")
+    with torch.no_grad():  # PEFT's init has B = 0: make the adapter's term visible
+        for _, B in adapter.tensors.values():
+            B.normal_(0, 0.05, generator=torch.Generator().manual_seed(seed))
+    for t in adapter.parameters():
+        t.requires_grad_(False)
+    return adapter
+
+
+# fp32: C++ and torch sum in different orders (~1e-6 relative); bf16: outputs rounded to 8 bits once
+# more in one of the paths, on logits of O(0.1): 2e-2 catches a dropped adapter (its term is O(1)).
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("strategy", ["output", "ab"])
+@torch.no_grad()
+def test_model_logits_with_c_equal_torch_path(dtype, strategy):
+    model = Qwen2ForCausalLM.from_config(CONFIG, seed=1, dtype=dtype)
+    lora_in, lora_out = random_adapter(model, 4, 1, "in"), random_adapter(model, 4, 2, "out")
+    model.set_adapters(lora_in, lora_out, w_in=0.3, w_out=0.7, strategy=strategy)
+    ids = torch.randint(0, 503, (2, 5), generator=torch.Generator().manual_seed(0))
+    cache = model.new_cache(2, 5, max_new_tokens=2, num_beams=1)
+    fast = torch.stack((model.prefill(ids, None, cache), model.decode_step(ids[:, 0], cache)))
+    with torch_path():
+        cache = model.new_cache(2, 5, max_new_tokens=2, num_beams=1)
+        slow = torch.stack((model.prefill(ids, None, cache), model.decode_step(ids[:, 0], cache)))
+        model.clear_adapters()
+        plain = model(ids)[:, -1]
+    torch.testing.assert_close(fast.float(), slow.float(), **TOL[dtype])
+    assert (slow[0].float() - plain.float()).abs().max() > 0.05  # the adapters did change the logits
+
+
+@needs_c
+@torch.no_grad()
+def test_packed_bank_follows_in_place_updates():
+    x, weight = torch.randn(3, 96), torch.randn(40, 96)
+    A, B = torch.randn(4, 96), torch.randn(40, 4)
+    before = ops.dual_lora_linear(x, weight, None, (A, B, 0.5), None, 1.0, 1.0)
+    B.mul_(2)
+    after = ops.dual_lora_linear(x, weight, None, (A, B, 0.5), None, 1.0, 1.0)
+    torch.testing.assert_close(after, dual_lora_linear_ref(x, weight, None, (A, B, 0.5), None), **TOL[torch.float32])
+    assert not torch.allclose(before, after)
+
+
+def test_training_takes_the_differentiable_path():
+    x = torch.randn(3, 96, requires_grad=True)
+    weight = torch.randn(40, 96)
+    A, B = torch.randn(4, 96, requires_grad=True), torch.randn(40, 4, requires_grad=True)
+    ops.dual_lora_linear(x, weight, None, (A, B, 0.5), None).sum().backward()
+    assert x.grad is not None and A.grad is not None and B.grad is not None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("strategy", ["output", "ab"])
+def test_cuda_dispatch_under_bf16_autocast_matches_reference(strategy):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(37, 256, device="cuda", generator=g)
+    weight = torch.randn(192, 256, device="cuda", generator=g) / 16
+    adapters = [(torch.randn(8, 256, device="cuda", generator=g) / 16,
+                 torch.randn(192, 8, device="cuda", generator=g) / 8, 2.0) for _ in range(2)]
+    expected = dual_lora_linear_ref(x.double(), weight.double(), None,
+                                    *[(a.double(), b.double(), s) for a, b, s in adapters], 0.3, 0.7, strategy)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = ops.dual_lora_linear(x, weight, None, *adapters, 0.3, 0.7, strategy)
+        torch_bf16 = dual_lora_linear_ref(x, weight, None, *adapters, 0.3, 0.7, strategy)
+    assert got.dtype == torch.bfloat16
+    # Flash-attention style bound: at most twice torch's own bf16 error against the fp64 result.
+    ours_err = (got.double() - expected).abs().max()
+    torch_err = (torch_bf16.double() - expected).abs().max()
+    assert ours_err <= 2 * torch_err + 1e-3
