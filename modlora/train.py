@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .fileio import atomic_write, atomic_write_text
@@ -49,6 +50,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     ce_chunk_tokens: int = 256
+    share_prefix: bool = True  # run the prompt prefix common to a batch once (same loss, less work)
     checkpoint_every: int = 100
     max_steps: int | None = None  # cap on optimizer steps (smoke runs); None: the whole schedule
 
@@ -138,17 +140,78 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk: int 
     return _LinearCrossEntropy.apply(h, weight, targets, chunk)
 
 
+def shared_prefix_length(input_ids: Tensor, loss_mask: Tensor) -> int:
+    """Leading tokens identical in every row and before every trained position (chat system
+    prompt and instruction: about half of a FLORES example)."""
+    if input_ids.shape[0] < 2:
+        return 0
+    same = (input_ids == input_ids[:1]).all(0)
+    common = int(same.long().cumprod(0).sum())
+    first_trained = int(loss_mask.long().argmax(1).min())  # position first_trained - 1 predicts it
+    return max(0, min(common, first_trained - 1))
+
+
+def _qkv(attn: torch.nn.Module, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Rotated q, k and v [N, heads, T, D] of a Qwen2 attention block."""
+    from .model import apply_rope
+
+    n, length = h.shape[:2]
+    q = attn.q_proj(h).view(n, length, attn.n_heads, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(h).view(n, length, attn.n_kv, attn.head_dim).transpose(1, 2)
+    v = attn.v_proj(h).view(n, length, attn.n_kv, attn.head_dim).transpose(1, 2)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def _shared_prefix_hidden(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, p: int) -> Tensor:
+    """Final hidden states [B, T - p, C] of the positions after a prefix of ``p`` tokens that every
+    (right-padded) row shares. The prefix runs once, as a single row, and its keys and values are
+    broadcast to the rows: the same function as the full forward (causal attention never lets the
+    prefix see what follows it), with the prefix's share of the work divided by the batch size.
+    Gradients reach the adapters through both parts."""
+    m = model.model
+    b, t = input_ids.shape
+    s = t - p
+    xp, xs = m.embed_tokens(input_ids[:1, :p]), m.embed_tokens(input_ids[:, p:])
+    positions = torch.arange(t, device=input_ids.device)[None]  # right padding: positions are the columns
+    cos_p, sin_p = m.rotary_emb(positions[:, :p], xp.dtype)
+    cos_s, sin_s = m.rotary_emb(positions[:, p:], xs.dtype)
+    dev = input_ids.device
+    mask_p = torch.ones(p, p, dtype=torch.bool, device=dev).tril()
+    own = torch.ones(s, s, dtype=torch.bool, device=dev).tril() & attention_mask[:, None, p:].bool()
+    own |= torch.eye(s, dtype=torch.bool, device=dev)  # a padding query sees itself: no all-masked row
+    mask_s = torch.cat((torch.ones(b, s, p, dtype=torch.bool, device=dev), own), dim=-1)[:, None]
+    for layer in m.layers:
+        a = layer.self_attn
+        gqa = a.n_kv != a.n_heads
+        qp, kp, vp = _qkv(a, layer.input_layernorm(xp), cos_p, sin_p)
+        qs, ks, vs = _qkv(a, layer.input_layernorm(xs), cos_s, sin_s)
+        op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask_p, enable_gqa=gqa)
+        k = torch.cat((kp.expand(b, -1, -1, -1), ks), dim=2)
+        v = torch.cat((vp.expand(b, -1, -1, -1), vs), dim=2)
+        os_ = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask_s, enable_gqa=gqa)
+        xp = xp + a.o_proj(op.transpose(1, 2).reshape(1, p, -1))
+        xs = xs + a.o_proj(os_.transpose(1, 2).reshape(b, s, -1))
+        xp = xp + layer.mlp(layer.post_attention_layernorm(xp))
+        xs = xs + layer.mlp(layer.post_attention_layernorm(xs))
+    return m.norm(xs)
+
+
 def completion_loss(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor,
-                    chunk: int = 256) -> tuple[Tensor, int]:
+                    chunk: int = 256, share_prefix: bool = True) -> tuple[Tensor, int]:
     """Summed next-token CE over the trained positions, and their count.
 
     Position t predicts token t+1; it is trained where ``loss_mask[t+1]`` is 1. Only those rows of
-    the hidden states reach the output layer.
+    the hidden states reach the output layer. With ``share_prefix`` (and right padding), the
+    leading tokens common to all rows run once (:func:`_shared_prefix_hidden`).
     """
-    hidden = model.model(input_ids, attention_mask)
-    trained = loss_mask[:, 1:].bool()
+    p = shared_prefix_length(input_ids, loss_mask) if share_prefix else 0
+    if p > 0:
+        hidden = _shared_prefix_hidden(model, input_ids, attention_mask, p)
+    else:
+        hidden = model.model(input_ids, attention_mask)
+    trained = loss_mask[:, p + 1:].bool()
     h = hidden[:, :-1][trained]
-    targets = input_ids[:, 1:][trained]
+    targets = input_ids[:, p + 1:][trained]
     return linear_cross_entropy(h, model.lm_head.weight, targets, chunk), int(trained.sum())
 
 
@@ -304,7 +367,7 @@ def train(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples
                 for ids, attn, mask in batches:
                     with autocast:
                         loss_sum, _ = completion_loss(model, ids.to(device), attn.to(device), mask.to(device),
-                                                      cfg.ce_chunk_tokens)
+                                                      cfg.ce_chunk_tokens, cfg.share_prefix)
                     loss = loss_sum / n_trained
                     loss.backward()
                     step_loss += float(loss.detach())

@@ -22,6 +22,7 @@ from modlora.train import (
     learn_weights,
     linear_cross_entropy,
     paper_rank,
+    shared_prefix_length,
     train,
     train_adapter,
 )
@@ -38,13 +39,15 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _random_examples(n: int, seed: int, vocab: int = 1000) -> list[tuple[list[int], list[int]]]:
-    """Token sequences of different lengths; the first half of each is a masked "prompt"."""
+def _random_examples(n: int, seed: int, vocab: int = 1000, shared: int = 0) -> list[tuple[list[int], list[int]]]:
+    """Token sequences of different lengths; the first half of each is a masked "prompt" whose
+    first ``shared`` tokens are the same in every example (as the chat system prompt is)."""
     g = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(1, vocab, (shared,), generator=g).tolist()
     out = []
     for _ in range(n):
-        length = int(torch.randint(6, 20, (1,), generator=g))
-        ids = torch.randint(1, vocab, (length,), generator=g).tolist()
+        length = int(torch.randint(2 * shared + 6, 2 * shared + 20, (1,), generator=g))
+        ids = prefix + torch.randint(1, vocab, (length - shared,), generator=g).tolist()
         prompt = length // 2
         out.append((ids, [0] * prompt + [1] * (length - prompt)))
     return out
@@ -75,12 +78,18 @@ def test_one_step_loss_and_gradients_match_peft(hf_pair):
             module.lora_A["default"].weight.copy_(A)
             module.lora_B["default"].weight.copy_(B)
 
-    ids, attn, mask = collate(_random_examples(4, seed=0), PAD)
+    ids, attn, mask = collate(_random_examples(4, seed=0, shared=5), PAD)
+    assert shared_prefix_length(ids, mask) == 5  # the shared-prefix path is the one compared
     ours.set_adapters(lora_in=adapter, w_in=1.0)
     try:
         loss_sum, n = completion_loss(ours, ids, attn, mask, chunk=7)  # chunk < trained tokens: several chunks
         loss = loss_sum / n
         loss.backward()
+        grads = {name: (A.grad.clone(), B.grad.clone()) for name, (A, B) in adapter.tensors.items()}
+        for A, B in adapter.tensors.values():
+            A.grad = B.grad = None
+        plain_sum, plain_n = completion_loss(ours, ids, attn, mask, share_prefix=False)
+        (plain_sum / plain_n).backward()
     finally:
         ours.clear_adapters()
     labels = ids.masked_fill(mask == 0, -100)  # transformers shifts the labels itself
@@ -88,11 +97,13 @@ def test_one_step_loss_and_gradients_match_peft(hf_pair):
     expected.backward()
 
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(plain_sum / plain_n, expected, rtol=1e-5, atol=1e-6)
     for name, (A, B) in adapter.tensors.items():
         module = modules[f"base_model.model.{name}"]
-        for ours_grad, theirs in ((A.grad, module.lora_A["default"].weight.grad),
-                                  (B.grad, module.lora_B["default"].weight.grad)):
-            torch.testing.assert_close(ours_grad, theirs, rtol=1e-4, atol=1e-7, msg=name)
+        theirs = (module.lora_A["default"].weight.grad, module.lora_B["default"].weight.grad)
+        for shared_grad, plain_grad, ref_grad in zip(grads[name], (A.grad, B.grad), theirs, strict=True):
+            torch.testing.assert_close(shared_grad, ref_grad, rtol=1e-4, atol=1e-7, msg=name)
+            torch.testing.assert_close(plain_grad, ref_grad, rtol=1e-4, atol=1e-7, msg=name)
 
 
 def test_chunked_cross_entropy_equals_full_logits():
