@@ -1,0 +1,175 @@
+"""Beam-5 translation: modlora.generate vs transformers generate + PEFT (two adapters), same weights.
+
+Real FLORES devtest sentences (en -> de prompts, real Qwen2.5 tokenizer), the qwen2.5-0.5b shape
+with random weights, two rank-16 LoRA adapters on every linear, both active on both sides (PEFT:
+two active adapters, unfused; modlora: the `output` pair with w_in = w_out = 1, the same function).
+Both sides decode exactly ``max_new_tokens`` steps (``min_new_tokens = max_new_tokens``: no eos
+stops either early). ms/step = (time of N steps - time of 1 step) / (N - 1): prefill left out.
+
+    python benchmarks/generate.py            # batch 1 and 32, fp32 and bf16, 16 new tokens
+    python benchmarks/generate.py --quick    # batch 1 and 4, 6 new tokens
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, bench, environment, write_json  # noqa: E402
+
+from modlora.adapters import LoraAdapter  # noqa: E402
+from modlora.config import Qwen2Config  # noqa: E402
+from modlora.generation import generate  # noqa: E402
+from modlora.model import Qwen2ForCausalLM  # noqa: E402
+from modlora.prompt import translation_prompt_ids  # noqa: E402
+from modlora.tokenizer import Tokenizer  # noqa: E402
+
+FLORES = Path(__file__).resolve().parents[1] / "modlora" / "assets" / "flores101" / "devtest" / "en.txt"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def adapters(model: Qwen2ForCausalLM) -> list[LoraAdapter]:
+    """Two rank-16 adapters on every linear, B made nonzero (at init it is zero: no work to skip)."""
+    out = []
+    for seed in (1, 2):
+        a = LoraAdapter.init(model, rank=16, alpha=32, seed=seed)
+        with torch.no_grad():
+            for _, B in a.tensors.values():
+                B.normal_(0, 0.02)
+                B.requires_grad_(False)
+            for A, _ in a.tensors.values():
+                A.requires_grad_(False)
+        out.append(a)
+    return out
+
+
+def hf_peft(model: Qwen2ForCausalLM, pair: list[LoraAdapter], dtype: torch.dtype):
+    """transformers Qwen2 with our weights and PEFT holding the same two adapters, both active."""
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    cfg = model.config
+    hf_cfg = transformers.Qwen2Config(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps,
+        max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_word_embeddings)
+    hf = transformers.Qwen2ForCausalLM(hf_cfg).to(dtype).eval()
+    hf.load_state_dict(model.state_dict(), strict=False)  # tied lm_head: one tensor, both names
+    hf.generation_config.update(pad_token_id=151643, eos_token_id=[151645, 151643], bos_token_id=151643,
+                                use_cache=True)
+    peft = None
+    for name, a in zip(("in", "out"), pair, strict=True):
+        lcfg = LoraConfig(r=a.rank, lora_alpha=a.alpha, lora_dropout=0.0, target_modules=list(a.target_modules))
+        if peft is None:
+            peft = get_peft_model(hf, lcfg, adapter_name=name)
+        else:
+            peft.add_adapter(name, lcfg)
+        with torch.no_grad():
+            for module, (A, B) in a.tensors.items():
+                layer = peft.base_model.model.get_submodule(module)
+                layer.lora_A[name].weight.copy_(A)
+                layer.lora_B[name].weight.copy_(B)
+    peft.base_model.set_adapter(["in", "out"])
+    return peft.to(dtype).eval()
+
+
+def runners(ours, peft, ids, mask, tok: Tokenizer):
+    """run(n): beam-5 decoding of exactly n new tokens, on each side."""
+    kw = dict(num_beams=5, pad_token_id=tok.pad_id)
+
+    def ours_run(n: int):
+        return generate(ours, ids, mask, max_new_tokens=n, min_new_tokens=n, eos_token_id=tok.eos_ids, **kw)
+
+    def hf_run(n: int):
+        with torch.no_grad():
+            return peft.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
+                                 min_new_tokens=n, eos_token_id=list(tok.eos_ids), **kw)
+
+    return ours_run, hf_run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="batch 1 and 4, 6 new tokens, fewer repeats")
+    parser.add_argument("--batches", type=int, nargs="+", help="batch sizes (default 1 32; quick 1 4)")
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    parser.add_argument("--max-new-tokens", type=int, help="decode steps (default 16; quick 6)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    batches = args.batches or ([1, 4] if args.quick else [1, 32])
+    steps = args.max_new_tokens or (6 if args.quick else 16)
+    reps = 2 if args.quick else 3
+
+    tok = Tokenizer.default()
+    sentences = FLORES.read_text(encoding="utf-8").splitlines()
+    prompts = [translation_prompt_ids(tok, "en", "de", s) for s in sentences]
+    rows = []
+    for dname in args.dtypes:
+        dtype = DTYPES[dname]
+        ours = Qwen2ForCausalLM.from_config(Qwen2Config.preset("qwen2.5-0.5b"), seed=0, dtype=dtype,
+                                            device=args.device)
+        pair = adapters(ours)
+        ours.set_adapters(*pair, w_in=1.0, w_out=1.0, strategy="output")
+        peft = hf_peft(ours, pair, dtype).to(args.device)
+        for batch in batches:
+            enc = tok.pad(prompts[:batch])
+            ids, mask = enc["input_ids"].to(args.device), enc["attention_mask"].to(args.device)
+            ours_run, hf_run = runners(ours, peft, ids, mask, tok)
+
+            row = {"dtype": dname, "batch": batch, "num_beams": 5, "new_tokens": steps,
+                   "prompt_tokens": int(mask.sum()), "padded_prompt_len": ids.shape[1]}
+            for side, run in (("modlora", ours_run), ("transformers_peft", hf_run)):
+                r = max(1, reps if batch == 1 else reps - 1)
+                full = bench(lambda run=run: run(steps), warmup=1, reps=r, device=args.device)
+                one = bench(lambda run=run: run(1), warmup=0, reps=r, device=args.device)
+                row[side] = {"ms": full["ms"], "prefill_ms": one["ms"],
+                             "ms_per_step": (full["ms"] - one["ms"]) / (steps - 1),
+                             "sentences_per_s": batch / (full["ms"] / 1e3)}
+            row["load_average_1min"] = os.getloadavg()[0]  # other jobs on the box skew CPU timings
+            row["tokens_match"] = bool(torch.equal(ours_run(steps), hf_run(steps)))
+            row["speedup"] = row["modlora"]["sentences_per_s"] / row["transformers_peft"]["sentences_per_s"]
+            row["step_speedup"] = row["transformers_peft"]["ms_per_step"] / row["modlora"]["ms_per_step"]
+            rows.append(row)
+            m, h = row["modlora"], row["transformers_peft"]
+            print(f"{dname} batch {batch:3d}: modlora {m['sentences_per_s']:.3f} sent/s {m['ms_per_step']:.1f} ms/step"
+                  f" | transformers+PEFT {h['sentences_per_s']:.3f} sent/s {h['ms_per_step']:.1f} ms/step"
+                  f" | {row['speedup']:.2f}x sentences/s, {row['step_speedup']:.2f}x per step,"
+                  f" tokens match: {row['tokens_match']}", flush=True)
+    name = f"generate-{args.device}" + ("-quick" if args.quick else "")
+    path = write_json(name, {"benchmark": "generate", "environment": environment(args.device), "results": rows})
+    plot(rows, RESULTS / f"{name}.png")
+    print(f"wrote {path}")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['dtype']}\nbatch {r['batch']}" for r in rows]
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(1.8 * len(rows) + 2, 4))
+    for k, (side, color) in enumerate((("modlora", "tab:blue"), ("transformers_peft", "tab:gray"))):
+        ax.bar([i + 0.38 * (k - 0.5) for i in x], [r[side]["sentences_per_s"] for r in rows], 0.38,
+               label=side.replace("_", " + "), color=color)
+    for i, r in enumerate(rows):
+        ax.annotate(f"{r['speedup']:.2f}x", (i, max(r["modlora"]["sentences_per_s"],
+                                                    r["transformers_peft"]["sentences_per_s"])),
+                    ha="center", va="bottom")
+    ax.set_xticks(list(x), labels)
+    ax.set_ylabel("sentences / s")
+    ax.set_title(f"beam-5 decoding, {rows[0]['new_tokens']} new tokens, qwen2.5-0.5b shape, two LoRA adapters")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
