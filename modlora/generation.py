@@ -7,15 +7,16 @@ candidates per sentence and step, finished hypotheses kept per sentence, scores 
 False / True / ``"never"``, ``min_new_tokens`` masking every eos id.
 
 What a beam reorder copies. The prompt segment of the cache is shared by a sentence's beams and
-never moves; :meth:`KVCache.reorder` copies only the per-beam generated positions written so far.
-At generated position ``t`` it reads and writes, for k and v of every layer::
+never moves; :meth:`KVCache.reorder` copies only the per-beam generated positions written so far,
+and only for rows whose parent is another row (a beam extending itself stays put). At generated
+position ``t``, when every row moves (the worst case), it reads and writes, for k and v of every layer::
 
     bytes = 2 (k, v) * 2 (read + write) * L * (B * beams) * Hkv * D * t * element_size
 
 For 64 sentences x 5 beams at t = 256 on the qwen2.5-0.5b shape (L=24, Hkv=2, D=64) in bf16 that
 is 2 * 2 * 24 * 320 * 2 * 64 * 256 * 2 = 2,013,265,920 bytes (2.0 GB) for that one step, twice the
 0.99 GB of bf16 weights a decode step reads; summed over a 256-step decode (t = 0..255) it is
-257 GB. At batch 1 the same step moves 31 MB, 3% of the weights. ``generate`` skips the reorder
+257 GB in the worst case. At batch 1 the same step moves 31 MB, 3% of the weights. ``generate`` skips the reorder
 on the last step (the cache is not read again).
 """
 

@@ -84,16 +84,21 @@ class KVCache:
     def capacity(self) -> int:
         return self.gen_k.shape[3]
 
-    def reorder(self, beam_idx: Tensor) -> None:
-        """Make row i continue beam ``beam_idx[i]``: copies only the ``step`` generated positions."""
-        t = self.step
-        self.gen_k[:, :, :, :t] = self.gen_k[:, beam_idx, :, :t]
-        self.gen_v[:, :, :, :t] = self.gen_v[:, beam_idx, :, :t]
+    def reorder(self, beam_idx: Tensor) -> int:
+        """Make row i continue beam ``beam_idx[i]``; returns the bytes moved (read + written).
 
-    def reorder_bytes(self) -> int:
-        """Bytes one :meth:`reorder` reads and writes at the current step (k and v, all layers)."""
-        per_position = self.gen_k[:, :, :, :1].numel() * self.gen_k.element_size()
-        return 2 * 2 * per_position * self.step
+        Copies only the ``step`` generated positions, and only of rows whose parent is another row:
+        a beam that extends itself stays in place.
+        """
+        t = self.step
+        moved = (beam_idx != torch.arange(beam_idx.shape[0], device=beam_idx.device)).nonzero().squeeze(1)
+        if t == 0 or moved.numel() == 0:
+            return 0
+        parents = beam_idx[moved]
+        self.gen_k[:, moved, :, :t] = self.gen_k[:, parents, :, :t]
+        self.gen_v[:, moved, :, :t] = self.gen_v[:, parents, :, :t]
+        per_row = self.gen_k[:, :1, :, :t].numel() * self.gen_k.element_size()
+        return 2 * 2 * per_row * moved.numel()
 
 
 class Qwen2Attention(nn.Module):

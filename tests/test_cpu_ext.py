@@ -19,9 +19,9 @@ import sys
 
 import pytest
 import torch
-from modlora.kernels import dual_lora_linear_ref, pairwise_lora_linear_ref
 
 from modlora import _ext
+from modlora.kernels import dual_lora_linear_ref, pairwise_lora_linear_ref
 
 if not _ext.HAVE_C:
     reason = ("MODLORA_DISABLE_C is set" if os.environ.get("MODLORA_DISABLE_C", "") not in ("", "0")

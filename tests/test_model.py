@@ -70,7 +70,8 @@ def test_cached_decoding_matches_full_forward(pair, num_beams):
 
 
 @torch.no_grad()
-def test_cache_reorder_follows_beams(pair):
+@pytest.mark.parametrize("order", [[2, 2, 0], [0, 0, 2], [0, 1, 2]])
+def test_cache_reorder_follows_beams(pair, order):
     _, ours, _ = pair
     g = torch.Generator().manual_seed(3)
     prompt = torch.randint(0, 1000, (1, 4), generator=g)
@@ -79,8 +80,10 @@ def test_cache_reorder_follows_beams(pair):
     ours.prefill(prompt, None, cache)
     ours.decode_step(new[:, 0], cache)
     ours.decode_step(new[:, 1], cache)
-    order = torch.tensor([2, 2, 0])
-    cache.reorder(order)
+    order = torch.tensor(order)
+    moved = int((order != torch.arange(3)).sum())
+    per_row = 2 * 2 * ours.config.num_hidden_layers * ours.config.num_key_value_heads * 2 * ours.config.head_dim * 4
+    assert cache.reorder(order) == moved * per_row  # k and v, read and written, 2 positions, fp32
     got = ours.decode_step(new[:, 2], cache)
     history = torch.cat((new[order, :2], new[:, 2:]), dim=1)
     full = ours(torch.cat((prompt.expand(3, -1), history), dim=1))[:, -1]
