@@ -140,79 +140,94 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk: int 
     return _LinearCrossEntropy.apply(h, weight, targets, chunk)
 
 
-def shared_prefix_length(input_ids: Tensor, loss_mask: Tensor) -> int:
-    """Leading tokens identical in every row and before every trained position (chat system
-    prompt and instruction: about half of a FLORES example)."""
+def shared_prefix_length(input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor) -> int:
+    """Leading tokens identical (and not padding) in every row and before every trained position:
+    the chat system prompt and instruction, about a quarter of a FLORES example."""
     if input_ids.shape[0] < 2:
         return 0
-    same = (input_ids == input_ids[:1]).all(0)
+    same = (input_ids == input_ids[:1]).all(0) & attention_mask.bool().all(0)
     common = int(same.long().cumprod(0).sum())
     first_trained = int(loss_mask.long().argmax(1).min())  # position first_trained - 1 predicts it
     return max(0, min(common, first_trained - 1))
 
 
 def _qkv(attn: torch.nn.Module, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Rotated q, k and v [N, heads, T, D] of a Qwen2 attention block."""
+    """Rotated q, k and v [1, heads, N, D] of a Qwen2 attention block for h [1, N, C]."""
     from .model import apply_rope
 
-    n, length = h.shape[:2]
-    q = attn.q_proj(h).view(n, length, attn.n_heads, attn.head_dim).transpose(1, 2)
-    k = attn.k_proj(h).view(n, length, attn.n_kv, attn.head_dim).transpose(1, 2)
-    v = attn.v_proj(h).view(n, length, attn.n_kv, attn.head_dim).transpose(1, 2)
+    n = h.shape[1]
+    q = attn.q_proj(h).view(1, n, attn.n_heads, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(h).view(1, n, attn.n_kv, attn.head_dim).transpose(1, 2)
+    v = attn.v_proj(h).view(1, n, attn.n_kv, attn.head_dim).transpose(1, 2)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
-def _shared_prefix_hidden(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, p: int) -> Tensor:
-    """Final hidden states [B, T - p, C] of the positions after a prefix of ``p`` tokens that every
-    (right-padded) row shares. The prefix runs once, as a single row, and its keys and values are
-    broadcast to the rows: the same function as the full forward (causal attention never lets the
-    prefix see what follows it), with the prefix's share of the work divided by the batch size.
-    Gradients reach the adapters through both parts."""
+def packed_hidden(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, p: int = 0) -> Tensor:
+    """Final hidden states [N, C] of the N non-padding tokens after the first ``p`` columns, row-major.
+
+    The same function as ``model.model(...)`` on those positions, with less work:
+
+    - padding never enters a linear layer: tokens are packed to [1, N, C] for every projection and
+      MLP, and scattered to the padded [B, T] layout only for attention;
+    - the first ``p`` tokens, identical in every row (:func:`shared_prefix_length`), run once, as
+      one row, and their keys and values are broadcast to all rows (causal attention never lets a
+      prefix see what follows it).
+
+    Gradients reach the adapters through every part.
+    """
     m = model.model
     b, t = input_ids.shape
-    s = t - p
-    xp, xs = m.embed_tokens(input_ids[:1, :p]), m.embed_tokens(input_ids[:, p:])
-    positions = torch.arange(t, device=input_ids.device)[None]  # right padding: positions are the columns
-    cos_p, sin_p = m.rotary_emb(positions[:, :p], xp.dtype)
-    cos_s, sin_s = m.rotary_emb(positions[:, p:], xs.dtype)
-    dev = input_ids.device
-    mask_p = torch.ones(p, p, dtype=torch.bool, device=dev).tril()
-    own = torch.ones(s, s, dtype=torch.bool, device=dev).tril() & attention_mask[:, None, p:].bool()
+    s, dev = t - p, input_ids.device
+    valid = attention_mask[:, p:].bool()
+    where = valid.flatten().nonzero().squeeze(1)  # packed token -> flat [B * s] index
+    positions = (attention_mask.long().cumsum(-1) - 1)[:, p:][valid][None]
+    x = m.embed_tokens(input_ids[:, p:][valid][None])  # [1, N, C]
+    cos, sin = m.rotary_emb(positions, x.dtype)
+    own = torch.ones(s, s, dtype=torch.bool, device=dev).tril() & valid[:, None, :]
     own |= torch.eye(s, dtype=torch.bool, device=dev)  # a padding query sees itself: no all-masked row
-    mask_s = torch.cat((torch.ones(b, s, p, dtype=torch.bool, device=dev), own), dim=-1)[:, None]
+    mask = torch.cat((torch.ones(b, s, p, dtype=torch.bool, device=dev), own), dim=-1)[:, None]
+    if p:
+        xp = m.embed_tokens(input_ids[:1, :p])
+        cos_p, sin_p = m.rotary_emb(torch.arange(p, device=dev)[None], xp.dtype)
+        mask_p = torch.ones(p, p, dtype=torch.bool, device=dev).tril()
+
+    def padded(z: Tensor) -> Tensor:  # [1, H, N, D] -> [B, H, s, D], zeros on padding
+        h, d = z.shape[1], z.shape[3]
+        flat = z[0].transpose(0, 1).new_zeros(b * s, h, d).index_copy(0, where, z[0].transpose(0, 1))
+        return flat.view(b, s, h, d).transpose(1, 2)
+
     for layer in m.layers:
         a = layer.self_attn
         gqa = a.n_kv != a.n_heads
-        qp, kp, vp = _qkv(a, layer.input_layernorm(xp), cos_p, sin_p)
-        qs, ks, vs = _qkv(a, layer.input_layernorm(xs), cos_s, sin_s)
-        op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask_p, enable_gqa=gqa)
-        k = torch.cat((kp.expand(b, -1, -1, -1), ks), dim=2)
-        v = torch.cat((vp.expand(b, -1, -1, -1), vs), dim=2)
-        os_ = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask_s, enable_gqa=gqa)
-        xp = xp + a.o_proj(op.transpose(1, 2).reshape(1, p, -1))
-        xs = xs + a.o_proj(os_.transpose(1, 2).reshape(b, s, -1))
-        xp = xp + layer.mlp(layer.post_attention_layernorm(xp))
-        xs = xs + layer.mlp(layer.post_attention_layernorm(xs))
-    return m.norm(xs)
+        q, k, v = (padded(z) for z in _qkv(a, layer.input_layernorm(x), cos, sin))
+        if p:
+            qp, kp, vp = _qkv(a, layer.input_layernorm(xp), cos_p, sin_p)
+            out_p = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask_p, enable_gqa=gqa)
+            xp = xp + a.o_proj(out_p.transpose(1, 2).reshape(1, p, -1))
+            xp = xp + layer.mlp(layer.post_attention_layernorm(xp))
+            k = torch.cat((kp.expand(b, -1, -1, -1), k), dim=2)
+            v = torch.cat((vp.expand(b, -1, -1, -1), v), dim=2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        out = out.transpose(1, 2).reshape(b * s, -1)[where][None]
+        x = x + a.o_proj(out)
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return m.norm(x)[0]
 
 
 def completion_loss(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, loss_mask: Tensor,
                     chunk: int = 256, share_prefix: bool = True) -> tuple[Tensor, int]:
     """Summed next-token CE over the trained positions, and their count.
 
-    Position t predicts token t+1; it is trained where ``loss_mask[t+1]`` is 1. Only those rows of
-    the hidden states reach the output layer. With ``share_prefix`` (and right padding), the
-    leading tokens common to all rows run once (:func:`_shared_prefix_hidden`).
+    Position t predicts token t+1; it is trained where ``loss_mask[t+1]`` is 1. Hidden states come
+    from :func:`packed_hidden` (no padding in the linears; with ``share_prefix`` the prompt prefix
+    common to all rows runs once) and only the trained ones reach the output layer.
     """
-    p = shared_prefix_length(input_ids, loss_mask) if share_prefix else 0
-    if p > 0:
-        hidden = _shared_prefix_hidden(model, input_ids, attention_mask, p)
-    else:
-        hidden = model.model(input_ids, attention_mask)
-    trained = loss_mask[:, p + 1:].bool()
-    h = hidden[:, :-1][trained]
-    targets = input_ids[:, p + 1:][trained]
-    return linear_cross_entropy(h, model.lm_head.weight, targets, chunk), int(trained.sum())
+    p = shared_prefix_length(input_ids, attention_mask, loss_mask) if share_prefix else 0
+    hidden = packed_hidden(model, input_ids, attention_mask, p)
+    valid = attention_mask[:, p:].bool()
+    trained = F.pad(loss_mask[:, p + 1:], (0, 1)).bool()[valid]  # over the packed tokens
+    targets = F.pad(input_ids[:, p + 1:], (0, 1))[valid][trained]
+    return linear_cross_entropy(hidden[trained], model.lm_head.weight, targets, chunk), int(trained.sum())
 
 
 # --------------------------------------------------------------------------------------------

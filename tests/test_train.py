@@ -79,7 +79,7 @@ def test_one_step_loss_and_gradients_match_peft(hf_pair):
             module.lora_B["default"].weight.copy_(B)
 
     ids, attn, mask = collate(_random_examples(4, seed=0, shared=5), PAD)
-    assert shared_prefix_length(ids, mask) == 5  # the shared-prefix path is the one compared
+    assert shared_prefix_length(ids, attn, mask) == 5  # the shared-prefix path is the one compared
     ours.set_adapters(lora_in=adapter, w_in=1.0)
     try:
         loss_sum, n = completion_loss(ours, ids, attn, mask, chunk=7)  # chunk < trained tokens: several chunks

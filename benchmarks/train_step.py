@@ -1,0 +1,204 @@
+"""Training throughput of one adapter on the Qwen2.5-0.5B shape: modlora vs transformers + peft.
+
+Both sides get the same random weights (one checkpoint written once), the same LoRA init (A
+copied, B zero), the same batches of real FLORES fr->en training examples (real tokenizer and
+chat prompt, right-padded, prompt masked), AdamW, clipping, the same dtype. Each side runs in its
+own subprocess so that its peak memory (VmHWM, resident set) is its own. Variants:
+
+- ``modlora``: the library's step (:func:`modlora.train.completion_loss`: no padding in the linears,
+  the shared prompt prefix run once per batch, hidden states of the
+  trained positions only, chunked fp32 cross-entropy);
+- ``modlora-no-prefix-sharing``: the same, but the prompt prefix common to the batch runs per row;
+- ``modlora-full-logits``: the same model with the plain loss (fp32 logits of every position, then
+  ``F.cross_entropy``): isolates what the chunked loss saves;
+- ``transformers+peft``: ``get_peft_model`` on ``transformers.Qwen2ForCausalLM``, loss from
+  ``labels`` (the plain loop a user would write).
+
+Reported: non-padding tokens/s (median step), peak RSS and its growth over the loaded model, the
+loss of every step (equal across sides up to float noise).
+
+    python benchmarks/train_step.py [--steps 4] [--batch-size 4] [--dtype float32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, environment, write_json  # noqa: E402
+
+VARIANTS = ("modlora", "modlora-no-prefix-sharing", "modlora-full-logits", "transformers+peft")
+RANK, ALPHA, LR = 8, 16, 1e-3
+
+
+def _rss_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _batches(batch_size: int, steps: int):
+    from modlora.data import load_split
+    from modlora.prompt import training_example
+    from modlora.tokenizer import Tokenizer
+    from modlora.train import collate
+
+    tok = Tokenizer.default()
+    data = load_split("dev", ["fr", "en"], limit=batch_size * steps)
+    examples = [training_example(tok, "fr", "en", s, t) for s, t in zip(data["fr"], data["en"], strict=True)]
+    return [collate(examples[i:i + batch_size], tok.pad_id) for i in range(0, len(examples), batch_size)]
+
+
+def worker(variant: str, ckpt: str, batch_size: int, steps: int, dtype: str) -> dict:
+    """One side of the comparison, run in its own process; prints its result as JSON."""
+    torch.manual_seed(0)
+    dt = getattr(torch, dtype)
+    batches = _batches(batch_size, steps)
+    from modlora.model import Qwen2ForCausalLM
+
+    ours = Qwen2ForCausalLM.from_pretrained(ckpt, dtype=dt)
+    from modlora.adapters import LoraAdapter
+    from modlora.train import TARGET_MODULES, completion_loss
+
+    adapter = LoraAdapter.init(ours, rank=RANK, alpha=ALPHA, seed=0, dtype=dt)
+    if variant == "transformers+peft":
+        import peft
+        import transformers
+
+        init = {name: A.detach().clone() for name, (A, _) in adapter.tensors.items()}
+        del ours, adapter
+        hf = transformers.Qwen2ForCausalLM.from_pretrained(ckpt, dtype=dt)
+        model = peft.get_peft_model(hf, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(TARGET_MODULES),
+                                                        lora_dropout=0.0))
+        modules = dict(model.named_modules())
+        with torch.no_grad():
+            for name, A in init.items():
+                modules[f"base_model.model.{name}"].lora_A["default"].weight.copy_(A)
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def loss_fn(ids, attn, mask):
+            return model(input_ids=ids, attention_mask=attn, labels=ids.masked_fill(mask == 0, -100)).loss
+    else:
+        ours.set_adapters(lora_in=adapter, w_in=1.0)
+        model, params = ours, adapter.parameters()
+        if variant != "modlora-full-logits":
+            def loss_fn(ids, attn, mask):
+                total, n = completion_loss(ours, ids, attn, mask, share_prefix=variant == "modlora")
+                return total / n
+        else:
+            def loss_fn(ids, attn, mask):
+                logits = ours(ids, attn).float()
+                labels = ids.masked_fill(mask == 0, -100)[:, 1:]
+                return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten())
+    model.train()
+    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+    with torch.no_grad():  # page the (possibly memory-mapped) weights in before taking the baseline
+        for p in model.parameters():
+            p.sum()
+    loaded = _rss_mib("VmRSS")
+    losses, seconds, tokens = [], [], []
+    for ids, attn, mask in batches:
+        start = time.perf_counter()
+        loss = loss_fn(ids, attn, mask)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds.append(time.perf_counter() - start)
+        losses.append(float(loss.detach()))
+        tokens.append(int(attn.sum()))
+    med = sorted(s / t for s, t in zip(seconds[1:], tokens[1:], strict=True))[(len(seconds) - 1) // 2]
+    return {"variant": variant, "losses": losses, "step_seconds": seconds, "tokens_per_step": tokens,
+            "tokens_per_s": 1.0 / med, "tokens_per_s_note": "non-padding tokens, median over steps after the first",
+            "rss_loaded_mib": loaded, "peak_rss_mib": _rss_mib("VmHWM"),
+            "peak_growth_mib": _rss_mib("VmHWM") - loaded}
+
+
+def plot(payload: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = payload["runs"]
+    names = [r["variant"] for r in runs]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    axes[0].bar(names, [r["tokens_per_s"] for r in runs], color="C0")
+    axes[0].set(title="training tokens/s (higher is better)")
+    axes[1].bar(names, [r["peak_growth_mib"] for r in runs], color="C1")
+    axes[1].set(title="peak RSS over the loaded model, MiB")
+    for r in runs:
+        axes[2].plot(range(1, len(r["losses"]) + 1), r["losses"], marker="o", label=r["variant"])
+    axes[2].set(title="loss per step", xlabel="step")
+    axes[2].legend(fontsize=7)
+    for ax in axes[:2]:
+        ax.tick_params(axis="x", labelsize=7, labelrotation=15)
+    s = payload["setup"]
+    fig.suptitle(f"one LoRA adapter, qwen2.5-0.5b shape, {s['dtype']}, batch {s['batch_size']}, "
+                 f"{payload['environment']['device_name']} x{payload['environment']['cpu_threads']} threads",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--ckpt", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.ckpt, args.batch_size, args.steps, args.dtype)))
+        return
+
+    from modlora.model import Qwen2ForCausalLM
+
+    runs = []
+    with tempfile.TemporaryDirectory() as ckpt:
+        Qwen2ForCausalLM.from_config("qwen2.5-0.5b", seed=0, dtype=getattr(torch, args.dtype)).save_pretrained(ckpt)
+        for variant in VARIANTS:
+            out = subprocess.run([sys.executable, __file__, "--worker", variant, "--ckpt", ckpt, "--steps",
+                                  str(args.steps), "--batch-size", str(args.batch_size), "--dtype", args.dtype],
+                                 capture_output=True, text=True)
+            if out.returncode:
+                raise RuntimeError(f"{variant} failed:\n{out.stderr[-3000:]}")
+            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            r = runs[-1]
+            print(f"{variant:22} {r['tokens_per_s']:8.1f} tok/s  peak {r['peak_rss_mib']:7.0f} MiB "
+                  f"(+{r['peak_growth_mib']:.0f} over loaded)  losses {[round(x, 5) for x in r['losses']]}",
+                  file=sys.stderr)
+    by = {r["variant"]: r for r in runs}
+    ref = by["transformers+peft"]
+    payload = {
+        "benchmark": "train_step",
+        "environment": environment("cpu"),
+        "setup": {"shape": "qwen2.5-0.5b", "dtype": args.dtype, "batch_size": args.batch_size, "steps": args.steps,
+                  "rank": RANK, "alpha": ALPHA, "optimizer": f"AdamW lr {LR}, clip 1.0",
+                  "data": "FLORES-101 dev fr->en, chat prompt, completion-only loss, right padding"},
+        "runs": runs,
+        "speedup_vs_transformers_peft": {v: by[v]["tokens_per_s"] / ref["tokens_per_s"] for v in by},
+        "peak_growth_ratio_vs_transformers_peft": {v: by[v]["peak_growth_mib"] / ref["peak_growth_mib"] for v in by},
+        "max_loss_rel_diff_vs_transformers_peft": {
+            v: max(abs(a - b) / abs(b) for a, b in zip(by[v]["losses"], ref["losses"], strict=True)) for v in by},
+    }
+    path = write_json("train_step", payload)
+    plot(payload, RESULTS / "train_step.png")
+    print(json.dumps({k: payload[k] for k in ("speedup_vs_transformers_peft", "peak_growth_ratio_vs_transformers_peft",
+                                              "max_loss_rel_diff_vs_transformers_peft")}, indent=2))
+    print(f"wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
