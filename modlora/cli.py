@@ -186,6 +186,8 @@ def _translate(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modlora", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is faster on a busy "
+                        "machine)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="the model's shape, parameter count and a forward timing")
@@ -246,6 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     return args.func(args)
 
 

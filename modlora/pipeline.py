@@ -296,7 +296,12 @@ class Pipeline:
 
     def run(self) -> str:
         """All stages; returns the Markdown table."""
-        atomic_write_json(self.out / "config.json", self.config.to_dict())
+        previous = self.out / "config.json"
+        if previous.is_file() and json.loads(previous.read_text(encoding="utf-8")) != json.loads(
+                json.dumps(self.config.to_dict())):
+            self.log(f"warning: {previous} differs from this config; finished stages are reused as they are "
+                     "(delete them, or use another --out, to redo them)")
+        atomic_write_json(previous, self.config.to_dict())
         self.train_adapters()
         self.learn_weights()
         self.evaluate()

@@ -332,7 +332,7 @@ def train(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples
     orders: dict[int, list[list[int]]] = {}
     order = lambda epoch: orders.setdefault(epoch, bucketed_batches(lengths, cfg.batch_size, cfg.seed * 1000 + epoch))
     config_record = {**dataclasses.asdict(cfg), "num_examples": len(examples),
-                     "num_params": [list(p.shape) for p in params]}
+                     "param_shapes": [list(p.shape) for p in params]}
 
     step = 0
     if ckpt_path.is_file():
