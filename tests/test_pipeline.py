@@ -53,7 +53,7 @@ def test_whole_pipeline_then_resume_skips_everything(tmp_path):
               and p.name not in ("results.json", "table.md", "config.json")}
     started = time.perf_counter()
     assert Pipeline(_config(tmp_path), log=lambda _: None).run() == md
-    assert time.perf_counter() - started < first / 3
+    assert time.perf_counter() - started < first / 2
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing recomputed
 
 
