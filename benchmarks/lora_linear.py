@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, bench, environment, write_json  # noqa: E402
+
 from modlora.kernels import dual_lora_linear_ref, merge_ab  # noqa: E402
 
 # Qwen2.5-0.5B linears, (K, N): q/o 896x896, k/v 896x128, gate/up 896x4864, down 4864x896
