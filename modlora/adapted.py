@@ -3,7 +3,8 @@ wherever adapters may attach. Both run through :mod:`modlora.ops` (the C++ op wh
 CPU), and both are ``nn.Linear`` so parameter names stay HF's.
 
 An adapted linear is an ``nn.Linear`` (the frozen base keeps its HF name, ``q_proj.weight``) plus an optional
-``lora`` binding: a callable ``(x, weight, bias) -> y`` that computes the adapted output. The
+``lora`` binding: a callable ``(x, weight, bias, training) -> y`` that computes the adapted output
+(``training``: the module's mode, which switches LoRA dropout on). The
 binding is not a submodule, so the state dict stays exactly the base checkpoint's.
 """
 
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 
 from . import ops
 
-LoraBinding = Callable[[Tensor, Tensor, Tensor | None], Tensor]
+LoraBinding = Callable[[Tensor, Tensor, Tensor | None, bool], Tensor]
 
 
 class FastLinear(nn.Linear):
@@ -29,4 +30,4 @@ class AdaptedLinear(FastLinear):
     def forward(self, x: Tensor) -> Tensor:
         if self.lora is None:
             return super().forward(x)
-        return self.lora(x, self.weight, self.bias)
+        return self.lora(x, self.weight, self.bias, self.training)

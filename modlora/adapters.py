@@ -22,7 +22,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -81,7 +81,7 @@ class LoraAdapter:
     language: str | None = None
     role: str | None = None
     base: BaseFingerprint | None = None
-    dropout: float = 0.0  # recorded for PEFT's config; the forward never applies it (see init)
+    dropout: float = 0.0  # LoRA dropout on the adapter's input, in training mode only (as PEFT)
     metadata: dict[str, Any] = field(default_factory=dict)  # free-form, kept in modlora.json
 
     def __post_init__(self) -> None:
@@ -114,9 +114,8 @@ class LoraAdapter:
              language: str | None = None, role: str | None = None, seed: int = 0,
              dtype: torch.dtype = torch.float32) -> LoraAdapter:
         """A new trainable adapter with PEFT's init: A kaiming-uniform(a=sqrt(5)), B zeros; fp32 by default."""
-        if dropout:
-            # PEFT drops the adapter's input only; ops.dual_lora_linear takes one x for base and adapters.
-            raise AdapterError(f"LoRA dropout is not implemented (got dropout={dropout}); use dropout=0.0")
+        if not 0.0 <= dropout < 1.0:
+            raise AdapterError(f"dropout must be in [0, 1), got {dropout}")
         if rank < 1:
             raise AdapterError(f"rank must be >= 1, got {rank}")
         targets = _check_targets(model, target_modules)
@@ -129,7 +128,8 @@ class LoraAdapter:
                 torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=gen)
                 B = torch.zeros(lin.out_features, rank, dtype=dtype)
                 tensors[name] = (A.to(device).requires_grad_(), B.to(device).requires_grad_())
-        return cls(tensors, rank, float(alpha), use_rslora, targets, language, role, BaseFingerprint.of(model))
+        return cls(tensors, rank, float(alpha), use_rslora, targets, language, role, BaseFingerprint.of(model),
+                   float(dropout))
 
     @classmethod
     def load(cls, path: str | Path, *, device: torch.device | str = "cpu") -> LoraAdapter:
@@ -268,9 +268,6 @@ def _check_pair(model: Qwen2ForCausalLM, lora_in: LoraAdapter | None, lora_out: 
     for a in (lora_in, lora_out):
         if a is not None:
             a.check(model)
-            if a.dropout and any(t.requires_grad for t in a.parameters()):
-                raise AdapterError(f"{a.label} has lora_dropout={a.dropout}, which training here does not apply; "
-                                   "set its dropout to 0.0 to train it without dropout")
     if strategy == "ab" and lora_in is not None and lora_out is not None and lora_in.rank != lora_out.rank:
         raise AdapterError(f"strategy 'ab' merges A and B element-wise and needs equal ranks: "
                            f"{lora_in.label} has rank {lora_in.rank}, {lora_out.label} has rank {lora_out.rank}")
@@ -303,23 +300,27 @@ def _cast(adapter: tuple[Tensor, Tensor, float] | None, dtype: torch.dtype) -> t
 class _PairBinding:
     """One linear, one (in, out) pair: ``ops.dual_lora_linear`` with this layer's weights."""
 
-    def __init__(self, lora_in, lora_out, layer: int, weights: WeightFn, strategy: str) -> None:
+    def __init__(self, lora_in, lora_out, layer: int, weights: WeightFn, strategy: str,
+                 dropout: tuple[float, float]) -> None:
         self.lora_in, self.lora_out, self.layer = lora_in, lora_out, layer
-        self.weights, self.strategy = weights, strategy
+        self.weights, self.strategy, self.dropout = weights, strategy, dropout
 
-    def __call__(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def __call__(self, x: Tensor, weight: Tensor, bias: Tensor | None, training: bool) -> Tensor:
         w_in, w_out = self.weights(self.layer)
         return dual_lora_linear(x, weight, bias, _cast(self.lora_in, x.dtype), _cast(self.lora_out, x.dtype),
-                                w_in, w_out, self.strategy)
+                                w_in, w_out, self.strategy, self.dropout if training else None)
 
 
 class _RowsBinding:
     """One linear, one pair per batch row: ``ops.pairwise_lora_linear`` routed by ``model.route_rows``."""
 
-    def __init__(self, pairs: list, layer: int, state: _State, strategy: str) -> None:
-        self.pairs, self.layer, self.state, self.strategy = pairs, layer, state, strategy
+    def __init__(self, pairs: list, layer: int, state: _State, strategy: str, dropout: float) -> None:
+        self.pairs, self.layer, self.state, self.strategy, self.dropout = pairs, layer, state, strategy, dropout
 
-    def __call__(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def __call__(self, x: Tensor, weight: Tensor, bias: Tensor | None, training: bool) -> Tensor:
+        if training and self.dropout:
+            raise AdapterError("per-row adapter pairs serve inference and apply no LoRA dropout: call model.eval() "
+                               "first (or train with set_adapters)")
         rows = self.state.row_pair
         if rows is None:
             raise AdapterError("set_adapter_pairs() needs model.route_rows(row_pair) before the forward")
@@ -344,7 +345,8 @@ def _bind_pair(model: Qwen2ForCausalLM, lora_in: LoraAdapter | None, lora_out: L
     for name, lin in model.adapted_linears().items():
         a, b = _bound(lora_in, name, lin.weight), _bound(lora_out, name, lin.weight)
         if a is not None or b is not None:
-            lin.lora = _PairBinding(a, b, _layer_of(name), weights, strategy)
+            dropout = tuple(ad.dropout if ad is not None else 0.0 for ad in (lora_in, lora_out))
+            lin.lora = _PairBinding(a, b, _layer_of(name), weights, strategy, dropout)
 
 
 def set_adapters(model: Qwen2ForCausalLM, lora_in: LoraAdapter | None = None, lora_out: LoraAdapter | None = None,
@@ -373,8 +375,8 @@ def enable_weight_learning(model: Qwen2ForCausalLM, lora_in: LoraAdapter, lora_o
     if lora_in is None or lora_out is None:
         raise AdapterError("weight learning needs both lora_in and lora_out")
     _check_pair(model, lora_in, lora_out, strategy)
-    frozen = [LoraAdapter({n: (A.detach(), B.detach()) for n, (A, B) in a.tensors.items()}, a.rank, a.alpha,
-                          a.use_rslora, a.target_modules, a.language, a.role, a.base) for a in (lora_in, lora_out)]
+    frozen = [replace(a, tensors={n: (A.detach(), B.detach()) for n, (A, B) in a.tensors.items()})
+              for a in (lora_in, lora_out)]
     theta = torch.nn.Parameter(torch.ones(model.config.num_hidden_layers, 2, device=model.lm_head.weight.device))
 
     def weights(layer: int) -> tuple[Tensor, Tensor]:
@@ -440,6 +442,7 @@ def set_adapter_pairs(model: Qwen2ForCausalLM,
     _unbind(model)
     model.requires_grad_(False)
     st = _state(model)
+    dropout = max((a.dropout for p in pairs for a in p[:2] if a is not None), default=0.0)
     moved: dict[tuple[int, str], tuple[Tensor, Tensor, float] | None] = {}  # an adapter shared by pairs moves once
 
     def bound(a: LoraAdapter | None, name: str, like: Tensor) -> tuple[Tensor, Tensor, float] | None:
@@ -451,7 +454,7 @@ def set_adapter_pairs(model: Qwen2ForCausalLM,
         bound_pairs = [(bound(a, name, lin.weight), bound(b, name, lin.weight), fn)
                        for (a, b, *_), fn in zip(pairs, fns, strict=True)]
         if any(a is not None or b is not None for a, b, _ in bound_pairs):
-            lin.lora = _RowsBinding(bound_pairs, _layer_of(name), st, strategy)
+            lin.lora = _RowsBinding(bound_pairs, _layer_of(name), st, strategy, dropout)
 
 
 def route_rows(model: Qwen2ForCausalLM, row_pair: Tensor) -> None:

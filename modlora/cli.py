@@ -57,6 +57,7 @@ def _config(args: argparse.Namespace):
     for attr, section, key in [("preset", cfg.model, "preset"), ("out", cfg, "out_dir"), ("data", cfg.data, "root"),
                                ("train_limit", cfg.data, "train_limit"), ("eval_limit", cfg.data, "eval_limit"),
                                ("rank", cfg.lora, "rank"), ("alpha", cfg.lora, "alpha"),
+                               ("dropout", cfg.lora, "dropout"),
                                ("num_beams", cfg.eval, "num_beams"), ("max_new_tokens", cfg.eval, "max_new_tokens"),
                                ("eval_batch_size", cfg.eval, "batch_size")]:
         if getattr(args, attr, None) is not None:
@@ -231,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_args(p)
     p.add_argument("--rank", type=int, help="LoRA rank (default: ~0.5%% trainable parameters per adapter)")
     p.add_argument("--alpha", type=float, help="LoRA alpha (default: 2 * rank)")
+    p.add_argument("--dropout", type=float, help="LoRA dropout on the adapters' input while training (default: 0)")
     p.set_defaults(func=_stage)
 
     p = sub.add_parser("learn-weights", help="stage 2: per-layer merge weights of every direction (resumes)")

@@ -19,7 +19,14 @@ import torch
 from torch import Tensor
 
 from . import _ext
-from .kernels.reference import Adapter, Weight, dual_lora_linear_ref, pairwise_lora_linear_ref
+from .kernels.reference import (
+    Adapter,
+    Weight,
+    check_strategy,
+    dual_lora_linear_ref,
+    lora_delta_ref,
+    pairwise_lora_linear_ref,
+)
 
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -69,8 +76,13 @@ def _adapter_tensors(*adapters: Adapter | None) -> list[Tensor]:
 
 def dual_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_in: Adapter | None,
                      lora_out: Adapter | None, w_in: Weight = 1.0, w_out: Weight = 1.0,
-                     strategy: str = "output") -> Tensor:
-    """``x W^T + b`` plus one or two adapters merged by ``strategy`` (DESIGN.md section 3)."""
+                     strategy: str = "output", dropout: tuple[float, float] | None = None) -> Tensor:
+    """``x W^T + b`` plus one or two adapters merged by ``strategy`` (DESIGN.md section 3).
+
+    ``dropout``: LoRA dropout probabilities ``(p_in, p_out)`` to apply (training), as PEFT does.
+    """
+    if dropout is not None and any(dropout):
+        return linear(x, weight, bias) + _dropped_lora_delta(x, lora_in, lora_out, w_in, w_out, strategy, dropout)
     if x.is_cuda and _HAVE_TRITON and (lora_in is not None or lora_out is not None):
         from .kernels import dual_lora_linear as fused
 
@@ -79,6 +91,18 @@ def dual_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_in: Ad
     if _use_cpu_kernel(x, weight, bias, w_in, w_out, *_adapter_tensors(lora_in, lora_out)):
         return _ext.lora_bank_linear(x, weight, bias, *_packed([(lora_in, lora_out, w_in, w_out)], strategy, x.dtype))
     return dual_lora_linear_ref(x, weight, bias, lora_in, lora_out, w_in, w_out, strategy)
+
+
+def _dropped_lora_delta(x: Tensor, lora_in: Adapter | None, lora_out: Adapter | None, w_in: Weight,
+                        w_out: Weight, strategy: str, dropout: tuple[float, float]) -> Tensor:
+    """PEFT's LoRA dropout: each adapter reads its own dropped copy of x (``ab``: the merged adapter
+    reads one, dropped with the larger p). Adapters and base read different x, so nothing fuses."""
+    drop = lambda p: x if p == 0 else torch.nn.functional.dropout(x, p, training=True)
+    if strategy == "ab":
+        return lora_delta_ref(drop(max(dropout)), lora_in, lora_out, w_in, w_out, strategy)
+    check_strategy(strategy, lora_in, lora_out)
+    parts = zip((lora_in, lora_out), (w_in, w_out), dropout, strict=True)
+    return sum(lora_delta_ref(drop(p), a, None, w) for a, w, p in parts if a is not None)
 
 
 def pairwise_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None,

@@ -67,7 +67,7 @@ def peft_model(hf, named: dict[str, LoraAdapter]):
 
     model = None
     for name, a in named.items():
-        cfg = LoraConfig(r=a.rank, lora_alpha=a.alpha, use_rslora=a.use_rslora, lora_dropout=0.0,
+        cfg = LoraConfig(r=a.rank, lora_alpha=a.alpha, use_rslora=a.use_rslora, lora_dropout=a.dropout,
                          target_modules=list(a.target_modules))
         if model is None:
             model = get_peft_model(hf, cfg, adapter_name=name)
@@ -340,9 +340,54 @@ def test_missing_tensor_in_adapter_file_is_named(ours, tmp_path):
         ours.set_adapters(LoraAdapter.load(tmp_path / "a"))
 
 
-def test_dropout_is_rejected(ours):
-    with pytest.raises(AdapterError, match="dropout is not implemented"):
-        LoraAdapter.init(ours, rank=4, alpha=8, dropout=0.1)
+@pytest.mark.parametrize("pair", ["in-alone", "output", "ab"])
+def test_dropout_matches_peft_in_training(hf, ours, pair):
+    # Same seed, same op order, same shapes: PEFT's dropout masks are ours, bit for bit.
+    rank = 8 if pair == "ab" else 4
+    a_in = adapter(ours, rank=rank, alpha=8, seed=1, dropout=0.3)
+    a_out = None if pair == "in-alone" else adapter(ours, rank=8, alpha=4, seed=2, language="de", role="out",
+                                                    dropout=0.3)
+    named = {"in": a_in} | ({"out": a_out} if a_out else {})
+    peft = peft_model(hf, named)
+    if pair == "ab":
+        ours.set_adapters(a_in, a_out, w_in=0.3, w_out=0.7, strategy="ab")
+        peft.add_weighted_adapter(["in", "out"], [0.3, 0.7], "lin", combination_type="linear")
+        peft.set_adapter("lin")
+    else:  # PEFT sums its active adapters with weight 1
+        ours.set_adapters(a_in, a_out, w_in=1.0, w_out=1.0)
+        peft.base_model.set_adapter(list(named))
+    x, labels = ids(seed=3), ids(seed=4)
+    with torch.no_grad():
+        evaluated = ours(x)
+    ours.train(), peft.train()
+    torch.manual_seed(5)
+    got = ours(x)
+    torch.manual_seed(5)
+    want = peft(x).logits
+    assert (got - evaluated).abs().max() > 1e-3  # dropout really applied in training
+    torch.testing.assert_close(got, want, **FP32)
+    loss_of(got, labels).backward()
+    loss_of(want, labels).backward()
+    if pair != "ab":
+        for name, a in named.items():
+            for module, (A, B) in a.tensors.items():
+                layer = peft.base_model.model.get_submodule(module)
+                torch.testing.assert_close(A.grad, layer.lora_A[name].weight.grad, **GRAD)
+                torch.testing.assert_close(B.grad, layer.lora_B[name].weight.grad, **GRAD)
+    ours.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), evaluated, rtol=0, atol=0)  # no dropout in eval mode
+
+
+def test_dropout_is_checked(ours):
+    with pytest.raises(AdapterError, match=r"dropout must be in \[0, 1\), got 1.0"):
+        LoraAdapter.init(ours, rank=4, alpha=8, dropout=1.0)
+    a = adapter(ours, 4, 8, seed=1, dropout=0.1)
+    ours.set_adapter_pairs([(a, None, 1.0, 0.0)])
+    ours.route_rows(torch.zeros(2, dtype=torch.long))
+    ours.train()
+    with pytest.raises(AdapterError, match=r"per-row adapter pairs .* no LoRA dropout: call model.eval\(\)"):
+        ours(ids())
 
 
 def test_pool(ours, tmp_path):

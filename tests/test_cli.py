@@ -1,5 +1,6 @@
 """The modlora command: every subcommand's --help, info, translate, and stages on a finished run."""
 
+import json
 import subprocess
 import sys
 
@@ -41,8 +42,10 @@ def test_info(capsys):
 
 def test_stages_and_translate_on_a_small_run(tmp_path, capsys):
     common = ["--out", str(tmp_path), "--langs", "en,fr", "--train-limit", "2", "--eval-limit", "1"]
-    assert main(["train-adapters", *common, "--epochs", "1", "--batch-size", "2", "--rank", "2"]) == 0
+    train = ["--epochs", "1", "--batch-size", "2", "--rank", "2", "--dropout", "0.1"]
+    assert main(["train-adapters", *common, *train]) == 0
     assert "fr       in   r=2" in capsys.readouterr().out
+    assert json.loads((tmp_path / "pool" / "fr" / "in" / "adapter_config.json").read_text())["lora_dropout"] == 0.1
     assert main(["learn-weights", *common, "--epochs", "1", "--strategies", "output"]) == 0
     assert (tmp_path / "weights" / "output" / "fr-en" / "weights.json").is_file()
     capsys.readouterr()
