@@ -99,6 +99,10 @@ def test_bf16_load_and_forward(pair):
     ref = hf(ids).logits
     # bf16 keeps 8 mantissa bits: ~0.4% per rounding, a few roundings per layer; logits here are O(1).
     torch.testing.assert_close(ours(ids).float(), ref, rtol=0.05, atol=0.05)
+    # Cached decoding in bf16 (attention math in fp32) against the fp32 reference, position by position.
+    cache = ours.new_cache(2, 5, max_new_tokens=4, num_beams=1)
+    steps = [ours.prefill(ids[:, :5], None, cache)] + [ours.decode_step(ids[:, t], cache) for t in range(5, 9)]
+    torch.testing.assert_close(torch.stack(steps, 1).float(), ref[:, 4:], rtol=0.05, atol=0.05)
 
 
 def test_save_and_reload_round_trip(tmp_path):
