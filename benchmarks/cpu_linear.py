@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench, environment, write_json  # noqa: E402
+from common import bench, environment, memory_probe, write_json  # noqa: E402
 
 from modlora import _ext  # noqa: E402
 
@@ -54,16 +54,6 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def probe(buf_f32: torch.Tensor, reps: int) -> dict:
-    nbytes = buf_f32.numel() * 4
-    out = {}
-    if _ext.HAVE_C:
-        out["read_probe_GBs"] = nbytes / bench(lambda: _ext._C.read_probe(buf_f32), reps=reps)["ms"] / 1e6
-    out["torch_sum_GBs"] = nbytes / bench(lambda: buf_f32.sum(), reps=reps)["ms"] / 1e6
-    out["GBs"] = max(out.values())
-    return out
 
 
 def make(n: int, k: int, dtype: torch.dtype, gen: torch.Generator) -> list[torch.Tensor]:
@@ -190,7 +180,7 @@ def main() -> None:
     buf = torch.rand(128 << 20, generator=gen)  # 512 MiB
     rows, probes = [], {}
     for name, (n, k) in SHAPES.items():
-        probes[name] = probe(buf, reps)
+        probes[name] = memory_probe(buf, reps)
         probes[name]["loadavg"] = os.getloadavg()[0]
         rows += run_shape(name, n, k, reps, gen)
         print(f"{name}: probe {probes[name]['GBs']:.1f} GB/s (load {probes[name]['loadavg']:.1f})", flush=True)

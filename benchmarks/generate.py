@@ -5,6 +5,8 @@ with random weights, two rank-16 LoRA adapters on every linear, both active on b
 two active adapters, unfused; modlora: the `output` pair with w_in = w_out = 1, the same function).
 Both sides decode exactly ``max_new_tokens`` steps (``min_new_tokens = max_new_tokens``: no eos
 stops either early). ms/step = (time of N steps - time of 1 step) / (N - 1): prefill left out.
+On CPU, a decode step is also compared with the time to read the model's weights once (every
+linear and the lm_head, at the bandwidth of a memory-read probe measured in the same run).
 
     python benchmarks/generate.py            # batch 1 and 32, fp32 and bf16, 16 new tokens
     python benchmarks/generate.py --quick    # batch 1 and 4, 6 new tokens
@@ -20,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, bench, environment, write_json  # noqa: E402
+from common import RESULTS, bench, environment, memory_probe, write_json  # noqa: E402
 
 from modlora.adapters import LoraAdapter  # noqa: E402
 from modlora.config import Qwen2Config  # noqa: E402
@@ -79,6 +81,12 @@ def hf_peft(model: Qwen2ForCausalLM, pair: list[LoraAdapter], dtype: torch.dtype
     return peft.to(dtype).eval()
 
 
+def weight_bytes(model: Qwen2ForCausalLM) -> int:
+    """Bytes a decode step must read: every linear's weight and the lm_head (norms and biases are noise)."""
+    weights = [lin.weight for lin in model.adapted_linears().values()] + [model.lm_head.weight]
+    return sum(w.numel() * w.element_size() for w in weights)
+
+
 def runners(ours, peft, ids, mask, tok: Tokenizer):
     """run(n): beam-5 decoding of exactly n new tokens, on each side."""
     kw = dict(num_beams=5, pad_token_id=tok.pad_id)
@@ -117,6 +125,10 @@ def main() -> None:
         pair = adapters(ours)
         ours.set_adapters(*pair, w_in=1.0, w_out=1.0, strategy="output")
         peft = hf_peft(ours, pair, dtype).to(args.device)
+        read_ms = None
+        if args.device == "cpu":
+            probe = memory_probe(torch.ones(128 << 20))  # 512 MiB, well beyond the caches
+            read_ms = weight_bytes(ours) / probe["GBs"] / 1e6
         for batch in batches:
             enc = tok.pad(prompts[:batch])
             ids, mask = enc["input_ids"].to(args.device), enc["attention_mask"].to(args.device)
@@ -131,6 +143,9 @@ def main() -> None:
                 row[side] = {"ms": full["ms"], "prefill_ms": one["ms"],
                              "ms_per_step": (full["ms"] - one["ms"]) / (steps - 1),
                              "sentences_per_s": batch / (full["ms"] / 1e3)}
+            if read_ms is not None:
+                row["probe_GBs"], row["weight_read_ms"] = probe["GBs"], read_ms
+                row["step_over_weight_read"] = row["modlora"]["ms_per_step"] / read_ms
             row["load_average_1min"] = os.getloadavg()[0]  # other jobs on the box skew CPU timings
             row["tokens_match"] = bool(torch.equal(ours_run(steps), hf_run(steps)))
             row["speedup"] = row["modlora"]["sentences_per_s"] / row["transformers_peft"]["sentences_per_s"]
@@ -140,7 +155,8 @@ def main() -> None:
             print(f"{dname} batch {batch:3d}: modlora {m['sentences_per_s']:.3f} sent/s {m['ms_per_step']:.1f} ms/step"
                   f" | transformers+PEFT {h['sentences_per_s']:.3f} sent/s {h['ms_per_step']:.1f} ms/step"
                   f" | {row['speedup']:.2f}x sentences/s, {row['step_speedup']:.2f}x per step,"
-                  f" tokens match: {row['tokens_match']}", flush=True)
+                  f" tokens match: {row['tokens_match']}"
+                  + (f" | step = {row['step_over_weight_read']:.2f}x weight read" if read_ms else ""), flush=True)
     name = f"generate-{args.device}" + ("-quick" if args.quick else "")
     path = write_json(name, {"benchmark": "generate", "environment": environment(args.device), "results": rows})
     plot(rows, RESULTS / f"{name}.png")

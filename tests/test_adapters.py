@@ -21,13 +21,7 @@ GRAD = dict(rtol=1e-4, atol=1e-6)
 L = 3  # layers of hf_reference.SMALL
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny shapes gain nothing from intra-op threads, and on a busy 2-core box they cost 5x.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

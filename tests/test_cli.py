@@ -5,19 +5,13 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from modlora.cli import main
 
 SUBCOMMANDS = ["info", "translate", "train-adapters", "learn-weights", "evaluate", "table", "run"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)

@@ -5,19 +5,13 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from modlora.pipeline import DEMO, PAPER, Pipeline, PipelineConfig, default_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _config(out: Path) -> PipelineConfig:

@@ -30,13 +30,7 @@ from modlora.train import (
 PAD = 0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Small shapes gain nothing from intra-op threads, and on a busy 2-core box they cost several x.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_examples(n: int, seed: int, vocab: int = 1000, shared: int = 0) -> list[tuple[list[int], list[int]]]:
