@@ -10,5 +10,6 @@ struct V {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   }
   static inline vec fma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline void pin(vec& v) { asm("" : "+v"(v)); }  // see kernels_avx2.cpp
   static inline float hsum(vec v) { return _mm512_reduce_add_ps(v); }
 };

@@ -1,7 +1,8 @@
 // The blocked small-M kernel, compiled once per ISA. Included inside an anonymous namespace and a
 // `#pragma GCC target` region by kernels_*.cpp, after a `struct V` that supplies the vector type:
 //   V::vec, V::kLanes, V::zero(), V::load(const float*), V::load(const uint16_t*) (bf16 -> fp32),
-//   V::fma(a, b, acc), V::hsum(vec), V::kMaxMB (rows of x per register block), V::kSmallM.
+//   V::fma(a, b, acc), V::hsum(vec), V::pin(vec&) (keep a value in a register), V::kMaxMB (rows of x
+//   per register block), V::kSmallM.
 //
 // Work split: the caller gives each thread a contiguous range of output columns n (= rows of W).
 // For NB rows of W at a time and MB rows of x at a time, MB*NB accumulators stay in registers for
@@ -28,8 +29,14 @@ static inline float to_f32(float v) { return v; }
 static inline float to_f32(uint16_t v) { return bf16_to_f32(v); }
 
 // out[i][j] = sum_k x[i, k] * w[j][k] for i < MB, j < NB.
+// pf: the next block of W rows, prefetched as one contiguous range of NB * K elements (exact when
+// ldw == K, a mere hint otherwise). Rows are short (lm_head: 1.8 KB in bf16), so the hardware
+// prefetcher restarts on new streams all the time and, without this, the core stalls on memory
+// between the FMAs instead of overlapping the two.
 template <int MB, int NB, typename WT>
-static inline void dot_block(const WT* const* w, const float* x, int64_t ldx, int64_t K, float (*out)[4]) {
+static inline void dot_block(const WT* const* w, const WT* pf, const float* x, int64_t ldx, int64_t K,
+                             float (*out)[4]) {
+  constexpr int kStepBytes = NB * V::kLanes * static_cast<int>(sizeof(WT));
   typename V::vec acc[MB][NB];
 #pragma GCC unroll 16
   for (int i = 0; i < MB; ++i)
@@ -37,12 +44,15 @@ static inline void dot_block(const WT* const* w, const float* x, int64_t ldx, in
     for (int j = 0; j < NB; ++j) acc[i][j] = V::zero();
   int64_t k = 0;
   for (; k + V::kLanes <= K; k += V::kLanes) {
+#pragma GCC unroll 8
+    for (int b = 0; b < kStepBytes; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(pf + NB * k) + b);
     typename V::vec wv[NB];
 #pragma GCC unroll 4
     for (int j = 0; j < NB; ++j) wv[j] = V::load(w[j] + k);
 #pragma GCC unroll 16
     for (int i = 0; i < MB; ++i) {
       typename V::vec xv = V::load(x + i * ldx + k);
+      V::pin(xv);
 #pragma GCC unroll 4
       for (int j = 0; j < NB; ++j) acc[i][j] = V::fma(xv, wv[j], acc[i][j]);
     }
@@ -67,7 +77,7 @@ static inline float rank_dot(const float* u, const BT* b, int64_t R) {
 }
 
 template <typename WT>
-using DotFn = void (*)(const WT* const*, const float*, int64_t, int64_t, float (*)[4]);
+using DotFn = void (*)(const WT* const*, const WT*, const float*, int64_t, int64_t, float (*)[4]);
 
 template <typename WT, int NB>
 static DotFn<WT> pick_dot(int mb) {
@@ -117,16 +127,18 @@ static void rows_impl(const BankArgs& a, int64_t n0, int64_t n1) {
     const int nb = static_cast<int>(n1 - n < NB ? n1 - n : NB);
     const WT* wrows[4];
     for (int j = 0; j < nb; ++j) wrows[j] = W + (n + j) * a.ldw;
+    // The last full block prefetches itself: the range stays inside this thread's rows [n0, n1).
+    const WT* pf = W + (n + 2 * NB <= n1 ? n + NB : n) * a.ldw;
     for (int64_t m0 = 0; m0 < a.M; m0 += mb_full) {
       const int mb = static_cast<int>(a.M - m0 < mb_full ? a.M - m0 : mb_full);
       const float* x = a.xf + m0 * a.K;
       if (nb == NB) {
-        (NB == 4 ? pick_dot<WT, 4>(mb) : pick_dot<WT, 2>(mb))(wrows, x, a.K, a.K, acc);
+        (NB == 4 ? pick_dot<WT, 4>(mb) : pick_dot<WT, 2>(mb))(wrows, pf, x, a.K, a.K, acc);
       } else {  // last, partial block of W rows: one row at a time
         DotFn<WT> one_row = pick_dot<WT, 1>(mb);
         for (int j = 0; j < nb; ++j) {
           float one[16][4];
-          one_row(wrows + j, x, a.K, a.K, one);
+          one_row(wrows + j, wrows[j], x, a.K, a.K, one);
           for (int i = 0; i < mb; ++i) acc[i][j] = one[i][0];
         }
       }

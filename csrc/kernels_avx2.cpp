@@ -23,6 +23,9 @@ struct V {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
   }
   static inline vec fma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+  // Without this GCC folds the x load into each of the NB FMAs that use it (NB times the loads;
+  // the load ports, not the FMA pipes, then set the pace).
+  static inline void pin(vec& v) { asm("" : "+x"(v)); }
   static inline float hsum(vec v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));

@@ -22,9 +22,10 @@ namespace {
 static inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
 
 // out[i][j] = sum_k x[i, k] * w[j][k]; x and w bf16, 32 elements per step, masked tail.
+// pf: the next block of W rows, prefetched as in dot_block (kernel_body.h).
 template <int MB, int NB>
-static inline void dot_block_dp(const uint16_t* const* w, const uint16_t* x, int64_t ldx, int64_t K,
-                                float (*out)[4]) {
+static inline void dot_block_dp(const uint16_t* const* w, const uint16_t* pf, const uint16_t* x, int64_t ldx,
+                                int64_t K, float (*out)[4]) {
   __m512 acc[MB][NB];
 #pragma GCC unroll 16
   for (int i = 0; i < MB; ++i)
@@ -34,6 +35,8 @@ static inline void dot_block_dp(const uint16_t* const* w, const uint16_t* x, int
   for (; k < K; k += 32) {
     const int64_t left = K - k;
     const __mmask32 mask = left >= 32 ? ~__mmask32(0) : ((__mmask32(1) << left) - 1);
+#pragma GCC unroll 4
+    for (int b = 0; b < NB * 64; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(pf + NB * k) + b);
     __m512i wv[NB];
 #pragma GCC unroll 4
     for (int j = 0; j < NB; ++j) wv[j] = _mm512_maskz_loadu_epi16(mask, w[j] + k);
@@ -48,7 +51,7 @@ static inline void dot_block_dp(const uint16_t* const* w, const uint16_t* x, int
     for (int j = 0; j < NB; ++j) out[i][j] = _mm512_reduce_add_ps(acc[i][j]);
 }
 
-using DpFn = void (*)(const uint16_t* const*, const uint16_t*, int64_t, int64_t, float (*)[4]);
+using DpFn = void (*)(const uint16_t* const*, const uint16_t*, const uint16_t*, int64_t, int64_t, float (*)[4]);
 
 template <int NB>
 static DpFn pick_dp(int mb) {
@@ -81,16 +84,17 @@ void rows_avx512bf16(const BankArgs& a, int64_t n0, int64_t n1) {
     const int nb = static_cast<int>(n1 - n < NB ? n1 - n : NB);
     const uint16_t* wrows[4];
     for (int j = 0; j < nb; ++j) wrows[j] = W + (n + j) * a.ldw;
+    const uint16_t* pf = W + (n + 2 * NB <= n1 ? n + NB : n) * a.ldw;
     for (int64_t m0 = 0; m0 < a.M; m0 += mb_full) {
       const int mb = static_cast<int>(a.M - m0 < mb_full ? a.M - m0 : mb_full);
       const uint16_t* x = a.xb + m0 * a.K;
       if (nb == NB) {
-        (NB == 4 ? pick_dp<4>(mb) : pick_dp<2>(mb))(wrows, x, a.K, a.K, acc);
+        (NB == 4 ? pick_dp<4>(mb) : pick_dp<2>(mb))(wrows, pf, x, a.K, a.K, acc);
       } else {
         DpFn one_row = pick_dp<1>(mb);
         for (int j = 0; j < nb; ++j) {
           float one[16][4];
-          one_row(wrows + j, x, a.K, a.K, one);
+          one_row(wrows + j, wrows[j], x, a.K, a.K, one);
           for (int i = 0; i < mb; ++i) acc[i][j] = one[i][0];
         }
       }

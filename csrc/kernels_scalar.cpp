@@ -30,6 +30,7 @@ struct V {
     for (int l = 0; l < 8; ++l) c.v[l] += a.v[l] * b.v[l];
     return c;
   }
+  static inline void pin(vec&) {}
   static inline float hsum(const vec& a) {
     float s = 0.f;
     for (int l = 0; l < 8; ++l) s += a.v[l];
