@@ -4,25 +4,37 @@ Real FLORES devtest sentences (en -> de prompts, real Qwen2.5 tokenizer), the qw
 with random weights, two rank-16 LoRA adapters on every linear, both active on both sides (PEFT:
 two active adapters, unfused; modlora: the `output` pair with w_in = w_out = 1, the same function).
 Both sides decode exactly ``max_new_tokens`` steps (``min_new_tokens = max_new_tokens``: no eos
-stops either early). ms/step = (time of N steps - time of 1 step) / (N - 1): prefill left out.
+stops either early). ms/step: the median gap between consecutive decode steps within a run;
+prefill: the time to the first step.
 On CPU, a decode step is also compared with the time to read the model's weights once (every
 linear and the lm_head, at the bandwidth of a memory-read probe measured in the same run).
 
     python benchmarks/generate.py            # batch 1 and 32, fp32 and bf16, 16 new tokens
     python benchmarks/generate.py --quick    # batch 1 and 4, 6 new tokens
+    python benchmarks/generate.py --dtypes bf16 --batches 1   # re-measure some cases only
+
+The JSON is rewritten after every case (atomically), so an interrupted run keeps what it measured;
+cases of an earlier file that this run does not measure are kept, each row with its own commit and
+time. Batch 1 is timed over 3 runs after a warm-up; larger batches, minutes per run on a CPU, in
+one run (its steps give the median). Each dtype runs in its own process.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
+import subprocess
 import sys
+import time
+from itertools import pairwise
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, bench, environment, memory_probe, write_json  # noqa: E402
+from common import RESULTS, environment, memory_probe, write_json  # noqa: E402
 
 from modlora.adapters import LoraAdapter  # noqa: E402
 from modlora.config import Qwen2Config  # noqa: E402
@@ -87,9 +99,38 @@ def weight_bytes(model: Qwen2ForCausalLM) -> int:
     return sum(w.numel() * w.element_size() for w in weights)
 
 
-def runners(ours, peft, ids, mask, tok: Tokenizer):
-    """run(n): beam-5 decoding of exactly n new tokens, on each side."""
+class StepClock:
+    """Timestamps of the decode steps of one run. ms/step is the median gap between consecutive
+    steps inside a run: subtracting a 1-step run from an N-step run drowns the steps in the
+    prefill's noise at batch 32 (minutes of prefill on a CPU)."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def tick(self, *_args) -> None:
+        self.stamps.append(time.perf_counter())
+
+
+def runners(ours, peft, ids, mask, tok: Tokenizer, clock: StepClock):
+    """run(n): beam-5 decoding of exactly n new tokens, on each side, ticking `clock` once per step
+    (modlora: at each ``decode_step``; transformers: at each logits-processor call)."""
+    import transformers
+
     kw = dict(num_beams=5, pad_token_id=tok.pad_id)
+    decode_step = type(ours).decode_step.__get__(ours)
+
+    def ticking_decode_step(tokens, cache):
+        clock.tick()
+        return decode_step(tokens, cache)
+
+    ours.decode_step = ticking_decode_step  # on this instance only: the benchmark's probe
+
+    class Tick(transformers.LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            clock.tick()
+            return scores
+
+    processors = transformers.LogitsProcessorList([Tick()])
 
     def ours_run(n: int):
         return generate(ours, ids, mask, max_new_tokens=n, min_new_tokens=n, eos_token_id=tok.eos_ids, **kw)
@@ -97,9 +138,26 @@ def runners(ours, peft, ids, mask, tok: Tokenizer):
     def hf_run(n: int):
         with torch.no_grad():
             return peft.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
-                                 min_new_tokens=n, eos_token_id=list(tok.eos_ids), **kw)
+                                 min_new_tokens=n, eos_token_id=list(tok.eos_ids), logits_processor=processors,
+                                 **kw)
 
     return ours_run, hf_run
+
+
+def timed(run, steps: int, clock: StepClock, warmup: int, reps: int) -> tuple[torch.Tensor, dict]:
+    """Output of the last run; median total and prefill ms, median ms per step over all runs' steps."""
+    for _ in range(warmup):
+        run(steps)
+    totals, prefills, gaps = [], [], []
+    for _ in range(reps):
+        clock.stamps.clear()
+        start = time.perf_counter()
+        out = run(steps)
+        totals.append((time.perf_counter() - start) * 1e3)
+        prefills.append((clock.stamps[0] - start) * 1e3)
+        gaps += [(b - a) * 1e3 for a, b in pairwise(clock.stamps)]
+    return out, {"ms": statistics.median(totals), "prefill_ms": statistics.median(prefills),
+                 "ms_per_step": statistics.median(gaps), "steps_timed": len(gaps)}
 
 
 def main() -> None:
@@ -112,12 +170,22 @@ def main() -> None:
     args = parser.parse_args()
     batches = args.batches or ([1, 4] if args.quick else [1, 32])
     steps = args.max_new_tokens or (6 if args.quick else 16)
+    if len(args.dtypes) > 1:
+        # One process per dtype: run after the fp32 models, the bf16 decode steps measured twice as
+        # slow as in a fresh process on the 2-core CPU box.
+        same = ["--batches", *map(str, batches), "--max-new-tokens", str(steps), "--device", args.device]
+        for dname in args.dtypes:
+            subprocess.run([sys.executable, __file__, *same, "--dtypes", dname] + ["--quick"] * args.quick,
+                           check=True)
+        return
     reps = 2 if args.quick else 3
 
     tok = Tokenizer.default()
     sentences = FLORES.read_text(encoding="utf-8").splitlines()
     prompts = [translation_prompt_ids(tok, "en", "de", s) for s in sentences]
-    rows = []
+    name = f"generate-{args.device}" + ("-quick" if args.quick else "")
+    env = environment(args.device)
+    rows = earlier_rows(name)
     for dname in args.dtypes:
         dtype = DTYPES[dname]
         ours = Qwen2ForCausalLM.from_config(Qwen2Config.preset("qwen2.5-0.5b"), seed=0, dtype=dtype,
@@ -132,35 +200,46 @@ def main() -> None:
         for batch in batches:
             enc = tok.pad(prompts[:batch])
             ids, mask = enc["input_ids"].to(args.device), enc["attention_mask"].to(args.device)
-            ours_run, hf_run = runners(ours, peft, ids, mask, tok)
+            clock = StepClock()
+            ours_run, hf_run = runners(ours, peft, ids, mask, tok, clock)
 
             row = {"dtype": dname, "batch": batch, "num_beams": 5, "new_tokens": steps,
                    "prompt_tokens": int(mask.sum()), "padded_prompt_len": ids.shape[1]}
+            tokens = {}
             for side, run in (("modlora", ours_run), ("transformers_peft", hf_run)):
-                r = max(1, reps if batch == 1 else reps - 1)
-                full = bench(lambda run=run: run(steps), warmup=1, reps=r, device=args.device)
-                one = bench(lambda run=run: run(1), warmup=0, reps=r, device=args.device)
-                row[side] = {"ms": full["ms"], "prefill_ms": one["ms"],
-                             "ms_per_step": (full["ms"] - one["ms"]) / (steps - 1),
-                             "sentences_per_s": batch / (full["ms"] / 1e3)}
+                r, warmup = (reps, 1) if batch == 1 else (1, 0)
+                tokens[side], t = timed(run, steps, clock, warmup, r)
+                row[side] = {**t, "sentences_per_s": batch / (t["ms"] / 1e3), "repetitions": r}
             if read_ms is not None:
                 row["probe_GBs"], row["weight_read_ms"] = probe["GBs"], read_ms
                 row["step_over_weight_read"] = row["modlora"]["ms_per_step"] / read_ms
             row["load_average_1min"] = os.getloadavg()[0]  # other jobs on the box skew CPU timings
-            row["tokens_match"] = bool(torch.equal(ours_run(steps), hf_run(steps)))
+            row["tokens_match"] = bool(torch.equal(tokens["modlora"], tokens["transformers_peft"]))
             row["speedup"] = row["modlora"]["sentences_per_s"] / row["transformers_peft"]["sentences_per_s"]
             row["step_speedup"] = row["transformers_peft"]["ms_per_step"] / row["modlora"]["ms_per_step"]
-            rows.append(row)
             m, h = row["modlora"], row["transformers_peft"]
             print(f"{dname} batch {batch:3d}: modlora {m['sentences_per_s']:.3f} sent/s {m['ms_per_step']:.1f} ms/step"
                   f" | transformers+PEFT {h['sentences_per_s']:.3f} sent/s {h['ms_per_step']:.1f} ms/step"
                   f" | {row['speedup']:.2f}x sentences/s, {row['step_speedup']:.2f}x per step,"
                   f" tokens match: {row['tokens_match']}"
                   + (f" | step = {row['step_over_weight_read']:.2f}x weight read" if read_ms else ""), flush=True)
-    name = f"generate-{args.device}" + ("-quick" if args.quick else "")
-    path = write_json(name, {"benchmark": "generate", "environment": environment(args.device), "results": rows})
+            rows = save(name, env, row, rows)
+    print(f"wrote {RESULTS / name}.json")
+
+
+def save(name: str, env: dict, row: dict, rows: list[dict]) -> list[dict]:
+    """Rows with `row` added or replacing the same (dtype, batch) case; writes the JSON and the plot."""
+    row.update(commit=env["commit"], dirty=env["dirty"], time=env["time"])
+    rows = sorted([r for r in rows if (r["dtype"], r["batch"]) != (row["dtype"], row["batch"])] + [row],
+                  key=lambda r: (list(DTYPES).index(r["dtype"]), r["batch"]))
+    write_json(name, {"benchmark": "generate", "environment": env, "results": rows})
     plot(rows, RESULTS / f"{name}.png")
-    print(f"wrote {path}")
+    return rows
+
+
+def earlier_rows(name: str) -> list[dict]:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text())["results"] if path.is_file() else []
 
 
 def plot(rows: list[dict], path: Path) -> None:

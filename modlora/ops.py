@@ -4,7 +4,8 @@
 - CPU inference with few rows (decoding): the C++ op ``modlora._C`` (one pass over W at memory
   bandwidth), adapters packed once per (pair, weights) into its bank layout;
 - anything else: the plain-torch reference (``modlora.kernels.reference``), which is also the
-  oracle every backend is tested against.
+  oracle every backend is tested against; in fp32 for bf16 inference on CPUs without bf16
+  arithmetic (see :func:`_emulated_bf16`).
 
 Callers (the adapter bindings) never pick a backend themselves.
 """
@@ -29,6 +30,8 @@ from .kernels.reference import (
 )
 
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
+_NATIVE_BF16 = any(getattr(torch.cpu, probe, lambda: False)()
+                   for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 def _autocast(x: Tensor, weight: Tensor, bias: Tensor | None, adapters: Sequence[Adapter | None]):
@@ -50,10 +53,25 @@ def _use_cpu_kernel(x: Tensor, weight: Tensor, *tensors: Tensor | float | None) 
                 and any(isinstance(t, Tensor) and t.requires_grad for t in (x, weight, *tensors)))
 
 
+def _emulated_bf16(x: Tensor, weight: Tensor) -> bool:
+    """bf16 inference on a CPU without bf16 arithmetic (no AVX-512 BF16, no AMX). There oneDNN
+    emulates the bf16 GEMM 3-9x slower than converting W to fp32 and running the fp32 GEMM (2 Zen 3
+    cores, M from 129 to 800); both accumulate in fp32 and round the result to bf16 once.
+    Inference only: in training the fp32 copy of W would be kept for the backward pass."""
+    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.bfloat16 and not _NATIVE_BF16
+            and not torch.is_grad_enabled())
+
+
+def _fp32(adapter: Adapter | None) -> Adapter | None:
+    return None if adapter is None else (adapter[0].float(), adapter[1].float(), adapter[2])
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``x W^T + b`` (the un-adapted linears and the ``lm_head``)."""
     if _use_cpu_kernel(x, weight, bias):
         return _ext.lora_bank_linear(x, weight, bias)
+    if _emulated_bf16(x, weight):
+        return linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
     return torch.nn.functional.linear(x, weight, bias)
 
 
@@ -90,6 +108,9 @@ def dual_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_in: Ad
         return fused(x, weight, bias, lora_in, lora_out, w_in, w_out, strategy)
     if _use_cpu_kernel(x, weight, bias, w_in, w_out, *_adapter_tensors(lora_in, lora_out)):
         return _ext.lora_bank_linear(x, weight, bias, *_packed([(lora_in, lora_out, w_in, w_out)], strategy, x.dtype))
+    if _emulated_bf16(x, weight):
+        return dual_lora_linear(x.float(), weight.float(), None if bias is None else bias.float(), _fp32(lora_in),
+                                _fp32(lora_out), w_in, w_out, strategy).to(x.dtype)
     return dual_lora_linear_ref(x, weight, bias, lora_in, lora_out, w_in, w_out, strategy)
 
 
@@ -113,4 +134,8 @@ def pairwise_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None,
     if _use_cpu_kernel(x, weight, bias, *weights, *_adapter_tensors(*(a for p in pairs for a in p[:2]))):
         a_bank, b_bank = _packed(pairs, strategy, x.dtype)
         return _ext.lora_bank_linear(x, weight, bias, a_bank, b_bank, row_pair)
+    if _emulated_bf16(x, weight):
+        pairs = [(_fp32(a_in), _fp32(a_out), w_in, w_out) for a_in, a_out, w_in, w_out in pairs]
+        return pairwise_lora_linear(x.float(), weight.float(), None if bias is None else bias.float(), pairs,
+                                    row_pair, strategy).to(x.dtype)
     return pairwise_lora_linear_ref(x, weight, bias, pairs, row_pair, strategy)

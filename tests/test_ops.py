@@ -8,7 +8,7 @@ import torch
 from modlora import _ext, ops
 from modlora.adapters import LoraAdapter
 from modlora.config import Qwen2Config
-from modlora.kernels import dual_lora_linear_ref
+from modlora.kernels import dual_lora_linear_ref, pairwise_lora_linear_ref
 from modlora.model import Qwen2ForCausalLM
 
 needs_c = pytest.mark.skipif(not _ext.HAVE_C, reason="modlora._C is not built (CI builds it)")
@@ -79,6 +79,33 @@ def test_training_takes_the_differentiable_path():
     A, B = torch.randn(4, 96, requires_grad=True), torch.randn(40, 4, requires_grad=True)
     ops.dual_lora_linear(x, weight, None, (A, B, 0.5), None).sum().backward()
     assert x.grad is not None and A.grad is not None and B.grad is not None
+
+
+@pytest.mark.parametrize("strategy", ["output", "ab"])
+@torch.no_grad()
+def test_bf16_on_a_cpu_without_bf16_arithmetic_is_the_fp32_result_rounded_once(strategy, monkeypatch):
+    """Rows beyond the C++ kernel's reach, bf16: the torch path runs in fp32 (ops._emulated_bf16), so
+    each output is the fp32 reference rounded to bf16 once (relative error <= 2^-9, plus summation
+    order); a dropped bias, adapter or pair is off by O(1)."""
+    monkeypatch.setattr(ops, "_NATIVE_BF16", False)
+    g = torch.Generator().manual_seed(0)
+    M, K, N, r = _ext.C_MAX_ROWS[torch.bfloat16] + 3, 64, 48, 4
+    bf16 = lambda *shape: torch.randn(*shape, generator=g).to(torch.bfloat16)
+    x, weight, bias = bf16(M, K), bf16(N, K), bf16(N)
+    pairs = [((bf16(r, K), bf16(N, r), 0.5), (bf16(r, K), bf16(N, r), 2.0), 0.3, 0.7) for _ in range(2)]
+    row_pair = torch.arange(M) % 2
+    f32 = lambda a: (a[0].float(), a[1].float(), a[2])
+    f32_pairs = [(f32(a), f32(b), wi, wo) for a, b, wi, wo in pairs]
+    cases = [
+        (ops.linear(x, weight, bias), torch.nn.functional.linear(x.float(), weight.float(), bias.float())),
+        (ops.dual_lora_linear(x, weight, bias, *pairs[0], strategy),
+         dual_lora_linear_ref(x.float(), weight.float(), bias.float(), *f32_pairs[0], strategy)),
+        (ops.pairwise_lora_linear(x, weight, bias, pairs, row_pair, strategy),
+         pairwise_lora_linear_ref(x.float(), weight.float(), bias.float(), f32_pairs, row_pair, strategy)),
+    ]
+    for got, expected in cases:
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), expected, rtol=2**-8, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
