@@ -30,7 +30,9 @@ def environment(device: torch.device | str = "cpu") -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        # Results files do not count: the benchmarks rewrite them while they run.
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                     ":/", ":(exclude,top)benchmarks/results"],
                                     capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip())
     except (OSError, subprocess.CalledProcessError):
         commit, dirty = None, None
