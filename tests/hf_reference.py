@@ -6,9 +6,10 @@ from pathlib import Path
 
 import torch
 
-# Odd sizes on purpose: head_dim 16, GQA 6:2, intermediate not a power of two.
+# Odd sizes on purpose: head_dim 16, GQA 6:2, intermediate not a power of two. rope_theta and
+# rms_norm_eps are neither the usual defaults nor Qwen2.5's, so a model that ignores them fails.
 SMALL = dict(vocab_size=1000, hidden_size=96, intermediate_size=200, num_hidden_layers=3,
-             num_attention_heads=6, num_key_value_heads=2, rope_theta=10000.0, rms_norm_eps=1e-6,
+             num_attention_heads=6, num_key_value_heads=2, rope_theta=12345.0, rms_norm_eps=1e-5,
              max_position_embeddings=512)
 
 
