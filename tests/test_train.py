@@ -136,7 +136,8 @@ def _small_model(seed: int = 0) -> Qwen2ForCausalLM:
 
 def _train_once(tmp, stop_after=None, model=None):
     model = model or _small_model()
-    adapter = LoraAdapter.init(model, rank=4, alpha=8, seed=0)
+    # Dropout: the resumed run must restore the RNG state, not only the weights and the optimizer.
+    adapter = LoraAdapter.init(model, rank=4, alpha=8, seed=0, dropout=0.1)
     model.set_adapters(lora_in=adapter, w_in=1.0)
     cfg = TrainConfig(epochs=2, lr=1e-2, batch_size=3, grad_accum=2, warmup_ratio=0.2, checkpoint_every=2)
     result = train(model, adapter.parameters(), _random_examples(17, seed=1), cfg, tmp, pad_id=PAD,
@@ -147,8 +148,9 @@ def _train_once(tmp, stop_after=None, model=None):
 
 def test_interrupt_and_resume_equals_uninterrupted(tmp_path):
     straight, full = _train_once(tmp_path / "a")
-    first, part = _train_once(tmp_path / "b", stop_after=3)
-    assert not part["done"] and part["step"] == 3
+    first, part = _train_once(tmp_path / "b", stop_after=2)  # inside the first epoch (3 steps each)
+    assert not part["done"] and part["step"] == 2
+    torch.manual_seed(1234)  # as a new process would: the RNG state must come from the checkpoint
     resumed, rest = _train_once(tmp_path / "b")
     assert rest["done"] and rest["step"] == full["step"] == 6  # 17 examples: 6 batches of 3, 2 per step, 2 epochs
     assert part["losses"] + rest["losses"] == full["losses"]
