@@ -151,6 +151,26 @@ def test_translate_restores_order_and_skips_empty_lines(models, char_prompts):
     assert mixed[4] == translate(ours, CharTokenizer(), texts[4:], "ja", "zh", **kw)[0]
 
 
+def test_translate_pair_ids_pick_each_texts_pair(models, char_prompts):
+    """pair_ids index the input texts, not the length-sorted batch rows."""
+    _, ours = models
+    pairs = [(_adapter(ours, 1), _adapter(ours, 2), 0.3, 0.7), (_adapter(ours, 3), _adapter(ours, 4), 0.6, 0.4)]
+    texts = ["short", "a much longer sentence", "mid length one", "tiny"]
+    pair_ids = [1, 0, 1, 0]
+    kw = dict(num_beams=2, max_new_tokens=6, batch_size=4)
+    try:
+        alone = []
+        for a_in, a_out, w_in, w_out in pairs:
+            ours.set_adapters(a_in, a_out, w_in=w_in, w_out=w_out)
+            alone.append(translate(ours, CharTokenizer(), texts, "fr", "de", **kw))
+        ours.set_adapter_pairs(pairs, "output")
+        mixed = translate(ours, CharTokenizer(), texts, "fr", "de", pair_ids=pair_ids, **kw)
+    finally:
+        ours.clear_adapters()
+    assert sum(a != b for a, b in zip(*alone, strict=True)) >= 2  # the pairs translate differently
+    assert mixed == [alone[p][i] for i, p in enumerate(pair_ids)]
+
+
 def test_translate_truncates_overlong_text_with_a_warning(models, char_prompts):
     _, ours = models
     small = Qwen2ForCausalLM(dataclasses.replace(ours.config, max_position_embeddings=40))
@@ -174,8 +194,9 @@ def _adapter(model, seed: int):
     return a
 
 
-def test_adapter_pair_matches_peft(models, prompts):
-    """The `output` pair against PEFT's `cat` weighted adapter (DESIGN.md section 3)."""
+@pytest.mark.parametrize("strategy,combination", [("output", "cat"), ("ab", "linear")])
+def test_adapter_pair_matches_peft(models, prompts, strategy, combination):
+    """A pair against PEFT's weighted adapter: `output` is `cat`, `ab` is `linear` (DESIGN.md section 3)."""
     import copy
 
     from peft import LoraConfig, get_peft_model
@@ -191,9 +212,9 @@ def test_adapter_pair_matches_peft(models, prompts):
                 layer = peft.base_model.model.get_submodule(module)
                 layer.lora_A[name].weight.copy_(A)
                 layer.lora_B[name].weight.copy_(B)
-    peft.add_weighted_adapter(["in", "out"], [0.3, 0.7], "cat", combination_type="cat")
-    peft.set_adapter("cat")
-    ours.set_adapters(a_in, a_out, w_in=0.3, w_out=0.7, strategy="output")
+    peft.add_weighted_adapter(["in", "out"], [0.3, 0.7], "pair", combination_type=combination)
+    peft.set_adapter("pair")
+    ours.set_adapters(a_in, a_out, w_in=0.3, w_out=0.7, strategy=strategy)
     try:
         got = compare((peft.eval(), ours), prompts, num_beams=5)[0]
     finally:
