@@ -2,6 +2,7 @@
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -182,9 +183,24 @@ def test_missing_and_misshapen_tensors_are_named(tmp_path):
         Qwen2ForCausalLM.from_pretrained(bad)
 
 
+# config.json of the published Qwen2.5-0.5B-Instruct (../shared/models/qwen2.5-0.5b-instruct/).
+QWEN25_05B = {
+    "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+    "eos_token_id": 151645, "hidden_act": "silu", "hidden_size": 896, "initializer_range": 0.02,
+    "intermediate_size": 4864, "max_position_embeddings": 32768, "max_window_layers": 21, "model_type": "qwen2",
+    "num_attention_heads": 14, "num_hidden_layers": 24, "num_key_value_heads": 2, "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+    "use_cache": True, "use_sliding_window": False, "vocab_size": 151936}
+SHARED_CONFIG = Path(__file__).resolve().parents[2] / "shared" / "models" / "qwen2.5-0.5b-instruct" / "config.json"
+
+
+def test_qwen25_preset_is_the_published_config():
+    assert Qwen2Config.preset("qwen2.5-0.5b") == Qwen2Config.from_dict(QWEN25_05B)  # every field
+    if SHARED_CONFIG.is_file():  # the copy above is the file, where the shared folder exists
+        assert json.loads(SHARED_CONFIG.read_text()) == QWEN25_05B
+
+
 def test_presets_build():
-    cfg = Qwen2Config.preset("qwen2.5-0.5b")
-    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.rope_theta) == (896, 24, 1e6)
     model = Qwen2ForCausalLM.from_config("tiny", seed=0)
     again = Qwen2ForCausalLM.from_config("tiny", seed=0)
     assert torch.equal(model.model.layers[0].mlp.up_proj.weight, again.model.layers[0].mlp.up_proj.weight)
