@@ -18,7 +18,6 @@ device, when they are bound.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -27,10 +26,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .fileio import atomic_write, atomic_write_json
+from .fileio import atomic_write, atomic_write_json, read_json
 from .kernels.reference import STRATEGIES, merge_ab
 from .ops import dual_lora_linear, pairwise_lora_linear
 
@@ -137,13 +137,16 @@ class LoraAdapter:
         path = Path(path)
         if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
             raise AdapterError(f"{path} is not a PEFT adapter directory: it needs {CONFIG_FILE} and {WEIGHTS_FILE}")
-        cfg = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+        cfg = read_json(path / CONFIG_FILE)
         if cfg.get("peft_type", "LORA") != "LORA":
             raise AdapterError(f"{path}: peft_type {cfg['peft_type']!r} is not LORA")
         for key, default in _UNSUPPORTED_CONFIG.items():
             if cfg.get(key, default) not in (default, None, [], {}):
                 raise AdapterError(f"{path}: {key}={cfg[key]!r} is not supported")
-        raw = load_file(str(path / WEIGHTS_FILE), device=str(device))
+        try:
+            raw = load_file(str(path / WEIGHTS_FILE), device=str(device))
+        except SafetensorError as e:
+            raise AdapterError(f"{path / WEIGHTS_FILE} is not a readable safetensors file: {e}") from e
         halves: dict[str, dict[str, Tensor]] = {}
         for key, t in raw.items():
             m = re.fullmatch(re.escape(PEFT_PREFIX) + r"(.+)\.lora_([AB])\.weight", key)
@@ -161,7 +164,7 @@ class LoraAdapter:
             absent = [t for t in listed if t not in found]
             if absent:
                 raise AdapterError(f"{path}: {CONFIG_FILE} targets {absent} but {WEIGHTS_FILE} has no tensor for them")
-        side = json.loads((path / SIDECAR_FILE).read_text(encoding="utf-8")) if (path / SIDECAR_FILE).is_file() else {}
+        side = read_json(path / SIDECAR_FILE) if (path / SIDECAR_FILE).is_file() else {}
         return cls({n: (ab["A"], ab["B"]) for n, ab in halves.items()}, int(cfg["r"]), float(cfg["lora_alpha"]),
                    bool(cfg.get("use_rslora", False)), _order_targets(found), side.get("language"), side.get("role"),
                    BaseFingerprint(**side["base"]) if side.get("base") else None,
@@ -252,6 +255,10 @@ def _state(model: Qwen2ForCausalLM) -> _State:
 def _weight_fn(w_in: Weight, w_out: Weight, num_layers: int, strategy: str) -> WeightFn:
     """Fixed weights: floats, or per-layer tensors [L] indexed by layer."""
     for nm, w in (("w_in", w_in), ("w_out", w_out)):
+        if isinstance(w, bool) or not isinstance(w, (int, float, Tensor)):
+            raise AdapterError(f"{nm} must be a number or a tensor of shape [{num_layers}], got {w!r}")
+        if not bool(torch.isfinite(torch.as_tensor(w)).all()):
+            raise AdapterError(f"{nm} must be finite, got {w}")
         if isinstance(w, Tensor) and w.shape != (num_layers,):
             raise AdapterError(f"{nm} must be a float or a tensor of shape [{num_layers}] (one per layer), "
                                f"got shape {tuple(w.shape)}")
@@ -421,7 +428,7 @@ def save_learned_weights(model: Qwen2ForCausalLM, path: str | Path) -> Path:
 
 def load_learned_weights(path: str | Path) -> LearnedWeights:
     """Read :func:`save_learned_weights`' JSON; ``w_in``/``w_out`` plug into ``set_adapters`` or ``export_pair``."""
-    raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    raw = read_json(path)
     return LearnedWeights(torch.tensor(raw["w_in"]), torch.tensor(raw["w_out"]), raw["strategy"],
                           raw.get("src"), raw.get("tgt"))
 

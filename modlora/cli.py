@@ -9,6 +9,8 @@ checkpoint) switches the pipeline to the paper's setup.
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -18,6 +20,34 @@ RUN_EPILOG = """examples:
   modlora run --model Qwen2.5-0.5B-Instruct  # the paper: full FLORES-101 dev/devtest (GPU advised)
   modlora run configs/paper.toml --out runs/mine
 Finished work (adapters, weights, evaluations) is skipped; an interrupted training resumes from its checkpoint."""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = _finite_float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
 
 
 def _pipeline_args(p: argparse.ArgumentParser, *, config_positional: bool = False) -> None:
@@ -30,22 +60,22 @@ def _pipeline_args(p: argparse.ArgumentParser, *, config_positional: bool = Fals
     p.add_argument("--out", help="output directory (default: the config's out_dir)")
     p.add_argument("--data", help="FLORES-style folder split/lang.txt (default: the vendored FLORES-101)")
     p.add_argument("--langs", help="comma-separated language codes, e.g. en,fr,de,ja,zh")
-    p.add_argument("--train-limit", type=int, help="use the first N training sentences")
-    p.add_argument("--eval-limit", type=int, help="evaluate on the first N sentences")
+    p.add_argument("--train-limit", type=_positive_int, help="use the first N training sentences")
+    p.add_argument("--eval-limit", type=_positive_int, help="evaluate on the first N sentences")
     p.add_argument("--strategies", help="comma-separated merge strategies to learn and evaluate: output,ab")
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--grad-accum", type=int)
+    p.add_argument("--epochs", type=_positive_int, help="passes over the data (default: the config's)")
+    p.add_argument("--lr", type=_positive_float, help="peak learning rate (default: the config's)")
+    p.add_argument("--batch-size", type=_positive_int, help="examples per micro-batch (default: the config's)")
+    p.add_argument("--grad-accum", type=_positive_int, help="micro-batches per optimizer step (default: the config's)")
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--num-beams", type=int)
-    p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--eval-batch-size", type=int)
+    p.add_argument("--num-beams", type=_positive_int, help="beam width (default: the config's, 5)")
+    p.add_argument("--max-new-tokens", type=_positive_int, help="tokens generated at most per sentence")
+    p.add_argument("--eval-batch-size", type=_positive_int, help="sentences per generation batch")
 
 
 def _config(args: argparse.Namespace):
@@ -165,7 +195,7 @@ def _translate(args: argparse.Namespace) -> int:
 
     _auto_threads(args, args.model, args.preset)
     model = _load_model(args.model, args.preset)
-    tok = Tokenizer.from_pretrained(args.model) if args.model else Tokenizer.default()
+    tok = Tokenizer.for_model(args.model)
     if args.pool:
         pool = AdapterPool(args.pool)
         lora_in = pool.get(args.src, "in") if args.use in ("both", "in") else None
@@ -173,6 +203,10 @@ def _translate(args: argparse.Namespace) -> int:
         w_in, w_out = args.w_in, args.w_out
         if args.weights:
             learned = load_learned_weights(args.weights)
+            if (learned.strategy, learned.src or args.src, learned.tgt or args.tgt) != (args.strategy, args.src,
+                                                                                    args.tgt):
+                raise ValueError(f"{args.weights} holds weights learned for {learned.src}->{learned.tgt} with "
+                                 f"strategy {learned.strategy!r}, not {args.src}->{args.tgt} with {args.strategy!r}")
             w_in, w_out = learned.w_in, learned.w_out
         elif args.use != "both":  # one adapter alone is used at full strength
             w_in = w_out = 1.0
@@ -197,14 +231,15 @@ def _translate(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modlora", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: 1 on the tiny preset, whose small "
-                        "matrices gain nothing from more and lose several x on a busy machine; else torch's choice)")
+    parser.add_argument("--threads", type=_positive_int,
+                        help="torch CPU threads (default: 1 on the tiny preset, whose small matrices gain nothing "
+                             "from more and lose several x on a busy machine; else torch's choice)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="the model's shape, parameter count and a forward timing")
     p.add_argument("--model", help="HF Qwen2 checkpoint directory (default: the embedded random preset)")
     p.add_argument("--preset", default="tiny", help="random-weight preset when no --model (default: tiny)")
-    p.add_argument("--tokens", type=int, default=128, help="sequence length of the timed forward")
+    p.add_argument("--tokens", type=_positive_int, default=128, help="sequence length of the timed forward")
     p.set_defaults(func=_info)
 
     p = sub.add_parser("translate", help="translate lines from stdin (or --input) with an adapter pair",
@@ -215,24 +250,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", help="adapter pool directory (lang/in, lang/out); without it the base model translates")
     p.add_argument("--src", required=True, help="source language code")
     p.add_argument("--tgt", required=True, help="target language code")
-    p.add_argument("--strategy", choices=("output", "ab"), default="output")
-    p.add_argument("--w-in", type=float, default=0.5)
-    p.add_argument("--w-out", type=float, default=0.5)
+    p.add_argument("--strategy", choices=("output", "ab"), default="output",
+                   help="output: merge the adapters' outputs; ab: merge their A and B (default: output)")
+    p.add_argument("--w-in", type=_finite_float, default=0.5, help="weight of in[src] (default: 0.5)")
+    p.add_argument("--w-out", type=_finite_float, default=0.5, help="weight of out[tgt] (default: 0.5)")
     p.add_argument("--use", choices=("both", "in", "out"), default="both", help="which adapters of the pair")
     p.add_argument("--weights", help="learned per-layer weights JSON (from learn-weights) instead of --w-in/--w-out")
     p.add_argument("--input", help="input file (default: stdin)")
     p.add_argument("--output", help="output file, written atomically (default: stdout)")
-    p.add_argument("--num-beams", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--num-beams", type=_positive_int, default=5, help="beam width (default: 5)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="sentences per batch (default: 16)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=256,
+                   help="tokens generated at most per sentence (default: 256)")
     p.set_defaults(func=_translate)
 
     p = sub.add_parser("train-adapters", help="stage 1: train in[X] and out[X] for every language (resumes)")
     _pipeline_args(p)
     _train_args(p)
-    p.add_argument("--rank", type=int, help="LoRA rank (default: ~0.5%% trainable parameters per adapter)")
-    p.add_argument("--alpha", type=float, help="LoRA alpha (default: 2 * rank)")
-    p.add_argument("--dropout", type=float, help="LoRA dropout on the adapters' input while training (default: 0)")
+    p.add_argument("--rank", type=_positive_int, help="LoRA rank (default: ~0.5%% trainable parameters per adapter)")
+    p.add_argument("--alpha", type=_positive_float, help="LoRA alpha (default: 2 * rank)")
+    p.add_argument("--dropout", type=_probability,
+                   help="LoRA dropout on the adapters' input while training (default: 0)")
     p.set_defaults(func=_stage)
 
     p = sub.add_parser("learn-weights", help="stage 2: per-layer merge weights of every direction (resumes)")
@@ -264,7 +302,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("\nmodlora: interrupted; run the same command again to resume from the last checkpoint",
+              file=sys.stderr)
+        return 130
+    except (ValueError, KeyError, OSError, RuntimeError) as e:
+        # Bad input (a path, a file, a config, an adapter that does not fit): our errors name the
+        # problem, so one line says it; MODLORA_DEBUG=1 shows the traceback.
+        if os.environ.get("MODLORA_DEBUG"):
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"modlora: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

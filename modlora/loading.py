@@ -7,11 +7,11 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import Qwen2Config
-from .fileio import atomic_write, atomic_write_text
+from .fileio import atomic_write, atomic_write_text, read_json
 from .model import Qwen2ForCausalLM
 
 _INDEX = "model.safetensors.index.json"
@@ -21,16 +21,23 @@ _SINGLE = "model.safetensors"
 def _tensor_files(path: Path) -> dict[str, Path]:
     """Map every tensor name to the safetensors file that holds it."""
     if (path / _INDEX).is_file():
-        weight_map = json.loads((path / _INDEX).read_text())["weight_map"]
+        weight_map = read_json(path / _INDEX)["weight_map"]
         files = {name: path / shard for name, shard in weight_map.items()}
         absent = sorted({str(f) for f in files.values() if not f.is_file()})
         if absent:
             raise FileNotFoundError(f"{_INDEX} names shard(s) that do not exist: {', '.join(absent)}")
         return files
     if (path / _SINGLE).is_file():
-        with safe_open(path / _SINGLE, framework="pt") as f:
+        with _open_safetensors(path / _SINGLE) as f:
             return {name: path / _SINGLE for name in f.keys()}
     raise FileNotFoundError(f"no {_SINGLE} or {_INDEX} in {path}")
+
+
+def _open_safetensors(file: Path):
+    try:
+        return safe_open(file, framework="pt", device="cpu")
+    except SafetensorError as e:
+        raise ValueError(f"{file} is not a readable safetensors file: {e}") from e
 
 
 def _build_empty(config: Qwen2Config, dtype: torch.dtype, device: torch.device | str | None) -> Qwen2ForCausalLM:
@@ -69,7 +76,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None
         for name, param in expected.items():
             file = files[name]
             if file not in handles:
-                handles[file] = safe_open(file, framework="pt", device="cpu")
+                handles[file] = _open_safetensors(file)
             tensor = handles[file].get_tensor(name)
             if tuple(tensor.shape) != tuple(param.shape):
                 raise ValueError(f"tensor {name} in {file.name} has shape {tuple(tensor.shape)}, "

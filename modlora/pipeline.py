@@ -35,7 +35,7 @@ from .evaluate import (
     table1_configs,
     trainable_percent,
 )
-from .fileio import atomic_write_json, atomic_write_text
+from .fileio import atomic_write_json, atomic_write_text, read_json
 from .progress import Progress
 from .train import LoraConfig, TrainConfig, base_parameters, learn_weights, resolve_lora, train_adapter
 
@@ -180,9 +180,7 @@ class Pipeline:
         if self._tokenizer is None:
             from .tokenizer import Tokenizer
 
-            path = self.config.model.path
-            has_own = path and any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
-            self._tokenizer = Tokenizer.from_pretrained(path) if has_own else Tokenizer.default()
+            self._tokenizer = Tokenizer.for_model(self.config.model.path)
         return self._tokenizer
 
     @property
@@ -280,7 +278,7 @@ class Pipeline:
             path = self.eval_path(config)
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is missing: run the evaluate stage first")
-            raw = json.loads(path.read_text(encoding="utf-8"))
+            raw = read_json(path)
             scores = {(d["src"], d["tgt"]): d["score"] for d in raw["directions"]}
             rows.append({"name": config.name, "trainable_percent": trainable_percent(
                 config, adapter_params, base, self.model.config.num_hidden_layers),
@@ -297,7 +295,7 @@ class Pipeline:
     def run(self) -> str:
         """All stages; returns the Markdown table."""
         previous = self.out / "config.json"
-        if previous.is_file() and json.loads(previous.read_text(encoding="utf-8")) != json.loads(
+        if previous.is_file() and read_json(previous) != json.loads(
                 json.dumps(self.config.to_dict())):
             self.log(f"warning: {previous} differs from this config; finished stages are reused as they are "
                      "(delete them, or use another --out, to redo them)")

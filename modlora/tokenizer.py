@@ -168,6 +168,14 @@ class Tokenizer:
         """The real Qwen2.5 tokenizer vendored in the package (loaded once, then shared)."""
         return Tokenizer.from_pretrained(DEFAULT_TOKENIZER)
 
+    @staticmethod
+    def for_model(path: str | Path | None) -> Tokenizer:
+        """The tokenizer a checkpoint directory ships, else the vendored Qwen2.5 one (no model: the
+        embedded preset; or a checkpoint written by ``save_pretrained``, which holds weights only)."""
+        if path and any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+            return Tokenizer.from_pretrained(path)
+        return Tokenizer.default()
+
     def encode(self, text: str) -> list[int]:
         return self._backend.encode(text)
 

@@ -294,6 +294,14 @@ def test_per_row_pairs_with_beams(ours):
     torch.testing.assert_close(step, full, **FP32)
 
 
+@pytest.mark.parametrize("w_in,message", [(float("nan"), "w_in must be finite"), (float("inf"), "finite"),
+                                           ("0.3", "w_in must be a number"), (torch.tensor([0.5, float("nan"), 0.5]),
+                                                                              "finite")])
+def test_weights_must_be_finite_numbers(ours, w_in, message):
+    with pytest.raises(AdapterError, match=message):
+        ours.set_adapters(adapter(ours, 4, 8, seed=1), w_in=w_in)
+
+
 def test_ab_with_unequal_ranks_is_rejected(ours):
     a_in, a_out = adapter(ours, 4, 8, seed=1), adapter(ours, 8, 8, seed=2, language="de", role="out")
     with pytest.raises(AdapterError, match=r"equal ranks: in\[fr\] has rank 4, out\[de\] has rank 8"):

@@ -56,3 +56,35 @@ def test_stages_and_translate_on_a_small_run(tmp_path, capsys):
     lines = (tmp_path / "out.txt").read_text(encoding="utf-8").split("\n")
     assert len(lines) == 4 and lines[1] == "" and lines[3] == ""  # one line per input line; empty stays empty
     assert "not valid UTF-8" in capsys.readouterr().err
+    weights = str(tmp_path / "weights" / "output" / "fr-en" / "weights.json")
+    assert main(["translate", "--pool", str(tmp_path / "pool"), "--src", "fr", "--tgt", "en", "--strategy", "ab",
+                 "--weights", weights, "--input", str(tmp_path / "in.txt")]) == 2
+    assert "learned for fr->en with strategy 'output', not fr->en with 'ab'" in capsys.readouterr().err
+
+
+def _bad_model_dir(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{ not json")
+    return str(tmp_path / "model")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "{tmp}/absent"], "model directory {tmp}/absent does not exist"),
+    (["--model", "{bad_model}"], "config.json is not valid JSON"),
+    (["--pool", "{tmp}"], "unknown language 'fr'"),
+])
+def test_bad_input_is_one_line_not_a_traceback(tmp_path, capsys, args, message):
+    fill = lambda s: s.format(tmp=tmp_path, bad_model=_bad_model_dir(tmp_path) if "bad_model" in s else "")
+    (tmp_path / "in.txt").write_text("Bonjour.\n")
+    argv = ["translate", "--src", "fr", "--tgt", "de", "--input", str(tmp_path / "in.txt"), *map(fill, args)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("modlora: error: ") and fill(message) in err[0], err
+
+
+@pytest.mark.parametrize("option,value,message", [("--w-in", "nan", "finite"), ("--batch-size", "0", "positive"),
+                                                  ("--num-beams", "-1", "positive")])
+def test_invalid_numbers_are_refused_by_the_parser(capsys, option, value, message):
+    with pytest.raises(SystemExit) as e:
+        main(["translate", "--src", "fr", "--tgt", "de", option, value])
+    assert e.value.code == 2 and message in capsys.readouterr().err

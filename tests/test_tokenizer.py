@@ -122,6 +122,14 @@ def test_missing_paths_name_the_path(tmp_path: Path) -> None:
         Tokenizer.from_pretrained(tmp_path)
 
 
+def test_for_model_prefers_the_checkpoints_own_tokenizer(tmp_path: Path) -> None:
+    assert Tokenizer.for_model(None) is Tokenizer.default()
+    assert Tokenizer.for_model(tmp_path) is Tokenizer.default()  # save_pretrained writes weights only
+    (tmp_path / "tokenizer.json").write_bytes(gzip.decompress(DEFAULT_TOKENIZER.read_bytes()))
+    own = Tokenizer.for_model(tmp_path)
+    assert own is not Tokenizer.default() and own.encode("Le chat dort.") == Tokenizer.default().encode("Le chat dort.")
+
+
 def test_tokenizer_json_without_chat_tokens_gets_them_appended(tmp_path: Path) -> None:
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
