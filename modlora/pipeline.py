@@ -241,13 +241,32 @@ class Pipeline:
     def eval_path(self, config: EvalConfig) -> Path:
         return self.out / "eval" / f"{config.slug}.json"
 
+    def eval_settings(self) -> dict:
+        """What an evaluation file's scores depend on besides the adapters: kept in the file; evaluate
+        redoes a file made with other settings, and table refuses files made with unlike settings."""
+        d, e = self.config.data, self.config.eval
+        return {"split": d.eval_split, "eval_limit": d.eval_limit, "langs": list(d.langs),
+                "num_beams": e.num_beams, "max_new_tokens": e.max_new_tokens}
+
+    def _stored_settings(self, config: EvalConfig) -> dict | None:
+        path = self.eval_path(config)
+        return read_json(path).get("settings") if path.is_file() else None
+
     def evaluate(self) -> None:
         """Stage 3: translate the evaluation split in every direction under every configuration."""
         from .adapters import load_learned_weights
 
         cfg = self.config
         data = None
-        todo = [c for c in self.configurations() if not self.eval_path(c).is_file()]
+        settings = self.eval_settings()
+        todo = []
+        for config in self.configurations():
+            stored = self._stored_settings(config)
+            if stored is not None and stored != settings:
+                self.log(f"eval {config.name}: {self.eval_path(config)} was made with {stored}; redoing it with "
+                         f"{settings}")
+            if stored != settings:
+                todo.append(config)
         for config in todo:
             data = data or self._split(cfg.data.eval_split, cfg.data.eval_limit)
             learned = None
@@ -264,7 +283,7 @@ class Pipeline:
                 max_new_tokens=cfg.eval.max_new_tokens, progress=bar.update)
             bar.close()
             atomic_write_json(self.eval_path(config), {
-                "config": dataclasses.asdict(config), "split": cfg.data.eval_split, "num_beams": cfg.eval.num_beams,
+                "config": dataclasses.asdict(config), "settings": settings,
                 "directions": [{"src": s, "tgt": t, **r} for (s, t), r in results.items()]})
 
     def table(self) -> str:
@@ -273,12 +292,19 @@ class Pipeline:
         langs = cfg.data.langs
         base = base_parameters(self.model)
         adapter_params = self.pool.get(langs[0], "in").num_parameters()
-        rows = []
+        rows, settings = [], None
         for config in self.configurations():
             path = self.eval_path(config)
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is missing: run the evaluate stage first")
             raw = read_json(path)
+            settings = settings or raw.get("settings")
+            if raw.get("settings") != settings:
+                raise ValueError(f"{path} was made with {raw.get('settings')}, the other evaluations with {settings}: "
+                                 "run the evaluate stage again")
+            if settings is not None and settings["langs"] != list(langs):
+                raise ValueError(f"{path} covers the languages {settings['langs']}, not {list(langs)}: run the "
+                                 "evaluate stage with these languages first")
             scores = {(d["src"], d["tgt"]): d["score"] for d in raw["directions"]}
             rows.append({"name": config.name, "trainable_percent": trainable_percent(
                 config, adapter_params, base, self.model.config.num_hidden_layers),
@@ -286,9 +312,9 @@ class Pipeline:
         md = markdown_table(rows, langs)
         if not cfg.model.path:
             md = f"> {RANDOM_BASE_NOTE}\n\n" + md
-        atomic_write_json(self.out / "results.json", {"config": cfg.to_dict(), "metric": "chrF++",
-                                                      "base_parameters": base, "adapter_parameters": adapter_params,
-                                                      "rows": rows})
+        atomic_write_json(self.out / "results.json", {"config": cfg.to_dict(), "eval_settings": settings,
+                                                      "metric": "chrF++", "base_parameters": base,
+                                                      "adapter_parameters": adapter_params, "rows": rows})
         atomic_write_text(self.out / "table.md", md)
         return md
 

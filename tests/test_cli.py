@@ -48,6 +48,18 @@ def test_stages_and_translate_on_a_small_run(tmp_path, capsys):
     assert "| output learned |" in table and "| ab 1:9 |" not in table
     assert main(["table", *common, "--strategies", "output"]) == 0
     assert capsys.readouterr().out == table
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["eval_settings"] == {"split": "devtest", "eval_limit": 1, "langs": ["en", "fr"], "num_beams": 1,
+                                        "max_new_tokens": 2}
+    # Evaluations made with other settings are redone, not reused; the table refuses a mix of them.
+    more = [a if a != "1" or common[i - 1] != "--eval-limit" else "2" for i, a in enumerate(common)]
+    assert main(["evaluate", *more, "--strategies", "output", "--num-beams", "1", "--max-new-tokens", "2"]) == 0
+    assert "redoing it" in capsys.readouterr().err
+    assert json.loads((tmp_path / "eval" / "base.json").read_text())["settings"]["eval_limit"] == 2
+    (tmp_path / "eval" / "in-only.json").write_text(json.dumps(
+        {**json.loads((tmp_path / "eval" / "in-only.json").read_text()), "settings": results["eval_settings"]}))
+    assert main(["table", *common, "--strategies", "output"]) == 2
+    assert "run the evaluate stage again" in capsys.readouterr().err
 
     (tmp_path / "in.txt").write_bytes("Bonjour.\n\nAu revoir \xff.\n".encode("latin-1"))
     assert main(["translate", "--pool", str(tmp_path / "pool"), "--src", "fr", "--tgt", "en", "--strategy", "ab",
