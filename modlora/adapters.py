@@ -272,9 +272,14 @@ def _check_pair(model: Qwen2ForCausalLM, lora_in: LoraAdapter | None, lora_out: 
                 strategy: str) -> None:
     if strategy not in STRATEGIES:
         raise AdapterError(f"unknown strategy {strategy!r}: expected one of {STRATEGIES}")
-    for a in (lora_in, lora_out):
-        if a is not None:
-            a.check(model)
+    for slot, a in (("in", lora_in), ("out", lora_out)):
+        if a is None:
+            continue
+        if not isinstance(a, LoraAdapter):
+            raise AdapterError(f"lora_{slot} must be a LoraAdapter or None, got {type(a).__name__}")
+        if a.role not in (None, slot):
+            raise AdapterError(f"lora_{slot} was given {a.label}, an {a.role!r} adapter (swapped in and out?)")
+        a.check(model)
     if strategy == "ab" and lora_in is not None and lora_out is not None and lora_in.rank != lora_out.rank:
         raise AdapterError(f"strategy 'ab' merges A and B element-wise and needs equal ranks: "
                            f"{lora_in.label} has rank {lora_in.rank}, {lora_out.label} has rank {lora_out.rank}")

@@ -57,7 +57,8 @@ def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None
     """
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"model directory {path} does not exist")
+        what = "is a file, not a checkpoint directory" if path.exists() else "does not exist"
+        raise FileNotFoundError(f"model directory {path} {what}")
     config = Qwen2Config.from_json(path)
     dtype = dtype or config.torch_dtype
     device = torch.device(device or "cpu")

@@ -151,6 +151,12 @@ class Pipeline:
     """The experiment of one :class:`PipelineConfig`; each stage method skips finished work."""
 
     def __init__(self, config: PipelineConfig, log: Callable[[str], None] | None = None) -> None:
+        d = config.data
+        if not isinstance(d.langs, list) or not all(isinstance(x, str) and x for x in d.langs):
+            raise ValueError(f"data.langs must be a list of language codes, e.g. ['en', 'fr'], got {d.langs!r}")
+        if d.pivot not in d.langs or len(set(d.langs)) < 2:
+            raise ValueError(f"data.langs {d.langs} must hold the pivot language {d.pivot!r} and at least one other: "
+                             f"adapters are trained on X->{d.pivot} and {d.pivot}->X")
         self.config = config
         self.out = Path(config.out_dir)
         self.log = log or (lambda msg: print(msg, file=sys.stderr))

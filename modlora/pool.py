@@ -41,6 +41,8 @@ class AdapterPool:
         key = (language, role)
         if key not in self._loaded:
             known = self.languages()
+            if not self.root.is_dir():
+                raise AdapterError(f"adapter pool {self.root} does not exist")
             if language not in known:
                 raise AdapterError(f"unknown language {language!r} in adapter pool {self.root}: "
                                    f"it has {known or 'no adapters'}")

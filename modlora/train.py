@@ -432,7 +432,7 @@ def train_adapter(model, tokenizer, lang: str, role: str, src: str, tgt: str,
     log(f"{role}[{lang}] on {src}->{tgt}: rank {lora.rank}, alpha {lora.alpha:g}, "
         f"{adapter.num_parameters():,} trainable parameters ({100 * ratio:.2f}% of the base; paper ~0.5%)")
     examples = [training_example(tokenizer, src, tgt, s, t) for s, t in pairs]
-    model.set_adapters(lora_in=adapter, w_in=1.0)
+    model.set_adapters(**{f"lora_{role}": adapter, f"w_{role}": 1.0})
     try:
         result = train(model, list(adapter.parameters()), examples, cfg, work_dir, pad_id=tokenizer.pad_id,
                        desc=f"{role}[{lang}]", stop_after=stop_after, log=log)

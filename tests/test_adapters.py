@@ -302,6 +302,14 @@ def test_weights_must_be_finite_numbers(ours, w_in, message):
         ours.set_adapters(adapter(ours, 4, 8, seed=1), w_in=w_in)
 
 
+def test_swapped_roles_and_wrong_types_are_rejected(ours):
+    a_in, a_out = adapter(ours, 4, 8, seed=1), adapter(ours, 4, 8, seed=2, language="de", role="out")
+    with pytest.raises(AdapterError, match=r"lora_in was given out\[de\], an 'out' adapter"):
+        ours.set_adapters(a_out, a_in)
+    with pytest.raises(AdapterError, match="lora_in must be a LoraAdapter or None, got str"):
+        ours.set_adapters("fr")
+
+
 def test_ab_with_unequal_ranks_is_rejected(ours):
     a_in, a_out = adapter(ours, 4, 8, seed=1), adapter(ours, 8, 8, seed=2, language="de", role="out")
     with pytest.raises(AdapterError, match=r"equal ranks: in\[fr\] has rank 4, out\[de\] has rank 8"):

@@ -84,6 +84,8 @@ def _bad_model_dir(tmp_path):
     (["--model", "{tmp}/absent"], "model directory {tmp}/absent does not exist"),
     (["--model", "{bad_model}"], "config.json is not valid JSON"),
     (["--pool", "{tmp}"], "unknown language 'fr'"),
+    (["--pool", "{tmp}/absent"], "adapter pool {tmp}/absent does not exist"),
+    (["--model", "{tmp}/in.txt"], "is a file, not a checkpoint directory"),
 ])
 def test_bad_input_is_one_line_not_a_traceback(tmp_path, capsys, args, message):
     fill = lambda s: s.format(tmp=tmp_path, bad_model=_bad_model_dir(tmp_path) if "bad_model" in s else "")
@@ -92,6 +94,13 @@ def test_bad_input_is_one_line_not_a_traceback(tmp_path, capsys, args, message):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("modlora: error: ") and fill(message) in err[0], err
+
+
+@pytest.mark.parametrize("langs,message", [("fr,de", "must hold the pivot language 'en'"),
+                                           ("en", "and at least one other")])
+def test_languages_need_the_pivot_and_another(tmp_path, capsys, langs, message):
+    assert main(["table", "--out", str(tmp_path), "--langs", langs]) == 2
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("option,value,message", [("--w-in", "nan", "finite"), ("--batch-size", "0", "positive"),
