@@ -152,6 +152,8 @@ def _info(args: argparse.Namespace) -> int:
     _auto_threads(args, args.model, args.preset)
     model = _load_model(args.model, args.preset)
     c = model.config
+    if args.tokens > c.max_position_embeddings:
+        raise ValueError(f"--tokens {args.tokens} exceeds the model's context of {c.max_position_embeddings}")
     print(f"model: {args.model or f'random preset {args.preset!r} (embedded default)'}")
     print(f"shape: {c.num_hidden_layers} layers, hidden {c.hidden_size}, intermediate {c.intermediate_size}, "
           f"heads {c.num_attention_heads} (kv {c.num_key_value_heads}), vocab {c.vocab_size}, dtype {c.dtype}")

@@ -13,6 +13,15 @@ from .fileio import read_json
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A torch dtype from a dtype or its name ("bfloat16"); None stays None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}: expected one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
 @dataclass(frozen=True)
 class Qwen2Config:
     vocab_size: int

@@ -208,6 +208,8 @@ def translate(
       (``max_position_embeddings``) is truncated to fit, with a ``UserWarning`` naming its index.
     - Outputs are cut at the first eos id, special tokens dropped, surrounding whitespace stripped.
     """
+    if isinstance(texts, str):
+        raise TypeError("translate: texts must be a list of strings, one per sentence, not a single str")
     if generate_kwargs.get("num_return_sequences", 1) != 1:
         raise ValueError("translate returns one translation per text; use generate for n-best lists")
     n = len(texts)

@@ -10,7 +10,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import Qwen2Config
+from .config import Qwen2Config, as_dtype
 from .fileio import atomic_write, atomic_write_text, read_json
 from .model import Qwen2ForCausalLM
 
@@ -48,7 +48,7 @@ def _build_empty(config: Qwen2Config, dtype: torch.dtype, device: torch.device |
     return model.to(dtype=dtype) if dtype else model
 
 
-def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
+def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
                     device: torch.device | str | None = None) -> Qwen2ForCausalLM:
     """Load an HF Qwen2 checkpoint directory; tensors stream one by one from safetensors into place.
 
@@ -60,7 +60,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None
         what = "is a file, not a checkpoint directory" if path.exists() else "does not exist"
         raise FileNotFoundError(f"model directory {path} {what}")
     config = Qwen2Config.from_json(path)
-    dtype = dtype or config.torch_dtype
+    dtype = as_dtype(dtype) or config.torch_dtype
     device = torch.device(device or "cpu")
     files = _tensor_files(path)
     model = _build_empty(config, dtype, device)
@@ -95,11 +95,12 @@ def _set_parameter(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> N
     setattr(model.get_submodule(module_name), attr, torch.nn.Parameter(tensor, requires_grad=False))
 
 
-def random_model(config: Qwen2Config | str, *, seed: int = 0, dtype: torch.dtype | None = None,
+def random_model(config: Qwen2Config | str, *, seed: int = 0, dtype: torch.dtype | str | None = None,
                  device: torch.device | str | None = None) -> Qwen2ForCausalLM:
     """Seeded random weights of a config or preset name (HF's init: N(0, 0.02), unit norms, zero biases)."""
     if isinstance(config, str):
         config = Qwen2Config.preset(config)
+    dtype = as_dtype(dtype)
     generator = torch.Generator().manual_seed(seed)
     model = _build_empty(config, torch.float32, device)
     for name, param in model.named_parameters():

@@ -226,7 +226,7 @@ class Qwen2ForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     @classmethod
-    def from_config(cls, config: Qwen2Config | str, *, seed: int = 0, dtype: torch.dtype | None = None,
+    def from_config(cls, config: Qwen2Config | str, *, seed: int = 0, dtype: torch.dtype | str | None = None,
                     device: torch.device | str | None = None) -> Qwen2ForCausalLM:
         """Seeded random weights (HF's init: N(0, 0.02), unit norms, zero biases) for a config or preset."""
         from .loading import random_model
@@ -234,7 +234,7 @@ class Qwen2ForCausalLM(nn.Module):
         return random_model(config, seed=seed, dtype=dtype, device=device)
 
     @classmethod
-    def from_pretrained(cls, path: str, *, dtype: torch.dtype | None = None,
+    def from_pretrained(cls, path: str, *, dtype: torch.dtype | str | None = None,
                         device: torch.device | str | None = None) -> Qwen2ForCausalLM:
         """Load an unmodified HF checkpoint directory (single or sharded safetensors)."""
         from .loading import load_pretrained

@@ -27,6 +27,11 @@ def test_entry_point():
     assert all(c in out.stdout for c in SUBCOMMANDS)
 
 
+def test_info_refuses_more_tokens_than_the_context(capsys):
+    assert main(["info", "--tokens", "100000"]) == 2
+    assert "exceeds the model's context of 4096" in capsys.readouterr().err
+
+
 def test_info(capsys):
     assert main(["info", "--tokens", "16"]) == 0
     out = capsys.readouterr().out

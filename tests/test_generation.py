@@ -171,6 +171,11 @@ def test_translate_pair_ids_pick_each_texts_pair(models, char_prompts):
     assert mixed == [alone[p][i] for i, p in enumerate(pair_ids)]
 
 
+def test_translate_wants_a_list_of_texts(models):
+    with pytest.raises(TypeError, match="a list of strings"):
+        translate(models[1], CharTokenizer(), "Le chat dort.", "fr", "de")
+
+
 def test_translate_truncates_overlong_text_with_a_warning(models, char_prompts):
     _, ours = models
     small = Qwen2ForCausalLM(dataclasses.replace(ours.config, max_position_embeddings=40))

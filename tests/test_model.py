@@ -200,6 +200,15 @@ def test_qwen25_preset_is_the_published_config():
         assert json.loads(SHARED_CONFIG.read_text()) == QWEN25_05B
 
 
+def test_dtype_by_name(tmp_path):
+    model = Qwen2ForCausalLM.from_config("tiny", seed=0, dtype="bfloat16")
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    model.save_pretrained(tmp_path)
+    assert Qwen2ForCausalLM.from_pretrained(tmp_path, dtype="float32").lm_head.weight.dtype == torch.float32
+    with pytest.raises(ValueError, match="unsupported dtype 'fp8'"):
+        Qwen2ForCausalLM.from_pretrained(tmp_path, dtype="fp8")
+
+
 def test_presets_build():
     model = Qwen2ForCausalLM.from_config("tiny", seed=0)
     again = Qwen2ForCausalLM.from_config("tiny", seed=0)
