@@ -338,8 +338,11 @@ def train(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples
     if ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location=device, weights_only=False)
         if state["config"] != config_record:
-            raise ValueError(f"{ckpt_path} was written by a different run configuration: "
-                             f"{state['config']} != {config_record}; remove it to start over")
+            changed = ", ".join(f"{k} {state['config'].get(k)!r} -> {config_record.get(k)!r}"
+                                for k in sorted(set(state["config"]) | set(config_record))
+                                if state["config"].get(k) != config_record.get(k))
+            raise ValueError(f"{ckpt_path} was written by a different run configuration ({changed}); "
+                             "rerun with the same settings to resume, or remove it to start over")
         step = state["step"]
         if step < total and state["order"] != order(step // steps_per_epoch):
             raise ValueError(f"{ckpt_path}: the data order differs from the checkpoint's (examples changed?)")

@@ -146,6 +146,18 @@ def _train_once(tmp, stop_after=None, model=None):
     return adapter, result
 
 
+def test_resume_with_other_settings_names_what_changed(tmp_path):
+    model = _small_model()
+    adapter = LoraAdapter.init(model, rank=4, alpha=8, seed=0)
+    model.set_adapters(lora_in=adapter, w_in=1.0)
+    data = _random_examples(6, seed=1)
+    run = lambda lr: train(model, adapter.parameters(), data, TrainConfig(epochs=2, lr=lr, batch_size=3, grad_accum=1),
+                           tmp_path, pad_id=PAD, stop_after=1, log=lambda _: None)
+    run(1e-2)
+    with pytest.raises(ValueError, match=r"different run configuration \(lr 0.01 -> 0.02\)"):
+        run(2e-2)
+
+
 def test_interrupt_and_resume_equals_uninterrupted(tmp_path):
     straight, full = _train_once(tmp_path / "a")
     first, part = _train_once(tmp_path / "b", stop_after=2)  # inside the first epoch (3 steps each)
