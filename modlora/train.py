@@ -361,10 +361,10 @@ def train(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples
         random.seed(cfg.seed)
         log_path.unlink(missing_ok=True)
 
-    def save_checkpoint() -> None:
+    def save_checkpoint(rng: dict) -> None:
         state = {"config": config_record, "step": step, "order": order(min(step, total - 1) // steps_per_epoch),
                  "params": [p.detach().clone() for p in params], "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "rng": _rng_state()}
+                 "scheduler": scheduler.state_dict(), "rng": rng}
         atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
 
     fingerprint = _fingerprint(base)
@@ -373,6 +373,8 @@ def train(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples
     model.train()
     losses: list[float] = []
     bar = Progress(total, desc, initial=step)
+    # rng_of_step: the RNG state that goes with `step` finished steps (the next step starts from it).
+    saved, updating, rng_of_step = step, False, _rng_state()
     try:
         with open(log_path, "a", encoding="utf-8") as log_file:
             while step < total and (stop_after is None or len(losses) < stop_after):
@@ -392,10 +394,13 @@ def train(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples
                 grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0
                              else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
                 lr = scheduler.get_last_lr()[0]
+                updating = True
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                rng_of_step = _rng_state()
+                updating = False
                 losses.append(step_loss)
                 tokens = sum(int(a.sum()) for _, a, _ in batches)
                 seconds = time.perf_counter() - started
@@ -405,7 +410,15 @@ def train(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples
                 log_file.flush()
                 bar.update(1, loss=step_loss, lr=lr, tok_s=round(tokens / seconds))
                 if step % cfg.checkpoint_every == 0 or step == total or len(losses) == stop_after:
-                    save_checkpoint()
+                    save_checkpoint(rng_of_step)
+                    saved = step
+    except KeyboardInterrupt:
+        # Outside an update the weights, optimizer and scheduler are those of `step` finished steps:
+        # keep them (the interrupted step is redone from rng_of_step). Inside an update, they are not.
+        if not updating and step > saved:
+            save_checkpoint(rng_of_step)
+            log(f"{desc}: interrupted; checkpoint at step {step}/{total}")
+        raise
     finally:
         bar.close()
         model.train(was_training)

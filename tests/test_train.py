@@ -146,6 +146,32 @@ def _train_once(tmp, stop_after=None, model=None):
     return adapter, result
 
 
+def test_ctrl_c_inside_a_step_keeps_the_finished_steps(tmp_path, monkeypatch):
+    """Interrupted in the 8th micro-batch (the 2nd of step 4 of 6; the last scheduled checkpoint is step 2):
+    the save on interrupt keeps step 3, and the resumed run equals the uninterrupted one."""
+    from modlora import train as train_module
+
+    straight, full = _train_once(tmp_path / "a")
+    real, calls = train_module.completion_loss, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 8:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "completion_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _train_once(tmp_path / "b")
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["step"] == 3
+    monkeypatch.setattr(train_module, "completion_loss", real)
+    torch.manual_seed(99)
+    resumed, rest = _train_once(tmp_path / "b")
+    assert rest["done"] and rest["losses"] == full["losses"][3:]
+    for name, (A, B) in straight.tensors.items():
+        assert torch.equal(A, resumed.tensors[name][0]) and torch.equal(B, resumed.tensors[name][1]), name
+
+
 def test_resume_with_other_settings_names_what_changed(tmp_path):
     model = _small_model()
     adapter = LoraAdapter.init(model, rank=4, alpha=8, seed=0)
