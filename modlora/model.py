@@ -187,6 +187,11 @@ class Qwen2Model(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
         """Hidden states [B, T, C] after the final norm."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+        vocab = self.embed_tokens.num_embeddings
+        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < vocab:
+            raise ValueError(f"token ids must be in [0, {vocab}), got {int(input_ids.min())}..{int(input_ids.max())}")
         b, t = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)

@@ -200,6 +200,14 @@ def test_qwen25_preset_is_the_published_config():
         assert json.loads(SHARED_CONFIG.read_text()) == QWEN25_05B
 
 
+def test_bad_input_ids_are_named():
+    model = Qwen2ForCausalLM.from_config(Qwen2Config(**_small()), seed=0)
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 1000\), got 3..1000"):
+        model(torch.tensor([[3, 1000]]))
+    with pytest.raises(ValueError, match=r"input_ids must be \[batch, tokens\], got shape \(2,\)"):
+        model(torch.tensor([3, 4]))
+
+
 def test_dtype_by_name(tmp_path):
     model = Qwen2ForCausalLM.from_config("tiny", seed=0, dtype="bfloat16")
     assert model.lm_head.weight.dtype == torch.bfloat16
