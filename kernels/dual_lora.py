@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .lora_gemm import Coef, RankStack, lora_gemm, lora_shrink
 from .reference import Adapter, Weight, check_strategy, merge_ab
@@ -63,6 +64,7 @@ class _DualLoRALinear(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # the backward kernels are not differentiable: refuse create_graph, don't lie
     def backward(ctx, dy: Tensor):
         x, weight, A1, B1, A2, B2, u, t1, t2 = ctx.saved_tensors
         n_x, n_w, n_bias, n_a1, n_b1, n_c1, n_a2, n_b2, n_c2, _ = ctx.needs_input_grad

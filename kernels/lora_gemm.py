@@ -56,7 +56,7 @@ def _lora_gemm_kernel(
     pid_m = first_m + (pid % (GROUP_M * tiles_p)) % group_m
     pid_p = (pid % (GROUP_M * tiles_p)) // group_m
 
-    rm = pid_m * BM + tl.arange(0, BM)
+    rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)  # rm * stride passes 2^31 at ~440k tokens (K 4864)
     rp = pid_p * BP + tl.arange(0, BP)
     rr = tl.arange(0, BR)
     m_mask, p_mask = rm < M, rp < P
@@ -101,7 +101,7 @@ def _shrink_kernel(
     M, Q, r1, R, stride_am, stride_aq, stride_s1, stride_s2, stride_sr,
     TWO: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr,
 ):
-    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rm = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
     rr = tl.arange(0, BR)
     m_mask = rm < M
     v = tl.zeros((BM, BR), dtype=tl.float32)
@@ -214,6 +214,7 @@ def lora_gemm(a: Tensor, b: Tensor, bias: Tensor | None, expand: RankStack, coef
         raise ValueError(f"v must be a contiguous float32 [{M}, {R}] tensor, got {v.dtype} {tuple(v.shape)}")
     _check(a, expand, *(() if shrink is None else (shrink,)), others=(b, bias))
 
+    bias = None if bias is None else bias.contiguous()  # the kernel reads bias[p] at bias_ptr + p
     out = torch.empty((M, P), dtype=a.dtype, device=a.device)
     if store_v and shrink is not None:
         v = torch.empty((M, R), dtype=torch.float32, device=a.device)

@@ -56,7 +56,10 @@ HAVE_C: bool = _C is not None
 """Whether the C++ extension loaded (False when not built or disabled by MODLORA_DISABLE_C)."""
 
 if HAVE_C and os.environ.get("MODLORA_CPU_ISA"):
-    _C.set_isa(os.environ["MODLORA_CPU_ISA"])
+    try:
+        _C.set_isa(os.environ["MODLORA_CPU_ISA"])
+    except RuntimeError as exc:  # a wrong value must not break `import modlora`
+        log.warning("MODLORA_CPU_ISA ignored: %s", exc)
 
 # Largest M (rows of x) for which the C++ kernel beats torch's F.linear + LoRA path, by W dtype;
 # above it the wrapper uses torch (oneDNN/MKL GEMMs win once the op is compute-bound).

@@ -240,7 +240,8 @@ def test_opcheck_and_compile():
 
 
 @pytest.mark.parametrize("env,expect", [({"MODLORA_DISABLE_C": "1"}, "False torch"),
-                                        ({"MODLORA_CPU_ISA": "scalar"}, "True scalar")])
+                                        ({"MODLORA_CPU_ISA": "scalar"}, "True scalar"),
+                                        ({"MODLORA_CPU_ISA": "sse9"}, f"True {_C.best_isa()}")])
 def test_environment_switches(env, expect):
     code = ("import torch; from modlora import _ext; "
             "print(_ext.HAVE_C, _ext._C.isa() if _ext.HAVE_C else 'torch'); "

@@ -199,6 +199,16 @@ def test_clear_errors():
         dual_lora_linear(x[:, :32], W, None, (lin[0][:, :32], lin[1], 1.0), None)
 
 
+@pytest.mark.parametrize("variant", ["fused", "split"])
+def test_strided_bias(variant):
+    case = make_case(torch.float32, 7, 64, 48, 4, 8)
+    x, (A, B, s) = case["leaves"]["x"], case["adapters"]["in"]
+    bias = torch.randn(96, generator=torch.Generator().manual_seed(5)).to(DEVICE)[::2]  # stride 2
+    y = dual_lora_linear(x, case["W"], bias, (A, B, s), None, 0.7, variant=variant)
+    ref = dual_lora_linear_ref(x, case["W"], bias, (A, B, s), None, 0.7)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+
+
 def test_no_adapter_is_the_plain_linear():
     case = make_case(torch.float32, 3, 64, 48, None, None)
     x = case["leaves"]["x"]
