@@ -1,5 +1,7 @@
 // AVX2 + FMA: 8 fp32 lanes, bf16 -> fp32 by zero extension and a 16-bit shift.
 // Only called when __builtin_cpu_supports("avx2") && ("fma") (see lora_bank_cpu.cpp).
+// x86 only: on other CPUs this file compiles to nothing and the scalar kernel serves (rows_for).
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 
 #include <cstdint>
@@ -43,3 +45,5 @@ void rows_avx2(const BankArgs& a, int64_t n0, int64_t n1) { rows_entry(a, n0, n1
 }  // namespace modlora_cpu
 
 #pragma GCC pop_options
+
+#endif  // x86

@@ -1,6 +1,8 @@
 // AVX-512 BF16: when x and W are both bf16, the main product uses vdpbf16ps (32 bf16 products per
 // instruction, exact products, fp32 accumulation), so W is never converted. The driver calls this
 // only for bf16 x and bf16 W on CPUs with avx512_bf16; everything else goes to rows_avx512.
+// x86 only: on other CPUs this file compiles to nothing and the scalar kernel serves (rows_for).
+#if defined(__x86_64__) || defined(__i386__)
 // GCC 12 warns about deliberately undefined lanes inside its own avx512fintrin.h.
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -109,3 +111,5 @@ void rows_avx512bf16(const BankArgs& a, int64_t n0, int64_t n1) {
 }  // namespace modlora_cpu
 
 #pragma GCC pop_options
+
+#endif  // x86
