@@ -23,7 +23,9 @@ W, vectorised, OpenMP over W's rows; see csrc/lora_bank_cpu.cpp), else a plain-t
 non-CPU tensors to the torch path. ``MODLORA_DISABLE_C=1`` in the environment (read at import),
 :func:`set_c_enabled` or ``impl="torch"`` force the torch path; ``MODLORA_CPU_ISA=avx2`` (or
 ``scalar``, ``avx512``, ``avx512_bf16``) picks the kernel's vector ISA for testing.
-No inference-only shortcut changes results: the torch path computes the same function.
+Both paths compute the same function; in bf16 they round differently (the C++ op once, at the end;
+the torch path also rounds ``x W^T + b`` to bf16 before adding the LoRA part), and the tests bound
+each against a float64 oracle.
 """
 
 from __future__ import annotations
@@ -90,8 +92,9 @@ def lora_bank_linear_torch(x: Tensor, weight: Tensor, bias: Tensor | None, A_ban
                            B_bank: Tensor | None, row_pair: Tensor | None) -> Tensor:
     """Plain-torch ``lora_bank_linear`` on 2-D ``x``; result in x's dtype.
 
-    ``x W^T + b`` runs in W's dtype when x has it (torch's GEMMs accumulate bf16 in fp32), else in
-    fp32; the LoRA part is computed in fp32 and added before the single cast to x's dtype.
+    ``x W^T + b`` runs in W's dtype when x has it (torch's GEMMs accumulate bf16 in fp32 and round
+    the result to bf16), else in fp32; the LoRA part is computed in fp32, added to it in fp32, and
+    the sum is cast to x's dtype.
     """
     if row_pair is not None and x.shape[0] and A_bank is not None:
         lo, hi = int(row_pair.min()), int(row_pair.max())
