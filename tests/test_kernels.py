@@ -199,6 +199,16 @@ def test_clear_errors():
         dual_lora_linear(x[:, :32], W, None, (lin[0][:, :32], lin[1], 1.0), None)
 
 
+@pytest.mark.parametrize("variant", [None, "fused"])
+@pytest.mark.parametrize("strategy", ["output", "ab"])
+def test_many_row_tiles(strategy, variant):
+    """M = 300: several row tiles (grouped tile order), 128-wide column tiles, and the dispatcher's
+    own pick (None: split above FUSED_MAX_M); every gradient, with the base trained too."""
+    case = make_case(torch.float32, 300, 64, 160, 4, 4, learned=True, train_base=True)
+    assert dual_lora.pick_variant(300) == "split"
+    assert_matches(case, torch.float32, strategy=strategy, variant=variant)
+
+
 @pytest.mark.parametrize("variant", ["fused", "split"])
 def test_strided_bias(variant):
     case = make_case(torch.float32, 7, 64, 48, 4, 8)
