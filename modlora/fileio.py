@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _fsync(path: str | os.PathLike) -> None:
@@ -29,11 +23,10 @@ def atomic_write(target: str | os.PathLike, write: Callable[[str], None]) -> Pat
     gets the usual permissions (0666 less the umask), not mkstemp's 0600."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    os.close(fd)
+    tmp = str(target.parent / f".{target.name}.{secrets.token_hex(4)}")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # mode 0666, less the umask
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
         _fsync(tmp)
         os.replace(tmp, target)
     except BaseException:

@@ -190,8 +190,10 @@ class Qwen2Model(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
         vocab = self.embed_tokens.num_embeddings
-        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < vocab:
-            raise ValueError(f"token ids must be in [0, {vocab}), got {int(input_ids.min())}..{int(input_ids.max())}")
+        if input_ids.numel():
+            lo, hi = (int(v) for v in torch.aminmax(input_ids))  # one reduction, one sync
+            if lo < 0 or hi >= vocab:
+                raise ValueError(f"token ids must be in [0, {vocab}), got {lo}..{hi}")
         b, t = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)

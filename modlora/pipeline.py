@@ -268,11 +268,12 @@ class Pipeline:
         todo = []
         for config in self.configurations():
             stored = self._stored_settings(config)
-            if stored is not None and stored != settings:
+            if stored == settings:
+                continue
+            if stored is not None:
                 self.log(f"eval {config.name}: {self.eval_path(config)} was made with {stored}; redoing it with "
                          f"{settings}")
-            if stored != settings:
-                todo.append(config)
+            todo.append(config)
         for config in todo:
             data = data or self._split(cfg.data.eval_split, cfg.data.eval_limit)
             learned = None
