@@ -65,6 +65,12 @@ def _pipeline_args(p: argparse.ArgumentParser, *, config_positional: bool = Fals
     p.add_argument("--strategies", help="comma-separated merge strategies to learn and evaluate: output,ab")
 
 
+def _data_parallel_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-parallel", action="store_true",
+                   help="under torchrun: train each job on all processes (DDP; global batch = batch size x "
+                        "grad accum x processes) instead of giving each process its own jobs")
+
+
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=_positive_int, help="passes over the data (default: the config's)")
     p.add_argument("--lr", type=_positive_float, help="peak learning rate (default: the config's)")
@@ -111,28 +117,39 @@ def _auto_threads(args: argparse.Namespace, model_path: str | None, preset: str)
 
 
 def _stage(args: argparse.Namespace) -> int:
+    from . import distributed
     from .pipeline import RANDOM_BASE_NOTE, Pipeline
 
     cfg = _config(args)
     _auto_threads(args, cfg.model.path, cfg.model.preset)
     pipe = Pipeline(cfg)
-    started = time.perf_counter()
-    if args.command == "train-adapters":
-        pipe.train_adapters()
-        print(pipe.pool.listing())
-    elif args.command == "learn-weights":
-        pipe.learn_weights()
-        print(f"learned weights under {pipe.out / 'weights'}")
-    elif args.command == "evaluate":
-        pipe.evaluate()
-        print(pipe.table())
-    elif args.command == "table":
-        print(pipe.table())
-    else:
-        print(pipe.run())
-    print(f"done in {time.perf_counter() - started:.0f}s; outputs in {pipe.out}", file=sys.stderr)
-    if args.command in ("run", "evaluate", "table") and not cfg.model.path:
-        print(RANDOM_BASE_NOTE, file=sys.stderr)
+    ctx = distributed.init(args.command, cfg.to_dict(), data_parallel=getattr(args, "data_parallel", False))
+    try:
+        counts = pipe.job_counts()
+        for stage in counts if args.command == "run" else [args.command]:
+            if stage in counts:
+                ctx.check_jobs(stage, counts[stage][0], training=counts[stage][1])
+        started = time.perf_counter()
+        if args.command == "train-adapters":
+            pipe.train_adapters()
+            output = pipe.pool.listing() if ctx.is_writer else ""
+        elif args.command == "learn-weights":
+            pipe.learn_weights()
+            output = f"learned weights under {pipe.out / 'weights'}"
+        elif args.command == "evaluate":
+            pipe.evaluate()
+            output = pipe.table() if ctx.is_writer else ""
+        elif args.command == "table":
+            output = pipe.table() if ctx.is_writer else ""
+        else:
+            output = pipe.run()
+    finally:
+        distributed.shutdown()
+    if ctx.is_writer:  # of several processes, rank 0 reports
+        print(output)
+        print(f"done in {time.perf_counter() - started:.0f}s; outputs in {pipe.out}", file=sys.stderr)
+        if args.command in ("run", "evaluate", "table") and not cfg.model.path:
+            print(RANDOM_BASE_NOTE, file=sys.stderr)
     return 0
 
 
@@ -273,11 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=_positive_float, help="LoRA alpha (default: 2 * rank)")
     p.add_argument("--dropout", type=_probability,
                    help="LoRA dropout on the adapters' input while training (default: 0)")
+    _data_parallel_arg(p)
     p.set_defaults(func=_stage)
 
     p = sub.add_parser("learn-weights", help="stage 2: per-layer merge weights of every direction (resumes)")
     _pipeline_args(p)
     _train_args(p)
+    _data_parallel_arg(p)
     p.set_defaults(func=_stage)
 
     p = sub.add_parser("evaluate", help="stage 3: chrF++ of every direction and configuration, then the table")
@@ -294,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     _pipeline_args(p, config_positional=True)
     _train_args(p)
     _eval_args(p)
+    _data_parallel_arg(p)
     p.set_defaults(func=_stage)
     return parser
 

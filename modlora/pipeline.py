@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .data import DEFAULT_LANGS, PIVOT, adapter_jobs, directions, load_split
 from .evaluate import (
     EvalConfig,
@@ -206,12 +207,21 @@ class Pipeline:
 
     # -- stages -------------------------------------------------------------------------------
 
+    def job_counts(self) -> dict[str, tuple[int, bool]]:
+        """Independent jobs of each stage (the units torchrun's ranks share), and whether it trains."""
+        cfg, n = self.config, len(self.directions())
+        counts = {"train-adapters": (2 * len(cfg.data.langs), True),
+                  "evaluate": (len(self.configurations()) * n, False)}
+        if cfg.eval.learned:
+            counts["learn-weights"] = (len(cfg.eval.strategies) * n, True)
+        return counts
+
     def train_adapters(self) -> None:
         """Stage 1: the 2n English-centric adapters."""
-        cfg = self.config
+        cfg, ctx = self.config, distributed.current()
         lora = resolve_lora(self.model, cfg.lora)
         data = None
-        for job in adapter_jobs(cfg.data.langs, cfg.data.pivot):
+        for job in ctx.training_jobs(adapter_jobs(cfg.data.langs, cfg.data.pivot)):
             if (job.lang, job.side) in self.pool:
                 self.log(f"{job}: done (in {self.pool.path(job.lang, job.side)})")
                 continue
@@ -219,26 +229,29 @@ class Pipeline:
             pairs = list(zip(data[job.src], data[job.tgt], strict=True))
             adapter = train_adapter(self.model, self.tokenizer, job.lang, job.side, job.src, job.tgt, pairs, lora,
                                     cfg.train, self.out / "train" / f"{job.lang}-{job.side}", log=self.log)
-            self.pool.save(adapter)
+            if ctx.writes_job_files:
+                self.pool.save(adapter)
+        ctx.barrier()
 
     def weights_path(self, strategy: str, src: str, tgt: str) -> Path:
         return self.out / "weights" / strategy / f"{src}-{tgt}" / "weights.json"
 
     def learn_weights(self) -> None:
         """Stage 2: per-layer merge weights of every direction, for each evaluated strategy."""
-        cfg = self.config
+        cfg, ctx = self.config, distributed.current()
         if not cfg.eval.learned:
             return
         data = None
-        for strategy in cfg.eval.strategies:
-            for src, tgt in self.directions():
-                path = self.weights_path(strategy, src, tgt)
-                if path.is_file():
-                    continue
-                data = data or self._split(cfg.data.train_split, cfg.data.weights_limit or cfg.data.train_limit)
-                pairs = list(zip(data[src], data[tgt], strict=True))
-                learn_weights(self.model, self.tokenizer, self.pool.get(src, "in"), self.pool.get(tgt, "out"), src,
-                              tgt, pairs, strategy, cfg.weights, path.parent, log=self.log)
+        jobs = [(strategy, src, tgt) for strategy in cfg.eval.strategies for src, tgt in self.directions()]
+        for strategy, src, tgt in ctx.training_jobs(jobs):
+            path = self.weights_path(strategy, src, tgt)
+            if path.is_file():
+                continue
+            data = data or self._split(cfg.data.train_split, cfg.data.weights_limit or cfg.data.train_limit)
+            pairs = list(zip(data[src], data[tgt], strict=True))
+            learn_weights(self.model, self.tokenizer, self.pool.get(src, "in"), self.pool.get(tgt, "out"), src,
+                          tgt, pairs, strategy, cfg.weights, path.parent, log=self.log)
+        ctx.barrier()
 
     def configurations(self) -> list[EvalConfig]:
         e = self.config.eval
@@ -254,44 +267,64 @@ class Pipeline:
         return {"split": d.eval_split, "eval_limit": d.eval_limit, "langs": list(d.langs),
                 "num_beams": e.num_beams, "max_new_tokens": e.max_new_tokens}
 
-    def _stored_settings(self, config: EvalConfig) -> dict | None:
-        path = self.eval_path(config)
+    def cell_path(self, config: EvalConfig, src: str, tgt: str) -> Path:
+        return self.out / "eval" / "cells" / config.slug / f"{src}-{tgt}.json"
+
+    @staticmethod
+    def _stored_settings(path: Path) -> dict | None:
         return read_json(path).get("settings") if path.is_file() else None
 
     def evaluate(self) -> None:
-        """Stage 3: translate the evaluation split in every direction under every configuration."""
+        """Stage 3: translate the evaluation split in every direction under every configuration.
+
+        The jobs are cells, one configuration in one direction, each written to its own file (by
+        the rank that owns it); rank 0 then gathers each configuration's cells into one file.
+        """
         from .adapters import load_learned_weights
 
-        cfg = self.config
-        data = None
+        cfg, ctx = self.config, distributed.current()
         settings = self.eval_settings()
         todo = []
         for config in self.configurations():
-            stored = self._stored_settings(config)
+            stored = self._stored_settings(self.eval_path(config))
             if stored == settings:
                 continue
-            if stored is not None:
+            if stored is not None and ctx.is_writer:
                 self.log(f"eval {config.name}: {self.eval_path(config)} was made with {stored}; redoing it with "
                          f"{settings}")
             todo.append(config)
-        for config in todo:
-            data = data or self._split(cfg.data.eval_split, cfg.data.eval_limit)
+        cells = [(config, src, tgt) for config in todo for src, tgt in self.directions()]
+        mine = [c for c in ctx.shard(cells) if self._stored_settings(self.cell_path(*c)) != settings]
+        if mine:
+            data = self._split(cfg.data.eval_split, cfg.data.eval_limit)
+            bar = Progress(sum(len(data[src]) for _, src, _ in mine), f"eval ({len(mine)} cells)")
+        for config, src, tgt in mine:
             learned = None
             if config.learned:
-                learned = {}
-                for src, tgt in self.directions():
-                    w = load_learned_weights(self.weights_path(config.strategy, src, tgt))
-                    learned[(src, tgt)] = (w.w_in, w.w_out)
-            n = sum(len(data[src]) for src, _ in self.directions())
-            bar = Progress(n, f"eval {config.name}")
-            results = evaluate_configuration(
-                self.model, self.tokenizer, config, self.directions(), data, data, pool=self.pool, learned=learned,
+                w = load_learned_weights(self.weights_path(config.strategy, src, tgt))
+                learned = {(src, tgt): (w.w_in, w.w_out)}
+            result = evaluate_configuration(
+                self.model, self.tokenizer, config, [(src, tgt)], data, data, pool=self.pool, learned=learned,
                 num_beams=cfg.eval.num_beams, batch_size=cfg.eval.batch_size,
-                max_new_tokens=cfg.eval.max_new_tokens, progress=bar.update)
+                max_new_tokens=cfg.eval.max_new_tokens, progress=bar.update)[(src, tgt)]
+            atomic_write_json(self.cell_path(config, src, tgt), {
+                "config": dataclasses.asdict(config), "settings": settings, "src": src, "tgt": tgt, **result})
+        if mine:
             bar.close()
-            atomic_write_json(self.eval_path(config), {
-                "config": dataclasses.asdict(config), "settings": settings,
-                "directions": [{"src": s, "tgt": t, **r} for (s, t), r in results.items()]})
+        ctx.barrier()
+        if ctx.is_writer:
+            for config in todo:
+                atomic_write_json(self.eval_path(config), {
+                    "config": dataclasses.asdict(config), "settings": settings,
+                    "directions": [self._cell(config, src, tgt, settings) for src, tgt in self.directions()]})
+
+    def _cell(self, config: EvalConfig, src: str, tgt: str, settings: dict) -> dict:
+        path = self.cell_path(config, src, tgt)
+        raw = read_json(path)
+        if raw.get("settings") != settings:
+            raise ValueError(f"{path} was made with {raw.get('settings')}, not {settings}: run the evaluate stage "
+                             "again")
+        return {"src": src, "tgt": tgt, **{k: raw[k] for k in ("score", "signature", "hypotheses")}}
 
     def table(self) -> str:
         """Stage 4: gather the evaluation files into ``results.json`` and ``table.md``; returns the Markdown."""
@@ -326,14 +359,14 @@ class Pipeline:
         return md
 
     def run(self) -> str:
-        """All stages; returns the Markdown table."""
+        """All stages; returns the Markdown table (rank 0 of several processes writes it, the others return "")."""
         previous = self.out / "config.json"
-        if previous.is_file() and read_json(previous) != json.loads(
-                json.dumps(self.config.to_dict())):
-            self.log(f"warning: {previous} differs from this config; finished stages are reused as they are "
-                     "(delete them, or use another --out, to redo them)")
-        atomic_write_json(previous, self.config.to_dict())
+        if distributed.current().is_writer:
+            if previous.is_file() and read_json(previous) != json.loads(json.dumps(self.config.to_dict())):
+                self.log(f"warning: {previous} differs from this config; finished stages are reused as they are "
+                         "(delete them, or use another --out, to redo them)")
+            atomic_write_json(previous, self.config.to_dict())
         self.train_adapters()
         self.learn_weights()
         self.evaluate()
-        return self.table()
+        return self.table() if distributed.current().is_writer else ""

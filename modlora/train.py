@@ -14,9 +14,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -28,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import distributed
 from .fileio import atomic_write, atomic_write_text
 from .progress import Progress
 
@@ -316,9 +319,13 @@ def train(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples
     for p in params:
         p.requires_grad_(True)
     device = params[0].device
+    # Data parallel: every rank walks the global batches and trains on its slice of each.
+    dp = distributed.DataParallel(distributed.current()) if distributed.current().data_parallel else None
+    batch_size = dp.global_batch_size(cfg.batch_size) if dp else cfg.batch_size
+    writer = dp is None or dp.ctx.is_writer
 
     lengths = [len(ids) for ids, _ in examples]
-    n_batches = math.ceil(len(examples) / cfg.batch_size)
+    n_batches = math.ceil(len(examples) / batch_size)
     steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
     total = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
@@ -330,9 +337,11 @@ def train(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(round(cfg.warmup_ratio * total), total))
 
     orders: dict[int, list[list[int]]] = {}
-    order = lambda epoch: orders.setdefault(epoch, bucketed_batches(lengths, cfg.batch_size, cfg.seed * 1000 + epoch))
+    order = lambda epoch: orders.setdefault(epoch, bucketed_batches(lengths, batch_size, cfg.seed * 1000 + epoch))
     config_record = {**dataclasses.asdict(cfg), "num_examples": len(examples),
                      "param_shapes": [list(p.shape) for p in params]}
+    if dp:  # another world size is another global batch: that checkpoint does not resume here
+        config_record["data_parallel_world_size"] = dp.ctx.world_size
 
     step = 0
     if ckpt_path.is_file():
@@ -351,17 +360,24 @@ def train(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples
                 p.copy_(saved)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        if log_path.is_file():  # drop log lines of steps after the checkpoint (they will be redone)
+        _set_rng_state(state["rng"][dp.ctx.rank] if dp else state["rng"])
+        if writer and log_path.is_file():  # drop log lines of steps after the checkpoint (they will be redone)
             kept = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
             atomic_write_text(log_path, "".join(ln + "\n" for ln in kept))
         log(f"{desc}: resumed at step {step}/{total}")
     else:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
-        log_path.unlink(missing_ok=True)
+        if dp:
+            dp.seed(cfg.seed)
+        if writer:
+            log_path.unlink(missing_ok=True)
 
     def save_checkpoint(rng: dict) -> None:
+        if dp:  # every rank's RNG state; rank 0 writes
+            rng = dp.ctx.gather(rng)
+            if not writer:
+                return
         state = {"config": config_record, "step": step, "order": order(min(step, total - 1) // steps_per_epoch),
                  "params": [p.detach().clone() for p in params], "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "rng": rng}
@@ -373,24 +389,35 @@ def train(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples
     model.train()
     losses: list[float] = []
     bar = Progress(total, desc, initial=step)
+    loss_of = lambda batch: completion_loss(model, *batch, cfg.ce_chunk_tokens, cfg.share_prefix)[0]
+    ddp = dp.wrap(model, params, loss_of) if dp else None
     # rng_of_step: the RNG state that goes with `step` finished steps (the next step starts from it).
     saved, updating, rng_of_step = step, False, _rng_state()
     try:
-        with open(log_path, "a", encoding="utf-8") as log_file:
+        with open(log_path if writer else os.devnull, "a", encoding="utf-8") as log_file:
             while step < total and (stop_after is None or len(losses) < stop_after):
                 epoch, k = divmod(step, steps_per_epoch)
                 micro = order(epoch)[k * cfg.grad_accum:(k + 1) * cfg.grad_accum]
-                batches = [collate([examples[i] for i in b], pad_id) for b in micro]
-                n_trained = sum(int(m[:, 1:].sum()) for _, _, m in batches)
+                n_trained = sum(sum(examples[i][1][1:]) for b in micro for i in b)
+                if dp:
+                    micro = [dp.part(b) for b in micro]
+                batches = [collate([examples[i] for i in b], pad_id) if b else None for b in micro]
                 started = time.perf_counter()
                 step_loss = 0.0
-                for ids, attn, mask in batches:
-                    with autocast:
-                        loss_sum, _ = completion_loss(model, ids.to(device), attn.to(device), mask.to(device),
-                                                      cfg.ce_chunk_tokens, cfg.share_prefix)
-                    loss = loss_sum / n_trained
-                    loss.backward()
+                for j, batch in enumerate(batches):
+                    on_device = batch and tuple(t.to(device) for t in batch)
+                    if ddp is None:
+                        with autocast:
+                            loss = loss_of(on_device) / n_trained
+                        loss.backward()
+                    else:  # gradients all-reduced after the last micro-batch, averaged: scale to a sum
+                        with contextlib.nullcontext() if j == len(batches) - 1 else ddp.no_sync():
+                            with autocast:
+                                loss = ddp(on_device) / n_trained
+                            (loss * dp.ctx.world_size).backward()
                     step_loss += float(loss.detach())
+                if dp:
+                    step_loss = dp.ctx.all_sum(step_loss)
                 grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0
                              else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
                 lr = scheduler.get_last_lr()[0]
@@ -402,7 +429,7 @@ def train(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples
                 rng_of_step = _rng_state()
                 updating = False
                 losses.append(step_loss)
-                tokens = sum(int(a.sum()) for _, a, _ in batches)
+                tokens = sum(int(b[1].sum()) for b in batches if b)
                 seconds = time.perf_counter() - started
                 record = {"step": step, "epoch": epoch, "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
                           "tokens": tokens, "trained_tokens": n_trained, "tokens_per_s": tokens / seconds}
@@ -415,7 +442,7 @@ def train(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples
     except KeyboardInterrupt:
         # Outside an update the weights, optimizer and scheduler are those of `step` finished steps:
         # keep them (the interrupted step is redone from rng_of_step). Inside an update, they are not.
-        if not updating and step > saved:
+        if not updating and step > saved and dp is None:  # data parallel: the other ranks may be gone
             save_checkpoint(rng_of_step)
             log(f"{desc}: interrupted; checkpoint at step {step}/{total}")
         raise
@@ -474,17 +501,20 @@ def learn_weights(model, tokenizer, lora_in, lora_out, src: str, tgt: str, pairs
     theta = model.enable_weight_learning(lora_in, lora_out, strategy)  # binds frozen copies of the adapters
     examples = [training_example(tokenizer, src, tgt, s, t) for s, t in pairs]
     work_dir = Path(work_dir)
+    writer = distributed.current().writes_job_files  # data parallel: rank 0 writes
     try:
         result = train(model, [theta], examples, cfg, work_dir, pad_id=tokenizer.pad_id,
                        desc=f"weights {src}->{tgt} {strategy}", stop_after=stop_after, log=log)
         if result["done"]:
             weights = model.learned_weights()
-            save_learned_weights(model, work_dir / "weights.json")
+            if writer:
+                save_learned_weights(model, work_dir / "weights.json")
     finally:
         model.clear_adapters()
     if not result["done"]:
         return None
-    plot_weights(weights, work_dir / "weights.png", f"{src}->{tgt} ({strategy})", log=log)
+    if writer:
+        plot_weights(weights, work_dir / "weights.png", f"{src}->{tgt} ({strategy})", log=log)
     return weights
 
 
