@@ -12,8 +12,8 @@ those variables everything here is the single process: one rank owning every job
   the outputs equal a one-process run's and a restarted rank finds its own checkpoints.
 - **Data parallel** (``--data-parallel``): the training jobs run one after another on all ranks;
   each step's global micro-batches (``batch_size * world_size`` examples each, the same batches a
-  single process with that batch size trains on) are cut into one slice per rank, gradients are
-  averaged by :class:`~torch.nn.parallel.DistributedDataParallel`, and rank 0 writes checkpoints.
+  single process with that batch size trains on) are cut into one slice per rank, the ranks'
+  gradients are summed by one all-reduce per optimizer step, and rank 0 writes checkpoints.
 
 Every collective has a timeout: ``STARTUP_TIMEOUT`` for the start-up checks, ``MODLORA_DIST_TIMEOUT``
 seconds (default 6 hours: the stage barriers wait for the slowest rank's jobs) for the rest.
@@ -93,13 +93,13 @@ class Context:
         if self.active:
             dist.barrier(group=self._stage)
 
-    def all_sum(self, value: float) -> float:
-        """Sum of ``value`` over the ranks (float64, on the CPU group)."""
+    def all_sum(self, values: Sequence[float]) -> list[float]:
+        """Each of ``values`` summed over the ranks (float64, on the CPU group)."""
         if not self.active:
-            return value
-        t = torch.tensor([value], dtype=torch.float64)
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(t, group=self._stage)
-        return float(t.item())
+        return t.tolist()
 
     def gather(self, obj: object) -> list[object]:
         """``obj`` of every rank, in rank order (JSON-able objects and tensors)."""
@@ -200,24 +200,14 @@ def _label_stderr(ctx: Context) -> None:
 # Data parallel inside one training job
 
 
-class _Loss(torch.nn.Module):
-    """The module DDP wraps: the trained parameters only (the frozen base is not DDP's to sync),
-    and a forward that returns this rank's share of the step's loss."""
-
-    def __init__(self, model: torch.nn.Module, params: Sequence[torch.nn.Parameter], loss_fn) -> None:
-        super().__init__()
-        self.trained = torch.nn.ParameterList(params)
-        object.__setattr__(self, "_model", model)  # not a submodule: DDP must not broadcast the base
-        self._loss_fn = loss_fn
-
-    def forward(self, batch) -> torch.Tensor:
-        if batch is None:  # this rank's slice is empty: still join the gradient all-reduce
-            return sum(p.sum() for p in self.trained) * 0.0
-        return self._loss_fn(self._model, *batch)
-
-
 class DataParallel:
-    """One training job on every rank; used by :func:`modlora.train.train` when the context says so."""
+    """One training job on every rank; used by :func:`modlora.train.train` when the context says so.
+
+    Each rank backpropagates its slice of the step's batches with the loss normalised by the
+    step's global trained-token count, then :meth:`sum_gradients` adds the ranks' gradients: the
+    gradient of the whole global batch, as one process computes it. (DDP's module wrapper cannot
+    be used: adapter tensors are plain leaf tensors, not ``nn.Parameter`` of a module.)
+    """
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -231,14 +221,13 @@ class DataParallel:
         per = -(-len(batch) // self.ctx.world_size)
         return list(batch[self.ctx.rank * per:(self.ctx.rank + 1) * per])
 
-    def wrap(self, model: torch.nn.Module, params: Sequence[torch.nn.Parameter], loss_fn):
-        """DDP over the trained parameters; call it with a batch tuple (or None) for a loss tensor.
-        DDP averages gradients over ranks, so the caller scales its loss by the world size."""
-        from torch.nn.parallel import DistributedDataParallel
-
-        device = params[0].device
-        return DistributedDataParallel(_Loss(model, params, loss_fn),
-                                       device_ids=[device.index] if device.type == "cuda" else None)
+    def sum_gradients(self, params: Sequence[torch.Tensor]) -> None:
+        """Replace every ``p.grad`` by its sum over the ranks: one all-reduce of the flattened grads."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        for p, chunk in zip(params, flat.split([g.numel() for g in grads]), strict=True):
+            p.grad = chunk.view_as(p).clone()
 
     def seed(self, seed: int) -> None:
         """Rank r draws its own LoRA-dropout masks (rank 0 those of a single process)."""

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -389,8 +388,6 @@ def train(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples
     model.train()
     losses: list[float] = []
     bar = Progress(total, desc, initial=step)
-    loss_of = lambda batch: completion_loss(model, *batch, cfg.ce_chunk_tokens, cfg.share_prefix)[0]
-    ddp = dp.wrap(model, params, loss_of) if dp else None
     # rng_of_step: the RNG state that goes with `step` finished steps (the next step starts from it).
     saved, updating, rng_of_step = step, False, _rng_state()
     try:
@@ -404,20 +401,18 @@ def train(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples
                 batches = [collate([examples[i] for i in b], pad_id) if b else None for b in micro]
                 started = time.perf_counter()
                 step_loss = 0.0
-                for j, batch in enumerate(batches):
-                    on_device = batch and tuple(t.to(device) for t in batch)
-                    if ddp is None:
-                        with autocast:
-                            loss = loss_of(on_device) / n_trained
-                        loss.backward()
-                    else:  # gradients all-reduced after the last micro-batch, averaged: scale to a sum
-                        with contextlib.nullcontext() if j == len(batches) - 1 else ddp.no_sync():
-                            with autocast:
-                                loss = ddp(on_device) / n_trained
-                            (loss * dp.ctx.world_size).backward()
+                for ids, attn, mask in filter(None, batches):  # a rank's slice of a short batch may be empty
+                    with autocast:
+                        loss_sum, _ = completion_loss(model, ids.to(device), attn.to(device), mask.to(device),
+                                                      cfg.ce_chunk_tokens, cfg.share_prefix)
+                    loss = loss_sum / n_trained  # over the global batch's trained tokens: ranks' grads add up
+                    loss.backward()
                     step_loss += float(loss.detach())
+                tokens = sum(int(b[1].sum()) for b in batches if b)
                 if dp:
-                    step_loss = dp.ctx.all_sum(step_loss)
+                    dp.sum_gradients(params)
+                    step_loss, tokens = dp.ctx.all_sum([step_loss, tokens])
+                    tokens = int(tokens)
                 grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0
                              else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
                 lr = scheduler.get_last_lr()[0]
@@ -429,7 +424,6 @@ def train(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples
                 rng_of_step = _rng_state()
                 updating = False
                 losses.append(step_loss)
-                tokens = sum(int(b[1].sum()) for b in batches if b)
                 seconds = time.perf_counter() - started
                 record = {"step": step, "epoch": epoch, "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
                           "tokens": tokens, "trained_tokens": n_trained, "tokens_per_s": tokens / seconds}
