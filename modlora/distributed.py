@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -157,6 +158,9 @@ def init(command: str, config: dict, *, data_parallel: bool = False) -> Context:
                          f"{hashes[odd[0]]} on rank {odd[0]}): start every rank with the same command, options and "
                          "config file")
     _label_stderr(ctx)
+    # torchrun stops the other workers with SIGTERM when one fails: exit through Python, so
+    # atomic writes in progress remove their temp files.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     return ctx
 
 
