@@ -116,7 +116,11 @@ def test_two_ranks_killed_mid_stage_resume_and_equal_one_process(setup):
     while not first_of_rank1.exists() and time.monotonic() < deadline:
         time.sleep(0.01)
     procs[1].send_signal(signal.SIGKILL)  # mid-job: its checkpoint is at step 1 of 8
-    procs[0].terminate()
+    procs[0].terminate()  # as torchrun does: SIGTERM, then SIGKILL after a grace period
+    try:
+        procs[0].wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        procs[0].kill()
     _wait(procs)
     assert not (out / "pool" / "en" / "out").exists()
 
