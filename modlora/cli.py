@@ -67,7 +67,7 @@ def _pipeline_args(p: argparse.ArgumentParser, *, config_positional: bool = Fals
 
 def _data_parallel_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-parallel", action="store_true",
-                   help="under torchrun: train each job on all processes (DDP; global batch = batch size x "
+                   help="under torchrun: train each job on all processes (gradients summed; global batch = batch x "
                         "grad accum x processes) instead of giving each process its own jobs")
 
 
