@@ -29,7 +29,7 @@ def test_wheel_installs_modlora_and_its_kernels(tmp_path):
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True)
-    probe = ("import modlora, modlora.kernels, modlora.tokenizer as t, modlora._ext as e; "
+    probe = ("import modlora, modlora.kernels, modlora.tokenizer as t, modlora.cpu as e; "
              "print(modlora.__file__); print(modlora.kernels.__file__); print(t.Tokenizer.default().vocab_size); "
              "print(e.HAVE_C)")
     # -S: no .pth files run, so an editable install of modlora (CI's) cannot answer for the wheel.
