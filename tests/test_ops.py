@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from modlora import cpu, ops
-from modlora.adapters import LoraAdapter
+from modlora.adapters import AdapterController, LoraAdapter
 from modlora.config import Qwen2Config
 from modlora.kernels import dual_lora_linear_ref, pairwise_lora_linear_ref
-from modlora.model import Qwen2ForCausalLM
+from modlora.loading import random_model
 
 needs_c = pytest.mark.skipif(not cpu.HAVE_C, reason="modlora._C is not built (CI builds it)")
 CONFIG = Qwen2Config(vocab_size=503, hidden_size=96, intermediate_size=200, num_hidden_layers=2,
@@ -46,16 +46,17 @@ TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=2e-2
 @pytest.mark.parametrize("strategy", ["output", "ab"])
 @torch.no_grad()
 def test_model_logits_with_c_equal_torch_path(dtype, strategy):
-    model = Qwen2ForCausalLM.from_config(CONFIG, seed=1, dtype=dtype)
+    model = random_model(CONFIG, seed=1, dtype=dtype)
     lora_in, lora_out = random_adapter(model, 4, 1, "in"), random_adapter(model, 4, 2, "out")
-    model.set_adapters(lora_in, lora_out, w_in=0.3, w_out=0.7, strategy=strategy)
+    ctl = AdapterController(model)
+    ctl.set_adapters(lora_in, lora_out, w_in=0.3, w_out=0.7, strategy=strategy)
     ids = torch.randint(0, 503, (2, 5), generator=torch.Generator().manual_seed(0))
     cache = model.new_cache(2, 5, max_new_tokens=2, num_beams=1)
     fast = torch.stack((model.prefill(ids, None, cache), model.decode_step(ids[:, 0], cache)))
     with torch_path():
         cache = model.new_cache(2, 5, max_new_tokens=2, num_beams=1)
         slow = torch.stack((model.prefill(ids, None, cache), model.decode_step(ids[:, 0], cache)))
-        model.clear_adapters()
+        ctl.clear()
         plain = model(ids)[:, -1]
     torch.testing.assert_close(fast.float(), slow.float(), **TOL[dtype])
     assert (slow[0].float() - plain.float()).abs().max() > 0.05  # the adapters did change the logits
