@@ -101,7 +101,17 @@ def dual_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_in: Ad
                      strategy: str = "output", dropout: tuple[float, float] | None = None) -> Tensor:
     """``x W^T + b`` plus one or two adapters merged by ``strategy`` (docs/design.md, eq. 3 and 4).
 
-    ``dropout``: LoRA dropout probabilities ``(p_in, p_out)`` to apply (training), as PEFT does.
+    Args:
+        x: [..., K]; weight [N, K]; bias [N] or None.
+        lora_in, lora_out: ``(A [r, K], B [N, r], scale)`` or None.
+        w_in, w_out: floats or 0-dim tensors (which may require grad: learned weights).
+        dropout: LoRA dropout probabilities ``(p_in, p_out)`` to apply (training), as PEFT does.
+
+    Returns:
+        y [..., N] in x's dtype.
+
+    Raises:
+        ValueError: an unknown strategy, or unequal ranks under ``ab``.
     """
     if dropout is not None and any(dropout):
         return linear(x, weight, bias) + _dropped_lora_delta(x, lora_in, lora_out, w_in, w_out, strategy, dropout)
@@ -131,7 +141,12 @@ def _dropped_lora_delta(x: Tensor, lora_in: Adapter | None, lora_out: Adapter | 
 def pairwise_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None,
                          pairs: Sequence[tuple[Adapter | None, Adapter | None, Weight, Weight]],
                          row_pair: Tensor, strategy: str = "output") -> Tensor:
-    """Like :func:`dual_lora_linear`, but batch row b uses the pair ``pairs[row_pair[b]]``."""
+    """Like :func:`dual_lora_linear`, but batch row b uses the pair ``pairs[row_pair[b]]``.
+
+    Args:
+        pairs: ``(lora_in, lora_out, w_in, w_out)`` per pair.
+        row_pair: [B] integer pair index per entry of dim 0 of x.
+    """
     weights = [w for p in pairs for w in p[2:]]
     if _use_cpu_kernel(x, weight, bias, *weights, *_adapter_tensors(*(a for p in pairs for a in p[:2]))):
         a_bank, b_bank = _packed(pairs, strategy, x.dtype)
