@@ -430,3 +430,11 @@ def test_learned_weights_json_is_per_direction(ours, tmp_path, ctl):
     raw = json.loads(ctl.learned_weights().save(tmp_path / "w.json").read_text())
     assert raw["w_in"] == [0.5] * L and raw["theta"] == [[1.0, 1.0]] * L
 
+
+
+def test_one_controller_per_model(ours, ctl):
+    ctl.set_adapters(adapter(ours, 4, 8, seed=1), w_in=1.0)
+    with pytest.raises(AdapterError, match="another AdapterController"):
+        AdapterController(ours)
+    ctl.clear()
+    assert AdapterController(ours).model is ours  # nothing bound any more: a new owner is fine
