@@ -7,7 +7,7 @@ import torch
 from hf_reference import hf_model, save_hf
 
 from modlora.adapters import AdapterController, LoraAdapter
-from modlora.generation import generate, translate
+from modlora.generation import SearchParams, generate, translate
 from modlora.loading import load_pretrained
 from modlora.model import Qwen2ForCausalLM
 
@@ -113,6 +113,10 @@ def test_argument_errors(models, prompts):
         generate(ours, ids, mask, num_beams=2, num_return_sequences=3, eos_token_id=EARLY_EOS, pad_token_id=PAD)
     with pytest.raises(ValueError, match="early_stopping"):
         generate(ours, ids, mask, early_stopping="sometimes", eos_token_id=EARLY_EOS, pad_token_id=PAD)
+    with pytest.raises(ValueError, match="num_beams must be >= 1"):
+        SearchParams(num_beams=0)
+    with pytest.raises(ValueError, match="row_pair needs adapters="):
+        generate(ours, ids, mask, row_pair=torch.tensor([0, 0, 0]), eos_token_id=EARLY_EOS, pad_token_id=PAD)
 
 
 class CharTokenizer:
