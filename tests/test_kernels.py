@@ -99,8 +99,7 @@ def run(case, op, cast=None, magnitude=False, **kw):
     w = {name: get(f"w_{name}", v) if isinstance(v, torch.Tensor) else v for name, v in case["w"].items()}
     y = op(x, get("W", case["W"]), get("b", case["b"]), adapters.get("in"), adapters.get("out"),
            w["in"], w["out"], **kw)
-    dy = fix(_dy(case, y.shape).to(y.dtype))
-    grads = torch.autograd.grad(y, list(leaves.values()), dy.to(y.dtype))
+    grads = torch.autograd.grad(y, list(leaves.values()), fix(_dy(case, y.shape).to(y.dtype)))
     return {"y": y, **dict(zip(leaves, grads, strict=True))}
 
 
@@ -118,10 +117,10 @@ def chain_lengths(case) -> dict[str, int]:
             "w_in": k + n + m * r + r * k + n * r, "w_out": k + n + m * r + r * k + n * r}
 
 
-def errors(case, dtype, op=dual_lora_linear, **kw):
+def errors(case, dtype, **kw):
     """Per tensor: the largest ratio of the kernel's error (vs float64) to its bound, and that error."""
     strategy = kw.get("strategy", "output")
-    out = run(case, op, **kw)
+    out = run(case, dual_lora_linear, **kw)
     hi = run(case, dual_lora_linear_ref, cast=torch.float64, strategy=strategy)
     mag = run(case, dual_lora_linear_ref, cast=torch.float64, magnitude=True, strategy=strategy)
     merged = strategy == "ab" and len(case["adapters"]) == 2
