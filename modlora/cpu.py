@@ -19,6 +19,8 @@ vectorised, OpenMP over W's rows; csrc/lora_bank_cpu.cpp), else :func:`lora_bank
 it has no autograd. This module runs the op; :mod:`modlora.ops` decides when to use it.
 ``MODLORA_DISABLE_C=1`` in the environment (read at import) leaves ``_C`` unloaded;
 ``MODLORA_CPU_ISA=avx2`` (or ``scalar``, ``avx512``, ``avx512_bf16``) picks the kernel's vector ISA.
+With bf16 x and W, ``avx512_bf16`` (``vdpbf16ps``) treats bf16 subnormal inputs (|v| < 2^-126) as
+zero, as torch's own oneDNN/AMX bf16 GEMMs do; the other ISAs widen them to fp32 exactly.
 In bf16 the two kernels round differently (the C++ op once, at the end; the torch one also rounds
 ``x W^T + b`` to bf16 before adding the LoRA part); the tests bound each against a float64 oracle.
 """
