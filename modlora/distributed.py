@@ -182,7 +182,9 @@ class _RankStream:
 
     def write(self, text: str) -> int:
         for part in text.replace("\r", "\n").splitlines(keepends=True):
-            if self.at_line_start and part.strip():
+            if self.at_line_start and part == "\n":  # a redraw's carriage return after a finished line
+                continue
+            if self.at_line_start:
                 self.stream.write(self.label)
             self.stream.write(part)
             self.at_line_start = part.endswith("\n")
