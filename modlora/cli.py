@@ -15,6 +15,8 @@ import sys
 import time
 from collections.abc import Sequence
 
+from .paper import PAPER_TABLE
+
 RUN_EPILOG = """examples:
   modlora run                              # the demo: random tiny base, FLORES slice, a few minutes on CPU
   modlora run --model Qwen2.5-0.5B-Instruct  # the paper: full FLORES-101 dev/devtest (GPU advised)
@@ -55,7 +57,8 @@ def _pipeline_args(p: argparse.ArgumentParser, *, config_positional: bool = Fals
         p.add_argument("config", nargs="?", help="TOML config (default: the demo, or the paper's setup with --model)")
     else:
         p.add_argument("--config", help="TOML config (default: the demo, or the paper's setup with --model)")
-    p.add_argument("--model", help="HF Qwen2 checkpoint directory (default: the random tiny preset)")
+    p.add_argument("--model", help="HF Qwen2 checkpoint directory, or a hub id (Qwen/Qwen2.5-0.5B-Instruct) in the "
+                                   "local Hugging Face cache (default: the random tiny preset)")
     p.add_argument("--preset", help="random-weight preset when no --model: tiny or qwen2.5-0.5b")
     p.add_argument("--out", help="output directory (default: the config's out_dir)")
     p.add_argument("--data", help="FLORES-style folder split/lang.txt (default: the vendored FLORES-101)")
@@ -120,6 +123,9 @@ def _stage(args: argparse.Namespace) -> int:
     if args.command == "train-adapters":
         pipe.train_adapters()
         print(pipe.pool.listing())
+    elif args.command == "train-full":
+        pipe.train_full()
+        print(f"full fine-tuning: {pipe.full_model_dir()}")
     elif args.command == "learn-weights":
         pipe.learn_weights()
         print(f"learned weights under {pipe.out / 'weights'}")
@@ -127,7 +133,7 @@ def _stage(args: argparse.Namespace) -> int:
         pipe.evaluate()
         print(pipe.table())
     elif args.command == "table":
-        print(pipe.table())
+        print(pipe.table(args.compare_paper))
     else:
         print(pipe.run())
     print(f"done in {time.perf_counter() - started:.0f}s; outputs in {pipe.out}", file=sys.stderr)
@@ -275,6 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LoRA dropout on the adapters' input while training (default: 0)")
     p.set_defaults(func=_stage)
 
+    p = sub.add_parser("train-full", help="stage 1b: the full-parameter fine-tuning baseline (resumes)",
+                       description="Fine-tune every parameter of the base (fp32 master weights) on the union of "
+                                   "the adapters' English-centric data; writes a Hugging Face checkpoint to "
+                                   "OUT/full/model.")
+    _pipeline_args(p)
+    _train_args(p)
+    p.set_defaults(func=_stage)
+
     p = sub.add_parser("learn-weights", help="stage 2: per-layer merge weights of every direction (resumes)")
     _pipeline_args(p)
     _train_args(p)
@@ -287,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("table", help="stage 4: print (and write) the Table 1 layout from finished evaluations")
     _pipeline_args(p)
+    p.add_argument("--compare-paper", nargs="?", const=str(PAPER_TABLE), metavar="FILE",
+                   help="also show our scores beside the paper's published Table 1 (default FILE: the shipped "
+                        "modlora/assets/paper_table1.json) and write OUT/compare.md")
     p.set_defaults(func=_stage)
 
     p = sub.add_parser("run", help="the whole pipeline from a config; skips what is done",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from safetensors.torch import save_file
 
 from .config import Qwen2Config, as_dtype
 from .fileio import atomic_write, atomic_write_text, read_json
+from .hub import resolve_model_path
 from .model import Qwen2ForCausalLM
 
 _INDEX = "model.safetensors.index.json"
@@ -50,12 +52,13 @@ def _build_empty(config: Qwen2Config, dtype: torch.dtype, device: torch.device |
 
 def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
                     device: torch.device | str | None = None) -> Qwen2ForCausalLM:
-    """Load an HF Qwen2 checkpoint directory; tensors stream one by one from safetensors into place.
+    """Load an HF Qwen2 checkpoint directory, or a hub id cached locally (:mod:`modlora.hub`); tensors
+    stream one by one from safetensors into place.
 
     dtype None keeps the checkpoint's dtype (config ``torch_dtype``/``dtype``). Base weights are
     frozen (``requires_grad=False``): adapters and mixing weights are what modlora trains.
     """
-    path = Path(path)
+    path = resolve_model_path(path)
     if not path.is_dir():
         what = "is a file, not a checkpoint directory" if path.exists() else "does not exist"
         raise FileNotFoundError(f"model directory {path} {what}")
@@ -96,8 +99,15 @@ def _set_parameter(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> N
 
 
 def random_model(config: Qwen2Config | str, *, seed: int = 0, dtype: torch.dtype | str | None = None,
-                 device: torch.device | str | None = None) -> Qwen2ForCausalLM:
-    """Seeded random weights of a config or preset name (HF's init: N(0, 0.02), unit norms, zero biases)."""
+                 device: torch.device | str | None = None, embed_std: float = 0.02) -> Qwen2ForCausalLM:
+    """Seeded random weights of a config or preset name (HF's init: N(0, 0.02), unit norms, zero biases).
+
+    ``embed_std`` sets the std of the embedding and output layer alone. At 0.02 a narrow model's
+    logits stay within about +-0.02 * hidden_size (1.3 for the tiny preset), so no training of the
+    layers below can make any token likely; the demo uses a larger one to show learning.
+    """
+    if not (math.isfinite(embed_std) and embed_std > 0):
+        raise ValueError(f"embed_std must be a positive number, got {embed_std}")
     if isinstance(config, str):
         config = Qwen2Config.preset(config)
     dtype = as_dtype(dtype)
@@ -109,7 +119,8 @@ def random_model(config: Qwen2Config | str, *, seed: int = 0, dtype: torch.dtype
         elif name.endswith(".bias"):
             value = torch.zeros(param.shape)
         else:
-            value = torch.randn(param.shape, generator=generator) * 0.02
+            std = embed_std if name in ("model.embed_tokens.weight", "lm_head.weight") else 0.02
+            value = torch.randn(param.shape, generator=generator) * std
         _set_parameter(model, name, value.to(device=device, dtype=dtype or config.torch_dtype))
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -34,6 +34,7 @@ from .progress import Progress
 Example = tuple[list[int], list[int]]  # token ids, loss mask (1 = trained target token)
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ROLE_SEED = {"in": 0, "out": 1}  # added to the training seed
 PAPER_FRACTION = 0.005  # the paper's trainable parameters per adapter, relative to the base model
 
 
@@ -105,38 +106,45 @@ def resolve_lora(model: torch.nn.Module, lora: LoraConfig) -> LoraConfig:
 class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of ``softmax(h W^T)`` at ``targets``, chunk by chunk over the rows of h.
 
-    Forward, per chunk c: ``z = h_c W^T`` (fp32), ``loss += sum(lse(z) - z[target])`` and, when h
-    needs a gradient, ``dh_c = (softmax(z) - onehot(target)) W``. Backward returns ``grad * dh``.
-    Only one chunk of logits [c, V] exists at a time; what is kept for backward is dh [N, C], the
-    size of h. W is the frozen output embedding: no gradient flows to it.
+    Forward, per chunk c: ``z = h_c W^T`` (fp32), ``loss += sum(lse(z) - z[target])`` and, with
+    ``d = softmax(z) - onehot(target)``, ``dh_c = d W`` when h needs a gradient and ``dW += d^T h_c``
+    when W does (full fine-tuning trains the output embedding). Only one chunk of logits [c, V]
+    exists at a time; what is kept for backward is dh [N, C] and dW [V, C], the sizes of h and W.
     """
 
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> Tensor:
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        needs_w = ctx.needs_input_grad[1]
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_w else None
         for start in range(0, h.shape[0], chunk):
             hc, tc = h[start:start + chunk], targets[start:start + chunk]
             logits = (hc @ weight.t()).float()
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
-            if grad_h is not None:
+            if grad_h is not None or grad_w is not None:
                 probs = logits.sub_(lse[:, None]).exp_()  # in place: the chunk's logits are no longer needed
                 probs[torch.arange(len(tc), device=h.device), tc] -= 1.0
-                grad_h[start:start + chunk] = probs.to(weight.dtype) @ weight
-        ctx.save_for_backward(grad_h)
+                if grad_h is not None:
+                    grad_h[start:start + chunk] = probs.to(weight.dtype) @ weight
+                if grad_w is not None:
+                    grad_w.addmm_(probs.t(), hc.float())
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
         return total
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, None, None, None]:
-        (grad_h,) = ctx.saved_tensors
-        return (grad_h * grad_out.to(grad_h.dtype)) if grad_h is not None else None, None, None, None
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        grad_h, grad_w = ctx.saved_tensors
+        grad_h = None if grad_h is None else grad_h * grad_out.to(grad_h.dtype)
+        grad_w = None if grad_w is None else (grad_w * grad_out.float()).to(ctx.weight_dtype)
+        return grad_h, grad_w, None, None
 
 
 def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk: int = 256) -> Tensor:
-    """Sum over rows of ``CE(h W^T, targets)``; h [N, C], weight [V, C] (frozen), targets [N]."""
-    if weight.requires_grad:
-        raise ValueError("linear_cross_entropy computes no gradient for the output embedding; freeze it")
+    """Sum over rows of ``CE(h W^T, targets)``; h [N, C], weight [V, C], targets [N]. W gets a
+    gradient (accumulated in fp32) only when it requires one."""
     return _LinearCrossEntropy.apply(h, weight, targets, chunk)
 
 
@@ -424,6 +432,9 @@ def train(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples
         model.train(was_training)
     if _fingerprint(base) != fingerprint:
         raise RuntimeError("the base model's weights changed during training")
+    if losses and step >= total:  # the whole run's first and last step (the log spans resumes)
+        first = json.loads(log_path.read_text().split("\n", 1)[0])["loss"]
+        log(f"{desc}: training loss {first:.2f} (step 1) -> {losses[-1]:.2f} (step {step})")
     return {"step": step, "total_steps": total, "done": step >= total, "losses": losses}
 
 
@@ -441,6 +452,9 @@ def train_adapter(model, tokenizer, lang: str, role: str, src: str, tgt: str,
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     lora = resolve_lora(model, lora)
+    # Each role its own seed (init and data order): in[en] and out[en] see the same en->en pairs and
+    # would otherwise come out byte-identical, where the paper trains two adapters.
+    cfg = dataclasses.replace(cfg, seed=cfg.seed + ROLE_SEED[role])
     adapter = LoraAdapter.init(model, rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules,
                                use_rslora=lora.use_rslora, dropout=lora.dropout, language=lang, role=role,
                                seed=cfg.seed)
@@ -464,9 +478,9 @@ def learn_weights(model, tokenizer, lora_in, lora_out, src: str, tgt: str, pairs
                   log=None) -> list[tuple[float, float]] | None:
     """Learn the per-layer ``(w_in, w_out) = softmax(theta)`` of a direction with both adapters frozen.
 
-    Writes ``weights.json`` (:func:`modlora.adapters.save_learned_weights`) and ``weights.png`` (w_out
-    per layer, when matplotlib is installed) in ``work_dir``; returns the weights, or None if
-    ``stop_after`` cut the run short.
+    Writes ``weights.json`` (:func:`modlora.adapters.save_learned_weights`) in ``work_dir``; returns
+    the weights, or None if ``stop_after`` cut the run short. (Figure 2 draws all directions at once:
+    :mod:`modlora.figures`.)
     """
     from .adapters import save_learned_weights
     from .prompt import training_example
@@ -474,6 +488,7 @@ def learn_weights(model, tokenizer, lora_in, lora_out, src: str, tgt: str, pairs
     theta = model.enable_weight_learning(lora_in, lora_out, strategy)  # binds frozen copies of the adapters
     examples = [training_example(tokenizer, src, tgt, s, t) for s, t in pairs]
     work_dir = Path(work_dir)
+    weights = None
     try:
         result = train(model, [theta], examples, cfg, work_dir, pad_id=tokenizer.pad_id,
                        desc=f"weights {src}->{tgt} {strategy}", stop_after=stop_after, log=log)
@@ -482,27 +497,4 @@ def learn_weights(model, tokenizer, lora_in, lora_out, src: str, tgt: str, pairs
             save_learned_weights(model, work_dir / "weights.json")
     finally:
         model.clear_adapters()
-    if not result["done"]:
-        return None
-    plot_weights(weights, work_dir / "weights.png", f"{src}->{tgt} ({strategy})", log=log)
     return weights
-
-
-def plot_weights(weights: Sequence[tuple[float, float]], path: str | Path, title: str, log=None) -> bool:
-    """w_out per layer (the paper's Figure 2); skipped with a log line without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        (log or print)(f"matplotlib is not installed: skipping the plot {path}")
-        return False
-    fig, ax = plt.subplots(figsize=(6, 3))
-    ax.plot(range(len(weights)), [w_out for _, w_out in weights], marker="o")
-    ax.axhline(0.5, color="gray", lw=0.5)
-    ax.set(xlabel="layer", ylabel="w_out", title=title, ylim=(0, 1))
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
-    return True
