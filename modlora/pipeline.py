@@ -208,6 +208,8 @@ class Pipeline:
         if self._full_model is None:
             from .model import Qwen2ForCausalLM
 
+            if not (self.full_model_dir() / "config.json").is_file():
+                raise FileNotFoundError(f"{self.full_model_dir()} is missing: run the train-full stage first")
             device, dtype = self._device_dtype()
             self._full_model = Qwen2ForCausalLM.from_pretrained(self.full_model_dir(), dtype=dtype, device=device)
         return self._full_model
@@ -278,15 +280,18 @@ class Pipeline:
             return
         data = None
         for strategy in cfg.eval.strategies:
+            learned = False
             for src, tgt in self.directions():
                 path = self.weights_path(strategy, src, tgt)
                 if path.is_file():
                     continue
+                learned = True
                 data = data or self._split(cfg.data.train_split, cfg.data.weights_limit or cfg.data.train_limit)
                 pairs = list(zip(data[src], data[tgt], strict=True))
                 learn_weights(self.model, self.tokenizer, self.pool.get(src, "in"), self.pool.get(tgt, "out"), src,
                               tgt, pairs, strategy, cfg.weights, path.parent, log=self.log)
-            self.figure2(strategy)
+            if learned or not (self.out / "weights" / strategy / "figure2.json").is_file():
+                self.figure2(strategy)
 
     def figure2(self, strategy: str) -> dict:
         """The paper's Figure 2 for one strategy from the learned weights: JSON and PNG beside them."""

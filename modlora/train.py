@@ -34,7 +34,7 @@ from .progress import Progress
 Example = tuple[list[int], list[int]]  # token ids, loss mask (1 = trained target token)
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ROLE_SEED = {"in": 0, "out": 1}  # added to the training seed
+ROLE_SEED = {"in": 1, "out": 0}  # added to the training seed
 PAPER_FRACTION = 0.005  # the paper's trainable parameters per adapter, relative to the base model
 
 
