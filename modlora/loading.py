@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
@@ -99,15 +98,8 @@ def _set_parameter(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> N
 
 
 def random_model(config: Qwen2Config | str, *, seed: int = 0, dtype: torch.dtype | str | None = None,
-                 device: torch.device | str | None = None, embed_std: float = 0.02) -> Qwen2ForCausalLM:
-    """Seeded random weights of a config or preset name (HF's init: N(0, 0.02), unit norms, zero biases).
-
-    ``embed_std`` sets the std of the embedding and output layer alone. At 0.02 a narrow model's
-    logits stay within about +-0.02 * hidden_size (1.3 for the tiny preset), so no training of the
-    layers below can make any token likely; the demo uses a larger one to show learning.
-    """
-    if not (math.isfinite(embed_std) and embed_std > 0):
-        raise ValueError(f"embed_std must be a positive number, got {embed_std}")
+                 device: torch.device | str | None = None) -> Qwen2ForCausalLM:
+    """Seeded random weights of a config or preset name (HF's init: N(0, 0.02), unit norms, zero biases)."""
     if isinstance(config, str):
         config = Qwen2Config.preset(config)
     dtype = as_dtype(dtype)
@@ -119,8 +111,7 @@ def random_model(config: Qwen2Config | str, *, seed: int = 0, dtype: torch.dtype
         elif name.endswith(".bias"):
             value = torch.zeros(param.shape)
         else:
-            std = embed_std if name in ("model.embed_tokens.weight", "lm_head.weight") else 0.02
-            value = torch.randn(param.shape, generator=generator) * std
+            value = torch.randn(param.shape, generator=generator) * 0.02
         _set_parameter(model, name, value.to(device=device, dtype=dtype or config.torch_dtype))
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

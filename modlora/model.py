@@ -234,12 +234,11 @@ class Qwen2ForCausalLM(nn.Module):
 
     @classmethod
     def from_config(cls, config: Qwen2Config | str, *, seed: int = 0, dtype: torch.dtype | str | None = None,
-                    device: torch.device | str | None = None, embed_std: float = 0.02) -> Qwen2ForCausalLM:
-        """Seeded random weights (HF's init: N(0, 0.02), unit norms, zero biases) for a config or preset;
-        ``embed_std``: the std of the embedding (and untied output layer) instead."""
+                    device: torch.device | str | None = None) -> Qwen2ForCausalLM:
+        """Seeded random weights (HF's init: N(0, 0.02), unit norms, zero biases) for a config or preset."""
         from .loading import random_model
 
-        return random_model(config, seed=seed, dtype=dtype, device=device, embed_std=embed_std)
+        return random_model(config, seed=seed, dtype=dtype, device=device)
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype: torch.dtype | str | None = None,

@@ -55,7 +55,6 @@ class ModelConfig:
     path: str | None = None  # an HF checkpoint directory; None: the random ``preset``
     preset: str = "tiny"
     seed: int = 0
-    embed_std: float = 0.02  # random preset only: std of the (tied) embedding init (HF's: 0.02)
     dtype: str | None = None  # None: float32 on CPU, bfloat16 on CUDA
     device: str | None = None  # None: cuda if available
 
@@ -187,10 +186,8 @@ class Pipeline:
             model = Qwen2ForCausalLM.from_pretrained(mc.path, dtype=dtype, device=device)
             self.log(f"base model: {mc.path} ({dtype}, {device})")
         else:
-            model = Qwen2ForCausalLM.from_config(mc.preset, seed=mc.seed, dtype=dtype, device=device,
-                                                 embed_std=mc.embed_std)
-            self.log(f"base model: random preset {mc.preset!r} (seed {mc.seed}, embedding std {mc.embed_std:g}, "
-                     f"{dtype}, {device})")
+            model = Qwen2ForCausalLM.from_config(mc.preset, seed=mc.seed, dtype=dtype, device=device)
+            self.log(f"base model: random preset {mc.preset!r} (seed {mc.seed}, {dtype}, {device})")
         return model
 
     @property
