@@ -93,9 +93,10 @@ def summarize(scores: Mapping[tuple[str, str], float], langs: Sequence[str]) -> 
 
 
 def beats_both(summary: dict, in_only: dict, out_only: dict) -> dict:
-    """Where a merged row's score is above both single adapters' (the paper underlines those):
-    booleans shaped like :func:`summarize`'s output (matrix, per-source, per-target, average)."""
-    above = lambda v, a, b: v is not None and v > a and v > b
+    """Where a merged row's score, as printed (one decimal), is above both single adapters' (the paper
+    underlines those): booleans shaped like :func:`summarize`'s output (matrix, per-source, per-target,
+    average)."""
+    above = lambda v, a, b: v is not None and round(v, 1) > max(round(a, 1), round(b, 1))
     return {"matrix": [[above(v, a, b) for v, a, b in zip(*rows, strict=True)]
                        for rows in zip(summary["matrix"], in_only["matrix"], out_only["matrix"], strict=True)],
             "from": {x: above(summary["from"][x], in_only["from"][x], out_only["from"][x]) for x in summary["from"]},

@@ -133,7 +133,7 @@ DEMO: dict = {
     "out_dir": "runs/default",
     "model": {"preset": "tiny", "seed": 0},
     "data": {"train_limit": 16, "weights_limit": 4, "eval_limit": 3},
-    "train": {"epochs": 2, "lr": 1e-3, "batch_size": 8, "grad_accum": 1},
+    "train": {"epochs": 2, "lr": 1e-2, "batch_size": 8, "grad_accum": 1},
     "weights": {"epochs": 1, "lr": 1e-2, "batch_size": 4, "grad_accum": 1},
     "eval": {"num_beams": 5, "max_new_tokens": 12, "batch_size": 60},
 }

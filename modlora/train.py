@@ -432,7 +432,7 @@ def train(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples
         model.train(was_training)
     if _fingerprint(base) != fingerprint:
         raise RuntimeError("the base model's weights changed during training")
-    if losses and step >= total:  # the whole run's first and last step (the log spans resumes)
+    if losses and step >= total > 1:  # the whole run's first and last step (the log spans resumes)
         first = json.loads(log_path.read_text().split("\n", 1)[0])["loss"]
         log(f"{desc}: training loss {first:.2f} (step 1) -> {losses[-1]:.2f} (step {step})")
     return {"step": step, "total_steps": total, "done": step >= total, "losses": losses}

@@ -36,6 +36,7 @@ def test_a_merged_score_above_both_single_adapters_is_marked_and_no_other():
     merged["matrix"][0][1] = 99.0  # en->fr above both
     merged["from"]["de"] = 1.0 + max(in_only["from"]["de"], out_only["from"]["de"])
     merged["to"]["fr"] = out_only["to"]["fr"]  # a tie with one of them is not above both
+    in_only["avg"], out_only["avg"], merged["avg"] = 5.0, 5.01, 5.04  # above both, but not as printed (5.0)
     marks = beats_both(merged, in_only, out_only)
     assert marks["matrix"][0] == [False, True, False]
     assert sum(map(sum, marks["matrix"])) == 1
