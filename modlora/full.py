@@ -15,12 +15,14 @@ the forward and backward under bf16 autocast. The result is a Hugging Face check
 from __future__ import annotations
 
 import dataclasses
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from .console import Log, log_stderr
+from .model import Qwen2ForCausalLM
+from .tokenizer import Tokenizer
 from .train import TrainConfig, train
 
 Direction = tuple[str, str]
@@ -31,9 +33,9 @@ def union_directions(jobs: Sequence[Direction]) -> list[Direction]:
     return list(dict.fromkeys(jobs))
 
 
-def train_full(model: torch.nn.Module, tokenizer, data: dict[Direction, Sequence[tuple[str, str]]],
+def train_full(model: Qwen2ForCausalLM, tokenizer: Tokenizer, data: dict[Direction, Sequence[tuple[str, str]]],
                cfg: TrainConfig, work_dir: str | Path, save_dir: str | Path, *, stop_after: int | None = None,
-               log=None) -> bool:
+               log: Log = log_stderr) -> bool:
     """Train all of ``model`` (fp32) on the (source, target) pairs of every direction in ``data``;
     resumes from ``work_dir``; on completion writes the HF checkpoint to ``save_dir``.
 
@@ -42,7 +44,6 @@ def train_full(model: torch.nn.Module, tokenizer, data: dict[Direction, Sequence
     """
     from .prompt import training_example
 
-    log = log or (lambda msg: print(msg, file=sys.stderr))
     if any(p.dtype != torch.float32 for p in model.parameters()):
         raise ValueError("full fine-tuning keeps fp32 master weights: load the model with dtype float32 "
                          "(bf16 compute comes from autocast on CUDA)")

@@ -6,8 +6,10 @@ import torch
 from hf_reference import hf_model, save_hf
 
 from modlora.full import train_full, union_directions
+from modlora.kernels import linear_cross_entropy
+from modlora.loading import load_pretrained, random_model
 from modlora.model import Qwen2ForCausalLM
-from modlora.train import TrainConfig, collate, completion_loss, linear_cross_entropy
+from modlora.train import TrainConfig, collate, completion_loss
 
 PAD = 0
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,7 +44,7 @@ def test_chunked_loss_gives_the_output_embedding_its_gradient():
 @pytest.mark.parametrize("tie", [True, False])
 def test_one_step_gradients_of_every_parameter_match_transformers(tmp_path, tie):
     hf = hf_model(tie=tie, seed=4)
-    ours = Qwen2ForCausalLM.from_pretrained(save_hf(hf, tmp_path), dtype=torch.float32)
+    ours = load_pretrained(save_hf(hf, tmp_path), dtype=torch.float32)
     for p in ours.parameters():
         p.requires_grad_(True)
     ids, attn, mask = collate(_examples(4, seed=0), PAD)
@@ -65,7 +67,7 @@ def _tiny(seed: int = 0) -> Qwen2ForCausalLM:
 
     cfg = Qwen2Config(vocab_size=1000, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=True)
-    return Qwen2ForCausalLM.from_config(cfg, seed=seed)
+    return random_model(cfg, seed=seed)
 
 
 class _Tok:

@@ -155,12 +155,12 @@ def test_hub_id_loads_the_model(tmp_path, monkeypatch):
     import torch
     from hf_reference import hf_model, save_hf
 
-    from modlora.model import Qwen2ForCausalLM
+    from modlora.loading import load_pretrained
 
     snapshot = tmp_path / "hub" / "models--Org--Tiny" / "snapshots" / "rev"
     save_hf(hf_model(seed=1), snapshot)
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("rev")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    model = Qwen2ForCausalLM.from_pretrained("Org/Tiny", dtype=torch.float32)
+    model = load_pretrained("Org/Tiny", dtype=torch.float32)
     assert model.config.num_hidden_layers == 3
