@@ -14,7 +14,7 @@ import string
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .fileio import atomic_write
+from .fileio import atomic_write, atomic_write_json
 
 PAPER_BAND = (0.3, 0.7)
 
@@ -74,8 +74,6 @@ def plot_figure2(data: dict, path: str | Path | None = None):
 
 def write_figure2(data: dict, json_path: str | Path, png_path: str | Path) -> bool:
     """The figure's data as JSON and, with matplotlib, as a PNG; returns whether the PNG was drawn."""
-    from .fileio import atomic_write_json
-
     atomic_write_json(json_path, data)
     fig = plot_figure2(data, png_path)
     if fig is None:

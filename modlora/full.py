@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 
 from .console import Log, log_stderr
+from .loading import save_pretrained
 from .model import Qwen2ForCausalLM
+from .prompt import training_example
 from .tokenizer import Tokenizer
 from .train import TrainConfig, train
 
@@ -42,8 +44,6 @@ def train_full(model: Qwen2ForCausalLM, tokenizer: Tokenizer, data: dict[Directi
     Returns whether the schedule finished (False when ``stop_after`` cut it short). The model's
     parameters are frozen again afterwards.
     """
-    from .prompt import training_example
-
     if any(p.dtype != torch.float32 for p in model.parameters()):
         raise ValueError("full fine-tuning keeps fp32 master weights: load the model with dtype float32 "
                          "(bf16 compute comes from autocast on CUDA)")
@@ -61,8 +61,6 @@ def train_full(model: Qwen2ForCausalLM, tokenizer: Tokenizer, data: dict[Directi
         for p in params:
             p.requires_grad_(False)
     if result["done"]:
-        from .loading import save_pretrained
-
         model.config = dataclasses.replace(model.config, dtype="float32")  # the file holds the fp32 master weights
         save_pretrained(model, save_dir)
         log(f"full fine-tuning: saved {save_dir}")

@@ -41,12 +41,14 @@ from .evaluate import (
     table1_configs,
     trainable_percent,
 )
+from .figures import figure2_data, write_figure2
 from .fileio import atomic_write_json, atomic_write_text, read_json
 from .full import train_full, union_directions
 from .generation import SearchParams
 from .kernels.reference import STRATEGIES
 from .loading import load_pretrained, random_model
 from .model import Qwen2ForCausalLM
+from .paper import compare_markdown, load_paper_table
 from .pool import AdapterPool
 from .tokenizer import Tokenizer
 from .train import LoraConfig, TrainConfig, base_parameters, learn_weights, resolve_lora, train_adapter
@@ -298,8 +300,6 @@ class Pipeline:
 
     def figure2(self, strategy: str) -> dict:
         """The paper's Figure 2 for one strategy from the learned weights: JSON and PNG beside them."""
-        from .figures import figure2_data, write_figure2
-
         weights = {(src, tgt): LearnedWeights.load(self.weights_path(strategy, src, tgt)).pairs()
                    for src, tgt in self.directions()}
         data = figure2_data(weights, self.directions(), strategy)
@@ -398,8 +398,6 @@ class Pipeline:
                                                       "adapter_parameters": adapter_params, "rows": rows})
         atomic_write_text(self.out / "table.md", md)
         if compare_paper is not None:
-            from .paper import compare_markdown, load_paper_table
-
             compared = compare_markdown(rows, langs, load_paper_table(compare_paper))
             atomic_write_text(self.out / "compare.md", compared)
             md += "\n" + compared

@@ -74,32 +74,27 @@ class _Tok:
     pad_id = PAD
 
 
-def _run(tmp, data, stop_after=None):
-    import modlora.prompt as prompt
+def _run(tmp, data, monkeypatch, stop_after=None):
+    import modlora.full
 
     model = _tiny()
     examples = {str(i): ex for i, ex in enumerate(_examples(11, seed=3))}
-    original = prompt.training_example
-    prompt.training_example = lambda tok, src, tgt, s, t: examples[s]
-    try:
-        cfg = TrainConfig(epochs=2, lr=1e-2, batch_size=2, grad_accum=2, warmup_ratio=0.2, checkpoint_every=2)
-        done = train_full(model, _Tok(), data, cfg, tmp / "work", tmp / "model", stop_after=stop_after,
-                          log=lambda _: None)
-    finally:
-        prompt.training_example = original
+    monkeypatch.setattr(modlora.full, "training_example", lambda tok, src, tgt, s, t: examples[s])
+    cfg = TrainConfig(epochs=2, lr=1e-2, batch_size=2, grad_accum=2, warmup_ratio=0.2, checkpoint_every=2)
+    done = train_full(model, _Tok(), data, cfg, tmp / "work", tmp / "model", stop_after=stop_after, log=lambda _: None)
     return model, done
 
 
-def test_interrupt_and_resume_equals_uninterrupted_and_saves_a_checkpoint_transformers_loads(tmp_path):
+def test_interrupt_and_resume_equals_uninterrupted_and_saves_a_checkpoint_transformers_loads(tmp_path, monkeypatch):
     import transformers
 
     data = {("fr", "en"): [(str(i), "") for i in range(6)], ("en", "fr"): [(str(i), "") for i in range(6, 11)]}
-    straight, done = _run(tmp_path / "a", data)
+    straight, done = _run(tmp_path / "a", data, monkeypatch)
     assert done and (tmp_path / "a" / "model" / "config.json").is_file()
-    _, part = _run(tmp_path / "b", data, stop_after=3)
+    _, part = _run(tmp_path / "b", data, monkeypatch, stop_after=3)
     assert not part and not (tmp_path / "b" / "model").exists()
     torch.manual_seed(77)  # as a new process would
-    resumed, done = _run(tmp_path / "b", data)
+    resumed, done = _run(tmp_path / "b", data, monkeypatch)
     assert done
     before = _tiny().state_dict()
     for name, value in straight.state_dict().items():
