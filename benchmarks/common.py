@@ -61,14 +61,11 @@ def write_json(name: str, payload: dict, directory: Path = RESULTS) -> Path:
 
 def memory_probe(buf_f32: torch.Tensor, reps: int = 5) -> dict:
     """Memory read bandwidth in GB/s: every byte of a buffer larger than the caches read once by all
-    threads (``modlora._C.read_probe`` when built, and torch's ``.sum()``); ``GBs`` is the better."""
-    from modlora import _ext
-
+    threads, by two of torch's vectorised, parallel reductions (``.sum()`` and ``.amax()``: a few
+    flops per 64-byte line, so memory sets their pace); ``GBs`` is the better of the two."""
     nbytes = buf_f32.numel() * 4
-    out = {}
-    if _ext.HAVE_C:
-        out["read_probe_GBs"] = nbytes / bench(lambda: _ext._C.read_probe(buf_f32), reps=reps)["ms"] / 1e6
-    out["torch_sum_GBs"] = nbytes / bench(lambda: buf_f32.sum(), reps=reps)["ms"] / 1e6
+    out = {f"torch_{name}_GBs": nbytes / bench(fn, reps=reps)["ms"] / 1e6
+           for name, fn in (("sum", buf_f32.sum), ("amax", buf_f32.amax))}
     out["GBs"] = max(out.values())
     return out
 

@@ -7,7 +7,7 @@ Per shape and M, the weight is read from memory, not cache: each call uses the n
 copies of W to exceed the L3 cache, as in a decode step, where the model's ~1 GB of weights
 stream through once. "GB/s" is bytes of W / time (the adapters' bytes are not counted, so a
 fused op that pays for them shows as lower GB/s). Next to it: a memory-read probe (every byte of a
-512 MiB buffer read once by all threads, `_C.read_probe`; and torch's `.sum()` over fp32),
+512 MiB buffer read once by all threads, torch's `.sum()` and `.amax()` over fp32),
 re-measured before every shape because other processes may share the machine; the load average is
 recorded. Times are medians (and 20% quantiles, less hit by preemption on a shared machine).
 Also measures the crossover M at which torch's GEMM path beats the C++ kernel (the wrapper's
