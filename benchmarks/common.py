@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from modlora import _ext, dispatch
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -40,6 +42,9 @@ def environment(device: torch.device | str = "cpu") -> dict:
     return {
         "device": device.type,
         "device_name": name,
+        "cpu_model": dispatch.cpu_model(),
+        "cpu_isas": _ext._C.supported_isas() if _ext.HAVE_C else [],
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_threads": torch.get_num_threads(),
         "python": sys.version.split()[0],
         "versions": {p: _version(p) for p in ("torch", "triton", "transformers", "peft", "modlora")},
@@ -47,6 +52,11 @@ def environment(device: torch.device | str = "cpu") -> dict:
         "dirty": dirty,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def cpu_tag() -> str:
+    """The CPU model as a file-name part, e.g. ``amd-epyc-9b45``: each machine keeps its results."""
+    return "".join(ch if ch.isalnum() else "-" for ch in dispatch.cpu_model().lower()).strip("-")
 
 
 def write_json(name: str, payload: dict, directory: Path = RESULTS) -> Path:

@@ -4,9 +4,9 @@ For each case (op kind, weight shape, dtype, M bucket, thread count, the C++ op'
 call times every available path on a representative input (M = the bucket's top, the real
 weight, caches flushed between calls as in a decode step, where the weights stream from memory)
 and keeps the fastest: ``"c"`` (the C++ op, :mod:`modlora._ext`) or ``"torch"``. Calibration is
-short (a few calls per path, ``PATH_SECONDS`` each at most) and bounded in total per process
-(``BUDGET_SECONDS``); a case met after that gets the conservative default and is measured by a
-later process.
+short (a warm-up call, then timed calls for ``PATH_SECONDS``, at most ``MAX_REPS``, per path)
+and bounded in total per process (``BUDGET_SECONDS``); a case met after that gets the conservative
+default and is measured by a later process.
 
 Choices are cached on disk, one JSON file per CPU model, core count and torch/modlora/C-op
 version (``$MODLORA_CACHE_DIR``, else ``$XDG_CACHE_HOME/modlora``, else ``~/.cache/modlora``),
@@ -40,12 +40,12 @@ from .fileio import atomic_write_json
 
 log = logging.getLogger("modlora")
 
-__all__ = ["PATHS", "choose", "default_path", "cache_file", "reset", "NATIVE_BF16"]
+__all__ = ["PATHS", "choose", "default_path", "cache_file", "cpu_model", "fingerprint", "reset", "NATIVE_BF16"]
 
 PATHS = ("c", "torch")
 MAX_BUCKET = 256  # larger M is a GEMM: torch's (oneDNN/MKL) path, never the small-M kernel
-PATH_SECONDS = 0.02  # time one path at most this long per case (after MIN_REPS calls)
-MIN_REPS, MAX_REPS = 3, 10
+PATH_SECONDS = 0.02  # time one path this long per case (at least one call after the warm-up)
+MAX_REPS = 10
 BUDGET_SECONDS = 10.0  # calibration time per process, all cases together
 FORMAT = 1
 
@@ -144,7 +144,7 @@ def _measure(x: Tensor, weight: Tensor, run: Run, m: int) -> dict[str, float]:
             run(path, xs)  # warm-up: first-touch allocations, lazy packing
             samples: list[float] = []
             deadline = time.perf_counter() + PATH_SECONDS
-            while len(samples) < MIN_REPS or (len(samples) < MAX_REPS and time.perf_counter() < deadline):
+            while not samples or (len(samples) < MAX_REPS and time.perf_counter() < deadline):
                 if flush is not None:
                     flush.sum()
                 t0 = time.perf_counter()
@@ -179,7 +179,8 @@ def _name(key: Key) -> str:
     return "|".join(map(str, key))
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -191,7 +192,7 @@ def _cpu_model() -> str:
 
 def fingerprint() -> dict:
     """What a cached choice depends on besides its key: CPU model, cores, library versions."""
-    return {"format": FORMAT, "cpu": _cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+    return {"format": FORMAT, "cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
             "modlora": __version__, "isas": _ext._C.supported_isas() if _ext.HAVE_C else []}
 
 
