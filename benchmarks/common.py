@@ -55,8 +55,10 @@ def environment(device: torch.device | str = "cpu") -> dict:
 
 
 def cpu_tag() -> str:
-    """The CPU model as a file-name part, e.g. ``amd-epyc-9b45``: each machine keeps its results."""
-    return "".join(ch if ch.isalnum() else "-" for ch in dispatch.cpu_model().lower()).strip("-")
+    """The CPU model and best ISA as a file-name part, e.g. ``amd-epyc-avx512-bf16``: each kind of
+    machine keeps its results (VMs often report only the vendor's family name)."""
+    isa = _ext._C.best_isa() if _ext.HAVE_C else torch.backends.cpu.get_cpu_capability()
+    return "".join(ch if ch.isalnum() else "-" for ch in f"{dispatch.cpu_model()} {isa}".lower()).strip("-")
 
 
 def write_json(name: str, payload: dict, directory: Path = RESULTS) -> Path:

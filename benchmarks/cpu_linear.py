@@ -86,6 +86,7 @@ def run_shape(name: str, n: int, k: int, reps: int, gen: torch.Generator) -> lis
     A1, B1 = _ext.pack_bank([pair], "output", torch.bfloat16)
     A2, B2 = _ext.pack_bank([pair, pair2], "output", torch.bfloat16)
     lin, lout, wi, wo = pair
+    pair_bf16 = tuple((a.to(torch.bfloat16), bb.to(torch.bfloat16), sc) for a, bb, sc in (lin, lout)) + (wi, wo)
     unf = [(a.to(torch.bfloat16), bb.to(torch.bfloat16), s * w) for (a, bb, s), w in ((lin, wi), (lout, wo))]
     for m in MS:
         x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
@@ -113,7 +114,7 @@ def run_shape(name: str, n: int, k: int, reps: int, gen: torch.Generator) -> lis
         if lm_head:
             prov["ops_bf16"] = (cycling(lambda w, x=x: ops.linear(x, w, b), w_bf16), 2)
         else:
-            prov["ops_lora_bf16"] = (cycling(lambda w, x=x: ops.dual_lora_linear(x, w, b, *pair), w_bf16), 2)
+            prov["ops_lora_bf16"] = (cycling(lambda w, x=x: ops.dual_lora_linear(x, w, b, *pair_bf16), w_bf16), 2)
         for pname, (fn, elt) in prov.items():
             t = bench(fn, warmup=3, reps=reps)
             rows.append({"shape": name, "N": n, "K": k, "M": m, "provider": pname, **t,
