@@ -4,7 +4,7 @@ For each case (op kind, weight shape, dtype, M bucket, thread count, the C++ op'
 call times every available path on a representative input (M = the bucket's top, the real
 weight, caches flushed between calls as in a decode step, where the weights stream from memory)
 and keeps the fastest: ``"c"`` (the C++ op, :mod:`modlora._ext`) or ``"torch"``. Calibration is
-short (a warm-up call, then timed calls for ``PATH_SECONDS``, at most ``MAX_REPS``, per path)
+short (a warm-up call, then timed calls for about ``PATH_SECONDS``, at most ``MAX_REPS``, per path)
 and bounded in total per process (``BUDGET_SECONDS``); a case met after that gets the conservative
 default and is measured by a later process.
 
@@ -44,7 +44,7 @@ __all__ = ["PATHS", "choose", "default_path", "cache_file", "cpu_model", "finger
 
 PATHS = ("c", "torch")
 MAX_BUCKET = 256  # larger M is a GEMM: torch's (oneDNN/MKL) path, never the small-M kernel
-PATH_SECONDS = 0.02  # time one path this long per case (at least one call after the warm-up)
+PATH_SECONDS = 0.02  # time each path about this long per case (at least one call after the warm-up)
 MAX_REPS = 10
 BUDGET_SECONDS = 10.0  # calibration time per process, all cases together
 FORMAT = 1
@@ -135,23 +135,25 @@ def _decide(key: Key, x: Tensor, weight: Tensor, run: Run) -> str:
 
 
 def _measure(x: Tensor, weight: Tensor, run: Run, m: int) -> dict[str, float]:
-    """Best time in ms of each path on a random [m, K] input in x's dtype."""
+    """Best time in ms of each path on a random [m, K] input in x's dtype. The paths take turns
+    (one call each per round), so a burst of load from other processes hits both alike."""
     xs = torch.randn(m, x.shape[-1], generator=torch.Generator().manual_seed(0)).to(x.dtype)
     flush = _flush_buffer(weight)
-    times = {}
+    samples: dict[str, list[float]] = {path: [] for path in PATHS}
     with torch.no_grad():
         for path in PATHS:
             run(path, xs)  # warm-up: first-touch allocations, lazy packing
-            samples: list[float] = []
-            deadline = time.perf_counter() + PATH_SECONDS
-            while not samples or (len(samples) < MAX_REPS and time.perf_counter() < deadline):
+        deadline = time.perf_counter() + PATH_SECONDS * len(PATHS)
+        for _ in range(MAX_REPS):
+            for path in PATHS:
                 if flush is not None:
                     flush.sum()
                 t0 = time.perf_counter()
                 run(path, xs)
-                samples.append((time.perf_counter() - t0) * 1e3)
-            times[path] = min(samples)
-    return times
+                samples[path].append((time.perf_counter() - t0) * 1e3)
+            if time.perf_counter() > deadline:
+                break
+    return {path: min(ts) for path, ts in samples.items()}
 
 
 def _flush_buffer(weight: Tensor) -> Tensor | None:
