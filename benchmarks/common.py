@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from modlora import _ext, dispatch
+from modlora import cpu, dispatch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -43,7 +43,7 @@ def environment(device: torch.device | str = "cpu") -> dict:
         "device": device.type,
         "device_name": name,
         "cpu_model": dispatch.cpu_model(),
-        "cpu_isas": _ext._C.supported_isas() if _ext.HAVE_C else [],
+        "cpu_isas": cpu._C.supported_isas() if cpu.HAVE_C else [],
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_threads": torch.get_num_threads(),
         "python": sys.version.split()[0],
@@ -57,7 +57,7 @@ def environment(device: torch.device | str = "cpu") -> dict:
 def cpu_tag() -> str:
     """The CPU model and best ISA as a file-name part, e.g. ``amd-epyc-avx512-bf16``: each kind of
     machine keeps its results (VMs often report only the vendor's family name)."""
-    isa = _ext._C.best_isa() if _ext.HAVE_C else torch.backends.cpu.get_cpu_capability()
+    isa = cpu._C.best_isa() if cpu.HAVE_C else torch.backends.cpu.get_cpu_capability()
     return "".join(ch if ch.isalnum() else "-" for ch in f"{dispatch.cpu_model()} {isa}".lower()).strip("-")
 
 

@@ -3,7 +3,7 @@
 For each case (op kind, weight shape, dtype, M bucket, thread count, the C++ op's ISA) the first
 call times every available path on a representative input (M = the bucket's top, the real
 weight, caches flushed between calls as in a decode step, where the weights stream from memory)
-and keeps the fastest: ``"c"`` (the C++ op, :mod:`modlora._ext`) or ``"torch"``. Calibration is
+and keeps the fastest: ``"c"`` (the C++ op, :mod:`modlora.cpu`) or ``"torch"``. Calibration is
 short (a warm-up call, then timed calls for about ``PATH_SECONDS``, at most ``MAX_REPS``, per path)
 and bounded in total per process (``BUDGET_SECONDS``); a case met after that gets the conservative
 default and is measured by a later process.
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import __version__, _ext
+from . import __version__, cpu
 from .fileio import atomic_write_json
 
 log = logging.getLogger("modlora")
@@ -108,7 +108,7 @@ def choose(kind: str, x: Tensor, weight: Tensor, run: Run) -> str:
     if m_bucket > MAX_BUCKET:
         return "torch"
     key = (kind, weight.shape[0], weight.shape[1], str(x.dtype).removeprefix("torch."), m_bucket,
-           torch.get_num_threads(), _ext._C.isa())
+           torch.get_num_threads(), cpu._C.isa())
     path = _choices.get(key)
     if path is None:
         path = _decide(key, x, weight, run)
@@ -195,7 +195,7 @@ def cpu_model() -> str:
 def fingerprint() -> dict:
     """What a cached choice depends on besides its key: CPU model, cores, library versions."""
     return {"format": FORMAT, "cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
-            "modlora": __version__, "isas": _ext._C.supported_isas() if _ext.HAVE_C else []}
+            "modlora": __version__, "isas": cpu._C.supported_isas() if cpu.HAVE_C else []}
 
 
 def cache_file() -> Path:

@@ -15,11 +15,12 @@ import pytest
 import torch
 from test_ops import CONFIG, TOL, random_adapter
 
-from modlora import _ext, dispatch, ops
+from modlora import cpu, dispatch, ops
+from modlora.adapters import AdapterController
 from modlora.generation import generate
-from modlora.model import Qwen2ForCausalLM
+from modlora.loading import random_model
 
-pytestmark = pytest.mark.skipif(not _ext.HAVE_C, reason="modlora._C is not built: torch is the only path")
+pytestmark = pytest.mark.skipif(not cpu.HAVE_C, reason="modlora._C is not built: torch is the only path")
 K, N = 64, 40
 
 
@@ -39,13 +40,13 @@ def fresh(monkeypatch, tmp_path):
 def c_calls(monkeypatch):
     """Counts calls of the C++ op through ops."""
     calls = []
-    real = _ext.lora_bank_linear
+    real = cpu.lora_bank_linear
 
     def spy(*args, **kwargs):
         calls.append(args[0].shape)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ops._ext, "lora_bank_linear", spy)
+    monkeypatch.setattr(ops.cpu, "lora_bank_linear", spy)
     return calls
 
 
@@ -148,10 +149,12 @@ def test_two_processes_calibrating_at_once_leave_one_valid_cache(tmp_path):
 
 
 def _model(dtype):
-    model = Qwen2ForCausalLM.from_config(CONFIG, seed=1, dtype=dtype)
-    model.set_adapters(random_adapter(model, 4, 1, "in"), random_adapter(model, 4, 2, "out"), w_in=0.3,
-                       w_out=0.7, strategy="output")
-    return model
+    """A small model with an `output` pair bound (the controller is returned to keep it alive)."""
+    model = random_model(CONFIG, seed=1, dtype=dtype)
+    ctl = AdapterController(model)
+    ctl.set_adapters(random_adapter(model, 4, 1, "in"), random_adapter(model, 4, 2, "out"), w_in=0.3,
+                     w_out=0.7, strategy="output")
+    return model, ctl
 
 
 def _with_paths(monkeypatch, pick):
@@ -161,7 +164,7 @@ def _with_paths(monkeypatch, pick):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @torch.no_grad()
 def test_model_logits_agree_whichever_path_each_linear_takes(dtype, monkeypatch):
-    model = _model(dtype)
+    model, _ctl = _model(dtype)
     ids = torch.randint(0, CONFIG.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
     rng = random.Random(0)
     logits = {}
@@ -175,7 +178,7 @@ def test_model_logits_agree_whichever_path_each_linear_takes(dtype, monkeypatch)
 
 @torch.no_grad()
 def test_beam_search_is_the_same_whichever_path_each_linear_takes(monkeypatch):
-    model = _model(torch.float32)
+    model, _ctl = _model(torch.float32)
     ids = torch.randint(0, CONFIG.vocab_size, (2, 6), generator=torch.Generator().manual_seed(1))
     rng = random.Random(1)
     outs = []
