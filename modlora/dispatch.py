@@ -23,6 +23,7 @@ gets the conservative default (:func:`default_path`). Both are read at import an
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import logging
 import math
@@ -35,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import __version__, cpu
+from . import cpu
 from .fileio import atomic_write_json
 
 log = logging.getLogger("modlora")
@@ -195,7 +196,14 @@ def cpu_model() -> str:
 def fingerprint() -> dict:
     """What a cached choice depends on besides its key: CPU model, cores, library versions."""
     return {"format": FORMAT, "cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
-            "modlora": __version__, "isas": cpu._C.supported_isas() if cpu.HAVE_C else []}
+            "modlora": _version(), "isas": cpu._C.supported_isas() if cpu.HAVE_C else []}
+
+
+def _version() -> str | None:
+    try:
+        return importlib.metadata.version("modlora")
+    except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+        return None
 
 
 def cache_file() -> Path:
