@@ -1,0 +1,102 @@
+"""Tile configurations of the Triton launchers: a tuned table per GPU name, else a heuristic.
+
+Every choice is a pure function of the problem (rows, columns, reduction length, total rank, dtype)
+and of the GPU (name, SM count), so ``tests/test_kernels_compile.py`` can enumerate and compile for
+sm80/sm90 everything a launcher may launch, without a GPU.
+
+Tuned tables live in ``kernels/tuned/<gpu-slug>.json`` (written by ``benchmarks/tune_lora_gemm.py``
+on that GPU): ``{"gpu": name, "entries": [{"m": bucket, "n": N, "k": K, "rank": R, "config": {...}}]}``.
+No table ships yet: no GPU has been available to measure one, so the heuristic below decides.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+TUNED_DIR = Path(__file__).resolve().parent / "tuned"
+DECODE_MAX_M = 16  # rows at or below which W's read dominates: narrow tiles, split-K
+# Split-K aims for this many programs per SM, so the W read is spread over the whole chip.
+PROGRAMS_PER_SM = 2
+MIN_K_STEPS = 4  # a K split keeps at least this many BQ steps, so its partial sum amortises the epilogue
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tiles of ``lora_gemm``: BM rows x BP columns per program, BQ-long reduction steps, the
+    reduction split over ``split_k`` programs (fp32 partial sums, then one reduction)."""
+
+    BM: int
+    BP: int
+    BQ: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def rank_block(R: int) -> int:
+    """Rank tile: a power of two >= 16 (tl.dot's minimum) holding the total rank."""
+    return max(16, 1 << max(0, R - 1).bit_length())
+
+
+def m_bucket(M: int) -> int:
+    return max(1, 1 << max(0, M - 1).bit_length())
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+@functools.cache
+def _table(gpu: str) -> dict[tuple[int, int, int, int], GemmConfig]:
+    path = TUNED_DIR / f"{slug(gpu)}.json"
+    if not path.is_file():
+        return {}
+    entries = json.loads(path.read_text())["entries"]
+    return {(e["m"], e["n"], e["k"], e["rank"]): GemmConfig(**e["config"]) for e in entries}
+
+
+def _heuristic(M: int, P: int, Q: int, R: int, dtype: torch.dtype, sms: int) -> GemmConfig:
+    BR = rank_block(R)
+    if M <= DECODE_MAX_M:
+        # Decode: bound by reading W once. 64-wide column tiles gave a 896-wide projection 14
+        # programs for 108-132 SMs; 32-wide tiles and a K split spread the read over the chip.
+        BP, BQ = (32, 64) if BR <= 64 else (16, 32)
+        tiles = -(-P // BP)
+        split = max(1, min(PROGRAMS_PER_SM * sms // tiles, Q // (MIN_K_STEPS * BQ)))
+        return GemmConfig(16, BP, BQ, split, 4, 3)
+    # Throughput shapes (untuned; no GPU measurements yet): wide rank blocks take registers and
+    # shared memory, so the tiles shrink with them. fp32 tiles are twice the bytes: two stages
+    # keep a rank-128 pair within sm80's 163 KiB (tests/test_kernels_compile.py checks each).
+    BM = min(64 if BR > 64 else 128, max(16, m_bucket(M)))
+    BP = 64 if M <= 64 or BR > 64 else 128
+    BQ = 32 if BR > 64 else 64
+    stages = 2 if dtype == torch.float32 and (BR > 64 or BM * BP >= 128 * 128 or BM >= 128) else 3
+    return GemmConfig(BM, BP, BQ, 1, 8 if BM * BP >= 128 * 128 else 4, stages)
+
+
+def gemm_config(M: int, P: int, Q: int, R: int, dtype: torch.dtype, gpu: str = "", sms: int = 108) -> GemmConfig:
+    """The tuned entry for (M bucket, P, Q, R) on ``gpu`` if there is one, else the heuristic."""
+    tuned = _table(gpu).get((m_bucket(M), P, Q, R)) if gpu else None
+    return tuned or _heuristic(M, P, Q, R, dtype, sms)
+
+
+def shrink_config(R: int) -> tuple[int, int]:
+    """(BM, BQ) of ``lora_shrink``."""
+    return (64 if rank_block(R) <= 64 else 32), 64
+
+
+def pairwise_config(M: int, n_pairs: int, R: int, dtype: torch.dtype) -> GemmConfig:
+    """Tiles of the per-row kernel. Rows are grouped by pair, so a row tile holds about M / pairs
+    rows: tiles no taller than that waste no rows on padding."""
+    BR = rank_block(R)
+    BM = min(64, max(16, m_bucket(-(-M // max(1, n_pairs)))))
+    BP = 32 if M <= DECODE_MAX_M else 64
+    BQ = 32 if BR > 64 else 64
+    stages = 2 if dtype == torch.float32 and BR > 64 else 3
+    return GemmConfig(BM, BP, BQ, 1, 4, stages)

@@ -1,0 +1,149 @@
+"""Triton per-row pairs (``kernels.pairwise_lora_linear``) and the decode split-K of ``lora_gemm``
+against the plain-torch reference, with the error bound of tests/test_kernels.py: at most
+``FACTOR`` times torch's own error against float64 (same inputs), plus a floor of the dtype's
+precision. Without CUDA the kernels run in Triton's interpreter (fp32, fp16)."""
+
+import pytest
+import torch
+from test_kernels import DEVICE, DTYPES, FACTOR, FLOOR, assert_matches, errors, make_case
+
+import modlora.kernels.lora_gemm as lora_gemm
+import modlora.kernels.pairwise as pairwise
+from modlora.kernels import pairwise_lora_linear, pairwise_lora_linear_ref
+from modlora.kernels.configs import gemm_config
+
+
+def make_pairs(dtype, k, n, ranks, learned=False, seed=0):
+    """Adapters of several ranks (and missing ones) with base and adapter terms of similar size."""
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape, scale: (torch.randn(*shape, generator=gen) * scale).to(DEVICE, dtype)
+    adapter = lambda r, s: None if r is None else (rand(r, k, scale=k**-0.5), rand(n, r, scale=r**-0.5), s)
+    pairs = []
+    for i, (r_in, r_out) in enumerate(ranks):
+        w_in, w_out = 0.2 + 0.15 * i, 0.9 - 0.1 * i
+        if learned:
+            w_in, w_out = torch.tensor(w_in, device=DEVICE), torch.tensor(w_out, device=DEVICE)
+        pairs.append((adapter(r_in, 1.5), adapter(r_out, 0.5), w_in, w_out))
+    return pairs
+
+
+def to64(pairs):
+    cast = lambda a: None if a is None else (a[0].double(), a[1].double(), a[2])
+    return [(cast(a), cast(b), w_in, w_out) for a, b, w_in, w_out in pairs]
+
+
+def pair_errors(dtype, x, W, bias, pairs, row_pair, strategy):
+    with torch.no_grad():
+        y = pairwise_lora_linear(x, W, bias, pairs, row_pair, strategy)
+        lo = pairwise_lora_linear_ref(x, W, bias, pairs, row_pair, strategy)
+        hi = pairwise_lora_linear_ref(x.double(), W.double(), None if bias is None else bias.double(),
+                                      to64(pairs), row_pair, strategy)
+    assert y.shape == hi.shape and y.dtype == lo.dtype
+    err, torch_err = ((t.double() - hi).abs().max().item() for t in (y, lo))
+    return err, torch_err, FLOOR[dtype] * hi.abs().max().item()
+
+
+# (rows shape, K, N, per-pair ranks for "output", for "ab", row -> pair)
+CASES = [
+    ((1, 64), 64, 48, [(4, 8)], [(4, 4)], [0]),  # one decode row
+    ((6, 64), 130, 96, [(4, 8), (8, None), (None, 1), (16, 16)], [(8, 8), (8, None), (None, 1), (16, 16)],
+     [3, 0, 0, 2, 3, 1]),  # rows out of order, missing adapters, unequal ranks
+    ((5, 7, 64), 64, 80, [(4, 4), (8, 8), (2, 2)], [(4, 4), (8, 8), (2, 2)], [2, 2, 0, 2, 1]),  # [B, S, K]
+    ((70, 48), 48, 160, [(4, 8), (8, 4)], [(8, 8), (4, 4)], [1] * 37 + [0] * 33),  # several row tiles
+]
+
+
+@pytest.mark.parametrize("strategy", ["output", "ab"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[0])))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_pairwise_matches_reference(dtype, case, strategy):
+    shape, _, n, ranks_out, ranks_ab, rows = case
+    k = shape[-1]
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+    W = (torch.randn(n, k, generator=gen) * k**-0.5).to(DEVICE, dtype)
+    bias = torch.randn(n, generator=gen).to(DEVICE, dtype) if len(rows) % 2 == 0 else None
+    pairs = make_pairs(dtype, k, n, ranks_out if strategy == "output" else ranks_ab, learned=len(rows) == 5)
+    err, torch_err, floor = pair_errors(dtype, x, W, bias, pairs, torch.tensor(rows, device=DEVICE), strategy)
+    assert err <= FACTOR * torch_err + floor, f"error {err:.3g} > {FACTOR} x torch's {torch_err:.3g} + {floor:.3g}"
+
+
+@pytest.mark.parametrize(("dtype", "rel"), [(torch.float32, 1e-3), (torch.float16, 3e-2)], ids=str)
+def test_pairwise_bound_catches_a_wrong_coefficient(dtype, rel, monkeypatch):
+    """One pair's smaller adapter term off by 0.1% (fp32) or 3% (fp16) fails the bound."""
+    pack = pairwise.pack_bank
+
+    def wrong(*args, **kw):
+        a_bank, b_bank, coef, BR = pack(*args, **kw)
+        coef[1, 8:] *= 1 + rel  # pair 1: its out adapter (ranks 8..15)
+        return a_bank, b_bank, coef, BR
+
+    monkeypatch.setattr(pairwise, "pack_bank", wrong)
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(3)).to(DEVICE, dtype)
+    W = (torch.randn(96, 64, generator=torch.Generator().manual_seed(4)) * 0.125).to(DEVICE, dtype)
+    pairs = make_pairs(dtype, 64, 96, [(4, 8), (8, 8)])
+    err, torch_err, floor = pair_errors(dtype, x, W, None, pairs, torch.tensor([0, 1, 1, 0, 1, 0], device=DEVICE),
+                                        "output")
+    assert err > FACTOR * torch_err + floor
+
+
+def test_pairwise_clear_errors():
+    x = torch.randn(3, 64, device=DEVICE)
+    W = torch.randn(48, 64, device=DEVICE)
+    pairs = make_pairs(torch.float32, 64, 48, [(4, 8)])
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="row_pair must be"):
+            pairwise_lora_linear(x, W, None, pairs, torch.tensor([0, 0]), "output")
+        with pytest.raises(RuntimeError, match="outside"):
+            pairwise_lora_linear(x, W, None, pairs, torch.tensor([0, 1, 0]), "output")
+        with pytest.raises(ValueError, match="equal ranks"):
+            pairwise_lora_linear(x, W, None, pairs, torch.tensor([0, 0, 0]), "ab")
+        with pytest.raises(TypeError, match="dtype mismatch"):
+            pairwise_lora_linear(x.half(), W.half(), None, pairs, torch.tensor([0, 0, 0]), "output")
+    with pytest.raises(RuntimeError, match="forward-only"):
+        pairwise_lora_linear(x.requires_grad_(), W, None, pairs, torch.tensor([0, 0, 0]), "output")
+
+
+def test_decode_shapes_split_k():
+    """The decode heuristic splits K when the column tiles alone would leave SMs idle."""
+    cfg = gemm_config(1, 896, 896, 32, torch.bfloat16, "", 108)
+    assert cfg.BP <= 32 and cfg.split_k > 1
+    assert gemm_config(1, 896, 64, 32, torch.bfloat16, "", 108).split_k == 1  # too short to split
+    assert gemm_config(512, 896, 896, 32, torch.bfloat16, "", 108).split_k == 1
+
+
+@pytest.mark.parametrize("strategy", ["output", "ab"])
+@pytest.mark.parametrize(("m", "k", "n"), [(4, 1024, 64), (3, 64, 1024)], ids=["fwd-split", "bwd-split"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_split_k_value_and_gradients(dtype, m, k, n, strategy, monkeypatch):
+    """K = 1024 splits the forward's reduction (the fused shrink then runs first), N = 1024 the
+    backward's dx; every gradient and the value against float64, as in test_kernels.py."""
+    picked = []
+    choose = lora_gemm.gemm_config
+    monkeypatch.setattr(lora_gemm, "gemm_config", lambda *a: picked.append(choose(*a)) or picked[-1])
+    case = make_case(dtype, m, k, n, 8, 8, learned=True)
+    assert_matches(case, dtype, strategy=strategy, variant="fused")
+    assert any(c.split_k > 1 for c in picked)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_split_k_bound_catches_a_lost_slice(dtype, monkeypatch):
+    """Dropping the last K slice from the sum fails the bound (the check can see a split bug)."""
+    summed = lora_gemm._sum_slices
+    monkeypatch.setattr(lora_gemm, "_sum_slices", lambda out, dt: summed(out[:-1] if len(out) > 2 else out, dt))
+    case = make_case(dtype, 4, 1024, 64, 8, 8)
+    err, torch_err, floor = errors(case, dtype, variant="split")["y"]
+    assert err > FACTOR * torch_err + floor
+
+
+def test_tiles_cover_every_row_once():
+    rows = torch.tensor([2, 0, 2, 2, 1, 2, 0, 2, 2, 2], device=DEVICE)
+    order, tile_pair, lo, hi, n_tiles = pairwise._tiles(rows, 4, 2)
+    seen = []
+    for t in range(n_tiles):
+        if tile_pair[t] >= 0:
+            idx = order[lo[t]:hi[t]].long()
+            assert (rows[idx] == tile_pair[t]).all() and 0 < hi[t] - lo[t] <= 2
+            seen += idx.tolist()
+    assert sorted(seen) == list(range(len(rows)))
+
