@@ -70,14 +70,17 @@ def _heuristic(M: int, P: int, Q: int, R: int, dtype: torch.dtype, sms: int) -> 
         tiles = -(-P // BP)
         split = max(1, min(PROGRAMS_PER_SM * sms // tiles, Q // (MIN_K_STEPS * BQ)))
         return GemmConfig(16, BP, BQ, split, 4, 3)
-    # Throughput shapes (untuned; no GPU measurements yet): wide rank blocks take registers and
-    # shared memory, so the tiles shrink with them. fp32 tiles are twice the bytes: two stages
-    # keep a rank-128 pair within sm80's 163 KiB (tests/test_kernels_compile.py checks each).
-    BM = min(64 if BR > 64 else 128, max(16, m_bucket(M)))
-    BP = 64 if M <= 64 or BR > 64 else 128
-    BQ = 32 if BR > 64 else 64
-    stages = 2 if dtype == torch.float32 and (BR > 64 or BM * BP >= 128 * 128 or BM >= 128) else 3
-    return GemmConfig(BM, BP, BQ, 1, 8 if BM * BP >= 128 * 128 else 4, stages)
+    # Throughput shapes (untuned: no GPU measurements yet). Tile sizes keep the compile checks of
+    # tests/test_kernels_compile.py green: shared memory within sm80's 163 KiB and no register
+    # spills in bf16. A wide rank block holds v [BM, BR] in fp32 registers, so its rows shrink;
+    # the fused variant (M <= 128) also holds the shrink tile, so it keeps 64-wide columns.
+    if BR > 64:
+        return GemmConfig(min(32, m_bucket(M)), 64, 32, 1, 8 if BR > 128 else 4, 2 if dtype == torch.float32 else 3)
+    BM = min(128, max(16, m_bucket(M)))
+    BP = 64 if M <= 128 else 128
+    wide = BM * BP >= 128 * 128
+    warps = 8 if BM * BP >= 128 * 64 else 4
+    return GemmConfig(BM, BP, 32 if wide else 64, 1, warps, 2 if dtype == torch.float32 and wide else 3)
 
 
 def gemm_config(M: int, P: int, Q: int, R: int, dtype: torch.dtype, gpu: str = "", sms: int = 108) -> GemmConfig:
@@ -86,17 +89,16 @@ def gemm_config(M: int, P: int, Q: int, R: int, dtype: torch.dtype, gpu: str = "
     return tuned or _heuristic(M, P, Q, R, dtype, sms)
 
 
-def shrink_config(R: int) -> tuple[int, int]:
-    """(BM, BQ) of ``lora_shrink``."""
-    return (64 if rank_block(R) <= 64 else 32), 64
+def shrink_config(R: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BM, BQ, stages) of ``lora_shrink``: v [BM, BR] is an fp32 register tile."""
+    return (64, 64, 3) if rank_block(R) <= 64 else (16, 32, 2 if dtype == torch.float32 else 3)
 
 
 def pairwise_config(M: int, n_pairs: int, R: int, dtype: torch.dtype) -> GemmConfig:
     """Tiles of the per-row kernel. Rows are grouped by pair, so a row tile holds about M / pairs
     rows: tiles no taller than that waste no rows on padding."""
     BR = rank_block(R)
-    BM = min(64, max(16, m_bucket(-(-M // max(1, n_pairs)))))
-    BP = 32 if M <= DECODE_MAX_M else 64
-    BQ = 32 if BR > 64 else 64
-    stages = 2 if dtype == torch.float32 and BR > 64 else 3
-    return GemmConfig(BM, BP, BQ, 1, 4, stages)
+    if BR > 64:  # v [BM, BR] fp32 in registers: short row tiles
+        return GemmConfig(16, 32, 32, 1, 4, 2 if dtype == torch.float32 else 3)
+    BM = min(32, max(16, m_bucket(-(-M // max(1, n_pairs)))))
+    return GemmConfig(BM, 32 if M <= DECODE_MAX_M else 64, 64 if BM == 16 else 32, 1, 4, 3)

@@ -279,9 +279,10 @@ def lora_shrink(a: Tensor, shrink: RankStack) -> Tensor:
     v = torch.empty((M, R), dtype=torch.float32, device=a.device)
     if M == 0:
         return v
-    BM, BQ = shrink_config(R)
+    BM, BQ, stages = shrink_config(R, a.dtype)
     _shrink_kernel[(triton.cdiv(M, BM),)](
         a, *shrink.ptrs(), v, M, Q, shrink.ranks[0], R, a.stride(0), a.stride(1), *shrink.strides(),
         TWO=len(shrink.ranks) == 2, PRECISION=_precision(a.dtype), BM=BM, BQ=BQ, BR=rank_block(R),
+        num_stages=stages,
     )
     return v

@@ -73,7 +73,7 @@ def _pairwise_kernel(
              acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-def _pair_parts(pair: Pair, strategy: str) -> list[tuple[Tensor, Tensor, Tensor | float]]:
+def pair_parts(pair: Pair, strategy: str) -> list[tuple[Tensor, Tensor, Tensor | float]]:
     """(A, B, coef) of one pair as the kernel applies them."""
     lora_in, lora_out, w_in, w_out = pair
     check_strategy(strategy, lora_in, lora_out)
@@ -86,7 +86,7 @@ def _pair_parts(pair: Pair, strategy: str) -> list[tuple[Tensor, Tensor, Tensor 
 def pack_bank(pairs: Sequence[Pair], strategy: str, K: int, N: int, dtype: torch.dtype,
               device: torch.device) -> tuple[Tensor, Tensor, Tensor, int]:
     """(a_bank [P, BR, K], b_bank [P, N, BR], coef [P, BR] fp32, BR); a pair without adapters is zeros."""
-    parts = [_pair_parts(p, strategy) for p in pairs]
+    parts = [pair_parts(p, strategy) for p in pairs]
     ranks = [sum(A.shape[0] for A, _, _ in pp) for pp in parts]
     BR = rank_block(max(ranks, default=0))
     a_bank = torch.zeros((len(pairs), BR, K), dtype=dtype, device=device)

@@ -1,6 +1,7 @@
 """Where an adapted linear's math runs: one entry point, dispatching to the best available backend.
 
-- CUDA: the fused Triton kernel (``modlora.kernels.dual_lora_linear``), forward and backward;
+- CUDA: the fused Triton kernels (``modlora.kernels.dual_lora_linear``, forward and backward;
+  ``modlora.kernels.pairwise_lora_linear`` for per-row pairs, forward);
 - CPU inference with few rows (decoding): the C++ op ``modlora._C`` (one pass over W at memory
   bandwidth), adapters packed once per (pair, weights) into its bank layout;
 - anything else: the plain-torch reference (``modlora.kernels.reference``), which is also the
@@ -49,8 +50,11 @@ def _use_cpu_kernel(x: Tensor, weight: Tensor, *tensors: Tensor | float | None) 
         return False
     if x.numel() > _ext.C_MAX_ROWS.get(weight.dtype, 0) * x.shape[-1]:
         return False
-    return not (torch.is_grad_enabled()
-                and any(isinstance(t, Tensor) and t.requires_grad for t in (x, weight, *tensors)))
+    return not _builds_graph(x, weight, *tensors)
+
+
+def _builds_graph(*tensors: Tensor | float | None) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
 
 
 def _emulated_bf16(x: Tensor, weight: Tensor) -> bool:
@@ -131,7 +135,14 @@ def pairwise_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None,
                          row_pair: Tensor, strategy: str = "output") -> Tensor:
     """Like :func:`dual_lora_linear`, but batch row b uses the pair ``pairs[row_pair[b]]``."""
     weights = [w for p in pairs for w in p[2:]]
-    if _use_cpu_kernel(x, weight, bias, *weights, *_adapter_tensors(*(a for p in pairs for a in p[:2]))):
+    adapter_tensors = _adapter_tensors(*(a for p in pairs for a in p[:2]))
+    if x.is_cuda and _HAVE_TRITON and not _builds_graph(x, weight, bias, *weights, *adapter_tensors):
+        from .kernels import pairwise_lora_linear as fused  # forward only: training uses one pair
+
+        x, weight, bias, flat = _autocast(x, weight, bias, [a for p in pairs for a in p[:2]])
+        pairs = [(flat[2 * i], flat[2 * i + 1], *p[2:]) for i, p in enumerate(pairs)]
+        return fused(x, weight, bias, pairs, row_pair, strategy)
+    if _use_cpu_kernel(x, weight, bias, *weights, *adapter_tensors):
         a_bank, b_bank = _packed(pairs, strategy, x.dtype)
         return _ext.lora_bank_linear(x, weight, bias, a_bank, b_bank, row_pair)
     if _emulated_bf16(x, weight):

@@ -147,3 +147,26 @@ def test_tiles_cover_every_row_once():
             seen += idx.tolist()
     assert sorted(seen) == list(range(len(rows)))
 
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA")
+def test_ops_routes_cuda_rows_to_the_kernel(monkeypatch):
+    """ops.pairwise_lora_linear on CUDA, inference: one call of the Triton kernel (bf16 autocast
+    included), not the reference loop; with autograd on, the reference (the kernel is forward-only)."""
+    from modlora import ops
+
+    calls = []
+    real = pairwise.pairwise_lora_linear
+    monkeypatch.setattr(pairwise, "pairwise_lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(4, 3, 64, device=DEVICE)
+    W = torch.randn(48, 64, device=DEVICE) / 8
+    pairs = make_pairs(torch.float32, 64, 48, [(4, 8), (8, 8)])
+    rows = torch.tensor([1, 0, 1, 1], device=DEVICE)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        y = ops.pairwise_lora_linear(x, W, None, pairs, rows, "output")
+    assert calls == [1] and y.dtype == torch.bfloat16
+    ref = pairwise_lora_linear_ref(x, W, None, pairs, rows, "output")
+    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
+    ops.pairwise_lora_linear(x.requires_grad_(), W, None, pairs, rows, "output")
+    assert calls == [1]
