@@ -2,6 +2,7 @@
 # Everything GPU in one command, on a CUDA machine with a fresh checkout (nothing but pip reachable):
 #
 #   bash benchmarks/gpu_suite.sh            # about 8 minutes on an A100/H100; results in benchmarks/results/
+#   TUNE=1 bash benchmarks/gpu_suite.sh     # first tune the decode tiles (kernels/tuned/<gpu>.json)
 #
 # 1. installs what is missing (a CUDA torch, modlora with its CUDA decode op when nvcc is present,
 #    test and benchmark dependencies); 2. runs the CUDA tests (Triton kernels on the GPU, the decode
@@ -48,6 +49,9 @@ PY
 
 step tests 150 $PY -m pytest -q --no-header -p no:cacheprovider \
     tests/test_kernels.py tests/test_kernels_pairwise.py tests/test_cuda_decode.py tests/test_ops.py
+if [ "${TUNE:-0}" = 1 ]; then  # decode tiles for this GPU into kernels/tuned/, read by the runs below
+    step tune 240 $PY benchmarks/tune_lora_gemm.py
+fi
 step lora_linear 200 $PY benchmarks/lora_linear.py --dtype bfloat16 --ranks 8 16 --strategies output \
     --m 1 4 16 64 160 640 2048 8192
 step generate 90 $PY benchmarks/generate.py --device cuda --batches 1 32 --dtypes bf16

@@ -3,6 +3,8 @@ against the plain-torch reference, with the error bound of tests/test_kernels.py
 ``FACTOR`` times torch's own error against float64 (same inputs), plus a floor of the dtype's
 precision. Without CUDA the kernels run in Triton's interpreter (fp32, fp16)."""
 
+import json
+
 import pytest
 import torch
 from test_kernels import DEVICE, DTYPES, FACTOR, FLOOR, assert_matches, errors, make_case
@@ -170,3 +172,21 @@ def test_ops_routes_cuda_rows_to_the_kernel(monkeypatch):
     torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
     ops.pairwise_lora_linear(x.requires_grad_(), W, None, pairs, rows, "output")
     assert calls == [1]
+
+
+def test_tuned_table_overrides_the_heuristic_for_its_gpu(tmp_path, monkeypatch):
+    from modlora.kernels import configs
+
+    entry = {"m": 4, "n": 896, "k": 896, "rank": 16,
+             "config": {"BM": 16, "BP": 64, "BQ": 32, "split_k": 2, "num_warps": 2, "num_stages": 4}}
+    (tmp_path / "nvidia-a100-sxm4-80gb.json").write_text(json.dumps({"gpu": "NVIDIA A100-SXM4-80GB",
+                                                                     "entries": [entry]}))
+    monkeypatch.setattr(configs, "TUNED_DIR", tmp_path)
+    configs._table.cache_clear()
+    try:
+        tuned = configs.gemm_config(3, 896, 896, 16, torch.bfloat16, "NVIDIA A100-SXM4-80GB", 108)
+        assert tuned == configs.GemmConfig(**entry["config"])  # M = 3 uses the bucket of 4
+        assert configs.gemm_config(3, 896, 896, 16, torch.bfloat16, "NVIDIA H100", 132) != tuned
+        assert configs.gemm_config(3, 896, 896, 32, torch.bfloat16, "NVIDIA A100-SXM4-80GB", 108) != tuned
+    finally:
+        configs._table.cache_clear()
