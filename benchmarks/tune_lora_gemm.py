@@ -54,7 +54,8 @@ def tune_one(m: int, k: int, n: int, r: int, dtype: torch.dtype) -> tuple[config
         ms = triton.testing.do_bench(run, warmup=5, rep=20)
         if best is None or ms < best[1]:
             best = (cfg, ms)
-    heuristic = configs.gemm_config(m, n, k, r, dtype, "", torch.cuda.get_device_properties(0).multi_processor_count)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    heuristic = configs.gemm_config(m, n, k, r, dtype, "", sms, fused=False)
     base_ms = triton.testing.do_bench(lambda: lora_gemm(x, W.t(), b, expand, (1.0, 0.0), v=v, config=heuristic),
                                       warmup=5, rep=20)
     return best[0], best[1], base_ms

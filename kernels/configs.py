@@ -61,7 +61,7 @@ def _table(gpu: str) -> dict[tuple[int, int, int, int], GemmConfig]:
     return {(e["m"], e["n"], e["k"], e["rank"]): GemmConfig(**e["config"]) for e in entries}
 
 
-def _heuristic(M: int, P: int, Q: int, R: int, dtype: torch.dtype, sms: int) -> GemmConfig:
+def _heuristic(M: int, P: int, Q: int, R: int, dtype: torch.dtype, sms: int, fused: bool) -> GemmConfig:
     BR = rank_block(R)
     if M <= DECODE_MAX_M:
         # Decode: bound by reading W once. 64-wide column tiles gave a 896-wide projection 14
@@ -76,18 +76,27 @@ def _heuristic(M: int, P: int, Q: int, R: int, dtype: torch.dtype, sms: int) -> 
     # spills in bf16. A wide rank block holds v [BM, BR] in fp32 registers, so its rows shrink;
     # the fused variant (M <= 128) also holds the shrink tile, so it keeps 64-wide columns.
     if BR > 64:
-        return GemmConfig(min(32, m_bucket(M)), 64, 32, 1, 8 if BR > 128 else 4, 2 if dtype == torch.float32 else 3)
-    BM = min(128, max(16, m_bucket(M)))
+        BM = 16 if BR > 128 else min(32, m_bucket(M))
+        return GemmConfig(BM, 64, 32, 1, 8 if BR > 128 else 4, 2 if dtype == torch.float32 else 3)
+    # fp32 tiles take twice the bytes: 128 x 64 with a 64-rank block at three stages needs 176 KiB
+    # (sm80: 163), so fp32 rows stop at 64 and pipelines at two stages. With the fused shrink,
+    # v [BM, 64] spilled 120-572 bytes in bf16 on sm80 at 64 or 128 rows; 32 x 64 tiles do not.
+    fp32 = dtype == torch.float32
+    BM = min(64 if fp32 else 128, max(16, m_bucket(M)))
     BP = 64 if M <= 128 else 128
+    if fused and BR == 64:
+        BM, BP = min(32, BM), 64
     wide = BM * BP >= 128 * 128
     warps = 8 if BM * BP >= 128 * 64 else 4
-    return GemmConfig(BM, BP, 32 if wide else 64, 1, warps, 2 if dtype == torch.float32 and wide else 3)
+    return GemmConfig(BM, BP, 32 if wide else 64, 1, warps, 2 if fp32 else 3)
 
 
-def gemm_config(M: int, P: int, Q: int, R: int, dtype: torch.dtype, gpu: str = "", sms: int = 108) -> GemmConfig:
-    """The tuned entry for (M bucket, P, Q, R) on ``gpu`` if there is one, else the heuristic."""
+def gemm_config(M: int, P: int, Q: int, R: int, dtype: torch.dtype, gpu: str = "", sms: int = 108,
+                fused: bool = True) -> GemmConfig:
+    """The tuned entry for (M bucket, P, Q, R) on ``gpu`` if there is one, else the heuristic
+    (``fused``: the shrink runs in the same loop, its v tile in registers too)."""
     tuned = _table(gpu).get((m_bucket(M), P, Q, R)) if gpu else None
-    return tuned or _heuristic(M, P, Q, R, dtype, sms)
+    return tuned or _heuristic(M, P, Q, R, dtype, sms, fused)
 
 
 def shrink_config(R: int, dtype: torch.dtype) -> tuple[int, int, int]:
@@ -99,7 +108,7 @@ def pairwise_config(M: int, n_pairs: int, R: int, dtype: torch.dtype) -> GemmCon
     """Tiles of the per-row kernel. Rows are grouped by pair, so a row tile holds about M / pairs
     rows: tiles no taller than that waste no rows on padding."""
     BR = rank_block(R)
-    if BR > 64:  # v [BM, BR] fp32 in registers: short row tiles
-        return GemmConfig(16, 32, 32, 1, 4, 2 if dtype == torch.float32 else 3)
+    if BR > 64:  # v [BM, BR] fp32 and the B tile [BN, BR] in registers: short tiles, 8 warps
+        return GemmConfig(16, 16, 32, 1, 8, 2 if dtype == torch.float32 else 3)
     BM = min(32, max(16, m_bucket(-(-M // max(1, n_pairs)))))
     return GemmConfig(BM, 32 if M <= DECODE_MAX_M else 64, 64 if BM == 16 else 32, 1, 4, 3)

@@ -226,7 +226,7 @@ def lora_gemm(a: Tensor, b: Tensor, bias: Tensor | None, expand: RankStack, coef
         if store_v and shrink is not None:
             v = torch.empty((0, R), dtype=torch.float32, device=a.device)
         return torch.empty((0, P), dtype=a.dtype, device=a.device), v
-    cfg = config or gemm_config(M, P, Q, R, a.dtype, *gpu_info(a.device))
+    cfg = config or gemm_config(M, P, Q, R, a.dtype, *gpu_info(a.device), fused=shrink is not None)
     if cfg.split_k > 1 and shrink is not None:
         v, shrink = lora_shrink(a, shrink), None
     elif store_v and shrink is not None:

@@ -79,10 +79,11 @@ def jobs() -> list[dict]:
                 add("shrink", dtype, {"TWO": True, "PRECISION": prec, "BM": BM, "BQ": BQ, "BR": BR}, 4, stages)
                 for M in ms:
                     for P, Q in SHAPES:
-                        cfg = configs.gemm_config(M, P, Q, R, dtype, "", 108)
-                        tiles = {"BM": cfg.BM, "BP": cfg.BP, "BQ": cfg.BQ, "BR": BR, "GROUP_M": 8}
                         flags = {"TWO": True, "HAS_BIAS": True, "COEF_PTR": True, "PRECISION": prec}
-                        for shrink in ((False,) if cfg.split_k > 1 else (True, False)):  # fused, split
+                        for fused in (True, False):
+                            cfg = configs.gemm_config(M, P, Q, R, dtype, "", 108, fused=fused)
+                            shrink = fused and cfg.split_k == 1  # a split K runs the shrink first
+                            tiles = {"BM": cfg.BM, "BP": cfg.BP, "BQ": cfg.BQ, "BR": BR, "GROUP_M": 8}
                             add("lora_gemm", dtype, {**tiles, **flags, "SHRINK": shrink, "STORE_V": shrink},
                                 cfg.num_warps, cfg.num_stages, out_fp32=cfg.split_k > 1)
                     for pairs in (1, 4, 64) if EXHAUSTIVE else (1,):

@@ -122,7 +122,7 @@ def test_split_k_value_and_gradients(dtype, m, k, n, strategy, monkeypatch):
     backward's dx; every gradient and the value against float64, as in test_kernels.py."""
     picked = []
     choose = lora_gemm.gemm_config
-    monkeypatch.setattr(lora_gemm, "gemm_config", lambda *a: picked.append(choose(*a)) or picked[-1])
+    monkeypatch.setattr(lora_gemm, "gemm_config", lambda *a, **k: picked.append(choose(*a, **k)) or picked[-1])
     case = make_case(dtype, m, k, n, 8, 8, learned=True)
     assert_matches(case, dtype, strategy=strategy, variant="fused")
     assert any(c.split_k > 1 for c in picked)
