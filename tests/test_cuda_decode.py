@@ -1,6 +1,6 @@
 """The CUDA decode op (csrc/cuda/lora_decode.cu): it compiles for sm_80 and sm_90 with nvcc, with
-no register spills (wherever nvcc is installed, no GPU needed); on a GPU it matches the torch
-reference within the error bound of tests/test_kernels.py."""
+no register spills (wherever nvcc is installed, no GPU needed); on a GPU it matches the float64
+reference within the error bound of tests/test_kernels_pairwise.py."""
 
 import re
 import shutil
@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from modlora import cuda_decode
-from modlora.kernels import dual_lora_linear_ref
 
 SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "lora_decode.cu"
 NVCC = shutil.which("nvcc") or (shutil.which("nvcc", path="/usr/local/cuda/bin"))
@@ -44,20 +43,18 @@ def test_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):
 @pytest.mark.parametrize("m", [1, 3, 5, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_matches_reference_on_gpu(dtype, m, strategy):
-    from test_kernels import FACTOR, FLOOR
+    """Against float64 with the bound of tests/test_kernels_pairwise.py (one pair for every row)."""
+    from test_kernels_pairwise import make_pairs, pair_error_ratio
 
     g = torch.Generator().manual_seed(m)
-    k, n, r = 896, 200, 16
-    rand = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g) * scale).to("cuda", dtype)
-    x, W, bias = rand(m, k), rand(n, k, scale=k**-0.5), rand(n)
-    lin = (rand(r, k, scale=k**-0.5), rand(n, r, scale=r**-0.5), 2.0)
-    lout = (rand(r, k, scale=k**-0.5), rand(n, r, scale=r**-0.5), 0.5)
-    y = cuda_decode.dual_lora_decode(x, W, bias, lin, lout, 0.3, 0.7, strategy)
-    lo = dual_lora_linear_ref(x, W, bias, lin, lout, 0.3, 0.7, strategy)
-    d = lambda a: (a[0].double(), a[1].double(), a[2])
-    hi = dual_lora_linear_ref(x.double(), W.double(), bias.double(), d(lin), d(lout), 0.3, 0.7, strategy)
-    err, torch_err = ((t.double() - hi).abs().max().item() for t in (y, lo))
-    assert err <= FACTOR * torch_err + FLOOR[dtype] * hi.abs().max().item()
+    k, n = 896, 200
+    x = torch.randn(m, k, generator=g).to("cuda", dtype)
+    W = (torch.randn(n, k, generator=g) * k**-0.5).to("cuda", dtype)
+    bias = torch.randn(n, generator=g).to("cuda", dtype)
+    pairs = make_pairs(dtype, k, n, [(16, 16)])
+    decode = lambda x, W, b, pairs, rows, strategy: cuda_decode.dual_lora_decode(x, W, b, *pairs[0], strategy)
+    rows = torch.zeros(m, dtype=torch.int64, device="cuda")
+    assert pair_error_ratio(dtype, x, W, bias, pairs, rows, strategy, op=decode) <= 1.0
 
 
 def test_rejects_too_many_rows():
