@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import cpu
 from .kernels.pairwise import pair_parts
 from .kernels.reference import Adapter, Weight
 
@@ -18,12 +19,8 @@ MAX_ROWS = 16
 
 
 def available() -> bool:
-    """True when ``modlora._C`` was built with the CUDA op and a GPU is visible."""
-    try:
-        from modlora import _C  # noqa: F401  (registers torch.ops.modlora.*)
-    except ImportError:
-        return False
-    return torch.cuda.is_available() and hasattr(torch.ops.modlora, "lora_decode")
+    """True when ``modlora._C`` (loaded by :mod:`modlora.cpu`) has the CUDA op and a GPU is visible."""
+    return cpu.HAVE_C and torch.cuda.is_available() and hasattr(torch.ops.modlora, "lora_decode")
 
 
 def dual_lora_decode(x: Tensor, weight: Tensor, bias: Tensor | None, lora_in: Adapter | None,

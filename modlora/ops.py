@@ -154,11 +154,9 @@ def pairwise_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None,
     weights = [w for p in pairs for w in p[2:]]
     adapter_tensors = _adapter_tensors(*(a for p in pairs for a in p[:2]))
     if x.is_cuda and _HAVE_TRITON and not _builds_graph(x, weight, bias, *weights, *adapter_tensors):
-        from .kernels import pairwise_lora_linear as fused  # forward only: training uses one pair
-
         x, weight, bias, flat = _autocast(x, weight, bias, [a for p in pairs for a in p[:2]])
         pairs = [(flat[2 * i], flat[2 * i + 1], *p[2:]) for i, p in enumerate(pairs)]
-        return fused(x, weight, bias, pairs, row_pair, strategy)
+        return kernels.pairwise_lora_linear(x, weight, bias, pairs, row_pair, strategy)  # forward only
     if _use_cpu_kernel(x, weight, bias, *weights, *adapter_tensors):
         a_bank, b_bank = _packed(pairs, strategy, x.dtype)
         return cpu.lora_bank_linear(x, weight, bias, a_bank, b_bank, row_pair)
