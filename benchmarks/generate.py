@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, environment, memory_probe, write_json  # noqa: E402
+from common import RESULTS, cpu_tag, environment, memory_probe, write_json  # noqa: E402
 
 from modlora.adapters import AdapterController, LoraAdapter  # noqa: E402
 from modlora.config import Qwen2Config  # noqa: E402
@@ -189,7 +189,9 @@ def main() -> None:
     tok = Tokenizer.default()
     sentences = FLORES.read_text(encoding="utf-8").splitlines()
     prompts = [translation_prompt_ids(tok, "en", "de", s) for s in sentences]
-    name = f"generate-{args.device}" + ("-quick" if args.quick else "")
+    # CPU results per CPU model: each machine keeps its rows.
+    name = f"generate-{args.device}" + (f"-{cpu_tag()}" if args.device == "cpu" else "")
+    name += "-quick" if args.quick else ""
     env = environment(args.device)
     rows = earlier_rows(name)
     for dname in args.dtypes:

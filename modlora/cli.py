@@ -24,6 +24,7 @@ from .generation import SearchParams, translate
 from .kernels.reference import STRATEGIES
 from .loading import load_pretrained, random_model
 from .model import Qwen2ForCausalLM
+from .paper import PAPER_TABLE
 from .pipeline import RANDOM_BASE_NOTE, Pipeline, PipelineConfig, default_config
 from .pool import AdapterPool
 from .tokenizer import Tokenizer
@@ -67,7 +68,8 @@ def _probability(text: str) -> float:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="HF Qwen2 checkpoint directory (default: a random-weight preset)")
+    p.add_argument("--model", help="HF Qwen2 checkpoint directory, or a hub id (Qwen/Qwen2.5-0.5B-Instruct) in the "
+                                   "local Hugging Face cache (default: a random-weight preset)")
     p.add_argument("--preset", help=f"random-weight preset when no --model: tiny or qwen2.5-0.5b (default: the "
                                     f"config's, else {DEFAULT_PRESET})")
 
@@ -135,6 +137,9 @@ def _stage(args: argparse.Namespace) -> int:
     if args.command == "train-adapters":
         pipe.train_adapters()
         print(pipe.pool.listing())
+    elif args.command == "train-full":
+        pipe.train_full()
+        print(f"full fine-tuning: {pipe.full_model_dir()}")
     elif args.command == "learn-weights":
         pipe.learn_weights()
         print(f"learned weights under {pipe.out / 'weights'}")
@@ -142,7 +147,7 @@ def _stage(args: argparse.Namespace) -> int:
         pipe.evaluate()
         print(pipe.table())
     elif args.command == "table":
-        print(pipe.table())
+        print(pipe.table(args.compare_paper))
     else:
         print(pipe.run())
     log_stderr(f"done in {time.perf_counter() - started:.0f}s; outputs in {pipe.out}")
@@ -272,6 +277,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LoRA dropout on the adapters' input while training (default: 0)")
     p.set_defaults(func=_stage)
 
+    p = sub.add_parser("train-full", help="stage 1b: the full-parameter fine-tuning baseline (resumes)",
+                       description="Fine-tune every parameter of the base (fp32 master weights) on the union of "
+                                   "the adapters' English-centric data; writes a Hugging Face checkpoint to "
+                                   "OUT/full/model.")
+    _pipeline_args(p)
+    _train_args(p)
+    p.set_defaults(func=_stage)
+
     p = sub.add_parser("learn-weights", help="stage 2: per-layer merge weights of every direction (resumes)")
     _pipeline_args(p)
     _train_args(p)
@@ -284,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("table", help="stage 4: print (and write) the Table 1 layout from finished evaluations")
     _pipeline_args(p)
+    p.add_argument("--compare-paper", nargs="?", const=str(PAPER_TABLE), metavar="FILE",
+                   help="also show our scores beside the paper's published Table 1 (default FILE: the shipped "
+                        "modlora/assets/paper_table1.json) and write OUT/compare.md")
     p.set_defaults(func=_stage)
 
     p = sub.add_parser("run", help="the whole pipeline from a config; skips what is done",

@@ -5,11 +5,15 @@ training resumes from its checkpoint):
 
 1. ``train_adapters``: ``in[X]`` on X->pivot and ``out[X]`` on pivot->X for every language X
    (the pivot's own pair on pivot->pivot), into ``out_dir/pool/{X}/{in|out}/``.
+   ``train_full``: the full-parameter fine-tuning baseline on the union of that data, into
+   ``out_dir/full/model/`` (a Hugging Face checkpoint folder).
 2. ``learn_weights``: per direction and strategy, the per-layer merge weights with both adapters
-   frozen, into ``out_dir/weights/{strategy}/{src}-{tgt}/weights.json`` (+ ``weights.png``).
+   frozen, into ``out_dir/weights/{strategy}/{src}-{tgt}/weights.json``; then the paper's Figure 2
+   per strategy, ``out_dir/weights/{strategy}/figure2.json`` (+ ``figure2.png``).
 3. ``evaluate``: every Table 1 configuration over every direction of the evaluation split, into
    ``out_dir/eval/{configuration}.json`` (scores, signatures, hypotheses).
-4. ``table``: ``out_dir/results.json`` and ``out_dir/table.md``.
+4. ``table``: ``out_dir/results.json`` and ``out_dir/table.md`` (and, against the paper's published
+   numbers, ``out_dir/compare.md``).
 
 Without ``model.path`` the base is a seeded random Qwen2 preset: the pipeline runs end to end, but
 a random model cannot translate, so its scores are noise. The paper uses Qwen2.5-0.5B-Instruct.
@@ -30,17 +34,21 @@ from .data import DEFAULT_LANGS, PIVOT, adapter_jobs, directions, load_split
 from .evaluate import (
     RATIOS,
     EvalConfig,
+    beats_both,
     evaluate_configuration,
     markdown_table,
     summarize,
     table1_configs,
     trainable_percent,
 )
+from .figures import figure2_data, write_figure2
 from .fileio import atomic_write_json, atomic_write_text, read_json
+from .full import train_full, union_directions
 from .generation import SearchParams
 from .kernels.reference import STRATEGIES
 from .loading import load_pretrained, random_model
 from .model import Qwen2ForCausalLM
+from .paper import compare_markdown, load_paper_table
 from .pool import AdapterPool
 from .tokenizer import Tokenizer
 from .train import LoraConfig, TrainConfig, base_parameters, learn_weights, resolve_lora, train_adapter
@@ -79,6 +87,7 @@ class EvalSettings:
     strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
     ratios: list[list[int]] = field(default_factory=lambda: [list(r) for r in RATIOS])
     learned: bool = True
+    full: bool = True  # train and evaluate the full-parameter fine-tuning baseline
 
 
 def _default_weight_training() -> TrainConfig:
@@ -132,7 +141,7 @@ DEMO: dict = {
     "out_dir": "runs/default",
     "model": {"preset": "tiny", "seed": 0},
     "data": {"train_limit": 16, "weights_limit": 4, "eval_limit": 3},
-    "train": {"epochs": 2, "lr": 1e-3, "batch_size": 8, "grad_accum": 1},
+    "train": {"epochs": 2, "lr": 1e-2, "batch_size": 8, "grad_accum": 1},
     "weights": {"epochs": 1, "lr": 1e-2, "batch_size": 4, "grad_accum": 1},
     "eval": {"num_beams": 5, "max_new_tokens": 12, "batch_size": 60},
 }
@@ -166,24 +175,46 @@ class Pipeline:
         self.config = config
         self.out = Path(config.out_dir)
         self.log = log
-        self._model = self._adapters = self._tokenizer = self._pool = None
+        self._model = self._adapters = self._full = self._tokenizer = self._pool = None
 
     # -- shared resources, built on first use ------------------------------------------------
+
+    def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        mc = self.config.model
+        device = torch.device(mc.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        default = torch.bfloat16 if device.type == "cuda" else torch.float32
+        return device, getattr(torch, mc.dtype) if mc.dtype else default
+
+    def _load_base(self, dtype: torch.dtype) -> Qwen2ForCausalLM:
+        mc = self.config.model
+        device, _ = self._device_dtype()
+        if mc.path:
+            model = load_pretrained(mc.path, dtype=dtype, device=device)
+            self.log(f"base model: {mc.path} ({dtype}, {device})")
+        else:
+            model = random_model(mc.preset, seed=mc.seed, dtype=dtype, device=device)
+            self.log(f"base model: random preset {mc.preset!r} (seed {mc.seed}, {dtype}, {device})")
+        return model
 
     @property
     def model(self) -> Qwen2ForCausalLM:
         if self._model is None:
-            mc = self.config.model
-            device = torch.device(mc.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-            default = torch.bfloat16 if device.type == "cuda" else torch.float32
-            dtype = getattr(torch, mc.dtype) if mc.dtype else default
-            if mc.path:
-                self._model = load_pretrained(mc.path, dtype=dtype, device=device)
-                self.log(f"base model: {mc.path} ({dtype}, {device})")
-            else:
-                self._model = random_model(mc.preset, seed=mc.seed, dtype=dtype, device=device)
-                self.log(f"base model: random preset {mc.preset!r} (seed {mc.seed}, {dtype}, {device})")
+            self._model = self._load_base(self._device_dtype()[1])
         return self._model
+
+    def full_model_dir(self) -> Path:
+        return self.out / "full" / "model"
+
+    @property
+    def full_adapters(self) -> AdapterController:
+        """The controller of the fully fine-tuned model (stage ``train_full``, in the evaluation dtype):
+        it translates the "full" configuration, with no adapters bound."""
+        if self._full is None:
+            if not (self.full_model_dir() / "config.json").is_file():
+                raise FileNotFoundError(f"{self.full_model_dir()} is missing: run the train-full stage first")
+            device, dtype = self._device_dtype()
+            self._full = AdapterController(load_pretrained(self.full_model_dir(), dtype=dtype, device=device))
+        return self._full
 
     @property
     def adapters(self) -> AdapterController:
@@ -228,6 +259,22 @@ class Pipeline:
                                     cfg.train, self.out / "train" / f"{job.lang}-{job.side}", log=self.log)
             self.pool.save(adapter)
 
+    def train_full(self) -> None:
+        """Stage 1b: the full-parameter fine-tuning baseline (fp32 master weights), on the union of the
+        adapters' English-centric data, with the adapters' training settings."""
+        cfg = self.config
+        save_dir = self.full_model_dir()
+        if not cfg.eval.full:
+            return
+        if (save_dir / "config.json").is_file():  # written last
+            self.log(f"full fine-tuning: done (in {save_dir})")
+            return
+        data = self._split(cfg.data.train_split, cfg.data.train_limit)
+        union = union_directions([(job.src, job.tgt) for job in adapter_jobs(cfg.data.langs, cfg.data.pivot)])
+        train_full(self._load_base(torch.float32), self.tokenizer,
+                   {(s, t): list(zip(data[s], data[t], strict=True)) for s, t in union},
+                   cfg.train, self.out / "train" / "full", save_dir, log=self.log)
+
     def weights_path(self, strategy: str, src: str, tgt: str) -> Path:
         return self.out / "weights" / strategy / f"{src}-{tgt}" / "weights.json"
 
@@ -238,18 +285,32 @@ class Pipeline:
             return
         data = None
         for strategy in cfg.eval.strategies:
+            learned = False
             for src, tgt in self.directions():
                 path = self.weights_path(strategy, src, tgt)
                 if path.is_file():
                     continue
+                learned = True
                 data = data or self._split(cfg.data.train_split, cfg.data.weights_limit or cfg.data.train_limit)
                 pairs = list(zip(data[src], data[tgt], strict=True))
                 learn_weights(self.adapters, self.tokenizer, self.pool.get(src, "in"), self.pool.get(tgt, "out"), src,
                               tgt, pairs, strategy, cfg.weights, path.parent, log=self.log)
+            if learned or not (self.out / "weights" / strategy / "figure2.json").is_file():
+                self.figure2(strategy)
+
+    def figure2(self, strategy: str) -> dict:
+        """The paper's Figure 2 for one strategy from the learned weights: JSON and PNG beside them."""
+        weights = {(src, tgt): LearnedWeights.load(self.weights_path(strategy, src, tgt)).pairs()
+                   for src, tgt in self.directions()}
+        data = figure2_data(weights, self.directions(), strategy)
+        folder = self.out / "weights" / strategy
+        if not write_figure2(data, folder / "figure2.json", folder / "figure2.png"):
+            self.log(f"matplotlib is not installed: {folder / 'figure2.json'} written, no PNG")
+        return data
 
     def configurations(self) -> list[EvalConfig]:
         e = self.config.eval
-        return table1_configs(e.strategies, e.ratios, e.learned)
+        return table1_configs(e.strategies, e.ratios, e.learned, e.full)
 
     def eval_path(self, config: EvalConfig) -> Path:
         return self.out / "eval" / f"{config.slug}.json"
@@ -291,15 +352,18 @@ class Pipeline:
             bar = progress(n, f"eval {config.name}")
             search = SearchParams(num_beams=cfg.eval.num_beams, max_new_tokens=cfg.eval.max_new_tokens)
             results = evaluate_configuration(
-                self.adapters, self.tokenizer, config, self.directions(), data, data, pool=self.pool,
-                learned=learned, search=search, batch_size=cfg.eval.batch_size, progress=bar.update)
+                self.full_adapters if config.full else self.adapters, self.tokenizer, config, self.directions(),
+                data, data, pool=self.pool, learned=learned, search=search, batch_size=cfg.eval.batch_size,
+                progress=bar.update)
             bar.close()
             atomic_write_json(self.eval_path(config), {
                 "config": dataclasses.asdict(config), "settings": settings,
                 "directions": [{"src": s, "tgt": t, **r} for (s, t), r in results.items()]})
 
-    def table(self) -> str:
-        """Stage 4: gather the evaluation files into ``results.json`` and ``table.md``; returns the Markdown."""
+    def table(self, compare_paper: str | Path | None = None) -> str:
+        """Stage 4: gather the evaluation files into ``results.json`` and ``table.md``; returns the Markdown.
+        With ``compare_paper`` (a paper table file, :mod:`modlora.paper`) it also writes ``compare.md``,
+        our scores beside the paper's, and appends it to what it returns."""
         cfg = self.config
         langs = cfg.data.langs
         base = base_parameters(self.model)
@@ -318,9 +382,14 @@ class Pipeline:
                 raise ValueError(f"{path} covers the languages {settings['langs']}, not {list(langs)}: run the "
                                  "evaluate stage with these languages first")
             scores = {(d["src"], d["tgt"]): d["score"] for d in raw["directions"]}
-            rows.append({"name": config.name, "trainable_percent": trainable_percent(
+            rows.append({"name": config.name, "label": config.label, "merged": config.merged,
+                         "trainable_percent": trainable_percent(
                 config, adapter_params, base, self.model.config.num_hidden_layers),
                 "signature": raw["directions"][0]["signature"], "summary": summarize(scores, langs)})
+        single = {r["name"]: r["summary"] for r in rows if r["name"] in ("in only", "out only")}
+        for row in rows:
+            if row["merged"] and len(single) == 2:
+                row["marks"] = beats_both(row["summary"], single["in only"], single["out only"])
         md = markdown_table(rows, langs)
         if not cfg.model.path:
             md = f"> {RANDOM_BASE_NOTE}\n\n" + md
@@ -328,6 +397,10 @@ class Pipeline:
                                                       "metric": "chrF++", "base_parameters": base,
                                                       "adapter_parameters": adapter_params, "rows": rows})
         atomic_write_text(self.out / "table.md", md)
+        if compare_paper is not None:
+            compared = compare_markdown(rows, langs, load_paper_table(compare_paper))
+            atomic_write_text(self.out / "compare.md", compared)
+            md += "\n" + compared
         return md
 
     def run(self) -> str:
@@ -339,6 +412,7 @@ class Pipeline:
                      "(delete them, or use another --out, to redo them)")
         atomic_write_json(previous, self.config.to_dict())
         self.train_adapters()
+        self.train_full()
         self.learn_weights()
         self.evaluate()
         return self.table()

@@ -41,6 +41,7 @@ from .tokenizer import Tokenizer
 
 Example = tuple[list[int], list[int]]  # token ids, loss mask (1 = trained target token)
 
+ROLE_SEED = {"in": 1, "out": 0}  # added to the training seed
 PAPER_FRACTION = 0.005  # the paper's trainable parameters per adapter, relative to the base model
 
 
@@ -420,6 +421,9 @@ def train(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples
         model.train(was_training)
     if _fingerprint(base) != fingerprint:
         raise RuntimeError("the base model's weights changed during training")
+    if losses and run.step >= run.total > 1:  # the whole run's first and last step (the log spans resumes)
+        first = json.loads(run.log_path.read_text().split("\n", 1)[0])["loss"]
+        log(f"{desc}: training loss {first:.2f} (step 1) -> {losses[-1]:.2f} (step {run.step})")
     return {"step": run.step, "total_steps": run.total, "done": run.step >= run.total, "losses": losses}
 
 
@@ -438,6 +442,9 @@ def train_adapter(adapters: AdapterController, tokenizer: Tokenizer, lang: str, 
     """
     model = adapters.model
     lora = resolve_lora(model, lora)
+    # Each role its own seed (init and data order): in[en] and out[en] see the same en->en pairs and
+    # would otherwise come out byte-identical, where the paper trains two adapters.
+    cfg = dataclasses.replace(cfg, seed=cfg.seed + ROLE_SEED[role])
     adapter = LoraAdapter.init(model, rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules,
                                use_rslora=lora.use_rslora, dropout=lora.dropout, language=lang, role=role,
                                seed=cfg.seed)
@@ -462,8 +469,8 @@ def learn_weights(adapters: AdapterController, tokenizer: Tokenizer, lora_in: Lo
                   log: Log = log_stderr) -> LearnedWeights | None:
     """Learn the per-layer ``(w_in, w_out) = softmax(theta)`` of a direction with both adapters frozen (eq. 5).
 
-    Writes ``weights.json`` (:meth:`LearnedWeights.save`) and ``weights.png`` (w_out per layer, when
-    matplotlib is installed) in ``work_dir``.
+    Writes ``weights.json`` (:meth:`LearnedWeights.save`) in ``work_dir`` (Figure 2 draws all
+    directions at once: :mod:`modlora.figures`).
 
     Returns:
         The weights, or None if ``stop_after`` cut the run short.
@@ -480,25 +487,5 @@ def learn_weights(adapters: AdapterController, tokenizer: Tokenizer, lora_in: Lo
     if weights is None:
         return None
     weights.save(work_dir / "weights.json")
-    plot_weights(weights.pairs(), work_dir / "weights.png", f"{src}->{tgt} ({strategy})", log=log)
     return weights
 
-
-def plot_weights(weights: Sequence[tuple[float, float]], path: str | Path, title: str, log: Log = log_stderr) -> bool:
-    """w_out per layer (the paper's Figure 2); skipped with a log line without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log(f"matplotlib is not installed: skipping the plot {path}")
-        return False
-    fig, ax = plt.subplots(figsize=(6, 3))
-    ax.plot(range(len(weights)), [w_out for _, w_out in weights], marker="o")
-    ax.axhline(0.5, color="gray", lw=0.5)
-    ax.set(xlabel="layer", ylabel="w_out", title=title, ylim=(0, 1))
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
-    return True
