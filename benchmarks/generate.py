@@ -109,6 +109,8 @@ class StepClock:
         self.stamps: list[float] = []
 
     def tick(self, *_args) -> None:
+        if torch.cuda.is_available():  # a step's kernels are queued asynchronously: wait for them
+            torch.cuda.synchronize()
         self.stamps.append(time.perf_counter())
 
 
@@ -155,7 +157,9 @@ def timed(run, steps: int, clock: StepClock, warmup: int, reps: int) -> tuple[to
         clock.stamps.clear()
         start = time.perf_counter()
         out = run(steps)
-        totals.append((time.perf_counter() - start) * 1e3)
+        clock.tick()  # waits for the GPU; its stamp is the end of the last step
+        totals.append((clock.stamps[-1] - start) * 1e3)
+        clock.stamps.pop()
         prefills.append((clock.stamps[0] - start) * 1e3)
         gaps += [(b - a) * 1e3 for a, b in pairwise(clock.stamps)]
     return out, {"ms": statistics.median(totals), "prefill_ms": statistics.median(prefills),

@@ -1,6 +1,7 @@
 """Where a linear's math runs: the one place that picks a backend (docs/design.md, "Backends").
 
-- CUDA with adapters: the fused Triton kernel (``modlora.kernels.dual_lora_linear``), forward and backward;
+- CUDA with adapters: the fused Triton kernels (``modlora.kernels.dual_lora_linear``, forward and
+  backward; ``modlora.kernels.pairwise_lora_linear`` for per-row pairs, forward);
 - CPU inference: the C++ op of :mod:`modlora.cpu` (one pass over W at memory bandwidth, adapters
   packed once per (pair, weights) into its bank layout) or torch, whichever :mod:`modlora.dispatch`
   measured faster for the case (op kind, shape, dtype, number of rows; :func:`_cpu_path`);
@@ -49,9 +50,13 @@ def _cpu_path(kind: str, x: Tensor, weight: Tensor, run: dispatch.Run, *tensors:
     graph to build (it has no backward), and where :func:`dispatch.choose` measured it faster."""
     if x.device.type != "cpu" or not cpu.c_enabled():
         return "torch"
-    if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in (x, weight, *tensors)):
+    if _builds_graph(x, weight, *tensors):
         return "torch"
     return dispatch.choose(kind, x, weight, run)
+
+
+def _builds_graph(*tensors: Tensor | float | None) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
 
 
 def _emulated_bf16(x: Tensor, weight: Tensor) -> bool:
@@ -153,6 +158,10 @@ def pairwise_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None,
     """
     weights = [w for p in pairs for w in p[2:]]
     tensors = _adapter_tensors(*(a for p in pairs for a in p[:2]))
+    if x.is_cuda and _HAVE_TRITON and not _builds_graph(x, weight, bias, *weights, *tensors):
+        x, weight, bias, flat = _autocast(x, weight, bias, [a for p in pairs for a in p[:2]])
+        pairs = [(flat[2 * i], flat[2 * i + 1], *p[2:]) for i, p in enumerate(pairs)]
+        return kernels.pairwise_lora_linear(x, weight, bias, pairs, row_pair, strategy)  # forward only
     # Calibration inputs are [m, K]: their rows cycle through the pairs.
     run = lambda path, xs: _pairwise(path, xs, weight, bias, pairs, torch.arange(xs.shape[0]) % len(pairs), strategy)
     return _pairwise(_cpu_path("pairs", x, weight, run, bias, *weights, *tensors), x, weight, bias, pairs, row_pair,
