@@ -3,7 +3,9 @@
 Each stage is its own command (``python -m modlora STAGE`` or ``torchrun --standalone
 --nproc-per-node N -m modlora STAGE``) on a fresh output directory per process count, so every
 time includes the start-up of its processes (imports, tokenizer, model); the ``table`` stage,
-which does almost no work, shows that fixed cost. Per-job times are the one-process stage times
+which does almost no work, shows that fixed cost. A stage runs on at most as many processes as it
+has jobs (``train-full`` is one job, which the CLI refuses to shard over more ranks), and stages
+the config turns off (``eval.learned``, ``eval.full``) are skipped. Per-job times are the one-process stage times
 less that fixed cost, divided by the stage's jobs: the inputs of the README's projection. The
 run also checks that both process counts wrote the same adapters, weights and evaluations.
 
@@ -23,7 +25,7 @@ from pathlib import Path
 from common import environment, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("train-adapters", "learn-weights", "evaluate", "table")
+STAGES = ("train-adapters", "train-full", "learn-weights", "evaluate", "table")  # the pipeline's order
 
 
 def _command(nproc: int, stage: str, config: str, out: Path) -> list[str]:
@@ -33,8 +35,8 @@ def _command(nproc: int, stage: str, config: str, out: Path) -> list[str]:
 
 
 def _outputs(out: Path) -> dict[str, bytes]:
-    """What must not depend on the process count: adapters, learned weights, evaluations, table."""
-    keep = ("pool", "weights", "eval")
+    """What must not depend on the process count: adapters, full model, learned weights, evaluations, table."""
+    keep = ("pool", "full", "weights", "eval")
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()
             and p.relative_to(out).parts[0] in keep and p.suffix in (".json", ".safetensors")} | {
         "table.md": (out / "table.md").read_bytes()}
@@ -49,21 +51,24 @@ def main() -> None:
     from modlora.pipeline import Pipeline, PipelineConfig
 
     jobs = {stage: n for stage, (n, _) in Pipeline(PipelineConfig.from_toml(args.config)).job_counts().items()}
+    run_stages = [stage for stage in STAGES if stage in jobs or stage == "table"]
     runs, outputs = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for nproc in args.nproc:
             out = Path(tmp) / f"x{nproc}"
-            stages = {}
-            for stage in STAGES:
+            stages, stage_nproc = {}, {}
+            for stage in run_stages:
+                procs = min(nproc, jobs.get(stage, nproc))
                 started = time.perf_counter()
-                proc = subprocess.run(_command(nproc, stage, args.config, out), capture_output=True, text=True,
+                proc = subprocess.run(_command(procs, stage, args.config, out), capture_output=True, text=True,
                                       env={**os.environ, "OMP_NUM_THREADS": "1"})
                 seconds = time.perf_counter() - started
                 if proc.returncode:
-                    sys.exit(f"{stage} on {nproc} processes failed:\n{proc.stderr[-3000:]}")
-                stages[stage] = round(seconds, 2)
-                print(f"{nproc} process(es) {stage}: {seconds:.1f} s", flush=True)
-            runs.append({"nproc": nproc, "stage_seconds": stages, "total_seconds": round(sum(stages.values()), 2)})
+                    sys.exit(f"{stage} on {procs} processes failed:\n{proc.stderr[-3000:]}")
+                stages[stage], stage_nproc[stage] = round(seconds, 2), procs
+                print(f"{nproc} process(es) {stage} (on {procs}): {seconds:.1f} s", flush=True)
+            runs.append({"nproc": nproc, "stage_seconds": stages, "stage_nproc": stage_nproc,
+                         "total_seconds": round(sum(stages.values()), 2)})
             outputs[nproc] = _outputs(out)
     identical = all(o == outputs[args.nproc[0]] for o in outputs.values())
     one = next((r for r in runs if r["nproc"] == 1), None)
@@ -76,10 +81,10 @@ def main() -> None:
                "per_job_seconds": per_job, "outputs_identical": identical}
     path = write_json("scale_out", payload)
     print(f"outputs identical across process counts: {identical}\nwrote {path}")
-    _plot(runs, path.with_suffix(".png"))
+    _plot(runs, run_stages, path.with_suffix(".png"))
 
 
-def _plot(runs: list[dict], path: Path) -> None:
+def _plot(runs: list[dict], stages: list[str], path: Path) -> None:
     try:
         import matplotlib
 
@@ -91,9 +96,9 @@ def _plot(runs: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 3.5))
     width = 0.8 / len(runs)
     for k, run in enumerate(runs):
-        xs = [i + k * width for i in range(len(STAGES))]
-        ax.bar(xs, [run["stage_seconds"][s] for s in STAGES], width, label=f"{run['nproc']} process(es)")
-    ax.set_xticks([i + width * (len(runs) - 1) / 2 for i in range(len(STAGES))], STAGES)
+        xs = [i + k * width for i in range(len(stages))]
+        ax.bar(xs, [run["stage_seconds"][s] for s in stages], width, label=f"{run['nproc']} process(es)")
+    ax.set_xticks([i + width * (len(runs) - 1) / 2 for i in range(len(stages))], stages)
     ax.set(ylabel="wall time per command (s)", title="demo pipeline, torchrun on CPU (gloo)")
     ax.legend()
     fig.tight_layout()
