@@ -6,7 +6,10 @@
 //   weight   [N, K]     fp32 or bf16, unit stride along K
 //   bias     [N]        any float dtype, or None
 //   A_bank   [P, R, K]  fp32 or bf16, or None (no adapters: a plain small-M linear, e.g. lm_head)
-//   B_bank   [P, N, R]  fp32 or bf16, coefficients folded in (see modlora/_ext.py pack_bank)
+//   B_bank   [P, N, R]  fp32 or bf16
+//            Each pair is one adapter of coefficient 1 (modlora/cpu.py pack_bank, via
+//            kernels/reference.py merge_pair): "output" folds w*scale into A's rows, "ab" folds
+//            sqrt(w*scale) into both A and B; the kernel applies no coefficient.
 //   row_pair [M]        int64 in [0, P), or None
 //
 // Two phases, each parallel over threads (at::parallel_for, OpenMP in torch's CPU builds):
