@@ -152,7 +152,9 @@ _lib = torch.library.Library("modlora", "FRAGMENT")  # noqa: TOR901 (kept alive 
 if not HAVE_C:  # _C defines the schema and the CPU kernel itself when it loads
     _lib.define(_SCHEMA)
     _lib.impl("lora_bank_linear", lora_bank_linear_torch, "CPU")
-_lib.impl("lora_bank_linear", lora_bank_linear_torch, "CUDA")  # no CUDA kernel yet: torch path
+# lora_bank_linear has no CUDA kernel: CUDA tensors take the torch path (the CUDA decode op is a
+# separate op, modlora::lora_decode; see modlora/cuda_decode.py).
+_lib.impl("lora_bank_linear", lora_bank_linear_torch, "CUDA")
 _OP = torch.ops.modlora.lora_bank_linear.default
 
 
