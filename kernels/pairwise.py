@@ -5,9 +5,9 @@
 As Punica's SGMV and vLLM's LoRA kernels do for one adapter, rows are grouped by pair (a stable
 sort on the device) and every row tile holds rows of one pair only, so the shrink and expand are
 tile-level dots against that pair's slice of a bank; the base GEMM is the same for every row.
-The bank stacks each pair's adapters along rank, padded to one rank block: strategy "output"
-holds ``[A_in; A_out]``, ``[B_in | B_out]`` and per-rank coefficients ``w * scale``; strategy "ab"
-holds the merged ``A_m``, ``B_m`` (``reference.merge_ab``) with coefficient 1. The tile table is
+The bank stacks each pair's parts (``reference.pair_parts``) along rank, padded to one rank block:
+strategy "output" holds ``[A_in; A_out]``, ``[B_in | B_out]`` and per-rank coefficients
+``w * scale``; strategy "ab" holds the merged ``A_m``, ``B_m`` with coefficient 1. The tile table is
 built on the device with an upper bound on the tile count, so nothing waits for the GPU.
 Forward only (inference): the training paths use one pair per batch (``dual_lora_linear``).
 """
@@ -23,9 +23,7 @@ from torch import Tensor
 
 from .configs import pairwise_config, rank_block
 from .lora_gemm import _check, _precision
-from .reference import Adapter, Weight, check_strategy, merge_ab
-
-Pair = tuple[Adapter | None, Adapter | None, Weight, Weight]
+from .reference import Pair, pair_parts
 
 
 @triton.jit
@@ -73,20 +71,10 @@ def _pairwise_kernel(
              acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-def pair_parts(pair: Pair, strategy: str) -> list[tuple[Tensor, Tensor, Tensor | float]]:
-    """(A, B, coef) of one pair as the kernel applies them."""
-    lora_in, lora_out, w_in, w_out = pair
-    check_strategy(strategy, lora_in, lora_out)
-    if strategy == "ab" and lora_in is not None and lora_out is not None:
-        a_m, b_m = merge_ab(lora_in, lora_out, w_in, w_out)
-        return [(a_m, b_m, 1.0)]
-    return [(a[0], a[1], w * a[2]) for a, w in ((lora_in, w_in), (lora_out, w_out)) if a is not None]
-
-
-def pack_bank(pairs: Sequence[Pair], strategy: str, K: int, N: int, dtype: torch.dtype,
+def pack_coef_bank(pairs: Sequence[Pair], strategy: str, K: int, N: int, dtype: torch.dtype,
               device: torch.device) -> tuple[Tensor, Tensor, Tensor, int]:
     """(a_bank [P, BR, K], b_bank [P, N, BR], coef [P, BR] fp32, BR); a pair without adapters is zeros."""
-    parts = [pair_parts(p, strategy) for p in pairs]
+    parts = [pair_parts(*p, strategy) for p in pairs]
     ranks = [sum(A.shape[0] for A, _, _ in pp) for pp in parts]
     BR = rank_block(max(ranks, default=0))
     a_bank = torch.zeros((len(pairs), BR, K), dtype=dtype, device=device)
@@ -159,7 +147,7 @@ def pairwise_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, pairs: 
     torch._assert_async(((rows >= 0) & (rows < len(pairs))).all(),
                         f"row_pair holds a pair id outside [0, {len(pairs)})")
     rows = rows.repeat_interleave(M // x.shape[0])
-    a_bank, b_bank, coef, BR = pack_bank(pairs, strategy, K, N, x.dtype, x.device)
+    a_bank, b_bank, coef, BR = pack_coef_bank(pairs, strategy, K, N, x.dtype, x.device)
     cfg = pairwise_config(M, len(pairs), BR, x.dtype)
     order, tile_pair, lo, hi, n_tiles = _tiles(rows, len(pairs), cfg.BM)
     bias = None if bias is None else bias.contiguous()

@@ -6,8 +6,10 @@
 
 An adapter is ``(A [r, K], B [N, r], scale)``; ``coef_a = w_a * scale_a``. Autograd through these
 few torch ops gives every gradient (x, A, B, w), so this file is also the gradient oracle.
-:func:`merge_pair` writes either strategy as one adapter of coefficient 1, the form the C++ bank
-and a PEFT export store. See docs/design.md for the derivation.
+:func:`pair_parts` is the one packing rule: the adapters a pair applies, coefficients kept apart (the
+Triton and CUDA kernels' form); :func:`merge_pair` folds them in, giving either strategy as one
+adapter of coefficient 1 (the form the C++ bank and a PEFT export store). See docs/design.md for
+the derivation.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import Tensor
 
 Adapter = tuple[Tensor, Tensor, float]
 Weight = float | Tensor
+Pair = tuple[Adapter | None, Adapter | None, Weight, Weight]  # (lora_in, lora_out, w_in, w_out)
 STRATEGIES = ("output", "ab")
 
 
@@ -50,19 +53,34 @@ def merge_ab(lora_in: Adapter | None, lora_out: Adapter | None, w_in: Weight, w_
     return a_m, b_m
 
 
+def pair_parts(lora_in: Adapter | None, lora_out: Adapter | None, w_in: Weight, w_out: Weight,
+               strategy: str) -> list[tuple[Tensor, Tensor, Weight]]:
+    """The adapters ``(A, B, coef)`` the pair applies: its delta is ``sum ((x A^T) coef) B^T``.
+
+    ``output``: each present adapter with ``coef = w s``; ``ab``: ``(A_m, B_m, 1.0)`` of
+    :func:`merge_ab`. Empty without adapters. The weights are floats or 0-dim tensors.
+    """
+    check_strategy(strategy, lora_in, lora_out)
+    if lora_in is None and lora_out is None:
+        return []
+    if strategy == "ab":
+        return [(*merge_ab(lora_in, lora_out, w_in, w_out), 1.0)]
+    return [(a[0], a[1], w * a[2]) for a, w in ((lora_in, w_in), (lora_out, w_out)) if a is not None]
+
+
 def merge_pair(lora_in: Adapter | None, lora_out: Adapter | None, w_in: Weight, w_out: Weight,
                strategy: str) -> tuple[Tensor, Tensor]:
     """The pair as ONE adapter ``(A [R, K], B [N, R])`` of coefficient 1: ``x A^T B^T`` is its delta.
 
+    :func:`pair_parts` with each coefficient folded into its A and the parts stacked along rank:
     ``output``: ``A = [w_in s_in A_in; w_out s_out A_out]``, ``B = [B_in | B_out]``, R = r_in + r_out
-    (PEFT's ``cat``); ``ab``: ``(A_m, B_m)`` of :func:`merge_ab`, R = r (PEFT's ``linear``). The
-    weights are floats or 0-dim tensors. Needs at least one adapter.
+    (PEFT's ``cat``); ``ab``: ``(A_m, B_m)`` of :func:`merge_ab`, R = r (PEFT's ``linear``).
+    Needs at least one adapter.
     """
-    check_strategy(strategy, lora_in, lora_out)
-    if strategy == "ab":
-        return merge_ab(lora_in, lora_out, w_in, w_out)
-    parts = [(a, w) for a, w in ((lora_in, w_in), (lora_out, w_out)) if a is not None]
-    return torch.cat([A * (w * scale) for (A, _, scale), w in parts]), torch.cat([B for (_, B, _), _ in parts], dim=1)
+    parts = pair_parts(lora_in, lora_out, w_in, w_out, strategy)
+    if not parts:
+        raise ValueError("merge_pair needs at least one adapter, got lora_in = lora_out = None")
+    return torch.cat([A * c for A, _, c in parts]), torch.cat([B for _, B, _ in parts], dim=1)
 
 
 def lora_delta_ref(
@@ -74,18 +92,10 @@ def lora_delta_ref(
     strategy: str = "output",
 ) -> Tensor | None:
     """The adapters' part of ``y`` alone (None without adapters)."""
-    check_strategy(strategy, lora_in, lora_out)
-    if lora_in is None and lora_out is None:
-        return None
-    if strategy == "ab":
-        a_m, b_m = merge_ab(lora_in, lora_out, w_in, w_out)
-        return (x @ a_m.t()) @ b_m.t()
     delta = None
-    for adapter, w in ((lora_in, w_in), (lora_out, w_out)):
-        if adapter is not None:
-            A, B, scale = adapter
-            term = ((x @ A.t()) * (w * scale)) @ B.t()
-            delta = term if delta is None else delta + term
+    for A, B, c in pair_parts(lora_in, lora_out, w_in, w_out, strategy):
+        term = ((x @ A.t()) * c) @ B.t()
+        delta = term if delta is None else delta + term
     return delta
 
 
@@ -109,7 +119,7 @@ def pairwise_lora_linear_ref(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
-    pairs: Sequence[tuple[Adapter | None, Adapter | None, Weight, Weight]],
+    pairs: Sequence[Pair],
     row_pair: Tensor,
     strategy: str = "output",
 ) -> Tensor:

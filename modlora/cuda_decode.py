@@ -12,8 +12,7 @@ import torch
 from torch import Tensor
 
 from . import cpu
-from .kernels.pairwise import pair_parts
-from .kernels.reference import Adapter, Weight
+from .kernels.reference import Adapter, Weight, pair_parts
 
 MAX_ROWS = 16
 
@@ -30,7 +29,7 @@ def dual_lora_decode(x: Tensor, weight: Tensor, bias: Tensor | None, lora_in: Ad
     x2d = x.reshape(-1, x.shape[-1]).contiguous()
     if not 1 <= x2d.shape[0] <= MAX_ROWS:
         raise ValueError(f"the CUDA decode op takes 1..{MAX_ROWS} rows, got {x2d.shape[0]}")
-    parts = pair_parts((lora_in, lora_out, w_in, w_out), strategy)
+    parts = pair_parts(lora_in, lora_out, w_in, w_out, strategy)
     K, N = x2d.shape[1], weight.shape[0]
     if parts:
         a = torch.cat([A for A, _, _ in parts]).contiguous()

@@ -79,14 +79,14 @@ def test_pairwise_matches_reference(dtype, case, strategy):
 @pytest.mark.parametrize(("dtype", "rel"), [(torch.float32, 1e-3), (torch.float16, 3e-2)], ids=str)
 def test_pairwise_bound_catches_a_wrong_coefficient(dtype, rel, monkeypatch):
     """One pair's smaller adapter term off by 0.1% (fp32) or 3% (fp16) fails the bound."""
-    pack = pairwise.pack_bank
+    pack = pairwise.pack_coef_bank
 
     def wrong(*args, **kw):
         a_bank, b_bank, coef, BR = pack(*args, **kw)
         coef[1, 8:] *= 1 + rel  # pair 1: its out adapter (ranks 8..15)
         return a_bank, b_bank, coef, BR
 
-    monkeypatch.setattr(pairwise, "pack_bank", wrong)
+    monkeypatch.setattr(pairwise, "pack_coef_bank", wrong)
     x = torch.randn(6, 64, generator=torch.Generator().manual_seed(3)).to(DEVICE, dtype)
     W = (torch.randn(96, 64, generator=torch.Generator().manual_seed(4)) * 0.125).to(DEVICE, dtype)
     pairs = make_pairs(dtype, 64, 96, [(4, 8), (8, 8)])
