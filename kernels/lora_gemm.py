@@ -172,7 +172,9 @@ class RankStack:
         return (*self.row_strides, self.rank_stride)
 
 
-def _check(a: Tensor, *stacks: RankStack, others: tuple[Tensor | None, ...] = ()) -> None:
+def check_operands(a: Tensor, *stacks: RankStack, others: tuple[Tensor | None, ...] = ()) -> None:
+    """Raise a clear error for operands the Triton kernels cannot take: mixed dtypes or devices, an
+    unsupported dtype, CPU tensors without the interpreter, bf16 in the interpreter."""
     tensors = [a, *others, *(m for st in stacks for m in st.mats)]
     for t in tensors:
         if t is None:
@@ -191,8 +193,9 @@ def _check(a: Tensor, *stacks: RankStack, others: tuple[Tensor | None, ...] = ()
         raise TypeError("Triton's interpreter cannot compute bf16 dots: use float16/float32 or the torch reference")
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 follows torch's own matmul setting, so kernel and reference agree on TF32 use.
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision: fp32 follows torch's own matmul setting, so kernel and
+    reference agree on TF32 use."""
     return "ieee" if dtype != torch.float32 or torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
@@ -226,7 +229,7 @@ def lora_gemm(a: Tensor, b: Tensor, bias: Tensor | None, expand: RankStack, coef
                          f"expand ranks {expand.ranks}")
     if v is not None and (v.shape != (M, R) or v.dtype != torch.float32 or not v.is_contiguous()):
         raise ValueError(f"v must be a contiguous float32 [{M}, {R}] tensor, got {v.dtype} {tuple(v.shape)}")
-    _check(a, expand, *(() if shrink is None else (shrink,)), others=(b, bias))
+    check_operands(a, expand, *(() if shrink is None else (shrink,)), others=(b, bias))
 
     bias = None if bias is None else bias.contiguous()  # the kernel reads bias[p] at bias_ptr + p
     if M == 0:
@@ -250,7 +253,7 @@ def lora_gemm(a: Tensor, b: Tensor, bias: Tensor | None, expand: RankStack, coef
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(1), out.stride(2),
         *s_strides, *expand.strides(), out.stride(0), k_chunk,
         SHRINK=shrink is not None, STORE_V=store_v and shrink is not None, TWO=len(expand.ranks) == 2,
-        HAS_BIAS=bias is not None, COEF_PTR=coef_ptr is not None, PRECISION=_precision(a.dtype),
+        HAS_BIAS=bias is not None, COEF_PTR=coef_ptr is not None, PRECISION=dot_precision(a.dtype),
         BM=cfg.BM, BP=cfg.BP, BQ=cfg.BQ, BR=rank_block(R), GROUP_M=8,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -281,7 +284,7 @@ def lora_shrink(a: Tensor, shrink: RankStack) -> Tensor:
     M, Q = a.shape
     if shrink.rows != Q:
         raise ValueError(f"shape mismatch: a {tuple(a.shape)}, shrink rows {shrink.rows}")
-    _check(a, shrink)
+    check_operands(a, shrink)
     R = shrink.rank
     v = torch.empty((M, R), dtype=torch.float32, device=a.device)
     if M == 0:
@@ -289,7 +292,7 @@ def lora_shrink(a: Tensor, shrink: RankStack) -> Tensor:
     BM, BQ, stages = shrink_config(R, a.dtype)
     _shrink_kernel[(triton.cdiv(M, BM),)](
         a, *shrink.ptrs(), v, M, Q, shrink.ranks[0], R, a.stride(0), a.stride(1), *shrink.strides(),
-        TWO=len(shrink.ranks) == 2, PRECISION=_precision(a.dtype), BM=BM, BQ=BQ, BR=rank_block(R),
+        TWO=len(shrink.ranks) == 2, PRECISION=dot_precision(a.dtype), BM=BM, BQ=BQ, BR=rank_block(R),
         num_stages=stages,
     )
     return v

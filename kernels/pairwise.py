@@ -22,7 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .configs import pairwise_config, rank_block
-from .lora_gemm import _check, _precision
+from .lora_gemm import check_operands, dot_precision
 from .reference import Pair, pair_parts
 
 
@@ -136,7 +136,7 @@ def pairwise_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, pairs: 
     if weight.shape[1] != K or (bias is not None and bias.shape != (N,)):
         raise ValueError(f"shape mismatch: x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
                          f"bias {None if bias is None else tuple(bias.shape)}")
-    _check(x, others=(weight, bias))
+    check_operands(x, others=(weight, bias))
     x2d = x.reshape(-1, K)
     M = x2d.shape[0]
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
@@ -154,7 +154,7 @@ def pairwise_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, pairs: 
     _pairwise_kernel[(n_tiles, triton.cdiv(N, cfg.BP))](
         x2d, weight, bias, out, order, tile_pair, lo, hi, a_bank, b_bank, coef,
         N, K, x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None, PRECISION=_precision(x.dtype),
+        HAS_BIAS=bias is not None, PRECISION=dot_precision(x.dtype),
         BM=cfg.BM, BN=cfg.BP, BK=cfg.BQ, BR=BR, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out.reshape(*x.shape[:-1], N)
