@@ -13,8 +13,12 @@ import math
 import string
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .fileio import atomic_write, atomic_write_json
+
+if TYPE_CHECKING:  # matplotlib is optional
+    from matplotlib.figure import Figure
 
 PAPER_BAND = (0.3, 0.7)
 
@@ -37,7 +41,7 @@ def figure2_data(weights: Mapping[tuple[str, str], Sequence[tuple[float, float]]
     return {"strategy": strategy, "ylim": [max(0.0, low - pad), min(1.0, high + pad)], "panels": panels}
 
 
-def plot_figure2(data: dict, path: str | Path | None = None):
+def plot_figure2(data: dict, path: str | Path | None = None) -> Figure | None:
     """Draw :func:`figure2_data`'s panels on a grid (4 columns); write a PNG to ``path`` if given.
     Returns the matplotlib figure (its axes carry the data, for tests), or None without matplotlib."""
     try:
