@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from . import validate
 from .fileio import read_json
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -89,7 +90,7 @@ class Qwen2Config:
             path = path / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"no config.json at {path}")
-        return cls.from_dict(read_json(path))
+        return cls.from_dict(validate.model_config(read_json(path), path))
 
     def to_dict(self) -> dict:
         """HF-compatible config dict (transformers 4.x dialect, which 5.x also reads)."""

@@ -79,6 +79,9 @@ def generate(
     if row_pair is not None:
         model.route_rows(row_pair.to(device))
     logits = model.prefill(input_ids, attention_mask, cache)
+    if not bool(torch.isfinite(logits).all()):  # argmax over NaN would print garbage as a translation
+        raise ValueError("the model's logits are NaN or infinite: check the model's weights and the adapters' "
+                         "scale (alpha / rank) and merge weights")
     if row_pair is not None:
         model.route_rows(row_pair.to(device).repeat_interleave(num_beams))
     search = _greedy if num_beams == 1 else _beam_search

@@ -18,6 +18,7 @@ a random model cannot translate, so its scores are noise. The paper uses Qwen2.5
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import sys
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from . import validate
 from .data import DEFAULT_LANGS, PIVOT, adapter_jobs, directions, load_split
 from .evaluate import (
     EvalConfig,
@@ -91,31 +93,30 @@ class PipelineConfig:
     eval: EvalSettings = field(default_factory=EvalSettings)
 
     @classmethod
-    def from_dict(cls, raw: dict) -> PipelineConfig:
-        """Build from a nested dict (a parsed TOML); unknown keys are an error that names them."""
-        def build(kind, values: dict, where: str, base=None):
-            known = {f.name for f in dataclasses.fields(kind)}
-            unknown = sorted(set(values) - known)
-            if unknown:
-                raise ValueError(f"unknown key(s) in [{where}]: {', '.join(unknown)} "
-                                 f"(known: {', '.join(sorted(known))})")
-            values = {k: tuple(v) if k == "target_modules" else v for k, v in values.items()}
-            return dataclasses.replace(base if base is not None else kind(), **values)
-
-        raw = dict(raw)
+    def from_dict(cls, raw: dict, where: str = "config") -> PipelineConfig:
+        """Build from a nested dict (a parsed TOML), every key checked by :data:`modlora.validate.SETTINGS`;
+        errors name ``where`` (the file) and the key."""
+        raw = validate.check_settings(raw, where)
         default = cls()
-        sections = {"model": ModelConfig, "data": DataConfig, "lora": LoraConfig, "train": TrainConfig,
-                    "weights": TrainConfig, "eval": EvalSettings}
-        parts = {name: build(kind, raw.pop(name, {}), name, getattr(default, name)) for name, kind in sections.items()}
-        top = build(cls, raw, "top level")
-        return dataclasses.replace(top, **parts)
+        sections = {"model", "data", "lora", "train", "weights", "eval"}
+
+        def build(name: str, values: dict):
+            values = {k: tuple(v) if k == "target_modules" else v for k, v in values.items()}
+            return dataclasses.replace(getattr(default, name), **values)
+
+        parts = {name: build(name, raw.pop(name, {})) for name in sections}
+        return dataclasses.replace(default, **raw, **parts)
 
     @classmethod
     def from_toml(cls, path: str | Path) -> PipelineConfig:
         import tomllib
 
-        with open(path, "rb") as f:
-            return cls.from_dict(tomllib.load(f))
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise validate.InputError(f"{path} is not valid TOML: {e}") from None
+        return cls.from_dict(raw, str(path))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -319,10 +320,15 @@ class Pipeline:
         md = markdown_table(rows, langs)
         if not cfg.model.path:
             md = f"> {RANDOM_BASE_NOTE}\n\n" + md
-        atomic_write_json(self.out / "results.json", {"config": cfg.to_dict(), "eval_settings": settings,
-                                                      "metric": "chrF++", "base_parameters": base,
-                                                      "adapter_parameters": adapter_params, "rows": rows})
-        atomic_write_text(self.out / "table.md", md)
+        try:
+            atomic_write_json(self.out / "results.json", {"config": cfg.to_dict(), "eval_settings": settings,
+                                                          "metric": "chrF++", "base_parameters": base,
+                                                          "adapter_parameters": adapter_params, "rows": rows})
+            atomic_write_text(self.out / "table.md", md)
+        except OSError as e:  # a finished run kept read-only still prints its table
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            self.log(f"warning: {self.out} is not writable ({e.strerror}): results.json and table.md not written")
         return md
 
     def run(self) -> str:

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import checkpoint
 from .fileio import atomic_write, atomic_write_text
 from .progress import Progress
 
@@ -293,19 +294,55 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class DivergedError(RuntimeError):
+    """The loss or the gradient of a step is NaN or infinite: the run stops before the update."""
+
+
+def check_finite_step(desc: str, step: int, loss: float, grad_norm: float, checkpointed: int) -> None:
+    """Stop before a non-finite step updates the weights: NaN spreads to every parameter and the
+    adapter would be saved as finished. The last checkpoint (finite) is kept."""
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise DivergedError(f"{desc}: training diverged at step {step} (loss {loss}, gradient norm {grad_norm}); "
+                            f"nothing of this step was applied and the adapter is not saved (checkpoint at step "
+                            f"{checkpointed} kept). Lower the learning rate or alpha, or check the data")
+
+
+def read_log(path: Path, log) -> list[tuple[str, dict]]:
+    """The (line, record) pairs of a ``log.jsonl``; a torn last line (a crash or a full disk mid-write)
+    is dropped with a warning, a malformed line elsewhere is an error naming it."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    out = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not (isinstance(record, dict) and isinstance(record.get("step"), int)):
+                raise ValueError("not a step record")
+        except ValueError as e:
+            if number == len(lines):
+                log(f"warning: {path} line {number} is torn or malformed ({e}); ignored")
+                break
+            raise ValueError(f"{path} line {number} is not a step record ({e}): delete the file to rewrite it") \
+                from None
+        out.append((line, record))
+    return out
+
+
 def train(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples: Sequence[Example],
           cfg: TrainConfig, work_dir: str | Path, *, pad_id: int, desc: str = "train",
           stop_after: int | None = None, log=None) -> dict:
     """Train ``params`` (everything else frozen) on ``examples``; resumes from ``work_dir``.
 
-    ``work_dir`` receives ``checkpoint.pt`` (atomic) and ``log.jsonl``. ``stop_after`` ends the run
+    ``work_dir`` receives ``checkpoint.safetensors`` (atomic) and ``log.jsonl``. ``stop_after`` ends the run
     after that many optimizer steps with a checkpoint (as an interruption would). Returns a
     summary: steps done, whether the schedule is complete, the loss per step of this call.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path, log_path = work_dir / "checkpoint.pt", work_dir / "log.jsonl"
+    ckpt_path, log_path = work_dir / checkpoint.FILE, work_dir / "log.jsonl"
+    checkpoint.refuse_legacy(work_dir)
     if not examples:
         raise ValueError("no training examples")
     params = list(params)
@@ -336,7 +373,7 @@ def train(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples
 
     step = 0
     if ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        state = checkpoint.load(ckpt_path, device)
         if state["config"] != config_record:
             changed = ", ".join(f"{k} {state['config'].get(k)!r} -> {config_record.get(k)!r}"
                                 for k in sorted(set(state["config"]) | set(config_record))
@@ -344,6 +381,7 @@ def train(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples
             raise ValueError(f"{ckpt_path} was written by a different run configuration ({changed}); "
                              "rerun with the same settings to resume, or remove it to start over")
         step = state["step"]
+        checkpoint.check_fits(state, ckpt_path, params, optimizer, scheduler, total)
         if step < total and state["order"] != order(step // steps_per_epoch):
             raise ValueError(f"{ckpt_path}: the data order differs from the checkpoint's (examples changed?)")
         with torch.no_grad():
@@ -353,7 +391,7 @@ def train(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         if log_path.is_file():  # drop log lines of steps after the checkpoint (they will be redone)
-            kept = [ln for ln in log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+            kept = [ln for ln, record in read_log(log_path, log) if record["step"] <= step]
             atomic_write_text(log_path, "".join(ln + "\n" for ln in kept))
         log(f"{desc}: resumed at step {step}/{total}")
     else:
@@ -365,7 +403,7 @@ def train(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples
         state = {"config": config_record, "step": step, "order": order(min(step, total - 1) // steps_per_epoch),
                  "params": [p.detach().clone() for p in params], "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "rng": rng}
-        atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
+        checkpoint.save(ckpt_path, state)
 
     fingerprint = _fingerprint(base)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -393,6 +431,7 @@ def train(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples
                     step_loss += float(loss.detach())
                 grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0
                              else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+                check_finite_step(desc, step + 1, step_loss, float(grad_norm), saved)
                 lr = scheduler.get_last_lr()[0]
                 updating = True
                 optimizer.step()

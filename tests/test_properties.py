@@ -1,0 +1,212 @@
+"""Property tests: mutated adapter configs, model configs, TOML configs and safetensors headers
+(types, signs, sizes, NaN/inf, missing and extra keys, truncation) end in success or in one line
+``modlora: error: ...`` with exit status 2: never a traceback, never a hang, never a NaN translation."""
+
+import json
+import math
+import shutil
+import signal
+import struct
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_hostile import SMALL
+
+from modlora.adapters import LoraAdapter
+from modlora.cli import main
+from modlora.model import Qwen2ForCausalLM
+from modlora.pipeline import DEMO
+from modlora.validate import SETTINGS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# Deterministic (the same examples on every run and machine), bounded: about 1 s per 4 examples.
+BOUNDED = settings(max_examples=25, deadline=None, derandomize=True, database=None,
+                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+SECONDS_PER_CASE = 60  # far above the slowest legal case: hitting it means a hang
+
+NUMBERS = st.sampled_from([0, -1, 1, 2, 3, 16, 2**31, 2**63 - 1, -(2**63), 10**30, 0.5, -0.5, 1e-300, 1e300,
+                           4.7, math.nan, math.inf, -math.inf])
+SCALARS = st.one_of(NUMBERS, st.booleans(), st.none(), st.integers(), st.floats(),
+                    st.sampled_from(["", "4", "false", "true", "NaN", "../x", "/etc/passwd", "qwen2", "float32"]),
+                    st.text(max_size=6))
+VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4),
+                                                                                           inner, max_size=3),
+                      max_leaves=5)
+
+
+def mutations(keys: list[str]):
+    """Edits of a JSON object: set a key (known or new) to any value, drop a key, or cut the text."""
+    return st.lists(st.one_of(st.tuples(st.just("set"), st.sampled_from(keys) | st.text(max_size=6), VALUES),
+                              st.tuples(st.just("drop"), st.sampled_from(keys), st.none()),
+                              st.tuples(st.just("cut"), st.none(), st.floats(0, 1))), min_size=1, max_size=3)
+
+
+def mutate(raw: dict, edits) -> str:
+    raw = dict(raw)
+    cut = None
+    for op, key, value in edits:
+        if op == "set":
+            raw[key] = value
+        elif op == "drop":
+            raw.pop(key, None)
+        else:
+            cut = value
+    text = json.dumps(raw)
+    return text if cut is None else text[:int(cut * len(text))]
+
+
+@contextmanager
+def bounded_time(seconds: int):
+    def hang(*_):
+        raise TimeoutError(f"a case ran over {seconds} s")
+    previous = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def outcome(argv: list, capsys) -> None:
+    """Success (one translated line, or a table) or exit 2 with one error line; nothing else."""
+    with bounded_time(SECONDS_PER_CASE):
+        try:
+            rc = main([str(a) for a in argv])
+        except SystemExit as e:
+            rc = e.code
+    cap = capsys.readouterr()
+    err = cap.err.strip().splitlines()
+    assert rc in (0, 2), cap.err
+    assert "Traceback" not in cap.err
+    if rc == 2:
+        assert [line for line in err if line.startswith("modlora: error: ")] == err[-1:], err
+    elif argv[0] == "translate":
+        assert len(cap.out.splitlines()) == 1 and "nan" not in cap.out.lower(), cap.out
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("base")
+    model = Qwen2ForCausalLM.from_config(SMALL, seed=0)
+    model.save_pretrained(root / "model")
+    adapter = LoraAdapter.init(model, rank=2, alpha=4, language="fr", role="in", seed=1)
+    with torch.no_grad():
+        for _, B in adapter.tensors.values():
+            B.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
+    adapter.save(root / "pool" / "fr" / "in")
+    (root / "in.txt").write_text("Bonjour.\n")
+    return root
+
+
+@pytest.fixture
+def work(base, tmp_path):
+    """A fresh copy per test; each example rewrites the files it mutates, so examples do not interact."""
+    shutil.copytree(base, tmp_path, dirs_exist_ok=True)
+    return tmp_path
+
+
+def translate(root: Path) -> list:
+    return ["translate", "--src", "fr", "--tgt", "de", "--use", "in", "--model", root / "model", "--pool",
+            root / "pool", "--input", root / "in.txt", "--num-beams", "1", "--max-new-tokens", "2"]
+
+
+ADAPTER_KEYS = ["r", "lora_alpha", "use_rslora", "lora_dropout", "target_modules", "peft_type", "bias",
+                "use_dora", "fan_in_fan_out", "modules_to_save", "rank_pattern", "layers_to_transform"]
+
+
+@BOUNDED
+@given(edits=mutations(ADAPTER_KEYS))
+def test_mutated_adapter_config(base, work, capsys, edits):
+    path = work / "pool" / "fr" / "in" / "adapter_config.json"
+    path.write_text(mutate(json.loads((base / "pool" / "fr" / "in" / "adapter_config.json").read_text()), edits))
+    outcome(translate(work), capsys)
+
+
+MODEL_KEYS = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "rope_theta", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings",
+              "torch_dtype", "model_type", "rope_scaling", "hidden_act", "use_sliding_window"]
+
+
+@BOUNDED
+@given(edits=mutations(MODEL_KEYS))
+def test_mutated_model_config(base, work, capsys, edits):
+    (work / "model" / "config.json").write_text(mutate(json.loads((base / "model" / "config.json").read_text()),
+                                                       edits))
+    outcome(translate(work), capsys)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf") if math.isinf(value) else repr(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value)
+
+
+def to_toml(raw: dict) -> str:
+    """A TOML document of ``raw`` (None values are left out: TOML has no null)."""
+    tables = {k: v for k, v in raw.items() if isinstance(v, dict)}
+    lines = [f"{json.dumps(k)} = {_toml_value(v)}" for k, v in raw.items() if k not in tables and v is not None]
+    for name, table in tables.items():
+        lines.append(f"[{json.dumps(name)}]")
+        lines += [f"{json.dumps(k)} = {_toml_value(v)}" for k, v in table.items() if v is not None]
+    return "\n".join(lines) + "\n"
+
+
+SECTIONS = [s for s in SETTINGS if s]
+TOML_EDITS = st.lists(st.one_of(
+    st.tuples(st.sampled_from(SECTIONS), st.sampled_from(sorted({k for s in SECTIONS for k in SETTINGS[s]})), VALUES),
+    st.tuples(st.sampled_from(SECTIONS), st.text(max_size=6), VALUES),
+    st.tuples(st.just(""), st.sampled_from(SECTIONS + ["out_dir"]) | st.text(max_size=6), VALUES),
+), min_size=1, max_size=3)
+
+
+@BOUNDED
+@given(edits=TOML_EDITS, cut=st.none() | st.floats(0, 1))
+def test_mutated_toml(work, capsys, edits, cut):
+    raw = json.loads(json.dumps(DEMO))
+    for section, key, value in edits:
+        if section and isinstance(raw.get(section), dict):
+            raw[section][key] = value
+        else:
+            raw[key] = value
+    text = to_toml(raw)
+    (work / "c.toml").write_text(text if cut is None else text[:int(cut * len(text))])
+    outcome(["table", "--config", work / "c.toml", "--out", work / "run"], capsys)
+
+
+HEADER_FIELDS = st.sampled_from(["dtype", "shape", "data_offsets"])
+HEADER_VALUES = st.one_of(VALUES, st.sampled_from(["F32", "F16", "BF16", "F64", "I8", "U8", "BOOL", "I64", "F8_E4M3"]),
+                          st.lists(st.integers(-2, 2**40), max_size=4))
+
+
+@BOUNDED
+@given(target=st.sampled_from(["pool/fr/in/adapter_model.safetensors", "model/model.safetensors"]),
+       edits=st.lists(st.tuples(st.integers(0, 1000), HEADER_FIELDS | st.text(max_size=4), HEADER_VALUES),
+                      min_size=1, max_size=3),
+       length=st.none() | st.integers(-8, 2**64 - 1), cut=st.none() | st.floats(0, 1))
+def test_mutated_safetensors_header(base, work, capsys, target, edits, length, cut):
+    data = (base / target).read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header, body = json.loads(data[8:8 + n]), data[8 + n:]
+    names = sorted(k for k in header if k != "__metadata__")
+    for index, field, value in edits:
+        entry = header[names[index % len(names)]]
+        entry[field] = value
+    raw = json.dumps(header).encode()
+    prefix = struct.pack("<Q", len(raw) if length is None else length % 2**64)
+    out = prefix + raw + body
+    (work / target).write_bytes(out if cut is None else out[:int(cut * len(out))])
+    outcome(translate(work), capsys)
