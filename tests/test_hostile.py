@@ -449,10 +449,12 @@ def test_full_disk_for_real(tmp_path):
         atomic_write(tmp_path / "x", lambda tmp: Path("/dev/full").write_bytes(b"x" * 65536))
 
 
-def _finished_run(out: Path) -> PipelineConfig:
+FINISHED = {"data": {"langs": ["en", "fr"], "eval_limit": 1}, "eval": {"strategies": ["output"]}}
+
+
+def finished_run(out: Path, raw: dict = FINISHED) -> PipelineConfig:
     """A finished run made by hand (adapters, evaluation files), as the stages leave it."""
-    cfg = PipelineConfig.from_dict({"out_dir": str(out), "data": {"langs": ["en", "fr"], "eval_limit": 1},
-                                    "eval": {"strategies": ["output"]}})
+    cfg = PipelineConfig.from_dict({**raw, "out_dir": str(out)})
     pipe = Pipeline(cfg, log=lambda _: None)
     pipe.pool.save(LoraAdapter.init(pipe.model, rank=2, alpha=4, language="en", role="in"))
     for config in pipe.configurations():
@@ -463,7 +465,7 @@ def _finished_run(out: Path) -> PipelineConfig:
 
 
 def test_table_prints_a_read_only_finished_run(tmp_path, capsys, monkeypatch):
-    _finished_run(tmp_path)
+    finished_run(tmp_path)
 
     def denied(path, *_):
         raise PermissionError(13, "Permission denied", str(path))
