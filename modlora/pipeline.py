@@ -257,7 +257,7 @@ class Pipeline:
 
     def _stored_settings(self, config: EvalConfig) -> dict | None:
         path = self.eval_path(config)
-        return read_json(path).get("settings") if path.is_file() else None
+        return validate.eval_file(read_json(path), path)["settings"] if path.is_file() else None
 
     def evaluate(self) -> None:
         """Stage 3: translate the evaluation split in every direction under every configuration."""
@@ -305,15 +305,18 @@ class Pipeline:
             path = self.eval_path(config)
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is missing: run the evaluate stage first")
-            raw = read_json(path)
+            raw = validate.eval_file(read_json(path), path)
             settings = settings or raw.get("settings")
             if raw.get("settings") != settings:
                 raise ValueError(f"{path} was made with {raw.get('settings')}, the other evaluations with {settings}: "
                                  "run the evaluate stage again")
-            if settings is not None and settings["langs"] != list(langs):
-                raise ValueError(f"{path} covers the languages {settings['langs']}, not {list(langs)}: run the "
+            if settings is not None and settings.get("langs") != list(langs):
+                raise ValueError(f"{path} covers the languages {settings.get('langs')}, not {list(langs)}: run the "
                                  "evaluate stage with these languages first")
             scores = {(d["src"], d["tgt"]): d["score"] for d in raw["directions"]}
+            if set(scores) != set(self.directions()):
+                raise ValueError(f"{path} does not hold the {len(self.directions())} directions of {list(langs)}: "
+                                 "run the evaluate stage again")
             rows.append({"name": config.name, "trainable_percent": trainable_percent(
                 config, adapter_params, base, self.model.config.num_hidden_layers),
                 "signature": raw["directions"][0]["signature"], "summary": summarize(scores, langs)})

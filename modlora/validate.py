@@ -37,6 +37,7 @@ class Rule:
     kind: type
     low: float | None = None
     high: float | None = None
+    low_open: bool = False
     high_open: bool = False
     optional: bool = False
     check: Callable[[Any], str | None] | None = None  # extra check: an error message or None
@@ -55,7 +56,10 @@ class Rule:
         elif self.kind is float:
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise InputError(f"must be a number, got {_show(value)}")
-            value = float(value)  # an int beyond float's range raises OverflowError here: say so instead
+            try:
+                value = float(value)
+            except OverflowError:  # an int beyond float's range
+                raise InputError(f"must be at most {FLOAT32_MAX:.4g}, got a {len(str(value))}-digit integer") from None
             if not math.isfinite(value):
                 raise InputError(f"must be a finite number, got {value}")
             self._range(value, FLOAT32_MAX)
@@ -68,8 +72,10 @@ class Rule:
 
     def _range(self, value: float, limit: float) -> None:
         low, high = self.low if self.low is not None else -limit, self.high if self.high is not None else limit
-        if low <= value <= high and not (self.high_open and value == high):
+        if low <= value <= high and not (self.high_open and value == high) and not (self.low_open and value == low):
             return
+        if self.low_open and value <= low:
+            raise InputError(f"must be > {low:g}, got {value}")
         if self.high is not None:
             raise InputError(f"must be in [{low:g}, {high:g}{')' if self.high_open else ']'}, got {value}")
         if value > high:
@@ -85,7 +91,8 @@ class Rule:
             try:
                 value = self.kind(text)
             except ValueError:
-                raise InputError(f"must be {'an integer' if self.kind is int else 'a number'}, got {text!r}") from None
+                raise InputError(f"must be {'an integer' if self.kind is int else 'a number'}, got {text[:40]!r}") \
+                    from None
             return self(value)
         return self(text)
 
@@ -143,11 +150,12 @@ def _device(value: str) -> str | None:
 
 POSITIVE = Rule(int, low=1)
 POSITIVE_OPT = Rule(int, low=1, optional=True)
+POSITIVE_FLOAT = Rule(float, low=0, low_open=True)
 NAME = Rule(str, check=_plain)
 STRATEGIES = ("output", "ab")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _TRAIN = {
-    "epochs": POSITIVE, "lr": Rule(float, low=0, check=lambda v: None if v > 0 else f"must be > 0, got {v}"),
+    "epochs": POSITIVE, "lr": Rule(float, low=0, low_open=True),
     "batch_size": POSITIVE, "grad_accum": POSITIVE, "warmup_ratio": Rule(float, low=0, high=1),
     "weight_decay": Rule(float, low=0), "max_grad_norm": Rule(float, low=0), "seed": Rule(int, low=0),
     "ce_chunk_tokens": POSITIVE, "share_prefix": Rule(bool), "checkpoint_every": POSITIVE, "max_steps": POSITIVE_OPT,
@@ -163,7 +171,7 @@ SETTINGS: dict[str, dict[str, Rule]] = {
              "pivot": NAME, "train_split": NAME, "eval_split": NAME, "train_limit": POSITIVE_OPT,
              "weights_limit": POSITIVE_OPT, "eval_limit": POSITIVE_OPT},
     "lora": {"rank": POSITIVE_OPT,
-             "alpha": Rule(float, low=0, optional=True, check=lambda v: None if v > 0 else f"must be > 0, got {v}"),
+             "alpha": Rule(float, low=0, low_open=True, optional=True),
              "target_modules": Rule(list, check=_each(Rule(str, check=_choice(*TARGETS)), "module")),
              "dropout": Rule(float, low=0, high=1, high_open=True), "use_rslora": Rule(bool)},
     "train": _TRAIN,
@@ -252,8 +260,7 @@ def _field(raw: dict, key: str, rule: Rule, path: str | os.PathLike, default: ob
 def adapter_config(raw: object, path: str | os.PathLike) -> dict:
     """The fields modlora reads from a PEFT ``adapter_config.json``, checked."""
     raw = json_object(raw, path)
-    alpha = Rule(float, low=0, check=lambda v: None if v > 0 else f"must be > 0, got {v}")
-    return {"r": _field(raw, "r", POSITIVE, path), "lora_alpha": _field(raw, "lora_alpha", alpha, path),
+    return {"r": _field(raw, "r", POSITIVE, path), "lora_alpha": _field(raw, "lora_alpha", POSITIVE_FLOAT, path),
             "use_rslora": _field(raw, "use_rslora", Rule(bool), path, False),
             "lora_dropout": _field(raw, "lora_dropout", Rule(float, low=0, high=1, high_open=True), path, 0.0)}
 
@@ -282,14 +289,13 @@ def model_config(raw: object, path: str | os.PathLike) -> dict:
     """Type and range checks of the ``config.json`` fields :class:`~modlora.config.Qwen2Config` reads;
     the fields absent stay absent (from_dict names the required ones)."""
     raw = json_object(raw, path)
-    positive = Rule(float, low=0, check=lambda v: None if v > 0 else f"must be > 0, got {v}")
-    rules = {**{k: POSITIVE for k in _MODEL_INTS}, "rope_theta": positive, "rms_norm_eps": positive,
+    rules = {**{k: POSITIVE for k in _MODEL_INTS}, "rope_theta": POSITIVE_FLOAT, "rms_norm_eps": POSITIVE_FLOAT,
              "tie_word_embeddings": Rule(bool)}
     for section in ("rope_parameters", "rope_scaling"):
         if raw.get(section) is not None and not isinstance(raw[section], dict):
             raise InputError(f"{path}: {section} must be an object, got {_show(raw[section])}")
     if isinstance(raw.get("rope_parameters"), dict) and "rope_theta" in raw["rope_parameters"]:
-        _field(raw["rope_parameters"], "rope_theta", positive, f"{path}: rope_parameters")
+        _field(raw["rope_parameters"], "rope_theta", POSITIVE_FLOAT, f"{path}: rope_parameters")
     for key in ("dtype", "torch_dtype"):
         if raw.get(key) is not None and not isinstance(raw[key], str):
             raise InputError(f"{path}: {key} must be a string, got {_show(raw[key])}")
@@ -308,6 +314,19 @@ def learned_weights(raw: object, path: str | os.PathLike) -> dict:
         out[key] = [_field({key: v}, key, weight, path) for v in values]
     if len(out["w_in"]) != len(out["w_out"]):
         raise InputError(f"{path}: w_in has {len(out['w_in'])} layers, w_out {len(out['w_out'])}")
+    return out
+
+
+def eval_file(raw: object, path: str | os.PathLike) -> dict:
+    """An evaluation file of the pipeline: settings, and per direction src, tgt, a finite score, a signature."""
+    raw = json_object(raw, path)
+    out = {"settings": _field(raw, "settings", Rule(dict, optional=True), path, None), "directions": []}
+    directions = _field(raw, "directions", Rule(list, check=lambda v: None if v else "must not be empty"), path)
+    for d in directions:
+        d = json_object(d, f"{path}: directions")
+        out["directions"].append({"src": _field(d, "src", Rule(str), path), "tgt": _field(d, "tgt", Rule(str), path),
+                                  "score": _field(d, "score", Rule(float), path),
+                                  "signature": _field(d, "signature", Rule(str), path)})
     return out
 
 
