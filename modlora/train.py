@@ -445,8 +445,11 @@ def train(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples
                 seconds = time.perf_counter() - started
                 record = {"step": step, "epoch": epoch, "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
                           "tokens": tokens, "trained_tokens": n_trained, "tokens_per_s": tokens / seconds}
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
+                try:
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
+                except OSError as e:  # a full disk: say which file
+                    raise OSError(e.errno, e.strerror, str(log_path)) from e
                 bar.update(1, loss=step_loss, lr=lr, tok_s=round(tokens / seconds))
                 if step % cfg.checkpoint_every == 0 or step == total or len(losses) == stop_after:
                     save_checkpoint(rng_of_step)
