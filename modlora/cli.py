@@ -309,12 +309,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\nmodlora: interrupted; run the same command again to resume from the last checkpoint",
               file=sys.stderr)
         return 130
-    except (ValueError, KeyError, OSError, RuntimeError) as e:
+    except (ValueError, KeyError, OSError, RuntimeError, MemoryError) as e:
         # Bad input (a path, a file, a config, an adapter that does not fit): our errors name the
         # problem, so one line says it; MODLORA_DEBUG=1 shows the traceback.
         if os.environ.get("MODLORA_DEBUG"):
             raise
-        message = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
+        message = str(e.args[0] if isinstance(e, KeyError) and e.args else e) or type(e).__name__
         print(f"modlora: error: {' '.join(message.split())}", file=sys.stderr)  # one line, always
         return 2
 

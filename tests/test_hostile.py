@@ -589,3 +589,48 @@ def test_malformed_checkpoint_is_refused(tmp_path, edit, message):
     save_file(tensors, path, metadata={"modlora": json.dumps(meta)})
     with pytest.raises(ValueError, match=message):
         _train_once(tmp_path)
+
+
+_SLOW_TRAINING = """
+import sys, time
+import torch
+torch.set_num_threads(1)  # as this module's tests: the same reductions, the same bits
+sys.path.insert(0, "tests")
+from pathlib import Path
+from modlora import train as train_module
+from test_train import _train_once
+real = train_module.completion_loss
+def slow(*args, **kwargs):  # a step long enough to be killed in the middle of one
+    time.sleep(0.2)
+    return real(*args, **kwargs)
+train_module.completion_loss = slow
+_train_once(Path(sys.argv[1]))
+"""
+
+
+def test_kill_9_mid_training_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """SIGKILL (no handler runs) in a step after a checkpoint: the rerun resumes from the last
+    checkpoint and ends with the adapter of a run never interrupted, bit for bit."""
+    import signal
+    import subprocess
+    import sys
+
+    from test_train import _train_once
+
+    straight, full = _train_once(tmp_path / "straight")
+    killed = tmp_path / "killed"
+    child = subprocess.Popen([sys.executable, "-c", _SLOW_TRAINING, str(killed)], cwd=Path(__file__).parents[1])
+    try:
+        deadline = time.monotonic() + 120
+        while not (killed / checkpoint.FILE).exists() and child.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint within 2 minutes"
+            time.sleep(0.01)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    step = checkpoint.load(killed / checkpoint.FILE, torch.device("cpu"))["step"]
+    assert 0 < step < full["step"], "killed too late: nothing to resume"
+    resumed, rest = _train_once(killed)
+    assert rest["done"] and rest["losses"] == full["losses"][step:]
+    for name, (A, B) in straight.tensors.items():
+        assert torch.equal(A, resumed.tensors[name][0]) and torch.equal(B, resumed.tensors[name][1]), name
