@@ -38,6 +38,7 @@ class Qwen2Config:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        validate.model_config(dataclasses.asdict(self), "model config")  # types and ranges, before dividing
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
                              f"num_attention_heads {self.num_attention_heads}")
