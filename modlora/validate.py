@@ -286,8 +286,8 @@ _MODEL_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_lay
 
 
 def model_config(raw: object, path: str | os.PathLike) -> dict:
-    """Type and range checks of the ``config.json`` fields :class:`~modlora.config.Qwen2Config` reads;
-    the fields absent stay absent (from_dict names the required ones)."""
+    """Type and range checks of the ``config.json`` fields :class:`~modlora.config.Qwen2Config` reads
+    (null is no number); the fields absent stay absent (from_dict names the required ones)."""
     raw = json_object(raw, path)
     rules = {**{k: POSITIVE for k in _MODEL_INTS}, "rope_theta": POSITIVE_FLOAT, "rms_norm_eps": POSITIVE_FLOAT,
              "tie_word_embeddings": Rule(bool)}
@@ -299,7 +299,8 @@ def model_config(raw: object, path: str | os.PathLike) -> dict:
     for key in ("dtype", "torch_dtype"):
         if raw.get(key) is not None and not isinstance(raw[key], str):
             raise InputError(f"{path}: {key} must be a string, got {_show(raw[key])}")
-    return {**raw, **{k: _field(raw, k, rule, path) for k, rule in rules.items() if raw.get(k) is not None}}
+    present = [k for k in rules if k in raw and not (k == "rope_theta" and raw[k] is None)]  # from_dict names it
+    return {**raw, **{k: _field(raw, k, rules[k], path) for k in present}}
 
 
 def learned_weights(raw: object, path: str | os.PathLike) -> dict:

@@ -211,6 +211,8 @@ MODEL_CONFIGS = [
     (lambda raw: [], "config.json: expected a JSON object, got list"),
     (_set("num_hidden_layers", 1000000), "num_hidden_layers=1000000, the checkpoint has tensors for 1 layer"),
     (_set("hidden_size", 1e9), "hidden_size must be an integer, got 1000000000.0"),
+    (_set("hidden_size", None), "hidden_size must be an integer, got None"),
+    (_set("max_position_embeddings", None), "max_position_embeddings must be an integer, got None"),
     (_set("hidden_size", 10**9), "the config implies"),
     (_set("vocab_size", 10**9), "the config implies"),
     (_set("intermediate_size", 2**40), "intermediate_size must be at most"),
