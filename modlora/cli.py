@@ -235,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="the model's shape, parameter count and a forward timing")
     p.add_argument("--model", help="HF Qwen2 checkpoint directory (default: the embedded random preset)")
-    p.add_argument("--preset", default="tiny", help="random-weight preset when no --model (default: tiny)")
+    p.add_argument("--preset", type=cli_type("model", "preset"), default="tiny",
+                   help="random-weight preset when no --model (default: tiny)")
     p.add_argument("--tokens", type=cli_rule(validate.POSITIVE), default=128,
                    help="sequence length of the timed forward")
     p.set_defaults(func=_info)
@@ -244,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Translate one sentence per line, src -> tgt, with in[src] and out[tgt] "
                                    "from an adapter pool merged by --strategy.")
     p.add_argument("--model", help="HF Qwen2 checkpoint directory (default: the embedded random preset)")
-    p.add_argument("--preset", default="tiny", help="random-weight preset when no --model")
+    p.add_argument("--preset", type=cli_type("model", "preset"), default="tiny",
+                   help="random-weight preset when no --model")
     p.add_argument("--pool", help="adapter pool directory (lang/in, lang/out); without it the base model translates")
     p.add_argument("--src", required=True, help="source language code")
     p.add_argument("--tgt", required=True, help="target language code")
