@@ -4,10 +4,11 @@
     python benchmarks/cpu_linear.py --quick      # fewer reps (smoke test)
 
 Per shape and M, the weight is read from memory, not cache: each call uses the next of enough
-copies of W to exceed the L3 cache, as in a decode step, where the model's ~1 GB of weights
+copies of W to exceed three times the L3 cache (its size read from sysfs or sysconf, recorded in the
+JSON as "llc"), as in a decode step, where the model's ~1 GB of weights
 stream through once. "GB/s" is bytes of W / time (the adapters' bytes are not counted, so a
 fused op that pays for them shows as lower GB/s). Next to it: a memory-read probe (every byte of a
-512 MiB buffer read once by all threads, `_C.read_probe`; and torch's `.sum()` over fp32),
+buffer of 512 MiB or three L3s read once by all threads, `_C.read_probe`; and torch's `.sum()` over fp32),
 re-measured before every shape because other processes may share the machine; the load average is
 recorded. Times are medians (and 20% quantiles, less hit by preemption on a shared machine).
 Also measures the crossover M at which torch's GEMM path beats the C++ kernel (the wrapper's
@@ -27,6 +28,7 @@ import argparse
 import math
 import os
 import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -42,7 +44,8 @@ from modlora import _ext  # noqa: E402
 SHAPES = {"q/o": (896, 896), "k/v": (128, 896), "gate/up": (4864, 896), "down": (896, 4864),
           "lm_head": (151936, 896)}
 MS = [1, 5, 10, 40]
-RANK, L3_BYTES = 16, 96 << 20  # copies of W until they exceed this (> 32 MiB L3 here)
+RANK = 16
+LLC_MULTIPLE = 3  # copies of W until they exceed this many times the last-level cache
 CROSSOVER_MS = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256]
 
 
@@ -56,9 +59,44 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def llc_bytes() -> dict:
+    """The last-level (L3) cache of the whole machine, in bytes, and where that number came from.
+
+    sysfs gives the size of one L3 and the CPUs sharing it (one CCX on AMD: 32 MiB of a 384 MiB
+    chip), so it is multiplied by the number of distinct L3s; glibc's sysconf (CPUID, via getconf)
+    may report the chip's total. The larger wins: the rotation must outgrow every cache a copy could stay in.
+    """
+    found = {}
+    instances = {}
+    for index in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/cache/index[0-9]*"):
+        try:
+            if (index / "level").read_text().strip() == "3":
+                size = (index / "size").read_text().strip()
+                scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1], 1)
+                instances[(index / "shared_cpu_list").read_text().strip()] = int(size.rstrip("KMG")) * scale
+        except (OSError, ValueError):
+            continue
+    if instances:
+        found["sysfs"] = sum(instances.values())
+    try:  # Python's os.sysconf does not know _SC_LEVEL3_CACHE_SIZE: ask getconf
+        size = int(subprocess.run(["getconf", "LEVEL3_CACHE_SIZE"], capture_output=True, text=True,
+                                  check=True).stdout.strip() or 0)
+        if size > 0:
+            found["sysconf"] = size
+    except (OSError, ValueError, subprocess.CalledProcessError):
+        pass
+    if not found:
+        return {"bytes": 512 << 20, "source": "default (no L3 size found in sysfs or sysconf)"}
+    source = max(found, key=found.get)
+    return {"bytes": found[source], "source": source, "found": found}
+
+
+LLC = llc_bytes()
+
+
 def make(n: int, k: int, dtype: torch.dtype, gen: torch.Generator) -> list[torch.Tensor]:
     w = (torch.randn(n, k, generator=gen) * k**-0.5).to(dtype)
-    copies = max(1, math.ceil(L3_BYTES / (w.numel() * w.element_size())))
+    copies = max(1, math.ceil(LLC_MULTIPLE * LLC["bytes"] / (w.numel() * w.element_size())))
     return [w] + [w.clone() for _ in range(copies - 1)]
 
 
@@ -177,7 +215,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     reps = 5 if args.quick else 12
     gen = torch.Generator().manual_seed(0)
-    buf = torch.rand(128 << 20, generator=gen)  # 512 MiB
+    buf = torch.rand(max(128 << 20, LLC_MULTIPLE * LLC["bytes"] // 4), generator=gen)  # fp32, >= 512 MiB
     rows, probes = [], {}
     for name, (n, k) in SHAPES.items():
         probes[name] = memory_probe(buf, reps)
@@ -208,6 +246,7 @@ def main() -> None:
     tag = "".join(ch if ch.isalnum() else "-" for ch in _cpu_name().lower()).strip("-")
     payload = {"env": environment("cpu"), "cpu": _cpu_name(), "have_c": _ext.HAVE_C,
                "isa": _ext._C.isa() if _ext.HAVE_C else None, "rank": RANK, "probes": probes,
+               "llc": LLC, "weight_rotation_bytes": LLC_MULTIPLE * LLC["bytes"],
                "goal_rows_c_bf16_M_le_10": summary, "crossover": cross, "results": rows,
                "c_max_rows": {str(k).replace("torch.", ""): v for k, v in _ext.C_MAX_ROWS.items()}}
     path = write_json(f"cpu_linear_{tag}_{torch.get_num_threads()}t", payload)

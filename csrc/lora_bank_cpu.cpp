@@ -216,13 +216,15 @@ void set_isa(const std::string& name) {
     g_isa = kBestIsa;
     return;
   }
-  for (int i = 0; i <= kBestIsa; ++i)
+  for (int i = 0; i <= kAvx512Bf16; ++i)
     if (name == kIsaNames[i]) {
+      TORCH_CHECK(i <= kBestIsa, "modlora._C.set_isa: '", name, "' is not supported on this CPU (supported: auto, ",
+                  c10::Join(", ", supported_isas()), ")");
       g_isa = i;
       return;
     }
-  TORCH_CHECK(false, "modlora._C.set_isa: '", name, "' is not supported on this CPU (supported: auto, ",
-              c10::Join(", ", supported_isas()), ")");
+  TORCH_CHECK(false, "modlora._C.set_isa: unknown ISA '", name, "', expected one of auto, ",
+              c10::Join(", ", std::vector<std::string>(std::begin(kIsaNames), std::end(kIsaNames))));
 }
 
 // Memory-read probe: reads every byte of `t` once across the threads (a checksum keeps the loads).

@@ -22,7 +22,9 @@ W, vectorised, OpenMP over W's rows; see csrc/lora_bank_cpu.cpp), else a plain-t
 :func:`lora_bank_linear` is the public entry: it checks arguments and sends large M, autograd, and
 non-CPU tensors to the torch path. ``MODLORA_DISABLE_C=1`` in the environment (read at import),
 :func:`set_c_enabled` or ``impl="torch"`` force the torch path; ``MODLORA_CPU_ISA=avx2`` (or
-``scalar``, ``avx512``, ``avx512_bf16``) picks the kernel's vector ISA for testing.
+``scalar``, ``avx512``, ``avx512_bf16``) picks the kernel's vector ISA for testing. With bf16 x and W,
+``avx512_bf16`` (``vdpbf16ps``) treats bf16 subnormal inputs (|v| < 2^-126) as zero, as torch's own
+oneDNN/AMX bf16 GEMMs do; the other ISAs widen them to fp32 exactly.
 Both paths compute the same function; in bf16 they round differently (the C++ op once, at the end;
 the torch path also rounds ``x W^T + b`` to bf16 before adding the LoRA part), and the tests bound
 each against a float64 oracle.

@@ -13,6 +13,7 @@ hundreds of times the bf16 tolerance and ~1e5 times the fp32 one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -31,14 +32,32 @@ if not _ext.HAVE_C:
 from modlora import _C  # noqa: E402
 
 ISAS = _C.supported_isas()  # e.g. ['scalar', 'avx2'] or [..., 'avx512', 'avx512_bf16']
+ALL_ISAS = ["scalar", "avx2", "avx512", "avx512_bf16"]
 K, N = 130, 97  # not multiples of 8 or 16 lanes, nor of the 4-row blocks
+
+
+@contextlib.contextmanager
+def forced_isa(name: str):
+    """The kernel runs ``name``; afterwards the ISA set before (e.g. by MODLORA_CPU_ISA) holds again."""
+    before = _C.isa()
+    _C.set_isa(name)
+    try:
+        yield name
+    finally:
+        _C.set_isa(before)
 
 
 @pytest.fixture(params=ISAS)
 def isa(request):
-    _C.set_isa(request.param)
-    yield request.param
-    _C.set_isa("auto")
+    with forced_isa(request.param) as name:
+        yield name
+
+
+def test_forced_isa_restores_the_isa_set_before():
+    with forced_isa("scalar"):
+        with forced_isa(ISAS[-1]):
+            assert _C.isa() == ISAS[-1]
+        assert _C.isa() == "scalar"
 
 
 def _adapter(r: int, scale: float, gen: torch.Generator, k: int = K, n: int = N):
@@ -75,15 +94,16 @@ def _oracle(x, W, b, A_bank, B_bank, row_pair):
     return y, mag
 
 
-def _tolerance(mag, y64, k_eff: int, out_dtype: torch.dtype):
+def _tolerance(mag, y64, k_eff: int, out_dtype: torch.dtype, extra: float = 0.0):
+    """``extra``: one more rounding of a partial result (relative to |terms|), e.g. torch's bf16 GEMM."""
     u_out = 2.0**-24 if out_dtype == torch.float32 else 2.0**-8
-    return 2 * k_eff * 2.0**-24 * mag + u_out * y64.abs() + 1e-30
+    return (2 * k_eff * 2.0**-24 + extra) * mag + u_out * y64.abs() + 1e-30
 
 
-def _assert_close(y, y64, mag, k_eff):
+def _assert_close(y, y64, mag, k_eff, extra: float = 0.0):
     assert y.dtype in (torch.float32, torch.bfloat16)
     err = (y.double() - y64).abs()
-    tol = _tolerance(mag, y64, k_eff, y.dtype)
+    tol = _tolerance(mag, y64, k_eff, y.dtype, extra)
     worst = (err / tol).max().item()
     assert worst <= 1.0, f"max error {err.max().item():.3g} exceeds its tolerance by {worst:.2f}x"
 
@@ -173,7 +193,8 @@ def test_tiny_and_degenerate_shapes(isa):
     assert _ext.lora_bank_linear(torch.randn(0, 8), torch.randn(4, 8), impl="c").shape == (0, 4)
     A0, B0 = torch.zeros(1, 0, 8), torch.zeros(1, 4, 0)  # rank 0 bank: no adapter at all
     x, W = torch.randn(2, 8), torch.randn(4, 8)
-    torch.testing.assert_close(_ext.lora_bank_linear(x, W, None, A0, B0, impl="c"), x @ W.t())
+    y64, mag = _oracle(x, W, None, None, None, None)
+    _assert_close(_ext.lora_bank_linear(x, W, None, A0, B0, impl="c"), y64, mag, 8)
 
 
 def test_c_and_torch_paths_agree_with_leading_dims():
@@ -187,8 +208,8 @@ def test_c_and_torch_paths_agree_with_leading_dims():
     assert y_c.shape == (2, 3, N)
     y64, mag = _oracle(x.reshape(6, K), W, None, A_bank, B_bank, row_pair.repeat_interleave(3))
     _assert_close(y_c.reshape(6, N), y64, mag, K + A_bank.shape[1])
-    # torch path: bf16 GEMM rounds x W^T to bf16 before the delta is added: two bf16 roundings.
-    torch.testing.assert_close(y_t.float(), y_c.float(), rtol=2 * 2.0**-8, atol=1e-2)
+    # torch path: its bf16 GEMM also rounds x W^T + b to bf16 before the delta is added.
+    _assert_close(y_t.reshape(6, N), y64, mag, K + A_bank.shape[1], extra=2.0**-8)
 
 
 def test_auto_dispatch_large_m_and_autograd():
@@ -222,8 +243,30 @@ def test_clear_errors():
             _ext.lora_bank_linear(x, W, None, A, B, torch.tensor([0, 3]), impl=impl)
     with pytest.raises(RuntimeError, match=r"but weight is \[4, 9\]"):  # the op itself checks too
         torch.ops.modlora.lora_bank_linear(x, torch.randn(4, 9))
-    with pytest.raises(RuntimeError, match="not supported on this CPU"):
+    with pytest.raises(RuntimeError, match="unknown ISA 'sse9', expected one of auto, scalar, avx2, avx512, "
+                       "avx512_bf16"):
         _C.set_isa("sse9")
+    for name in ALL_ISAS[len(ISAS):]:  # known, but beyond this CPU (none on an AVX-512 BF16 machine)
+        with pytest.raises(RuntimeError, match=f"'{name}' is not supported on this CPU"):
+            _C.set_isa(name)
+
+
+@pytest.mark.parametrize("M", [1, 16])
+def test_avx512_bf16_flushes_subnormal_inputs(isa, M):
+    """vdpbf16ps treats bf16 subnormals as zero: x = 2^-130 (subnormal), W = 2^100 gives 0 where
+    the exact result is K 2^-30 (a normal number), which the fp32 paths compute exactly."""
+    k, n = 64, 64
+    x, W = torch.full((M, k), 2.0**-130, dtype=torch.bfloat16), torch.full((n, k), 2.0**100, dtype=torch.bfloat16)
+    assert x[0, 0].item() == 2.0**-130  # the input really is this subnormal
+    y = _ext.lora_bank_linear(x, W, impl="c")
+    assert (y == (0.0 if isa == "avx512_bf16" else k * 2.0**-30)).all()
+
+
+@pytest.mark.skipif("avx512_bf16" not in ISAS, reason="the CPU lacks AVX-512 BF16")
+def test_torch_bf16_gemm_flushes_subnormals_too():
+    """torch's own oneDNN bf16 GEMM (used from M = 16 on) flushes the same input to 0 here."""
+    x, W = torch.full((16, 64), 2.0**-130, dtype=torch.bfloat16), torch.full((64, 64), 2.0**100, dtype=torch.bfloat16)
+    assert (torch.nn.functional.linear(x, W) == 0).all()
 
 
 def test_opcheck_and_compile():
@@ -246,7 +289,8 @@ def test_environment_switches(env, expect):
     code = ("import torch; from modlora import _ext; "
             "print(_ext.HAVE_C, _ext._C.isa() if _ext.HAVE_C else 'torch'); "
             "x, W = torch.randn(2, 8), torch.randn(3, 8); "
-            "assert torch.allclose(_ext.lora_bank_linear(x, W), x @ W.t(), atol=1e-5)")
+            "err = (_ext.lora_bank_linear(x, W).double() - x.double() @ W.double().t()).abs(); "
+            "assert (err <= 16 * 2.0**-24 * (x.abs() @ W.abs().t()).double()).all()")
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True,
                          text=True, check=True)
     assert out.stdout.strip() == expect

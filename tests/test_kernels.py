@@ -1,10 +1,17 @@
 """Triton dual-LoRA linear vs the plain-torch reference: value and every gradient.
 
 Without CUDA the kernels run in Triton's interpreter (fp32, fp16); with CUDA the same cases run on
-the GPU, plus bf16. Tolerance, flash-attention style: the kernel's error against a float64
-reference (same inputs) must be at most ``FACTOR`` times torch's own error in the same dtype, plus
-a floor of a couple of units of the dtype's precision. It scales with K, rank and magnitudes by
-construction, and a wrong coefficient fails it (``test_tolerance_catches_a_wrong_coefficient``).
+the GPU, plus bf16. Tolerance, derived from the computation (not from torch's own luck on the
+machine): every result is a sum of products, so per element
+
+    |kernel - float64 reference| <= (n * 2^-24 + roundings * u(dtype)) * sum |terms|
+
+where ``n`` is the length of the chain of reductions that produces it (fp32 accumulation, any
+summation order), ``u`` the dtype's unit roundoff (for the few roundings of intermediates and of
+the output to the dtype), and ``sum |terms|`` is the same reference evaluated in float64 on the
+absolute values of every input (and of dy). The learned-weight gradients, sums over M N K r
+products, get the same bound applied factor by factor (``weight_grad_bound``). A dropped rank
+column, a wrong coefficient or a missing bias fails it (``test_tolerance_catches_injected_bugs``).
 """
 
 import os
@@ -28,11 +35,17 @@ import modlora.kernels.dual_lora as dual_lora  # noqa: E402
 from modlora.kernels import dual_lora_linear, dual_lora_linear_ref  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
-FACTOR = 2.0
-# Floor, relative to the tensor's largest value, for when torch happens to be exact on a tensor:
-# one unit roundoff (2^-11, 2^-8) for fp16/bf16, whose output rounding dominates; four for fp32,
-# where the w gradients are sums over M * r products that torch may round luckily.
-FLOOR = {torch.float32: 2.5e-7, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+# Unit roundoff per dtype; accumulation is fp32 in every dtype (tl.dot, torch's CPU/GPU GEMMs).
+U = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+U_ACC = 2.0**-24
+
+
+def roundings(key: str, merged: bool) -> int:
+    """Roundings to the dtype along one term's chain, at most: the output, and c u (c g) before its
+    dot with B (A) in the kernels; a merged "ab" pair adds c_a, c_a A and c_a A1 + c_a A2 for both A
+    and B (and their gradients flow back through them). The fp32 w gradients of an unmerged pair
+    are fp32 throughout (u and g are kept in fp32)."""
+    return 8 if merged else 0 if key.startswith("w_") else 2
 
 
 def make_case(dtype, m, k, n, r_in, r_out, bias=True, layout="2d", learned=False, train_base=False,
@@ -66,43 +79,82 @@ def make_case(dtype, m, k, n, r_in, r_out, bias=True, layout="2d", learned=False
         for name in adapters:
             w[name] = torch.tensor(w[name], device=device, requires_grad=True)
             leaves[f"w_{name}"] = w[name]
-    return {"view": view, "W": W, "b": bvec, "adapters": adapters, "w": w, "leaves": leaves}
+    r = sum(rank for rank in (r_in, r_out) if rank is not None)
+    return {"view": view, "W": W, "b": bvec, "adapters": adapters, "w": w, "leaves": leaves, "dims": (m, k, n, r)}
 
 
-def run(case, op, cast=None, **kw):
-    """y and the gradients of every leaf, optionally after casting all inputs (float64 oracle)."""
+def run(case, op, cast=None, magnitude=False, **kw):
+    """y and the gradients of every leaf, optionally after casting all inputs (float64 oracle).
+
+    ``magnitude``: every input (and dy) replaced by its absolute value, so that each result is the
+    sum of the absolute values of its terms (all coefficients are positive: w, scale, sqrt(w s)).
+    """
     leaves = case["leaves"]
+    fix = (lambda t: t.abs()) if magnitude else (lambda t: t)
     if cast is not None:
-        leaves = {k: v.detach().to(cast).requires_grad_() for k, v in leaves.items()}
-    get = lambda key, default: leaves.get(key, default if cast is None or default is None else default.to(cast))
+        leaves = {k: fix(v.detach().to(cast)).requires_grad_() for k, v in leaves.items()}
+    get = lambda key, default: leaves.get(key, default if cast is None or default is None else fix(default.to(cast)))
     x = case["view"](leaves["x"])
     adapters = {name: (get(f"A_{name}", A), get(f"B_{name}", B), s) for name, (A, B, s) in case["adapters"].items()}
     w = {name: get(f"w_{name}", v) if isinstance(v, torch.Tensor) else v for name, v in case["w"].items()}
     y = op(x, get("W", case["W"]), get("b", case["b"]), adapters.get("in"), adapters.get("out"),
            w["in"], w["out"], **kw)
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.device, y.dtype)
-    grads = torch.autograd.grad(y, list(leaves.values()), dy.to(y.dtype))
+    grads = torch.autograd.grad(y, list(leaves.values()), fix(_dy(case, y.shape).to(y.dtype)))
     return {"y": y, **dict(zip(leaves, grads, strict=True))}
 
 
+def _dy(case, shape) -> torch.Tensor:
+    """The output gradient, in the case's dtype (the float64 oracle gets the same rounded values)."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, case["leaves"]["x"].dtype)
+
+
+def chain_lengths(case) -> dict[str, int]:
+    """Per result, the summed lengths of the reductions behind it (y: x W^T over K, u B^T over R)."""
+    m, k, n, r = case["dims"]
+    a, b = k + m + 1, n + m + 1  # dB = dy^T u (u over K, then M); dA = g^T x (g = dy B over N, then M)
+    return {"y": k + r + 2, "x": n + r + 2, "W": m, "b": m, "A_in": b, "A_out": b, "B_in": a, "B_out": a,
+            # dw = sum(g * u) over M r; through a merged "ab" pair also dA_m . A over R K, dB_m . B over N R
+            "w_in": k + n + m * r + r * k + n * r, "w_out": k + n + m * r + r * k + n * r}
+
+
 def errors(case, dtype, **kw):
-    """Per tensor: (kernel error, torch's error, floor), all against the float64 reference."""
+    """Per tensor: the largest ratio of the kernel's error (vs float64) to its bound, and that error."""
     strategy = kw.get("strategy", "output")
     out = run(case, dual_lora_linear, **kw)
-    lo = run(case, dual_lora_linear_ref, strategy=strategy)
     hi = run(case, dual_lora_linear_ref, cast=torch.float64, strategy=strategy)
+    mag = run(case, dual_lora_linear_ref, cast=torch.float64, magnitude=True, strategy=strategy)
+    merged = strategy == "ab" and len(case["adapters"]) == 2
     report = {}
     for key, ref in hi.items():
-        assert out[key].shape == ref.shape and out[key].dtype == lo[key].dtype, key
-        err_kernel, err_torch = ((t.double() - ref).abs().max().item() for t in (out[key], lo[key]))
-        report[key] = (err_kernel, err_torch, FLOOR[dtype] * ref.abs().max().item())
+        expect = case["leaves"][key].dtype if key in case["leaves"] else dtype
+        assert out[key].shape == ref.shape and out[key].dtype == expect, key
+        err = (out[key].double() - ref).abs()
+        if key.startswith("w_") and not merged:
+            bound = weight_grad_bound(case, key[2:])
+        else:
+            bound = (chain_lengths(case)[key] * U_ACC + roundings(key, merged) * U[dtype]) * mag[key]
+        report[key] = ((err / (bound + torch.finfo(torch.float64).tiny)).max().item(), err.max().item())
     return report
 
 
+def weight_grad_bound(case, name: str) -> float:
+    """Bound on the error of dL/dw = s sum(g * u), g = dy B, u = x A^T, from the error of each factor.
+
+    The fully expanded sum of |terms| (over M N K r products of random sign) is hundreds of times
+    the gradient; bounding g (N terms) and u (K terms) first keeps the bound within a few % of it.
+    """
+    m, k, n, _ = case["dims"]
+    A, B, scale = (t.detach().double() if isinstance(t, torch.Tensor) else t for t in case["adapters"][name])
+    x = case["view"](case["leaves"]["x"]).detach().double().reshape(m, k)
+    dy = _dy(case, (m, n)).double()
+    g, u, G, V = dy @ B, x @ A.t(), dy.abs() @ B.abs(), x.abs() @ A.abs().t()
+    sums = (n + 2) * (G * u.abs()).sum() + (k + 2) * (g.abs() * V).sum() + (m * A.shape[0] + 2) * (g * u).abs().sum()
+    return 1.01 * scale * U_ACC * sums.item()  # 1.01: the second-order terms (products of two errors)
+
+
 def assert_matches(case, dtype, **kw):
-    for key, (err, torch_err, floor) in errors(case, dtype, **kw).items():
-        assert err <= FACTOR * torch_err + floor, (
-            f"{key}: kernel error {err:.3g} > {FACTOR} x torch's {torch_err:.3g} + {floor:.3g}")
+    for key, (ratio, err) in errors(case, dtype, **kw).items():
+        assert ratio <= 1.0, f"{key}: kernel error {err:.3g} exceeds its bound by {ratio:.2f}x"
 
 
 # (M, K, N, ranks for "output" (unequal), ranks for "ab", bias, layout, learned weights)
@@ -144,22 +196,59 @@ def test_large_ranks_and_trainable_base(variant):
     assert_matches(case, torch.float32, variant=variant)
 
 
-@pytest.mark.parametrize(("dtype", "rel"), [(torch.float32, 1e-3), (torch.float16, 3e-2)], ids=str)
-def test_tolerance_catches_a_wrong_coefficient(dtype, rel, monkeypatch):
-    """The smaller adapter term's coefficient off by 0.1% (fp32) or 3% (fp16) fails the check on y.
+def _drop_rank_column(x, W, b, A1, B1, c1, A2, B2, c2, variant):
+    keep = torch.ones(B1.shape[1], dtype=B1.dtype, device=B1.device)
+    keep[-1] = 0
+    return x, W, b, A1, B1 * keep, c1, A2, B2, c2, variant
 
-    That term is a seventh of the other (coef 0.15 vs 1.05): 3% of it is about 0.3% of y, which is
-    where fp16's own rounding (2^-11 relative) starts to hide an error.
-    """
-    case = make_case(dtype, 7, 130, 96, 4, 8, layout="3d")
+
+def _wrong_coefficient(x, W, b, A1, B1, c1, A2, B2, c2, variant):
+    return x, W, b, A1, B1, c1 * 1.1, A2, B2, c2, variant
+
+
+def _missing_bias(x, W, b, A1, B1, c1, A2, B2, c2, variant):
+    return x, W, None if b is None else b * 0, A1, B1, c1, A2, B2, c2, variant  # b * 0: still in the graph
+
+
+# One case per test family above: (dtype, make_case arguments, dual_lora_linear arguments).
+FAMILIES = {
+    "two_adapters": (torch.float16, (33, 130, 48, 4, 8), dict(layout="strided", learned=True), {}),
+    "two_adapters_ab": (torch.float32, (7, 130, 96, 4, 4), dict(layout="3d", learned=True), {"strategy": "ab"}),
+    "single_adapter": (torch.float16, (33, 64, 48, None, 4), dict(learned=True), {"strategy": "ab"}),
+    "large_ranks": (torch.float32, (5, 64, 48, 128, 64), dict(learned=True, train_base=True), {}),
+    "many_row_tiles": (torch.float32, (300, 64, 160, 4, 4), dict(learned=True, train_base=True), {}),
+}
+
+
+@pytest.mark.parametrize("bug", [_drop_rank_column, _wrong_coefficient, _missing_bias], ids=lambda f: f.__name__[1:])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tolerance_catches_injected_bugs(family, bug, monkeypatch):
+    """Each family's bound fails on a kernel that drops its last rank column, has its first
+    adapter's coefficient 10% off, or forgets the bias (the bug is injected at the autograd
+    Function, so the kernels' forward and backward both see it)."""
+    dtype, dims, case_kw, kw = FAMILIES[family]
+    case = make_case(dtype, *dims, **case_kw)
     apply = dual_lora._DualLoRALinear.apply
+    monkeypatch.setattr(dual_lora._DualLoRALinear, "apply", lambda *args: apply(*bug(*args)))
+    ratio, err = errors(case, dtype, variant="fused", **kw)["y"]
+    assert ratio > 1.0, f"an injected bug stayed within the bound (error {err:.3g}, {ratio:.2f}x of it)"
 
-    def wrong(x, W, b, A1, B1, c1, A2, B2, c2, variant):
-        return apply(x, W, b, A1, B1, c1, A2, B2, c2 * (1 + rel), variant)
 
-    monkeypatch.setattr(dual_lora._DualLoRALinear, "apply", wrong)
-    err, torch_err, floor = errors(case, dtype, variant="fused")["y"]
-    assert err > FACTOR * torch_err + floor
+@pytest.mark.parametrize("family", ["two_adapters", "many_row_tiles"])
+def test_weight_gradient_bound_catches_a_wrong_gradient(family, monkeypatch):
+    """The learned weights' gradient (dc = sum(g u), backward only) 5% off fails its bound."""
+    dtype, dims, case_kw, kw = FAMILIES[family]
+    case = make_case(dtype, *dims, **case_kw)
+    backward = dual_lora._DualLoRALinear.backward
+
+    def wrong(ctx, dy):
+        grads = list(backward(ctx, dy))
+        grads[5] = grads[5] * 1.05  # dc1: the first adapter's coefficient
+        return tuple(grads)
+
+    monkeypatch.setattr(dual_lora._DualLoRALinear, "backward", staticmethod(wrong))
+    report = errors(case, dtype, variant="fused", **kw)
+    assert report["y"][0] <= 1.0 and report["w_in"][0] > 1.0, report
 
 
 def test_only_requested_gradients_are_computed(monkeypatch):
@@ -174,12 +263,11 @@ def test_only_requested_gradients_are_computed(monkeypatch):
     y = dual_lora_linear(x, case["W"], case["b"], (A1.detach(), B1.detach(), s1), (A2.detach(), B2.detach(), s2),
                          case["w"]["in"], case["w"]["out"], variant="fused")
     assert calls == ["lora_gemm"]
-    dw_in, dw_out = torch.autograd.grad(y.sum(), [case["w"]["in"], case["w"]["out"]])
+    dw = torch.autograd.grad(y, [case["w"]["in"], case["w"]["out"]], _dy(case, y.shape))
     assert calls == ["lora_gemm", "lora_shrink"]
-    ref = dual_lora_linear_ref(x, case["W"], case["b"], (A1, B1, s1), (A2, B2, s2), case["w"]["in"],
-                               case["w"]["out"])
-    ref_in, ref_out = torch.autograd.grad(ref.sum(), [case["w"]["in"], case["w"]["out"]])
-    torch.testing.assert_close((dw_in, dw_out), (ref_in, ref_out), rtol=1e-5, atol=1e-5)
+    ref = run(case, dual_lora_linear_ref, cast=torch.float64)
+    for name, got in zip(("in", "out"), dw, strict=True):
+        assert (got.double() - ref[f"w_{name}"]).abs() <= weight_grad_bound(case, name)
 
 
 def test_clear_errors():
@@ -212,15 +300,12 @@ def test_many_row_tiles(strategy, variant):
 @pytest.mark.parametrize("variant", ["fused", "split"])
 def test_strided_bias(variant):
     case = make_case(torch.float32, 7, 64, 48, 4, 8)
-    x, (A, B, s) = case["leaves"]["x"], case["adapters"]["in"]
-    bias = torch.randn(96, generator=torch.Generator().manual_seed(5)).to(DEVICE)[::2]  # stride 2
-    y = dual_lora_linear(x, case["W"], bias, (A, B, s), None, 0.7, variant=variant)
-    ref = dual_lora_linear_ref(x, case["W"], bias, (A, B, s), None, 0.7)
-    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+    case["b"] = torch.randn(96, generator=torch.Generator().manual_seed(5)).to(DEVICE)[::2]  # stride 2
+    assert_matches(case, torch.float32, variant=variant)
 
 
 def test_no_adapter_is_the_plain_linear():
     case = make_case(torch.float32, 3, 64, 48, None, None)
     x = case["leaves"]["x"]
-    torch.testing.assert_close(dual_lora_linear(x, case["W"], case["b"], None, None),
-                               torch.nn.functional.linear(x, case["W"], case["b"]))
+    torch.testing.assert_close(dual_lora_linear(x, case["W"], case["b"], None, None),  # the same call
+                               torch.nn.functional.linear(x, case["W"], case["b"]), rtol=0, atol=0)
