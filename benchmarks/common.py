@@ -62,12 +62,12 @@ def write_json(name: str, payload: dict, directory: Path = RESULTS) -> Path:
 def memory_probe(buf_f32: torch.Tensor, reps: int = 5) -> dict:
     """Memory read bandwidth in GB/s: every byte of a buffer larger than the caches read once by all
     threads (``modlora._C.read_probe`` when built, and torch's ``.sum()``); ``GBs`` is the better."""
-    from modlora import _ext
+    from modlora import cpu
 
     nbytes = buf_f32.numel() * 4
     out = {}
-    if _ext.HAVE_C:
-        out["read_probe_GBs"] = nbytes / bench(lambda: _ext._C.read_probe(buf_f32), reps=reps)["ms"] / 1e6
+    if cpu.HAVE_C:
+        out["read_probe_GBs"] = nbytes / bench(lambda: cpu._C.read_probe(buf_f32), reps=reps)["ms"] / 1e6
     out["torch_sum_GBs"] = nbytes / bench(lambda: buf_f32.sum(), reps=reps)["ms"] / 1e6
     out["GBs"] = max(out.values())
     return out

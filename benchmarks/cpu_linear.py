@@ -38,7 +38,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bench, environment, memory_probe, write_json  # noqa: E402
 
-from modlora import _ext  # noqa: E402
+from modlora import cpu, ops  # noqa: E402
 
 # (N, K) of Qwen2.5-0.5B's linears and its (tied) lm_head.
 SHAPES = {"q/o": (896, 896), "k/v": (128, 896), "gate/up": (4864, 896), "down": (896, 4864),
@@ -121,14 +121,14 @@ def adapters(n: int, k: int, gen: torch.Generator):
 
 def run_shape(name: str, n: int, k: int, reps: int, gen: torch.Generator) -> list[dict]:
     rows = []
-    op = torch.ops.modlora.lora_bank_linear if _ext.HAVE_C else None
+    op = torch.ops.modlora.lora_bank_linear if cpu.HAVE_C else None
     w_bf16, w_f32 = make(n, k, torch.bfloat16, gen), make(n, k, torch.float32, gen)
     lm_head = name == "lm_head"
     b = None if lm_head or name != "q/o" else torch.randn(n, generator=gen).to(torch.bfloat16)
     pair = adapters(n, k, gen)
     pair2 = adapters(n, k, gen)
-    A1, B1 = _ext.pack_bank([pair], "output", torch.bfloat16)
-    A2, B2 = _ext.pack_bank([pair, pair2], "output", torch.bfloat16)
+    A1, B1 = cpu.pack_bank([pair], "output", torch.bfloat16)
+    A2, B2 = cpu.pack_bank([pair, pair2], "output", torch.bfloat16)
     lin, lout, wi, wo = pair
     unf = [(a.to(torch.bfloat16), bb.to(torch.bfloat16), s * w) for (a, bb, s), w in ((lin, wi), (lout, wo))]
     for m in MS:
@@ -146,7 +146,7 @@ def run_shape(name: str, n: int, k: int, reps: int, gen: torch.Generator) -> lis
                 "torch_fp32": (cycling(lambda w, xf=xf: F.linear(xf, w), w_f32), 4)}
         if not lm_head:
             prov["unfused_lora_bf16"] = (cycling(unfused, w_bf16), 2)
-        if _ext.HAVE_C:
+        if cpu.HAVE_C:
             prov["c_bf16"] = (cycling(lambda w, x=x: op(x, w, b, None, None, None), w_bf16), 2)
             prov["c_fp32"] = (cycling(lambda w, xf=xf: op(xf, w, None, None, None, None), w_f32), 4)
             if not lm_head:
@@ -166,12 +166,12 @@ def crossover(reps: int, gen: torch.Generator) -> dict:
     pair = adapters(n, k, gen)
     for dtype in (torch.bfloat16, torch.float32):
         ws = make(n, k, dtype, gen)
-        A, B = _ext.pack_bank([pair], "output", dtype)
+        A, B = cpu.pack_bank([pair], "output", dtype)
         pts = []
         for m in CROSSOVER_MS:
             x = torch.randn(m, k, generator=gen).to(dtype)
-            tc, tt = (bench(cycling(lambda w, x=x, impl=impl, A=A, B=B: _ext.lora_bank_linear(
-                x, w, None, A, B, impl=impl), ws), reps=reps) for impl in ("c", "torch"))
+            tc, tt = (bench(cycling(lambda w, x=x, fn=fn, A=A, B=B: fn(x, w, None, A, B), ws), reps=reps)
+                      for fn in (cpu.lora_bank_linear, cpu.lora_bank_linear_torch))
             pts.append({"M": m, "c_ms": tc["ms"], "torch_ms": tt["ms"]})
         faster = [p["M"] for p in pts if p["c_ms"] <= p["torch_ms"]]
         first_slower = next((p["M"] for p in pts if p["c_ms"] > p["torch_ms"]), None)
@@ -242,13 +242,13 @@ def main() -> None:
         for dt, c in cross.items():
             print(f"crossover {dt}: C++ faster at M in {c['c_faster_at']}; torch wins first at M="
                   f"{c['first_M_where_torch_wins']} (wrapper uses C for M <= "
-                  f"{_ext.C_MAX_ROWS[getattr(torch, dt)]})")
+                  f"{ops.C_MAX_ROWS[getattr(torch, dt)]})")
     tag = "".join(ch if ch.isalnum() else "-" for ch in _cpu_name().lower()).strip("-")
-    payload = {"env": environment("cpu"), "cpu": _cpu_name(), "have_c": _ext.HAVE_C,
-               "isa": _ext._C.isa() if _ext.HAVE_C else None, "rank": RANK, "probes": probes,
+    payload = {"env": environment("cpu"), "cpu": _cpu_name(), "have_c": cpu.HAVE_C,
+               "isa": cpu._C.isa() if cpu.HAVE_C else None, "rank": RANK, "probes": probes,
                "llc": LLC, "weight_rotation_bytes": LLC_MULTIPLE * LLC["bytes"],
                "goal_rows_c_bf16_M_le_10": summary, "crossover": cross, "results": rows,
-               "c_max_rows": {str(k).replace("torch.", ""): v for k, v in _ext.C_MAX_ROWS.items()}}
+               "c_max_rows": {str(k).replace("torch.", ""): v for k, v in ops.C_MAX_ROWS.items()}}
     path = write_json(f"cpu_linear_{tag}_{torch.get_num_threads()}t", payload)
     plot(rows, probes, path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png').name}")

@@ -14,6 +14,7 @@ import torch
 from common import bench, environment, write_json
 
 from modlora.config import Qwen2Config
+from modlora.loading import random_model
 from modlora.model import Qwen2ForCausalLM
 
 
@@ -33,7 +34,7 @@ def hf_twin(model: Qwen2ForCausalLM):
 
 def run(dtype: torch.dtype, device: str, prompt_len: int, batch: int, reps: int) -> dict:
     config = Qwen2Config.preset("qwen2.5-0.5b")
-    ours = Qwen2ForCausalLM.from_config(config, seed=0, dtype=dtype, device=device)
+    ours = random_model(config, seed=0, dtype=dtype, device=device)
     hf = hf_twin(ours)
     ids = torch.randint(0, 150000, (batch, prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
     step_ids = ids[:, -1]

@@ -36,9 +36,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, environment, memory_probe, write_json  # noqa: E402
 
-from modlora.adapters import LoraAdapter  # noqa: E402
+from modlora.adapters import AdapterController, LoraAdapter  # noqa: E402
 from modlora.config import Qwen2Config  # noqa: E402
 from modlora.generation import generate  # noqa: E402
+from modlora.loading import random_model  # noqa: E402
 from modlora.model import Qwen2ForCausalLM  # noqa: E402
 from modlora.prompt import translation_prompt_ids  # noqa: E402
 from modlora.tokenizer import Tokenizer  # noqa: E402
@@ -133,7 +134,8 @@ def runners(ours, peft, ids, mask, tok: Tokenizer, clock: StepClock):
     processors = transformers.LogitsProcessorList([Tick()])
 
     def ours_run(n: int):
-        return generate(ours, ids, mask, max_new_tokens=n, min_new_tokens=n, eos_token_id=tok.eos_ids, **kw)
+        return generate(ours, ids, mask, max_new_tokens=n, min_new_tokens=n, eos_token_id=tok.eos_ids,
+                        pad_token_id=tok.pad_id, **kw)
 
     def hf_run(n: int):
         with torch.no_grad():
@@ -188,10 +190,9 @@ def main() -> None:
     rows = earlier_rows(name)
     for dname in args.dtypes:
         dtype = DTYPES[dname]
-        ours = Qwen2ForCausalLM.from_config(Qwen2Config.preset("qwen2.5-0.5b"), seed=0, dtype=dtype,
-                                            device=args.device)
+        ours = random_model(Qwen2Config.preset("qwen2.5-0.5b"), seed=0, dtype=dtype, device=args.device)
         pair = adapters(ours)
-        ours.set_adapters(*pair, w_in=1.0, w_out=1.0, strategy="output")
+        AdapterController(ours).set_adapters(*pair, w_in=1.0, w_out=1.0, strategy="output")
         peft = hf_peft(ours, pair, dtype).to(args.device)
         read_ms = None
         if args.device == "cpu":

@@ -35,6 +35,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, environment, write_json  # noqa: E402
 
+from modlora.adapters import TARGET_MODULES, AdapterController, LoraAdapter  # noqa: E402
+from modlora.loading import load_pretrained, random_model, save_pretrained  # noqa: E402
+from modlora.train import completion_loss  # noqa: E402
+
 VARIANTS = ("modlora", "modlora-no-prefix-sharing", "modlora-full-logits", "transformers+peft")
 RANK, ALPHA, LR = 8, 16, 1e-3
 
@@ -63,11 +67,7 @@ def worker(variant: str, ckpt: str, batch_size: int, steps: int, dtype: str) -> 
     torch.manual_seed(0)
     dt = getattr(torch, dtype)
     batches = _batches(batch_size, steps)
-    from modlora.model import Qwen2ForCausalLM
-
-    ours = Qwen2ForCausalLM.from_pretrained(ckpt, dtype=dt)
-    from modlora.adapters import LoraAdapter
-    from modlora.train import TARGET_MODULES, completion_loss
+    ours = load_pretrained(ckpt, dtype=dt)
 
     adapter = LoraAdapter.init(ours, rank=RANK, alpha=ALPHA, seed=0, dtype=dt)
     if variant == "transformers+peft":
@@ -88,7 +88,7 @@ def worker(variant: str, ckpt: str, batch_size: int, steps: int, dtype: str) -> 
         def loss_fn(ids, attn, mask):
             return model(input_ids=ids, attention_mask=attn, labels=ids.masked_fill(mask == 0, -100)).loss
     else:
-        ours.set_adapters(lora_in=adapter, w_in=1.0)
+        AdapterController(ours).set_adapters(lora_in=adapter, w_in=1.0)
         model, params = ours, adapter.parameters()
         if variant != "modlora-full-logits":
             def loss_fn(ids, attn, mask):
@@ -163,11 +163,9 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args.ckpt, args.batch_size, args.steps, args.dtype)))
         return
 
-    from modlora.model import Qwen2ForCausalLM
-
     runs = []
     with tempfile.TemporaryDirectory() as ckpt:
-        Qwen2ForCausalLM.from_config("qwen2.5-0.5b", seed=0, dtype=getattr(torch, args.dtype)).save_pretrained(ckpt)
+        save_pretrained(random_model("qwen2.5-0.5b", seed=0, dtype=getattr(torch, args.dtype)), ckpt)
         for variant in VARIANTS:
             out = subprocess.run([sys.executable, __file__, "--worker", variant, "--ckpt", ckpt, "--steps",
                                   str(args.steps), "--batch-size", str(args.batch_size), "--dtype", args.dtype],

@@ -20,7 +20,7 @@ from .reference import Adapter, Weight, check_strategy, merge_ab
 Variant = Literal["fused", "split"]
 VARIANTS = ("fused", "split")
 
-# A guess from DESIGN.md section 4, not a measurement (no GPU was available when this was written):
+# A guess (docs/design.md, "Backends"), not a measurement (no GPU was available when this was written):
 # small M is bound by reading W, so recomputing x A^T per column tile ("fused") is free; large M is
 # bound by FLOPs, where that recomputation costs R / BP of the base GEMM and a separate shrink wins.
 # Benchmark with variant= forced to move this threshold.
@@ -100,17 +100,9 @@ class _DualLoRALinear(torch.autograd.Function):
         return dx, dw, db, grads[0], grads[1], grads[2], grads[3], grads[4], grads[5], None
 
 
-def dual_lora_linear(
-    x: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    lora_in: Adapter | None,
-    lora_out: Adapter | None,
-    w_in: Weight = 1.0,
-    w_out: Weight = 1.0,
-    strategy: str = "output",
-    variant: Variant | None = None,
-) -> Tensor:
+def dual_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_in: Adapter | None,
+                     lora_out: Adapter | None, w_in: Weight = 1.0, w_out: Weight = 1.0, strategy: str = "output",
+                     variant: Variant | None = None) -> Tensor:
     """``x [..., K] -> y [..., N]``: base linear plus one or two adapters merged by ``strategy``.
 
     Adapters are ``(A [r, K], B [N, r], scale)``; ``w_in``/``w_out`` are floats or 0-dim tensors

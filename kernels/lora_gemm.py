@@ -25,6 +25,13 @@ Coef = float | Tensor
 
 
 @triton.jit
+def _load_tile(ptr, rows, cols, row_mask, col_mask, stride_row, stride_col):
+    """[rows, cols] tile of a strided matrix, zeros outside the masks."""
+    return tl.load(ptr + rows[:, None] * stride_row + cols[None, :] * stride_col,
+                   mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+
+
+@triton.jit
 def _load_rank_tile(p1, p2, rows, ranks, row_mask, r1, R, stride_row1, stride_row2, stride_rank,
                     TWO: tl.constexpr):
     """[rows, ranks] tile of two adapters stacked along rank: ranks [0, r1) from p1, [r1, R) from p2."""
@@ -66,10 +73,8 @@ def _lora_gemm_kernel(
     for q0 in range(0, Q, BQ):
         rq = q0 + tl.arange(0, BQ)
         q_mask = rq < Q
-        a = tl.load(a_ptr + rm[:, None] * stride_am + rq[None, :] * stride_aq,
-                    mask=m_mask[:, None] & q_mask[None, :], other=0.0)
-        b = tl.load(b_ptr + rq[:, None] * stride_bq + rp[None, :] * stride_bp,
-                    mask=q_mask[:, None] & p_mask[None, :], other=0.0)
+        a = _load_tile(a_ptr, rm, rq, m_mask, q_mask, stride_am, stride_aq)
+        b = _load_tile(b_ptr, rq, rp, q_mask, p_mask, stride_bq, stride_bp)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         if SHRINK:
             s = _load_rank_tile(s1_ptr, s2_ptr, rq, rr, q_mask, r1, R, stride_s1, stride_s2, stride_sr, TWO)
@@ -108,11 +113,19 @@ def _shrink_kernel(
     for q0 in range(0, Q, BQ):
         rq = q0 + tl.arange(0, BQ)
         q_mask = rq < Q
-        a = tl.load(a_ptr + rm[:, None] * stride_am + rq[None, :] * stride_aq,
-                    mask=m_mask[:, None] & q_mask[None, :], other=0.0)
+        a = _load_tile(a_ptr, rm, rq, m_mask, q_mask, stride_am, stride_aq)
         s = _load_rank_tile(s1_ptr, s2_ptr, rq, rr, q_mask, r1, R, stride_s1, stride_s2, stride_sr, TWO)
         v = tl.dot(a, s, v, input_precision=PRECISION)
     tl.store(v_ptr + rm[:, None] * R + rr[None, :], v, mask=m_mask[:, None] & (rr < R)[None, :])
+
+
+def _contiguous_sharing(mats: tuple[Tensor | None, ...], dim: int, what: str) -> tuple[tuple[Tensor, ...], int]:
+    """The given matrices made contiguous, and the size along ``dim`` they must share."""
+    mats = tuple(m.contiguous() for m in mats if m is not None)
+    D = mats[0].shape[dim]
+    if any(m.shape[dim] != D for m in mats):
+        raise ValueError(f"adapters disagree on {what}: {[tuple(m.shape) for m in mats]}")
+    return mats, D
 
 
 @dataclass(frozen=True)
@@ -128,19 +141,13 @@ class RankStack:
     @classmethod
     def of_a(cls, *mats: Tensor | None) -> RankStack:
         """A_a [r_a, D], made contiguous: element (d, r) at r * D + d."""
-        mats = tuple(m.contiguous() for m in mats if m is not None)
-        D = mats[0].shape[1]
-        if any(m.shape[1] != D for m in mats):
-            raise ValueError(f"adapters disagree on in_features: {[tuple(m.shape) for m in mats]}")
+        mats, D = _contiguous_sharing(mats, 1, "in_features")
         return cls(mats, tuple(m.shape[0] for m in mats), D, (1, 1), D)
 
     @classmethod
     def of_b(cls, *mats: Tensor | None) -> RankStack:
         """B_a [D, r_a], made contiguous: element (d, r) at d * r_a + r."""
-        mats = tuple(m.contiguous() for m in mats if m is not None)
-        D = mats[0].shape[0]
-        if any(m.shape[0] != D for m in mats):
-            raise ValueError(f"adapters disagree on out_features: {[tuple(m.shape) for m in mats]}")
+        mats, D = _contiguous_sharing(mats, 0, "out_features")
         ranks = tuple(m.shape[1] for m in mats)
         return cls(mats, ranks, D, (ranks[0], ranks[-1]), 1)
 

@@ -6,6 +6,8 @@
 
 An adapter is ``(A [r, K], B [N, r], scale)``; ``coef_a = w_a * scale_a``. Autograd through these
 few torch ops gives every gradient (x, A, B, w), so this file is also the gradient oracle.
+:func:`merge_pair` writes either strategy as one adapter of coefficient 1, the form the C++ bank
+and a PEFT export store. See docs/design.md for the derivation.
 """
 
 from __future__ import annotations
@@ -32,6 +34,11 @@ def check_strategy(strategy: str, lora_in: Adapter | None, lora_out: Adapter | N
             )
 
 
+def as_fp32(adapter: Adapter | None) -> Adapter | None:
+    """The adapter with fp32 tensors (same graph: a no-op in fp32, differentiable otherwise)."""
+    return None if adapter is None else (adapter[0].float(), adapter[1].float(), adapter[2])
+
+
 def merge_ab(lora_in: Adapter | None, lora_out: Adapter | None, w_in: Weight, w_out: Weight) -> tuple[Tensor, Tensor]:
     """``A_m = sum_a c_a A_a``, ``B_m = sum_a c_a B_a`` with ``c_a = sqrt(w_a s_a)`` (PEFT's "linear")."""
     parts = [(a, w) for a, w in ((lora_in, w_in), (lora_out, w_out)) if a is not None]
@@ -41,6 +48,21 @@ def merge_ab(lora_in: Adapter | None, lora_out: Adapter | None, w_in: Weight, w_
         a_m = c * A if a_m is None else a_m + c * A
         b_m = c * B if b_m is None else b_m + c * B
     return a_m, b_m
+
+
+def merge_pair(lora_in: Adapter | None, lora_out: Adapter | None, w_in: Weight, w_out: Weight,
+               strategy: str) -> tuple[Tensor, Tensor]:
+    """The pair as ONE adapter ``(A [R, K], B [N, R])`` of coefficient 1: ``x A^T B^T`` is its delta.
+
+    ``output``: ``A = [w_in s_in A_in; w_out s_out A_out]``, ``B = [B_in | B_out]``, R = r_in + r_out
+    (PEFT's ``cat``); ``ab``: ``(A_m, B_m)`` of :func:`merge_ab`, R = r (PEFT's ``linear``). The
+    weights are floats or 0-dim tensors. Needs at least one adapter.
+    """
+    check_strategy(strategy, lora_in, lora_out)
+    if strategy == "ab":
+        return merge_ab(lora_in, lora_out, w_in, w_out)
+    parts = [(a, w) for a, w in ((lora_in, w_in), (lora_out, w_out)) if a is not None]
+    return torch.cat([A * (w * scale) for (A, _, scale), w in parts]), torch.cat([B for (_, B, _), _ in parts], dim=1)
 
 
 def lora_delta_ref(

@@ -32,7 +32,8 @@ def refuse_legacy(work_dir: str | os.PathLike) -> None:
 
 
 def save(path: str | os.PathLike, state: dict) -> None:
-    """Write ``state`` (config, step, order, params, optimizer, scheduler, rng, as train() keeps them) atomically."""
+    """Write ``state`` (config, step, order, params, optimizer, scheduler, rng, as
+    :func:`modlora.train.save_checkpoint` builds it) atomically."""
     tensors = {f"param.{i}": p.detach().contiguous().cpu() for i, p in enumerate(state["params"])}
     optimizer = state["optimizer"]
     for i, entry in optimizer["state"].items():
@@ -51,7 +52,7 @@ def save(path: str | os.PathLike, state: dict) -> None:
 
 
 def load(path: str | os.PathLike, device: torch.device) -> dict:
-    """Read :func:`save`'s file back into train()'s state dict; any malformed field is an InputError."""
+    """Read :func:`save`'s file back into the state dict it was given; any malformed field is an InputError."""
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = json.loads((f.metadata() or {})["modlora"])

@@ -14,8 +14,23 @@ import sys
 import time
 from collections.abc import Sequence
 
+import torch
+
 from . import validate
+from .adapters import AdapterController, LearnedWeights
+from .console import log_stderr, progress
+from .fileio import atomic_write_text
+from .generation import SearchParams, translate
+from .kernels.reference import STRATEGIES
+from .loading import load_pretrained, random_model
+from .model import Qwen2ForCausalLM
+from .pipeline import RANDOM_BASE_NOTE, Pipeline, PipelineConfig, default_config
+from .pool import AdapterPool
+from .tokenizer import Tokenizer
+from .train import base_parameters, lora_parameters_per_rank, paper_rank
 from .validate import cli_rule, cli_type
+
+DEFAULT_PRESET = "tiny"  # the random-weight base when neither --model nor a config names one
 
 RUN_EPILOG = """examples:
   modlora run                              # the demo: random tiny base, FLORES slice, a few minutes on CPU
@@ -34,14 +49,19 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="HF Qwen2 checkpoint directory (default: a random-weight preset)")
+    p.add_argument("--preset", type=cli_type("model", "preset"),
+                   help=f"random-weight preset when no --model: tiny or qwen2.5-0.5b (default: the config's, else "
+                        f"{DEFAULT_PRESET})")
+
+
 def _pipeline_args(p: argparse.ArgumentParser, *, config_positional: bool = False) -> None:
     if config_positional:
         p.add_argument("config", nargs="?", help="TOML config (default: the demo, or the paper's setup with --model)")
     else:
         p.add_argument("--config", help="TOML config (default: the demo, or the paper's setup with --model)")
-    p.add_argument("--model", help="HF Qwen2 checkpoint directory (default: the random tiny preset)")
-    p.add_argument("--preset", type=cli_type("model", "preset"),
-                   help="random-weight preset when no --model: tiny or qwen2.5-0.5b")
+    _model_args(p)
     p.add_argument("--out", type=cli_type("", "out_dir"), help="output directory (default: the config's out_dir)")
     p.add_argument("--data", help="FLORES-style folder split/lang.txt (default: the vendored FLORES-101)")
     p.add_argument("--langs", type=cli_type("data", "langs"),
@@ -68,9 +88,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-batch-size", type=cli_type("eval", "batch_size"), help="sentences per generation batch")
 
 
-def _config(args: argparse.Namespace):
-    from .pipeline import PipelineConfig, default_config
-
+def _config(args: argparse.Namespace) -> PipelineConfig:
     cfg = PipelineConfig.from_toml(args.config) if args.config else default_config(args.model)
     if args.model:
         cfg.model.path = args.model
@@ -93,16 +111,12 @@ def _config(args: argparse.Namespace):
     return cfg
 
 
-def _auto_threads(args: argparse.Namespace, model_path: str | None, preset: str) -> None:
-    if args.threads is None and not model_path and preset == "tiny":
-        import torch
-
+def _auto_threads(args: argparse.Namespace, model_path: str | None, preset: str | None) -> None:
+    if args.threads is None and not model_path and (preset or DEFAULT_PRESET) == "tiny":
         torch.set_num_threads(1)  # measured: the demo pipeline 2.4 min on 1 thread, over 10 min on 2 (busy box)
 
 
 def _stage(args: argparse.Namespace) -> int:
-    from .pipeline import RANDOM_BASE_NOTE, Pipeline
-
     cfg = _config(args)
     if args.command != "table":  # fail now, not after hours of training
         validate.writable_dir(cfg.out_dir, "output directory")
@@ -122,31 +136,23 @@ def _stage(args: argparse.Namespace) -> int:
         print(pipe.table())
     else:
         print(pipe.run())
-    print(f"done in {time.perf_counter() - started:.0f}s; outputs in {pipe.out}", file=sys.stderr)
+    log_stderr(f"done in {time.perf_counter() - started:.0f}s; outputs in {pipe.out}")
     if args.command in ("run", "evaluate", "table") and not cfg.model.path:
-        print(RANDOM_BASE_NOTE, file=sys.stderr)
+        log_stderr(RANDOM_BASE_NOTE)
     return 0
 
 
-def _load_model(model_dir: str | None, preset: str):
-    from .model import Qwen2ForCausalLM
-
-    if model_dir:
-        return Qwen2ForCausalLM.from_pretrained(model_dir)
-    return Qwen2ForCausalLM.from_config(preset, seed=0)
+def _load_model(model_dir: str | None, preset: str | None) -> Qwen2ForCausalLM:
+    return load_pretrained(model_dir) if model_dir else random_model(preset or DEFAULT_PRESET, seed=0)
 
 
 def _info(args: argparse.Namespace) -> int:
-    import torch
-
-    from .train import base_parameters, lora_parameters_per_rank, paper_rank
-
     _auto_threads(args, args.model, args.preset)
     model = _load_model(args.model, args.preset)
     c = model.config
     if args.tokens > c.max_position_embeddings:
         raise ValueError(f"--tokens {args.tokens} exceeds the model's context of {c.max_position_embeddings}")
-    print(f"model: {args.model or f'random preset {args.preset!r} (embedded default)'}")
+    print(f"model: {args.model or f'random preset {args.preset or DEFAULT_PRESET!r} (embedded default)'}")
     print(f"shape: {c.num_hidden_layers} layers, hidden {c.hidden_size}, intermediate {c.intermediate_size}, "
           f"heads {c.num_attention_heads} (kv {c.num_key_value_heads}), vocab {c.vocab_size}, dtype {c.dtype}")
     n = base_parameters(model)
@@ -170,7 +176,7 @@ def _read_input(args: argparse.Namespace) -> list[str]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        print(f"warning: input is not valid UTF-8 ({e}); undecodable bytes replaced by U+FFFD", file=sys.stderr)
+        log_stderr(f"warning: input is not valid UTF-8 ({e}); undecodable bytes replaced by U+FFFD")
         text = raw.decode("utf-8", errors="replace")
     lines = text.split("\n")
     if lines and lines[-1] == "":
@@ -179,14 +185,6 @@ def _read_input(args: argparse.Namespace) -> list[str]:
 
 
 def _translate(args: argparse.Namespace) -> int:
-    import torch
-
-    from .adapters import load_learned_weights
-    from .generation import translate
-    from .pool import AdapterPool
-    from .progress import Progress
-    from .tokenizer import Tokenizer
-
     if args.output:  # fail now, not after all the translating
         validate.writable_output(args.output, "--output")
     texts = _read_input(args)
@@ -200,7 +198,7 @@ def _translate(args: argparse.Namespace) -> int:
         lora_out = pool.get(args.tgt, "out") if args.use in ("both", "out") else None
         w_in, w_out = args.w_in, args.w_out
         if args.weights:
-            learned = load_learned_weights(args.weights)
+            learned = LearnedWeights.load(args.weights)
             if (learned.strategy, learned.src or args.src, learned.tgt or args.tgt) != (args.strategy, args.src,
                                                                                     args.tgt):
                 raise ValueError(f"{args.weights} holds weights learned for {learned.src}->{learned.tgt} with "
@@ -208,17 +206,16 @@ def _translate(args: argparse.Namespace) -> int:
             w_in, w_out = learned.w_in, learned.w_out
         elif args.use != "both":  # one adapter alone is used at full strength
             w_in = w_out = 1.0
-        model.set_adapters(lora_in=lora_in, lora_out=lora_out, w_in=w_in, w_out=w_out, strategy=args.strategy)
-    bar = Progress(len(texts), f"{args.src}->{args.tgt}")
-    with torch.inference_mode():
-        out = translate(model, tok, texts, args.src, args.tgt, num_beams=args.num_beams, batch_size=args.batch_size,
-                        max_new_tokens=args.max_new_tokens, progress=bar.update)
-    bar.close()
+        AdapterController(model).set_adapters(lora_in=lora_in, lora_out=lora_out, w_in=w_in, w_out=w_out,
+                                              strategy=args.strategy)
+    search = SearchParams(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
+    # The bar is closed before an error is printed, so the error stays the last line on stderr.
+    with progress(len(texts), f"{args.src}->{args.tgt}") as bar, torch.inference_mode():
+        out = translate(model, tok, texts, args.src, args.tgt, search, batch_size=args.batch_size,
+                        progress=bar.update)
     # One output line per input line: a translation's own line breaks (\r, \n, U+2028...) become spaces.
     text = "".join(" ".join(line.splitlines()) + "\n" for line in out)
     if args.output:
-        from .fileio import atomic_write_text
-
         atomic_write_text(args.output, text)
     else:
         sys.stdout.write(text)
@@ -234,9 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="the model's shape, parameter count and a forward timing")
-    p.add_argument("--model", help="HF Qwen2 checkpoint directory (default: the embedded random preset)")
-    p.add_argument("--preset", type=cli_type("model", "preset"), default="tiny",
-                   help="random-weight preset when no --model (default: tiny)")
+    _model_args(p)
     p.add_argument("--tokens", type=cli_rule(validate.POSITIVE), default=128,
                    help="sequence length of the timed forward")
     p.set_defaults(func=_info)
@@ -244,13 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("translate", help="translate lines from stdin (or --input) with an adapter pair",
                        description="Translate one sentence per line, src -> tgt, with in[src] and out[tgt] "
                                    "from an adapter pool merged by --strategy.")
-    p.add_argument("--model", help="HF Qwen2 checkpoint directory (default: the embedded random preset)")
-    p.add_argument("--preset", type=cli_type("model", "preset"), default="tiny",
-                   help="random-weight preset when no --model")
+    _model_args(p)
     p.add_argument("--pool", help="adapter pool directory (lang/in, lang/out); without it the base model translates")
     p.add_argument("--src", required=True, help="source language code")
     p.add_argument("--tgt", required=True, help="target language code")
-    p.add_argument("--strategy", choices=("output", "ab"), default="output",
+    p.add_argument("--strategy", choices=STRATEGIES, default="output",
                    help="output: merge the adapters' outputs; ab: merge their A and B (default: output)")
     p.add_argument("--w-in", type=cli_rule(validate.Rule(float)), default=0.5, help="weight of in[src] (default: 0.5)")
     p.add_argument("--w-out", type=cli_rule(validate.Rule(float)), default=0.5,
@@ -302,8 +295,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     try:
         return args.func(args)
@@ -317,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("MODLORA_DEBUG"):
             raise
         message = str(e.args[0] if isinstance(e, KeyError) and e.args else e) or type(e).__name__
-        print(f"modlora: error: {' '.join(message.split())}", file=sys.stderr)  # one line, always
+        log_stderr(f"modlora: error: {' '.join(message.split())}")  # one line, always
         return 2
 
 

@@ -1,4 +1,4 @@
-"""chrF++ of every direction and configuration, and the paper's Table 1 layout (DESIGN.md section 6).
+"""chrF++ of every direction and configuration, and the paper's Table 1 layout (docs/design.md, "Evaluation").
 
 A configuration says which adapters translate ``src -> tgt``: none (the base model), ``in[src]``
 alone, ``out[tgt]`` alone, or the pair merged by strategy ``output`` or ``ab`` at fixed weights or
@@ -9,16 +9,19 @@ at the per-layer weights learned for that direction. Scores are corpus-level chr
 from __future__ import annotations
 
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from sacrebleu.metrics import CHRF
 from torch import Tensor
 
-from .generation import translate
+from .adapters import AdapterController
+from .generation import SearchParams, translate
+from .kernels.reference import STRATEGIES
+from .pool import AdapterPool
+from .tokenizer import Tokenizer
 
 RATIOS = ((1, 9), (3, 7), (7, 3), (9, 1))
-STRATEGIES = ("output", "ab")
 
 
 def chrf_pp(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
@@ -100,16 +103,27 @@ def trainable_percent(config: EvalConfig, adapter_params: int, base_params: int,
     return 100.0 * (config.num_adapters() * adapter_params + extra) / base_params
 
 
-def evaluate_configuration(model, tokenizer, config: EvalConfig, directions: Sequence[tuple[str, str]],
-                           sources: Mapping[str, Sequence[str]], references: Mapping[str, Sequence[str]], *,
-                           pool=None, learned: Mapping[tuple[str, str], tuple[Tensor, Tensor]] | None = None,
-                           num_beams: int = 5, batch_size: int = 16, max_new_tokens: int = 256,
-                           progress=None) -> dict[tuple[str, str], dict]:
-    """Translate every direction under ``config`` and score it: {(src, tgt): {score, signature, hypotheses}}.
+def evaluate_configuration(adapters: AdapterController, tokenizer: Tokenizer, config: EvalConfig,
+                           directions: Sequence[tuple[str, str]], sources: Mapping[str, Sequence[str]],
+                           references: Mapping[str, Sequence[str]], *, pool: AdapterPool | None = None,
+                           learned: Mapping[tuple[str, str], tuple[Tensor, Tensor]] | None = None,
+                           search: SearchParams | None = None, batch_size: int = 16,
+                           progress: Callable[[int], object] | None = None, **overrides) -> dict[tuple[str, str], dict]:
+    """Translate every direction under ``config`` and score it.
 
     All directions share the batches: each row gets its own adapter pair (``in[src]``, ``out[tgt]``)
-    through ``model.set_adapter_pairs``. ``pool`` serves the adapters; ``learned`` holds the
-    per-layer ``(w_in, w_out)`` tensors of each direction for ``config.learned``.
+    through ``adapters.set_adapter_pairs`` (cleared afterwards).
+
+    Args:
+        pool: serves the adapters (needed unless ``config`` is the base model).
+        learned: the per-layer ``(w_in, w_out)`` tensors [L] of each direction, for ``config.learned``.
+        search, overrides: the beam search settings, as in :func:`modlora.generation.translate`.
+
+    Returns:
+        ``{(src, tgt): {"score", "signature", "hypotheses"}}``.
+
+    Raises:
+        ValueError: learned weights missing for a direction.
     """
     texts, srcs, tgts, pair_ids = [], [], [], []
     for k, (src, tgt) in enumerate(directions):
@@ -127,15 +141,15 @@ def evaluate_configuration(model, tokenizer, config: EvalConfig, directions: Seq
                 w_in, w_out = learned[(src, tgt)]
             pairs.append((pool.get(src, "in") if config.use_in else None,
                           pool.get(tgt, "out") if config.use_out else None, w_in, w_out))
-        model.set_adapter_pairs(pairs, config.strategy)
+        adapters.set_adapter_pairs(pairs, config.strategy)
     else:
-        model.clear_adapters()
+        adapters.clear()
     try:
-        hypotheses = translate(model, tokenizer, texts, srcs, tgts, num_beams=num_beams, batch_size=batch_size,
-                               max_new_tokens=max_new_tokens, pair_ids=pair_ids if config.num_adapters() else None,
-                               progress=progress)
+        hypotheses = translate(adapters.model, tokenizer, texts, srcs, tgts, search, batch_size=batch_size,
+                               pair_ids=pair_ids if config.num_adapters() else None, adapters=adapters,
+                               progress=progress, **overrides)
     finally:
-        model.clear_adapters()
+        adapters.clear()
     results, start = {}, 0
     for src, tgt in directions:
         hyps = hypotheses[start:start + len(sources[src])]

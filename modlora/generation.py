@@ -22,73 +22,96 @@ on the last step (the cache is not read again).
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .model import Qwen2ForCausalLM
+from .adapters import AdapterController
+from .model import KVCache, Qwen2ForCausalLM
 from .prompt import translation_prompt_ids
 from .tokenizer import Tokenizer
 
-EOS_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>
-PAD_ID = 151643
 _NEG = -1.0e9  # transformers' "impossible" score; the same constant keeps ties and orderings identical
 
 
-@torch.no_grad()
-def generate(
-    model: Qwen2ForCausalLM,
-    input_ids: Tensor,
-    attention_mask: Tensor | None = None,
-    *,
-    num_beams: int = 5,
-    max_new_tokens: int = 256,
-    min_new_tokens: int = 0,
-    length_penalty: float = 1.0,
-    early_stopping: bool | str = False,
-    eos_token_id: int | Sequence[int] = EOS_IDS,
-    pad_token_id: int = PAD_ID,
-    num_return_sequences: int = 1,
-    return_scores: bool = False,
-    row_pair: Tensor | None = None,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """Decode left-padded prompts [B, P]; returns [B * num_return_sequences, P + generated] ids.
+@dataclass(frozen=True)
+class SearchParams:
+    """How :func:`generate` searches; the fields and their meaning are transformers' ``generate``'s.
 
-    The layout is transformers': the prompts as given, then the generated tokens (eos included),
-    padded to the longest returned hypothesis. ``num_beams=1`` is greedy decoding. With
-    ``return_scores`` also returns the scores [B * num_return_sequences]: the length-penalised
-    sum of token log-probs (for greedy computed the same way; transformers reports none there).
-    ``row_pair`` [B] routes each sentence to its adapter pair (``model.set_adapter_pairs``).
+    ``num_beams=1`` is greedy decoding. ``early_stopping``: False, True or ``"never"``.
+
+    Raises:
+        ValueError: a value outside its range, named.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not 1 <= num_return_sequences <= num_beams:
-        raise ValueError(f"num_return_sequences ({num_return_sequences}) must be in [1, num_beams={num_beams}]")
-    if early_stopping not in (True, False, "never"):
-        raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+
+    num_beams: int = 5
+    max_new_tokens: int = 256
+    min_new_tokens: int = 0
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    num_return_sequences: int = 1
+
+    def __post_init__(self) -> None:
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 1 <= self.num_return_sequences <= self.num_beams:
+            raise ValueError(f"num_return_sequences ({self.num_return_sequences}) must be in "
+                             f"[1, num_beams={self.num_beams}]")
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+
+
+@torch.no_grad()
+def generate(model: Qwen2ForCausalLM, input_ids: Tensor, attention_mask: Tensor | None = None,
+             search: SearchParams | None = None, *, eos_token_id: int | Sequence[int], pad_token_id: int,
+             return_scores: bool = False, row_pair: Tensor | None = None, adapters: AdapterController | None = None,
+             **overrides) -> Tensor | tuple[Tensor, Tensor]:
+    """Decode left-padded prompts [B, P].
+
+    Args:
+        search: the search settings; ``overrides`` (e.g. ``num_beams=2``) replace some of its fields.
+        eos_token_id, pad_token_id: the tokenizer's (``tokenizer.eos_ids``, ``tokenizer.pad_id``).
+        row_pair: [B] the adapter pair of each sentence, among those set with
+            ``adapters.set_adapter_pairs`` (``adapters`` is then required).
+
+    Returns:
+        ids [B * num_return_sequences, P + generated] in transformers' layout: the prompts as given,
+        then the generated tokens (eos included), padded to the longest returned hypothesis. With
+        ``return_scores`` also the scores [B * num_return_sequences]: the length-penalised sum of
+        token log-probs (for greedy computed the same way; transformers reports none there).
+
+    Raises:
+        ValueError: bad search settings, or ``row_pair`` without ``adapters``.
+    """
+    params = dataclasses.replace(search or SearchParams(), **overrides)
+    if row_pair is not None and adapters is None:
+        raise ValueError("row_pair needs adapters=, the AdapterController that set the pairs")
     device = model.lm_head.weight.device
     input_ids = input_ids.to(device)
     if attention_mask is not None:
         attention_mask = attention_mask.to(device)
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
     batch, prompt_len = input_ids.shape
-    cache = model.new_cache(batch, prompt_len, max_new_tokens, num_beams)
+    cache = model.new_cache(batch, prompt_len, params.max_new_tokens, params.num_beams)
     if row_pair is not None:
-        model.route_rows(row_pair.to(device))
-    logits = model.prefill(input_ids, attention_mask, cache)
+        adapters.route_rows(row_pair.to(device))
+    logits = model.prefill(input_ids, attention_mask, cache)  # [B, V]
     if not bool(torch.isfinite(logits).all()):  # argmax over NaN would print garbage as a translation
         raise ValueError("the model's logits are NaN or infinite: check the model's weights and the adapters' "
                          "scale (alpha / rank) and merge weights")
     if row_pair is not None:
-        model.route_rows(row_pair.to(device).repeat_interleave(num_beams))
-    search = _greedy if num_beams == 1 else _beam_search
-    tokens, scores, lengths = search(model, cache, logits, eos, num_beams, max_new_tokens, min_new_tokens,
-                                     length_penalty, early_stopping, pad_token_id, num_return_sequences)
+        adapters.route_rows(row_pair.to(device).repeat_interleave(params.num_beams))
+    search_fn = _greedy if params.num_beams == 1 else _beam_search
+    tokens, scores, lengths = search_fn(model, cache, logits, eos, pad_token_id, params)
     generated = tokens[:, : int(lengths.max())]
-    out = torch.cat((input_ids.repeat_interleave(num_return_sequences, 0), generated), dim=1)
+    out = torch.cat((input_ids.repeat_interleave(params.num_return_sequences, 0), generated), dim=1)
     return (out, scores) if return_scores else out
 
 
@@ -99,8 +122,10 @@ def _log_probs(logits: Tensor, step: int, min_new_tokens: int, eos: Tensor) -> T
     return log_probs
 
 
-def _greedy(model, cache, logits, eos, _beams, max_new_tokens, min_new_tokens, length_penalty, _early,
-            pad_id, _nrs) -> tuple[Tensor, Tensor, Tensor]:
+def _greedy(model: Qwen2ForCausalLM, cache: KVCache, logits: Tensor, eos: Tensor, pad_id: int,
+            params: SearchParams) -> tuple[Tensor, Tensor, Tensor]:
+    """Tokens [B, max_new], scores [B] and lengths [B] of greedy decoding from the prefill's logits [B, V]."""
+    max_new_tokens, min_new_tokens = params.max_new_tokens, params.min_new_tokens
     batch = logits.shape[0]
     tokens = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=logits.device)
     total = torch.zeros(batch, device=logits.device)
@@ -120,11 +145,15 @@ def _greedy(model, cache, logits, eos, _beams, max_new_tokens, min_new_tokens, l
         if step + 1 == max_new_tokens or not running.any():  # the one host sync per step
             break
         logits = model.decode_step(token, cache)
-    return tokens, total / lengths.float() ** length_penalty, lengths
+    return tokens, total / lengths.float() ** params.length_penalty, lengths
 
 
-def _beam_search(model, cache, logits, eos, beams, max_new_tokens, min_new_tokens, length_penalty, early_stopping,
-                 pad_id, num_return) -> tuple[Tensor, Tensor, Tensor]:
+def _beam_search(model: Qwen2ForCausalLM, cache: KVCache, logits: Tensor, eos: Tensor, pad_id: int,
+                 params: SearchParams) -> tuple[Tensor, Tensor, Tensor]:
+    """Tokens [B * n, max_new], scores [B * n] and lengths [B, n] of the n = num_return_sequences best
+    hypotheses per sentence, from the prefill's logits [B, V]."""
+    beams, max_new_tokens, min_new_tokens = params.num_beams, params.max_new_tokens, params.min_new_tokens
+    length_penalty, early_stopping = params.length_penalty, params.early_stopping
     batch, vocab = logits.shape
     device = logits.device
     keep = max(2, 1 + eos.numel()) * beams  # enough candidates that `beams` of them do not end
@@ -178,51 +207,48 @@ def _beam_search(model, cache, logits, eos, beams, max_new_tokens, min_new_token
             break
         cache.reorder(beam_idx)
         logits = model.decode_step(run_tokens[:, :, step].flatten(), cache)
-    scores = fin_scores[:, :num_return].flatten()
-    return fin_tokens[:, :num_return].flatten(0, 1), scores, fin_lengths[:, :num_return]
+    n = params.num_return_sequences
+    return fin_tokens[:, :n].flatten(0, 1), fin_scores[:, :n].flatten(), fin_lengths[:, :n]
 
 
-def translate(
-    model: Qwen2ForCausalLM,
-    tokenizer: Tokenizer,
-    texts: Sequence[str],
-    src: str | Sequence[str],
-    tgt: str | Sequence[str],
-    *,
-    num_beams: int = 5,
-    batch_size: int = 16,
-    max_new_tokens: int = 256,
-    pair_ids: Sequence[int] | None = None,
-    progress: Callable[[int], object] | None = None,
-    **generate_kwargs,
-) -> list[str]:
+def translate(model: Qwen2ForCausalLM, tokenizer: Tokenizer, texts: Sequence[str], src: str | Sequence[str],
+              tgt: str | Sequence[str], search: SearchParams | None = None, *, batch_size: int = 16,
+              pair_ids: Sequence[int] | None = None, adapters: AdapterController | None = None,
+              progress: Callable[[int], object] | None = None, **overrides) -> list[str]:
     """Translate ``texts``; returns one string per input, in input order.
 
-    ``src``/``tgt`` are language codes, one for all texts or one per text (mixed directions).
-    ``pair_ids`` (one per text) picks each text's adapter pair among those set with
-    ``model.set_adapter_pairs``, so a batch of mixed directions runs in one pass; without it the
-    model's current adapters serve every text.
+    Args:
+        src, tgt: language codes, one for all texts or one per text (mixed directions).
+        search: beam search settings (default: beam 5, 256 new tokens); ``overrides`` (e.g.
+            ``num_beams=1``) replace some of its fields. The tokenizer gives eos and padding.
+        pair_ids: one per text, each text's adapter pair among those set with
+            ``adapters.set_adapter_pairs``, so a batch of mixed directions runs in one pass; without
+            it the model's current adapters serve every text.
+        progress: called with the number of texts done after each batch (``tqdm.update`` fits).
 
     - Prompts are sorted by length (longest first) and batched ``batch_size`` at a time, then the
-      results are put back in input order. ``progress(n)`` is called with the number of texts
-      done after each batch (``tqdm.update`` fits).
+      results are put back in input order.
     - Empty or whitespace-only texts return "" without running the model.
     - A text whose prompt plus ``max_new_tokens`` exceeds the model's context
       (``max_position_embeddings``) is truncated to fit, with a ``UserWarning`` naming its index.
     - Outputs are cut at the first eos id, special tokens dropped, surrounding whitespace stripped.
+
+    Raises:
+        TypeError: ``texts`` is a single str.
+        ValueError: n-best settings, per-text lists of the wrong length, or a prompt template that
+            leaves no room for ``max_new_tokens``.
     """
     if isinstance(texts, str):
         raise TypeError("translate: texts must be a list of strings, one per sentence, not a single str")
-    if generate_kwargs.get("num_return_sequences", 1) != 1:
+    params = dataclasses.replace(search or SearchParams(), **overrides)
+    if params.num_return_sequences != 1:
         raise ValueError("translate returns one translation per text; use generate for n-best lists")
     n = len(texts)
     srcs = [src] * n if isinstance(src, str) else list(src)
     tgts = [tgt] * n if isinstance(tgt, str) else list(tgt)
     if len(srcs) != n or len(tgts) != n or (pair_ids is not None and len(pair_ids) != n):
         raise ValueError("src, tgt and pair_ids must be one value or one per text")
-    eos_ids = generate_kwargs.pop("eos_token_id", tokenizer.eos_ids)
-    pad_id = generate_kwargs.pop("pad_token_id", tokenizer.pad_id)
-    limit = model.config.max_position_embeddings - max_new_tokens
+    limit = model.config.max_position_embeddings - params.max_new_tokens
     prompts: dict[int, list[int]] = {}
     for i, text in enumerate(texts):
         if text.strip():
@@ -234,11 +260,10 @@ def translate(
         chunk = order[start: start + batch_size]
         batch = tokenizer.pad([prompts[i] for i in chunk])
         row_pair = None if pair_ids is None else torch.tensor([pair_ids[i] for i in chunk], device=device)
-        ids = generate(model, batch["input_ids"], batch["attention_mask"], num_beams=num_beams,
-                       max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id,
-                       row_pair=row_pair, **generate_kwargs)
+        ids = generate(model, batch["input_ids"], batch["attention_mask"], params, eos_token_id=tokenizer.eos_ids,
+                       pad_token_id=tokenizer.pad_id, row_pair=row_pair, adapters=adapters)
         for i, row in zip(chunk, ids[:, batch["input_ids"].shape[1]:].tolist(), strict=True):
-            ends = [k for k, t in enumerate(row) if t in eos_ids]
+            ends = [k for k, t in enumerate(row) if t in tokenizer.eos_ids]
             out[i] = tokenizer.decode(row[: ends[0]] if ends else row, skip_special_tokens=True).strip()
         if progress is not None:
             progress(len(chunk))

@@ -1,4 +1,5 @@
-"""Checkpoint I/O: HF safetensors directories in (streamed, checked tensor by tensor) and out (atomic)."""
+"""Checkpoint I/O as free functions of the model: HF safetensors directories in (streamed, checked
+tensor by tensor), seeded random weights, and out (atomic)."""
 
 from __future__ import annotations
 
@@ -83,10 +84,19 @@ def _build_empty(config: Qwen2Config, dtype: torch.dtype, device: torch.device |
 
 def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
                     device: torch.device | str | None = None) -> Qwen2ForCausalLM:
-    """Load an HF Qwen2 checkpoint directory; tensors stream one by one from safetensors into place.
+    """Load an unmodified HF Qwen2 checkpoint directory (single or sharded safetensors), in eval mode.
 
-    dtype None keeps the checkpoint's dtype (config ``torch_dtype``/``dtype``). Base weights are
-    frozen (``requires_grad=False``): adapters and mixing weights are what modlora trains.
+    Tensors stream one by one from safetensors into place. Base weights are frozen
+    (``requires_grad=False``): adapters and mixing weights are what modlora trains.
+
+    Args:
+        dtype: a torch dtype or its name (``"bfloat16"``); None keeps the checkpoint's
+            (config ``torch_dtype``/``dtype``).
+
+    Raises:
+        FileNotFoundError: no such directory, or no (or a missing) safetensors file.
+        KeyError: tensors missing from, or unexpected in, the checkpoint.
+        ValueError: a tensor whose shape disagrees with the config, or an unreadable file.
     """
     path = Path(path)
     if not path.is_dir():
@@ -122,7 +132,15 @@ def _set_parameter(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> N
 
 def random_model(config: Qwen2Config | str, *, seed: int = 0, dtype: torch.dtype | str | None = None,
                  device: torch.device | str | None = None) -> Qwen2ForCausalLM:
-    """Seeded random weights of a config or preset name (HF's init: N(0, 0.02), unit norms, zero biases)."""
+    """A model with seeded random weights (HF's init: N(0, 0.02), unit norms, zero biases), in eval mode.
+
+    Args:
+        config: a config, or a preset name (``"tiny"``, ``"qwen2.5-0.5b"``).
+        dtype: a torch dtype or its name; None: the config's.
+
+    Raises:
+        ValueError: an unknown preset or dtype name.
+    """
     if isinstance(config, str):
         config = Qwen2Config.preset(config)
     dtype = as_dtype(dtype)

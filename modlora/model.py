@@ -1,22 +1,25 @@
 """A minimal Qwen2 decoder in plain PyTorch, parameter for parameter the Hugging Face layout.
 
-Three ways to run it:
+Four ways to run it:
 
-- ``model(input_ids, attention_mask)``: full causal forward (training, scoring), logits [B, T, V];
+- ``model(input_ids, attention_mask)``: full causal forward (scoring), logits [B, T, V];
+- ``model.model.forward_packed(input_ids, attention_mask, prefix)``: the same decoder on the
+  non-padding tokens only, packed [N, C] (training; no padding enters a linear layer, and a prefix
+  shared by every row runs once);
 - ``model.prefill(input_ids, attention_mask, cache)`` then ``model.decode_step(tokens, cache)``:
   generation on a static :class:`KVCache`. The prompt is stored once per sentence and shared by
   its beams; only the generated positions are per beam, so reordering beams copies
   ``t`` positions per layer, not the whole cache.
 
 Left padding works everywhere: position ids come from the attention mask, as transformers'
-``generate`` computes them.
+``generate`` computes them. This module is a leaf: it knows its linear layers
+(:mod:`modlora.adapted`), not adapters (:mod:`modlora.adapters`) nor files (:mod:`modlora.loading`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +27,6 @@ from torch import Tensor, nn
 
 from .adapted import AdaptedLinear, FastLinear
 from .config import Qwen2Config
-
-if TYPE_CHECKING:
-    from .adapters import LoraAdapter
 
 
 class RMSNorm(nn.Module):
@@ -111,7 +111,12 @@ class Qwen2Attention(nn.Module):
         self.v_proj = AdaptedLinear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
         self.o_proj = AdaptedLinear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def _qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    @property
+    def gqa(self) -> bool:
+        return self.n_kv != self.n_heads
+
+    def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Rotated q [B, H, T, D], k and v [B, Hkv, T, D] of x [B, T, C]."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
@@ -120,18 +125,18 @@ class Qwen2Attention(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: KVCache | None = None) -> Tensor:
         """Full causal attention over x [B, T, C]; mask [B, 1, T, T] bool. Fills the prompt cache if given."""
-        q, k, v = self._qkv(x, cos, sin)
+        q, k, v = self.qkv(x, cos, sin)
         if cache is not None:
             cache.prompt_k[self.layer_idx] = k
             cache.prompt_v[self.layer_idx] = v
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.gqa)
         return self.o_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
     def decode(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache) -> Tensor:
         """One new token per row, x [B*beams, 1, C]: attends to its sentence's prompt and its own beam."""
         rows = x.shape[0]
         beams, groups, t = cache.num_beams, self.n_heads // self.n_kv, cache.step
-        q, k, v = self._qkv(x, cos, sin)
+        q, k, v = self.qkv(x, cos, sin)
         gen_k, gen_v = cache.gen_k[self.layer_idx], cache.gen_v[self.layer_idx]
         gen_k[:, :, t] = k[:, :, 0]
         gen_v[:, :, t] = v[:, :, 0]
@@ -208,6 +213,56 @@ class Qwen2Model(nn.Module):
             x = layer(x, cos, sin, mask[:, None], cache)
         return self.norm(x)
 
+    def forward_packed(self, input_ids: Tensor, attention_mask: Tensor, prefix: int = 0) -> Tensor:
+        """Final hidden states [N, C] of the N non-padding tokens after the first ``prefix`` columns, row-major.
+
+        The same function as :meth:`forward` on those positions, with less work:
+
+        - padding never enters a linear layer: tokens are packed to [1, N, C] for every projection and
+          MLP, and scattered to the padded [B, T] layout only for attention;
+        - the first ``prefix`` tokens, identical in every row (the caller guarantees it), run once, as
+          one row, and their keys and values are broadcast to all rows (causal attention never lets a
+          prefix see what follows it).
+
+        Gradients reach the adapters through every part.
+        """
+        p = prefix
+        b, t = input_ids.shape
+        s, dev = t - p, input_ids.device
+        valid = attention_mask[:, p:].bool()  # [B, s]
+        where = valid.flatten().nonzero().squeeze(1)  # packed token -> flat [B * s] index
+        positions = (attention_mask.long().cumsum(-1) - 1)[:, p:][valid][None]  # [1, N]
+        x = self.embed_tokens(input_ids[:, p:][valid][None])  # [1, N, C]
+        cos, sin = self.rotary_emb(positions, x.dtype)
+        own = torch.ones(s, s, dtype=torch.bool, device=dev).tril() & valid[:, None, :]
+        own |= torch.eye(s, dtype=torch.bool, device=dev)  # a padding query sees itself: no all-masked row
+        mask = torch.cat((torch.ones(b, s, p, dtype=torch.bool, device=dev), own), dim=-1)[:, None]  # [B, 1, s, p+s]
+        if p:
+            xp = self.embed_tokens(input_ids[:1, :p])  # [1, p, C]
+            cos_p, sin_p = self.rotary_emb(torch.arange(p, device=dev)[None], xp.dtype)
+            mask_p = torch.ones(p, p, dtype=torch.bool, device=dev).tril()
+
+        def padded(z: Tensor) -> Tensor:  # [1, H, N, D] -> [B, H, s, D], zeros on padding
+            h, d = z.shape[1], z.shape[3]
+            flat = z[0].transpose(0, 1).new_zeros(b * s, h, d).index_copy(0, where, z[0].transpose(0, 1))
+            return flat.view(b, s, h, d).transpose(1, 2)
+
+        for layer in self.layers:
+            a = layer.self_attn
+            q, k, v = (padded(z) for z in a.qkv(layer.input_layernorm(x), cos, sin))
+            if p:
+                qp, kp, vp = a.qkv(layer.input_layernorm(xp), cos_p, sin_p)
+                out_p = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask_p, enable_gqa=a.gqa)
+                xp = xp + a.o_proj(out_p.transpose(1, 2).reshape(1, p, -1))
+                xp = xp + layer.mlp(layer.post_attention_layernorm(xp))
+                k = torch.cat((kp.expand(b, -1, -1, -1), k), dim=2)
+                v = torch.cat((vp.expand(b, -1, -1, -1), v), dim=2)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=a.gqa)  # [B, H, s, D]
+            out = out.transpose(1, 2).reshape(b * s, -1)[where][None]  # [1, N, H * D]
+            x = x + a.o_proj(out)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.norm(x)[0]
+
     def decode(self, tokens: Tensor, cache: KVCache) -> Tensor:
         """Hidden state [B*beams, 1, C] of one new token per row; advances the cache by one position."""
         if cache.step >= cache.capacity:
@@ -222,7 +277,11 @@ class Qwen2Model(nn.Module):
 
 
 class Qwen2ForCausalLM(nn.Module):
-    """Qwen2 causal LM; parameter names are those of ``transformers.Qwen2ForCausalLM``."""
+    """Qwen2 causal LM; parameter names are those of ``transformers.Qwen2ForCausalLM``.
+
+    Built empty from a config; :func:`modlora.loading.load_pretrained` and
+    :func:`modlora.loading.random_model` fill it, :func:`modlora.loading.save_pretrained` writes it.
+    """
 
     def __init__(self, config: Qwen2Config) -> None:
         super().__init__()
@@ -232,31 +291,16 @@ class Qwen2ForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    @classmethod
-    def from_config(cls, config: Qwen2Config | str, *, seed: int = 0, dtype: torch.dtype | str | None = None,
-                    device: torch.device | str | None = None) -> Qwen2ForCausalLM:
-        """Seeded random weights (HF's init: N(0, 0.02), unit norms, zero biases) for a config or preset."""
-        from .loading import random_model
-
-        return random_model(config, seed=seed, dtype=dtype, device=device)
-
-    @classmethod
-    def from_pretrained(cls, path: str, *, dtype: torch.dtype | str | None = None,
-                        device: torch.device | str | None = None) -> Qwen2ForCausalLM:
-        """Load an unmodified HF checkpoint directory (single or sharded safetensors)."""
-        from .loading import load_pretrained
-
-        return load_pretrained(path, dtype=dtype, device=device)
-
-    def save_pretrained(self, path: str) -> None:
-        from .loading import save_pretrained
-
-        save_pretrained(self, path)
-
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Logits [B, T, V] of input_ids [B, T] (attention_mask [B, T], 0 on padding).
+
+        Raises:
+            ValueError: input_ids not 2-D, or ids outside the vocabulary.
+        """
         return self.lm_head(self.model(input_ids, attention_mask))
 
     def new_cache(self, batch_size: int, prompt_len: int, max_new_tokens: int, num_beams: int = 1) -> KVCache:
+        """An empty cache for ``batch_size`` prompts of ``prompt_len`` tokens and their beams."""
         cfg, p = self.config, self.lm_head.weight
         prompt_shape = (cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, prompt_len, cfg.head_dim)
         gen_shape = (cfg.num_hidden_layers, batch_size * num_beams, cfg.num_key_value_heads, max_new_tokens,
@@ -283,52 +327,3 @@ class Qwen2ForCausalLM(nn.Module):
     def adapted_linears(self) -> dict[str, AdaptedLinear]:
         """Every adapted linear by its HF module name (e.g. ``model.layers.0.self_attn.q_proj``)."""
         return {name: m for name, m in self.named_modules() if isinstance(m, AdaptedLinear)}
-
-    # Adapters: thin delegates to modlora.adapters (imported on use, like loading above).
-    def set_adapters(self, lora_in: LoraAdapter | None = None, lora_out: LoraAdapter | None = None, *,
-                     w_in: float | Tensor = 0.5, w_out: float | Tensor = 0.5, strategy: str = "output") -> None:
-        """Apply LoRA ``in`` and/or ``out`` merged by ``strategy``; see :func:`modlora.adapters.set_adapters`."""
-        from .adapters import set_adapters
-
-        set_adapters(self, lora_in, lora_out, w_in=w_in, w_out=w_out, strategy=strategy)
-
-    def clear_adapters(self) -> None:
-        from .adapters import clear_adapters
-
-        clear_adapters(self)
-
-    def enable_weight_learning(self, lora_in: LoraAdapter, lora_out: LoraAdapter,
-                               strategy: str = "output") -> nn.Parameter:
-        """Per-layer ``(w_in, w_out) = softmax(theta_l)``; returns theta [L, 2], the only trainable tensor."""
-        from .adapters import enable_weight_learning
-
-        return enable_weight_learning(self, lora_in, lora_out, strategy)
-
-    def learned_weights(self) -> list[tuple[float, float]]:
-        from .adapters import learned_weights
-
-        return learned_weights(self)
-
-    def set_adapter_pairs(self, pairs: list[tuple[LoraAdapter | None, LoraAdapter | None, float | Tensor,
-                                                float | Tensor]], strategy: str = "output") -> None:
-        """One (lora_in, lora_out, w_in, w_out) per direction; then :meth:`route_rows` picks each row's pair."""
-        from .adapters import set_adapter_pairs
-
-        set_adapter_pairs(self, pairs, strategy)
-
-    def route_rows(self, row_pair: Tensor) -> None:
-        """Row b uses pair ``row_pair[b]``; before decoding beams pass ``row_pair.repeat_interleave(num_beams)``."""
-        from .adapters import route_rows
-
-        route_rows(self, row_pair)
-
-    def merge_adapters(self, lora_in: LoraAdapter | None, lora_out: LoraAdapter | None, *,
-                       w_in: float | Tensor = 0.5, w_out: float | Tensor = 0.5, strategy: str = "output") -> None:
-        from .adapters import merge_adapters
-
-        merge_adapters(self, lora_in, lora_out, w_in=w_in, w_out=w_out, strategy=strategy)
-
-    def unmerge_adapters(self) -> None:
-        from .adapters import unmerge_adapters
-
-        unmerge_adapters(self)

@@ -1,13 +1,13 @@
-"""Where an adapted linear's math runs: one entry point, dispatching to the best available backend.
+"""Where a linear's math runs: the one place that picks a backend (docs/design.md, "Backends").
 
-- CUDA: the fused Triton kernel (``modlora.kernels.dual_lora_linear``), forward and backward;
-- CPU inference with few rows (decoding): the C++ op ``modlora._C`` (one pass over W at memory
-  bandwidth), adapters packed once per (pair, weights) into its bank layout;
+- CUDA with adapters: the fused Triton kernel (``modlora.kernels.dual_lora_linear``), forward and backward;
+- CPU inference with few rows (decoding, :func:`_use_cpu_kernel`): the C++ op of :mod:`modlora.cpu`
+  (one pass over W at memory bandwidth), adapters packed once per (pair, weights) into its bank layout;
 - anything else: the plain-torch reference (``modlora.kernels.reference``), which is also the
   oracle every backend is tested against; in fp32 for bf16 inference on CPUs without bf16
   arithmetic (see :func:`_emulated_bf16`).
 
-Callers (the adapter bindings) never pick a backend themselves.
+Callers (the linear layers, the adapter bindings) never pick a backend themselves.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import _ext
+from . import cpu, kernels
 from .kernels.reference import (
     Adapter,
     Weight,
+    as_fp32,
     check_strategy,
     dual_lora_linear_ref,
     lora_delta_ref,
@@ -30,6 +31,13 @@ from .kernels.reference import (
 )
 
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
+# Largest M (rows of x) for which the C++ kernel beats torch's F.linear + LoRA path, by W dtype;
+# above it torch runs (oneDNN/MKL GEMMs win once the op is compute-bound).
+# Measured with benchmarks/cpu_linear.py on 2 AMD EPYC (Zen 3, AVX2) cores (gate/up, two adapters):
+# _C was faster at every M up to 256 in bf16 (oneDNN's bf16 GEMM is slow without AVX-512 BF16) and
+# up to 128 in fp32 (tie at 256). Kept below those crossovers, since CPUs with AVX-512 BF16 or AMX
+# make torch's large-M GEMMs much faster; re-measure there.
+C_MAX_ROWS: dict[torch.dtype, int] = {torch.bfloat16: 128, torch.float32: 64}
 _NATIVE_BF16 = any(getattr(torch.cpu, probe, lambda: False)()
                    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
@@ -45,9 +53,9 @@ def _autocast(x: Tensor, weight: Tensor, bias: Tensor | None, adapters: Sequence
 
 def _use_cpu_kernel(x: Tensor, weight: Tensor, *tensors: Tensor | float | None) -> bool:
     """C++ op: CPU, C built and enabled, few rows, and no autograd graph to build (it has no backward)."""
-    if x.device.type != "cpu" or not _ext.c_enabled():
+    if x.device.type != "cpu" or not cpu.c_enabled():
         return False
-    if x.numel() > _ext.C_MAX_ROWS.get(weight.dtype, 0) * x.shape[-1]:
+    if x.numel() > C_MAX_ROWS.get(weight.dtype, 0) * x.shape[-1]:
         return False
     return not (torch.is_grad_enabled()
                 and any(isinstance(t, Tensor) and t.requires_grad for t in (x, weight, *tensors)))
@@ -62,14 +70,10 @@ def _emulated_bf16(x: Tensor, weight: Tensor) -> bool:
             and not torch.is_grad_enabled())
 
 
-def _fp32(adapter: Adapter | None) -> Adapter | None:
-    return None if adapter is None else (adapter[0].float(), adapter[1].float(), adapter[2])
-
-
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``x W^T + b`` (the un-adapted linears and the ``lm_head``)."""
     if _use_cpu_kernel(x, weight, bias):
-        return _ext.lora_bank_linear(x, weight, bias)
+        return cpu.lora_bank_linear(x, weight, bias)
     if _emulated_bf16(x, weight):
         return linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
     return torch.nn.functional.linear(x, weight, bias)
@@ -79,7 +83,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 def _bank(pairs: tuple, strategy: str, dtype: torch.dtype, versions: tuple) -> tuple[Tensor, Tensor]:
     """Packed bank of frozen adapters; tensors hash by identity and ``versions`` (their in-place
     version counters) invalidates an entry if one was modified in place."""
-    return _ext.pack_bank(pairs, strategy, dtype)
+    return cpu.pack_bank(pairs, strategy, dtype)
 
 
 def _packed(pairs: Sequence[tuple], strategy: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -95,22 +99,30 @@ def _adapter_tensors(*adapters: Adapter | None) -> list[Tensor]:
 def dual_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_in: Adapter | None,
                      lora_out: Adapter | None, w_in: Weight = 1.0, w_out: Weight = 1.0,
                      strategy: str = "output", dropout: tuple[float, float] | None = None) -> Tensor:
-    """``x W^T + b`` plus one or two adapters merged by ``strategy`` (DESIGN.md section 3).
+    """``x W^T + b`` plus one or two adapters merged by ``strategy`` (docs/design.md, eq. 3 and 4).
 
-    ``dropout``: LoRA dropout probabilities ``(p_in, p_out)`` to apply (training), as PEFT does.
+    Args:
+        x: [..., K]; weight [N, K]; bias [N] or None.
+        lora_in, lora_out: ``(A [r, K], B [N, r], scale)`` or None.
+        w_in, w_out: floats or 0-dim tensors (which may require grad: learned weights).
+        dropout: LoRA dropout probabilities ``(p_in, p_out)`` to apply (training), as PEFT does.
+
+    Returns:
+        y [..., N] in x's dtype.
+
+    Raises:
+        ValueError: an unknown strategy, or unequal ranks under ``ab``.
     """
     if dropout is not None and any(dropout):
         return linear(x, weight, bias) + _dropped_lora_delta(x, lora_in, lora_out, w_in, w_out, strategy, dropout)
     if x.is_cuda and _HAVE_TRITON and (lora_in is not None or lora_out is not None):
-        from .kernels import dual_lora_linear as fused
-
         x, weight, bias, (lora_in, lora_out) = _autocast(x, weight, bias, (lora_in, lora_out))
-        return fused(x, weight, bias, lora_in, lora_out, w_in, w_out, strategy)
+        return kernels.dual_lora_linear(x, weight, bias, lora_in, lora_out, w_in, w_out, strategy)
     if _use_cpu_kernel(x, weight, bias, w_in, w_out, *_adapter_tensors(lora_in, lora_out)):
-        return _ext.lora_bank_linear(x, weight, bias, *_packed([(lora_in, lora_out, w_in, w_out)], strategy, x.dtype))
+        return cpu.lora_bank_linear(x, weight, bias, *_packed([(lora_in, lora_out, w_in, w_out)], strategy, x.dtype))
     if _emulated_bf16(x, weight):
-        return dual_lora_linear(x.float(), weight.float(), None if bias is None else bias.float(), _fp32(lora_in),
-                                _fp32(lora_out), w_in, w_out, strategy).to(x.dtype)
+        return dual_lora_linear(x.float(), weight.float(), None if bias is None else bias.float(), as_fp32(lora_in),
+                                as_fp32(lora_out), w_in, w_out, strategy).to(x.dtype)
     return dual_lora_linear_ref(x, weight, bias, lora_in, lora_out, w_in, w_out, strategy)
 
 
@@ -129,13 +141,18 @@ def _dropped_lora_delta(x: Tensor, lora_in: Adapter | None, lora_out: Adapter | 
 def pairwise_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None,
                          pairs: Sequence[tuple[Adapter | None, Adapter | None, Weight, Weight]],
                          row_pair: Tensor, strategy: str = "output") -> Tensor:
-    """Like :func:`dual_lora_linear`, but batch row b uses the pair ``pairs[row_pair[b]]``."""
+    """Like :func:`dual_lora_linear`, but batch row b uses the pair ``pairs[row_pair[b]]``.
+
+    Args:
+        pairs: ``(lora_in, lora_out, w_in, w_out)`` per pair.
+        row_pair: [B] integer pair index per entry of dim 0 of x.
+    """
     weights = [w for p in pairs for w in p[2:]]
     if _use_cpu_kernel(x, weight, bias, *weights, *_adapter_tensors(*(a for p in pairs for a in p[:2]))):
         a_bank, b_bank = _packed(pairs, strategy, x.dtype)
-        return _ext.lora_bank_linear(x, weight, bias, a_bank, b_bank, row_pair)
+        return cpu.lora_bank_linear(x, weight, bias, a_bank, b_bank, row_pair)
     if _emulated_bf16(x, weight):
-        pairs = [(_fp32(a_in), _fp32(a_out), w_in, w_out) for a_in, a_out, w_in, w_out in pairs]
+        pairs = [(as_fp32(a_in), as_fp32(a_out), w_in, w_out) for a_in, a_out, w_in, w_out in pairs]
         return pairwise_lora_linear(x.float(), weight.float(), None if bias is None else bias.float(), pairs,
                                     row_pair, strategy).to(x.dtype)
     return pairwise_lora_linear_ref(x, weight, bias, pairs, row_pair, strategy)

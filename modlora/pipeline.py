@@ -20,16 +20,17 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import validate
+from .adapters import AdapterController, LearnedWeights
+from .console import Log, log_stderr, progress
 from .data import DEFAULT_LANGS, PIVOT, adapter_jobs, directions, load_split
 from .evaluate import (
+    RATIOS,
     EvalConfig,
     evaluate_configuration,
     markdown_table,
@@ -38,7 +39,12 @@ from .evaluate import (
     trainable_percent,
 )
 from .fileio import atomic_write_json, atomic_write_text, read_json
-from .progress import Progress
+from .generation import SearchParams
+from .kernels.reference import STRATEGIES
+from .loading import load_pretrained, random_model
+from .model import Qwen2ForCausalLM
+from .pool import AdapterPool
+from .tokenizer import Tokenizer
 from .train import LoraConfig, TrainConfig, base_parameters, learn_weights, resolve_lora, train_adapter
 
 RANDOM_BASE_NOTE = ("NOTE: the base model has random weights (no --model DIR): it cannot translate, so these "
@@ -72,8 +78,8 @@ class EvalSettings:
     num_beams: int = 5
     max_new_tokens: int = 256
     batch_size: int = 16
-    strategies: list[str] = field(default_factory=lambda: ["output", "ab"])
-    ratios: list[list[int]] = field(default_factory=lambda: [[1, 9], [3, 7], [7, 3], [9, 1]])
+    strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
+    ratios: list[list[int]] = field(default_factory=lambda: [list(r) for r in RATIOS])
     learned: bool = True
 
 
@@ -109,7 +115,7 @@ class PipelineConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> PipelineConfig:
-        import tomllib
+        import tomllib  # Python >= 3.11; the rest of modlora runs on 3.10
 
         try:
             with open(path, "rb") as f:
@@ -151,7 +157,7 @@ def default_config(model_path: str | None = None) -> PipelineConfig:
 class Pipeline:
     """The experiment of one :class:`PipelineConfig`; each stage method skips finished work."""
 
-    def __init__(self, config: PipelineConfig, log: Callable[[str], None] | None = None) -> None:
+    def __init__(self, config: PipelineConfig, log: Log = log_stderr) -> None:
         d = config.data
         if not isinstance(d.langs, list) or not all(isinstance(x, str) and x for x in d.langs):
             raise ValueError(f"data.langs must be a list of language codes, e.g. ['en', 'fr'], got {d.langs!r}")
@@ -160,41 +166,42 @@ class Pipeline:
                              f"adapters are trained on X->{d.pivot} and {d.pivot}->X")
         self.config = config
         self.out = Path(config.out_dir)
-        self.log = log or (lambda msg: print(msg, file=sys.stderr))
-        self._model = self._tokenizer = self._pool = None
+        self.log = log
+        self._model = self._adapters = self._tokenizer = self._pool = None
 
     # -- shared resources, built on first use ------------------------------------------------
 
     @property
-    def model(self):
+    def model(self) -> Qwen2ForCausalLM:
         if self._model is None:
-            from .model import Qwen2ForCausalLM
-
             mc = self.config.model
             device = torch.device(mc.device or ("cuda" if torch.cuda.is_available() else "cpu"))
             default = torch.bfloat16 if device.type == "cuda" else torch.float32
             dtype = getattr(torch, mc.dtype) if mc.dtype else default
             if mc.path:
-                self._model = Qwen2ForCausalLM.from_pretrained(mc.path, dtype=dtype, device=device)
+                self._model = load_pretrained(mc.path, dtype=dtype, device=device)
                 self.log(f"base model: {mc.path} ({dtype}, {device})")
             else:
-                self._model = Qwen2ForCausalLM.from_config(mc.preset, seed=mc.seed, dtype=dtype, device=device)
+                self._model = random_model(mc.preset, seed=mc.seed, dtype=dtype, device=device)
                 self.log(f"base model: random preset {mc.preset!r} (seed {mc.seed}, {dtype}, {device})")
         return self._model
 
     @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            from .tokenizer import Tokenizer
+    def adapters(self) -> AdapterController:
+        """The model's adapter controller (one per model)."""
+        if self._adapters is None:
+            self._adapters = AdapterController(self.model)
+        return self._adapters
 
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
             self._tokenizer = Tokenizer.for_model(self.config.model.path)
         return self._tokenizer
 
     @property
-    def pool(self):
+    def pool(self) -> AdapterPool:
         if self._pool is None:
-            from .pool import AdapterPool
-
             self._pool = AdapterPool(self.out / "pool")
         return self._pool
 
@@ -218,7 +225,7 @@ class Pipeline:
                 continue
             data = data or self._split(cfg.data.train_split, cfg.data.train_limit)
             pairs = list(zip(data[job.src], data[job.tgt], strict=True))
-            adapter = train_adapter(self.model, self.tokenizer, job.lang, job.side, job.src, job.tgt, pairs, lora,
+            adapter = train_adapter(self.adapters, self.tokenizer, job.lang, job.side, job.src, job.tgt, pairs, lora,
                                     cfg.train, self.out / "train" / f"{job.lang}-{job.side}", log=self.log)
             self.pool.save(adapter)
 
@@ -238,7 +245,7 @@ class Pipeline:
                     continue
                 data = data or self._split(cfg.data.train_split, cfg.data.weights_limit or cfg.data.train_limit)
                 pairs = list(zip(data[src], data[tgt], strict=True))
-                learn_weights(self.model, self.tokenizer, self.pool.get(src, "in"), self.pool.get(tgt, "out"), src,
+                learn_weights(self.adapters, self.tokenizer, self.pool.get(src, "in"), self.pool.get(tgt, "out"), src,
                               tgt, pairs, strategy, cfg.weights, path.parent, log=self.log)
 
     def configurations(self) -> list[EvalConfig]:
@@ -261,8 +268,6 @@ class Pipeline:
 
     def evaluate(self) -> None:
         """Stage 3: translate the evaluation split in every direction under every configuration."""
-        from .adapters import load_learned_weights
-
         cfg = self.config
         data = None
         settings = self.eval_settings()
@@ -281,15 +286,14 @@ class Pipeline:
             if config.learned:
                 learned = {}
                 for src, tgt in self.directions():
-                    w = load_learned_weights(self.weights_path(config.strategy, src, tgt))
+                    w = LearnedWeights.load(self.weights_path(config.strategy, src, tgt))
                     learned[(src, tgt)] = (w.w_in, w.w_out)
             n = sum(len(data[src]) for src, _ in self.directions())
-            bar = Progress(n, f"eval {config.name}")
-            results = evaluate_configuration(
-                self.model, self.tokenizer, config, self.directions(), data, data, pool=self.pool, learned=learned,
-                num_beams=cfg.eval.num_beams, batch_size=cfg.eval.batch_size,
-                max_new_tokens=cfg.eval.max_new_tokens, progress=bar.update)
-            bar.close()
+            search = SearchParams(num_beams=cfg.eval.num_beams, max_new_tokens=cfg.eval.max_new_tokens)
+            with progress(n, f"eval {config.name}") as bar:  # closed before an error is printed
+                results = evaluate_configuration(
+                    self.adapters, self.tokenizer, config, self.directions(), data, data, pool=self.pool,
+                    learned=learned, search=search, batch_size=cfg.eval.batch_size, progress=bar.update)
             atomic_write_json(self.eval_path(config), {
                 "config": dataclasses.asdict(config), "settings": settings,
                 "directions": [{"src": s, "tgt": t, **r} for (s, t), r in results.items()]})

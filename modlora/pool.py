@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from . import validate
-from .adapters import CONFIG_FILE, ROLES, AdapterError, LoraAdapter
-
-if TYPE_CHECKING:
-    from .model import Qwen2ForCausalLM
+from .adapters.format import CONFIG_FILE, ROLES, AdapterError, LoraAdapter
+from .model import Qwen2ForCausalLM
 
 
 class AdapterPool:
@@ -38,7 +35,11 @@ class AdapterPool:
         return key in self.entries()
 
     def get(self, language: str, role: str) -> LoraAdapter:
-        """The adapter ``role[language]``; an unknown language or role is an error naming what exists."""
+        """The adapter ``role[language]``, loaded once and shared.
+
+        Raises:
+            AdapterError: no such pool, language or role (naming what exists), or an unreadable adapter.
+        """
         key = (language, role)
         if key not in self._loaded:
             path = self.path(language, role)

@@ -304,7 +304,8 @@ def model_config(raw: object, path: str | os.PathLike) -> dict:
 
 
 def learned_weights(raw: object, path: str | os.PathLike) -> dict:
-    """A ``weights.json`` from learn-weights: equal-length lists of finite weights, a known strategy."""
+    """A ``weights.json`` from learn-weights: equal-length lists of finite weights (and theta, a finite pair per
+    layer, or null), a known strategy."""
     raw = json_object(raw, path)
     weight = Rule(float)
     out = {"strategy": _field(raw, "strategy", Rule(str, check=_choice(*STRATEGIES)), path),
@@ -315,7 +316,12 @@ def learned_weights(raw: object, path: str | os.PathLike) -> dict:
         out[key] = [_field({key: v}, key, weight, path) for v in values]
     if len(out["w_in"]) != len(out["w_out"]):
         raise InputError(f"{path}: w_in has {len(out['w_in'])} layers, w_out {len(out['w_out'])}")
-    return out
+    theta = _field(raw, "theta", Rule(list, optional=True), path, None)
+    if theta is not None:  # [L, 2], kept to resume
+        if len(theta) != len(out["w_in"]) or not all(isinstance(t, list) and len(t) == 2 for t in theta):
+            raise InputError(f"{path}: theta must hold one pair per layer ({len(out['w_in'])}), got {theta!r:.80}")
+        theta = [[_field({"theta": v}, "theta", weight, path) for v in t] for t in theta]
+    return {**out, "theta": theta}
 
 
 def eval_file(raw: object, path: str | os.PathLike) -> dict:

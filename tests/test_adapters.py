@@ -8,10 +8,10 @@ import torch
 from hf_reference import SMALL, hf_model, save_hf
 from safetensors.torch import load_file, save_file
 
-import modlora.adapters as adapters_mod
-from modlora.adapters import AdapterError, LoraAdapter, export_pair, load_learned_weights, save_learned_weights
+import modlora.adapters.controller as controller_mod
+from modlora.adapters import AdapterController, AdapterError, LearnedWeights, LoraAdapter, export_pair
 from modlora.config import Qwen2Config
-from modlora.model import Qwen2ForCausalLM
+from modlora.loading import load_pretrained, random_model
 from modlora.pool import AdapterPool
 
 # fp32 on CPU: the same math in a different op order (PEFT adds each adapter's output separately).
@@ -38,7 +38,12 @@ def hf(base):
 
 @pytest.fixture
 def ours(base):
-    return Qwen2ForCausalLM.from_pretrained(base[1], dtype=torch.float32)
+    return load_pretrained(base[1], dtype=torch.float32)
+
+
+@pytest.fixture
+def ctl(ours):
+    return AdapterController(ours)
 
 
 def ids(batch=2, t=9, seed=0):
@@ -80,12 +85,12 @@ def loss_of(logits, labels):
 
 
 @pytest.mark.parametrize("rslora", [False, True], ids=["lora", "rslora"])
-def test_single_adapter_matches_peft(hf, ours, rslora, monkeypatch):
+def test_single_adapter_matches_peft(hf, ours, rslora, monkeypatch, ctl):
     a = adapter(ours, rank=4, alpha=8, seed=1, use_rslora=rslora)
     calls = []
-    real = adapters_mod.dual_lora_linear
-    monkeypatch.setattr(adapters_mod, "dual_lora_linear", lambda *args: calls.append(args) or real(*args))
-    ours.set_adapters(lora_in=a, w_in=1.0)
+    real = controller_mod.dual_lora_linear
+    monkeypatch.setattr(controller_mod, "dual_lora_linear", lambda *args: calls.append(args) or real(*args))
+    ctl.set_adapters(lora_in=a, w_in=1.0)
     x = ids()
     with torch.no_grad():
         got, base_logits = ours(x), hf(x).logits
@@ -93,15 +98,15 @@ def test_single_adapter_matches_peft(hf, ours, rslora, monkeypatch):
     assert (got - base_logits).abs().max() > 1e-2  # the adapter really changes the output
     torch.testing.assert_close(got, want, **FP32)
     assert len(calls) == 7 * L and all(c[4] is None for c in calls)  # one adapter alone: no second one
-    ours.clear_adapters()
+    ctl.clear()
     with torch.no_grad():
         torch.testing.assert_close(ours(x), base_logits, **FP32)
 
 
-def test_output_strategy_matches_peft_cat(hf, ours):
+def test_output_strategy_matches_peft_cat(hf, ours, ctl):
     a_in = adapter(ours, rank=4, alpha=8, seed=1)
     a_out = adapter(ours, rank=8, alpha=4, seed=2, language="de", role="out")
-    ours.set_adapters(a_in, a_out, w_in=0.3, w_out=0.7, strategy="output")
+    ctl.set_adapters(a_in, a_out, w_in=0.3, w_out=0.7, strategy="output")
     peft = peft_model(hf, {"in": a_in, "out": a_out})
     peft.add_weighted_adapter(["in", "out"], [0.3, 0.7], "cat", combination_type="cat")
     peft.set_adapter("cat")
@@ -111,10 +116,10 @@ def test_output_strategy_matches_peft_cat(hf, ours):
 
 
 @pytest.mark.parametrize("alphas", [(16, 16), (16, 4)], ids=["same-alpha", "different-alpha"])
-def test_ab_strategy_matches_peft_linear(hf, ours, alphas):
+def test_ab_strategy_matches_peft_linear(hf, ours, alphas, ctl):
     a_in = adapter(ours, rank=8, alpha=alphas[0], seed=1)
     a_out = adapter(ours, rank=8, alpha=alphas[1], seed=2, language="de", role="out")
-    ours.set_adapters(a_in, a_out, w_in=0.3, w_out=0.7, strategy="ab")
+    ctl.set_adapters(a_in, a_out, w_in=0.3, w_out=0.7, strategy="ab")
     peft = peft_model(hf, {"in": a_in, "out": a_out})
     peft.add_weighted_adapter(["in", "out"], [0.3, 0.7], "lin", combination_type="linear")
     peft.set_adapter("lin")
@@ -122,16 +127,16 @@ def test_ab_strategy_matches_peft_linear(hf, ours, alphas):
     with torch.no_grad():
         got = ours(x)
         torch.testing.assert_close(got, peft(x).logits, **FP32)
-        ours.set_adapters(a_in, a_out, w_in=0.3, w_out=0.7, strategy="output")
+        ctl.set_adapters(a_in, a_out, w_in=0.3, w_out=0.7, strategy="output")
         assert (ours(x) - got).abs().max() > 1e-3  # ab's cross terms: not the same function as output
 
 
 @pytest.mark.parametrize("two", [False, True], ids=["in-alone", "in+out"])
-def test_gradients_match_peft(hf, ours, two):
+def test_gradients_match_peft(hf, ours, two, ctl):
     a_in = adapter(ours, rank=4, alpha=8, seed=1)
     a_out = adapter(ours, rank=8, alpha=4, seed=2, language="de", role="out") if two else None
     # PEFT sums its active adapters with weight 1: compare at w = 1.
-    ours.set_adapters(a_in, a_out, w_in=1.0, w_out=1.0)
+    ctl.set_adapters(a_in, a_out, w_in=1.0, w_out=1.0)
     named = {"in": a_in} | ({"out": a_out} if two else {})
     peft = peft_model(hf, named)
     peft.base_model.set_adapter(list(named))
@@ -147,10 +152,10 @@ def test_gradients_match_peft(hf, ours, two):
 
 
 @pytest.mark.parametrize("strategy", ["output", "ab"])
-def test_weight_learning_theta_gradient(hf, ours, strategy, tmp_path):
+def test_weight_learning_theta_gradient(hf, ours, strategy, tmp_path, ctl):
     a_in = adapter(ours, rank=4, alpha=8, seed=1)
     a_out = adapter(ours, rank=4, alpha=16, seed=2, language="de", role="out")
-    theta = ours.enable_weight_learning(a_in, a_out, strategy=strategy)
+    theta = ctl.enable_weight_learning(a_in, a_out, strategy=strategy)
     assert theta.shape == (L, 2) and torch.equal(theta, torch.ones(L, 2))
     assert [p for p in ours.parameters() if p.requires_grad] == []
     with torch.no_grad():
@@ -178,24 +183,24 @@ def test_weight_learning_theta_gradient(hf, ours, strategy, tmp_path):
     torch.testing.assert_close(theta.grad, ref_theta.grad, **GRAD)
 
     # Learned weights: read out, saved per direction, loaded back into set_adapters.
-    weights = ours.learned_weights()
-    torch.testing.assert_close(torch.tensor(weights), torch.softmax(theta.detach(), -1))
-    save_learned_weights(ours, tmp_path / "fr-de.json")
-    lw = load_learned_weights(tmp_path / "fr-de.json")
+    weights = ctl.learned_weights()
+    torch.testing.assert_close(torch.tensor(weights.pairs()), torch.softmax(theta.detach(), -1))
+    weights.save(tmp_path / "fr-de.json")
+    lw = LearnedWeights.load(tmp_path / "fr-de.json")
     assert (lw.src, lw.tgt, lw.strategy) == ("fr", "de", strategy)
     with torch.no_grad():
         learned = ours(x)
-        ours.set_adapters(a_in, a_out, w_in=lw.w_in, w_out=lw.w_out, strategy=lw.strategy)
+        ctl.set_adapters(a_in, a_out, w_in=lw.w_in, w_out=lw.w_out, strategy=lw.strategy)
         torch.testing.assert_close(ours(x), learned, **FP32)
 
 
-def test_save_then_peft_loads(hf, ours, tmp_path):
+def test_save_then_peft_loads(hf, ours, tmp_path, ctl):
     from peft import PeftModel
 
     a = adapter(ours, rank=4, alpha=12, seed=1, language="ja", role="out", target_modules=["q_proj", "v_proj"])
     a.save(tmp_path / "a")
     peft = PeftModel.from_pretrained(hf, tmp_path / "a").eval()
-    ours.set_adapters(lora_out=a, w_out=1.0)
+    ctl.set_adapters(lora_out=a, w_out=1.0)
     x = ids()
     with torch.no_grad():
         torch.testing.assert_close(ours(x), peft(x).logits, **FP32)
@@ -203,7 +208,7 @@ def test_save_then_peft_loads(hf, ours, tmp_path):
     assert (back.language, back.role, back.base, back.target_modules) == ("ja", "out", a.base, ("q_proj", "v_proj"))
 
 
-def test_peft_saves_then_we_load(hf, ours, tmp_path):
+def test_peft_saves_then_we_load(hf, ours, tmp_path, ctl):
     from peft import LoraConfig, get_peft_model
 
     peft = get_peft_model(hf, LoraConfig(r=6, lora_alpha=10, use_rslora=True, target_modules=["k_proj", "down_proj"]))
@@ -214,14 +219,14 @@ def test_peft_saves_then_we_load(hf, ours, tmp_path):
     peft.save_pretrained(tmp_path / "p")
     a = LoraAdapter.load(tmp_path / "p")
     assert (a.rank, a.alpha, a.use_rslora, a.target_modules) == (6, 10, True, ("k_proj", "down_proj"))
-    ours.set_adapters(lora_in=a, w_in=1.0)
+    ctl.set_adapters(lora_in=a, w_in=1.0)
     x = ids()
     with torch.no_grad():
         torch.testing.assert_close(ours(x), peft.eval()(x).logits, **FP32)
 
 
 @pytest.mark.parametrize("strategy", ["output", "ab"])
-def test_exported_pair_in_peft_equals_merged(hf, ours, strategy, tmp_path):
+def test_exported_pair_in_peft_equals_merged(hf, ours, strategy, tmp_path, ctl):
     from peft import PeftModel
 
     a_in = adapter(ours, rank=4, alpha=8, seed=1)
@@ -230,9 +235,9 @@ def test_exported_pair_in_peft_equals_merged(hf, ours, strategy, tmp_path):
     w_out = 1 - w_in
     x = ids()
     with torch.no_grad():
-        ours.set_adapters(a_in, a_out, w_in=w_in, w_out=w_out, strategy=strategy)
+        ctl.set_adapters(a_in, a_out, w_in=w_in, w_out=w_out, strategy=strategy)
         bound = ours(x)
-        ours.merge_adapters(a_in, a_out, w_in=w_in, w_out=w_out, strategy=strategy)
+        ctl.merge(a_in, a_out, w_in=w_in, w_out=w_out, strategy=strategy)
         merged = ours(x)
         pair = export_pair(a_in, a_out, w_in=w_in, w_out=w_out, strategy=strategy)
         assert pair.rank == (4 if strategy == "ab" else 12)
@@ -243,21 +248,22 @@ def test_exported_pair_in_peft_equals_merged(hf, ours, strategy, tmp_path):
 
 
 def test_merge_then_unmerge_restores_base_exactly(base):
-    ours = Qwen2ForCausalLM.from_pretrained(base[1], dtype=torch.bfloat16)  # where a `+=` merge would drift
+    ours = load_pretrained(base[1], dtype=torch.bfloat16)  # where a `+=` merge would drift
+    ctl = AdapterController(ours)
     before = {k: v.clone() for k, v in ours.state_dict().items()}
     a_in = adapter(ours, rank=4, alpha=8, seed=1)
     a_out = adapter(ours, rank=4, alpha=8, seed=2, language="de", role="out")
-    ours.merge_adapters(a_in, a_out, w_in=0.3, w_out=0.7, strategy="ab")
+    ctl.merge(a_in, a_out, w_in=0.3, w_out=0.7, strategy="ab")
     assert not torch.equal(ours.model.layers[0].mlp.up_proj.weight, before["model.layers.0.mlp.up_proj.weight"])
-    with pytest.raises(AdapterError, match="unmerge_adapters"):
-        ours.set_adapters(a_in, w_in=1.0)
-    ours.unmerge_adapters()
+    with pytest.raises(AdapterError, match="unmerge"):
+        ctl.set_adapters(a_in, w_in=1.0)
+    ctl.unmerge()
     after = ours.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
 
 
 @pytest.mark.parametrize("strategy", ["output", "ab"])
-def test_per_row_pairs_equal_each_row_alone(ours, strategy):
+def test_per_row_pairs_equal_each_row_alone(ours, strategy, ctl):
     fr_in, de_in = adapter(ours, 4, 8, seed=1), adapter(ours, 4, 8, seed=2, language="de")
     fr_out = adapter(ours, 4, 16, seed=3, role="out")
     de_out = adapter(ours, 4, 4, seed=4, language="de", role="out")
@@ -268,27 +274,27 @@ def test_per_row_pairs_equal_each_row_alone(ours, strategy):
     mask = torch.ones_like(x)
     mask[1, :3] = 0
     with torch.no_grad():
-        ours.set_adapter_pairs(pairs, strategy=strategy)
-        ours.route_rows(row_pair)
+        ctl.set_adapter_pairs(pairs, strategy=strategy)
+        ctl.route_rows(row_pair)
         got = ours(x, mask)
         for b, p in enumerate(row_pair.tolist()):
             a_in, a_out, w_in, w_out = pairs[p]
-            ours.set_adapters(a_in, a_out, w_in=w_in, w_out=w_out, strategy=strategy)
+            ctl.set_adapters(a_in, a_out, w_in=w_in, w_out=w_out, strategy=strategy)
             torch.testing.assert_close(got[b:b + 1], ours(x[b:b + 1], mask[b:b + 1]), **FP32)
 
 
 @torch.no_grad()
-def test_per_row_pairs_with_beams(ours):
+def test_per_row_pairs_with_beams(ours, ctl):
     fr_in, de_out = adapter(ours, 4, 8, seed=1), adapter(ours, 4, 8, seed=2, language="de", role="out")
-    ours.set_adapter_pairs([(fr_in, de_out, 0.5, 0.5), (None, de_out, 0.0, 1.0)])
+    ctl.set_adapter_pairs([(fr_in, de_out, 0.5, 0.5), (None, de_out, 0.0, 1.0)])
     row_pair, beams = torch.tensor([1, 0]), 2
     prompt, new = ids(batch=2, t=5, seed=7), ids(batch=4, t=1, seed=8)
     cache = ours.new_cache(2, 5, max_new_tokens=1, num_beams=beams)
-    ours.route_rows(row_pair)
+    ctl.route_rows(row_pair)
     ours.prefill(prompt, None, cache)
     with pytest.raises(AdapterError, match="repeat_interleave"):
         ours.decode_step(new[:, 0], cache)
-    ours.route_rows(row_pair.repeat_interleave(beams))
+    ctl.route_rows(row_pair.repeat_interleave(beams))
     step = ours.decode_step(new[:, 0], cache)
     full = ours(torch.cat((prompt.repeat_interleave(beams, 0), new), 1))[:, -1]
     torch.testing.assert_close(step, full, **FP32)
@@ -297,37 +303,37 @@ def test_per_row_pairs_with_beams(ours):
 @pytest.mark.parametrize("w_in,message", [(float("nan"), "w_in must be finite"), (float("inf"), "finite"),
                                            ("0.3", "w_in must be a number"), (torch.tensor([0.5, float("nan"), 0.5]),
                                                                               "finite")])
-def test_weights_must_be_finite_numbers(ours, w_in, message):
+def test_weights_must_be_finite_numbers(ours, w_in, message, ctl):
     with pytest.raises(AdapterError, match=message):
-        ours.set_adapters(adapter(ours, 4, 8, seed=1), w_in=w_in)
+        ctl.set_adapters(adapter(ours, 4, 8, seed=1), w_in=w_in)
 
 
-def test_swapped_roles_and_wrong_types_are_rejected(ours):
+def test_swapped_roles_and_wrong_types_are_rejected(ours, ctl):
     a_in, a_out = adapter(ours, 4, 8, seed=1), adapter(ours, 4, 8, seed=2, language="de", role="out")
     with pytest.raises(AdapterError, match=r"lora_in was given out\[de\], an 'out' adapter"):
-        ours.set_adapters(a_out, a_in)
+        ctl.set_adapters(a_out, a_in)
     with pytest.raises(AdapterError, match="lora_in must be a LoraAdapter or None, got str"):
-        ours.set_adapters("fr")
+        ctl.set_adapters("fr")
 
 
-def test_ab_with_unequal_ranks_is_rejected(ours):
+def test_ab_with_unequal_ranks_is_rejected(ours, ctl):
     a_in, a_out = adapter(ours, 4, 8, seed=1), adapter(ours, 8, 8, seed=2, language="de", role="out")
     with pytest.raises(AdapterError, match=r"equal ranks: in\[fr\] has rank 4, out\[de\] has rank 8"):
-        ours.set_adapters(a_in, a_out, strategy="ab")
+        ctl.set_adapters(a_in, a_out, strategy="ab")
     with pytest.raises(AdapterError, match="equal ranks"):
         export_pair(a_in, a_out, strategy="ab")
 
 
-def test_adapter_for_another_base_model_is_rejected(ours, tmp_path):
-    other = Qwen2ForCausalLM.from_config(Qwen2Config(**{**SMALL, "num_hidden_layers": 4}))
+def test_adapter_for_another_base_model_is_rejected(ours, tmp_path, ctl):
+    other = random_model(Qwen2Config(**{**SMALL, "num_hidden_layers": 4}))
     a = adapter(other, 4, 8, seed=1)
     with pytest.raises(AdapterError, match=r"in\[fr\] was trained for qwen2 \(hidden_size=96, num_hidden_layers=4\)"):
-        ours.set_adapters(a, w_in=1.0)
+        ctl.set_adapters(a, w_in=1.0)
     # Without our sidecar (a plain PEFT file) the module check still names the stranger.
     a.save(tmp_path / "a")
     (tmp_path / "a" / "modlora.json").unlink()
     with pytest.raises(AdapterError, match=r"does not have: \['model.layers.3.mlp.down_proj'"):
-        ours.set_adapters(LoraAdapter.load(tmp_path / "a"), w_in=1.0)
+        ctl.set_adapters(LoraAdapter.load(tmp_path / "a"), w_in=1.0)
 
 
 def test_unknown_target_module_is_rejected(ours):
@@ -335,7 +341,7 @@ def test_unknown_target_module_is_rejected(ours):
         LoraAdapter.init(ours, rank=4, alpha=8, target_modules=["q_proj", "lm_head"])
 
 
-def test_missing_tensor_in_adapter_file_is_named(ours, tmp_path):
+def test_missing_tensor_in_adapter_file_is_named(ours, tmp_path, ctl):
     adapter(ours, 4, 8, seed=1).save(tmp_path / "a")
     file = tmp_path / "a" / "adapter_model.safetensors"
     tensors = load_file(file)
@@ -347,11 +353,11 @@ def test_missing_tensor_in_adapter_file_is_named(ours, tmp_path):
     del tensors[gone.replace("lora_B", "lora_A")]
     save_file(tensors, file)
     with pytest.raises(AdapterError, match="lacks tensors for 1 targeted module.*model.layers.1.mlp.up_proj"):
-        ours.set_adapters(LoraAdapter.load(tmp_path / "a"))
+        ctl.set_adapters(LoraAdapter.load(tmp_path / "a"))
 
 
 @pytest.mark.parametrize("pair", ["in-alone", "output", "ab"])
-def test_dropout_matches_peft_in_training(hf, ours, pair):
+def test_dropout_matches_peft_in_training(hf, ours, pair, ctl):
     # Same seed, same op order, same shapes: PEFT's dropout masks are ours, bit for bit.
     rank = 8 if pair == "ab" else 4
     a_in = adapter(ours, rank=rank, alpha=8, seed=1, dropout=0.3)
@@ -360,11 +366,11 @@ def test_dropout_matches_peft_in_training(hf, ours, pair):
     named = {"in": a_in} | ({"out": a_out} if a_out else {})
     peft = peft_model(hf, named)
     if pair == "ab":
-        ours.set_adapters(a_in, a_out, w_in=0.3, w_out=0.7, strategy="ab")
+        ctl.set_adapters(a_in, a_out, w_in=0.3, w_out=0.7, strategy="ab")
         peft.add_weighted_adapter(["in", "out"], [0.3, 0.7], "lin", combination_type="linear")
         peft.set_adapter("lin")
     else:  # PEFT sums its active adapters with weight 1
-        ours.set_adapters(a_in, a_out, w_in=1.0, w_out=1.0)
+        ctl.set_adapters(a_in, a_out, w_in=1.0, w_out=1.0)
         peft.base_model.set_adapter(list(named))
     x, labels = ids(seed=3), ids(seed=4)
     with torch.no_grad():
@@ -389,12 +395,12 @@ def test_dropout_matches_peft_in_training(hf, ours, pair):
         torch.testing.assert_close(ours(x), evaluated, rtol=0, atol=0)  # no dropout in eval mode
 
 
-def test_dropout_is_checked(ours):
+def test_dropout_is_checked(ours, ctl):
     with pytest.raises(AdapterError, match=r"dropout must be in \[0, 1\), got 1.0"):
         LoraAdapter.init(ours, rank=4, alpha=8, dropout=1.0)
     a = adapter(ours, 4, 8, seed=1, dropout=0.1)
-    ours.set_adapter_pairs([(a, None, 1.0, 0.0)])
-    ours.route_rows(torch.zeros(2, dtype=torch.long))
+    ctl.set_adapter_pairs([(a, None, 1.0, 0.0)])
+    ctl.route_rows(torch.zeros(2, dtype=torch.long))
     ours.train()
     with pytest.raises(AdapterError, match=r"per-row adapter pairs .* no LoRA dropout: call model.eval\(\)"):
         ours(ids())
@@ -413,14 +419,22 @@ def test_pool(ours, tmp_path):
     assert len(fresh.listing().splitlines()) == 4
     with pytest.raises(AdapterError, match=r"unknown language 'ja' in adapter pool .*\['de', 'fr'\]"):
         fresh.get("ja", "in")
-    other = Qwen2ForCausalLM.from_config(Qwen2Config(**{**SMALL, "hidden_size": 48}))
+    other = random_model(Qwen2Config(**{**SMALL, "hidden_size": 48}))
     with pytest.raises(AdapterError, match=r"in\[de\]: .*hidden_size=96"):
         fresh.check(other)
 
 
-def test_learned_weights_json_is_per_direction(ours, tmp_path):
+def test_learned_weights_json_is_per_direction(ours, tmp_path, ctl):
     a_in, a_out = adapter(ours, 4, 8, seed=1), adapter(ours, 4, 8, seed=2, language="de", role="out")
-    ours.enable_weight_learning(a_in, a_out)
-    raw = json.loads(save_learned_weights(ours, tmp_path / "w.json").read_text())
+    ctl.enable_weight_learning(a_in, a_out)
+    raw = json.loads(ctl.learned_weights().save(tmp_path / "w.json").read_text())
     assert raw["w_in"] == [0.5] * L and raw["theta"] == [[1.0, 1.0]] * L
 
+
+
+def test_one_controller_per_model(ours, ctl):
+    ctl.set_adapters(adapter(ours, 4, 8, seed=1), w_in=1.0)
+    with pytest.raises(AdapterError, match="another AdapterController"):
+        AdapterController(ours)
+    ctl.clear()
+    assert AdapterController(ours).model is ours  # nothing bound any more: a new owner is fine

@@ -21,10 +21,10 @@ import sys
 import pytest
 import torch
 
-from modlora import _ext
+from modlora import cpu, ops
 from modlora.kernels import dual_lora_linear_ref, pairwise_lora_linear_ref
 
-if not _ext.HAVE_C:
+if not cpu.HAVE_C:
     reason = ("MODLORA_DISABLE_C is set" if os.environ.get("MODLORA_DISABLE_C", "") not in ("", "0")
               else "modlora._C is not built (pip install --no-build-isolation -e .)")
     pytest.skip(reason, allow_module_level=True)
@@ -120,10 +120,10 @@ def test_bank_matches_pairwise_reference(isa, M, w_dtype, x_dtype, strategy, wit
     b = torch.randn(N, generator=gen).to(w_dtype) if with_bias else None
     pairs = _pairs(strategy, gen)
     row_pair = torch.arange(M) % len(pairs)
-    A_bank, B_bank = _ext.pack_bank(pairs, strategy, torch.float32)
+    A_bank, B_bank = cpu.pack_bank(pairs, strategy, torch.float32)
     assert A_bank.shape == (3, 24 if strategy == "output" else 16, K) and B_bank.shape[:2] == (3, N)
 
-    y = _ext.lora_bank_linear(x, W, b, A_bank, B_bank, row_pair, impl="c")
+    y = cpu.lora_bank_linear(x, W, b, A_bank, B_bank, row_pair)
     assert y.dtype == x_dtype and y.shape == (M, N)
 
     # pack_bank + the op computes the paper's strategies: compare with the reference itself (fp64).
@@ -145,8 +145,8 @@ def test_single_pair_matches_dual_reference(isa, M, strategy):
     W = (torch.randn(N, K, generator=gen) / K**0.5).to(torch.bfloat16)
     b = torch.randn(N, generator=gen).to(torch.bfloat16)
     lora_in, lora_out = _adapter(8, 2.0, gen), _adapter(8, 0.5, gen)
-    A_bank, B_bank = _ext.pack_bank([(lora_in, lora_out, 0.25, 0.75)], strategy, torch.float32)
-    y = _ext.lora_bank_linear(x, W, b, A_bank, B_bank, None, impl="c")
+    A_bank, B_bank = cpu.pack_bank([(lora_in, lora_out, 0.25, 0.75)], strategy, torch.float32)
+    y = cpu.lora_bank_linear(x, W, b, A_bank, B_bank, None)
     d = lambda a: (a[0].double(), a[1].double(), a[2])
     ref = dual_lora_linear_ref(x.double(), W.double(), b.double(), d(lora_in), d(lora_out), 0.25, 0.75, strategy)
     _, mag = _oracle(x, W, b, A_bank, B_bank, None)
@@ -161,9 +161,9 @@ def test_bank_dtypes_and_strided_weight(isa, bank_dtype, M):
     x = torch.randn(M, K, generator=gen).to(torch.bfloat16)
     W = (torch.randn(N, K + 20, generator=gen) / K**0.5).to(torch.bfloat16)[:, 7:7 + K]
     assert W.stride(0) == K + 20
-    A_bank, B_bank = _ext.pack_bank(_pairs("output", gen), "output", bank_dtype)
+    A_bank, B_bank = cpu.pack_bank(_pairs("output", gen), "output", bank_dtype)
     row_pair = torch.randint(0, 3, (M,), generator=gen)
-    y = _ext.lora_bank_linear(x, W, None, A_bank, B_bank, row_pair, impl="c")
+    y = cpu.lora_bank_linear(x, W, None, A_bank, B_bank, row_pair)
     y64, mag = _oracle(x, W, None, A_bank, B_bank, row_pair)
     _assert_close(y, y64, mag, K + A_bank.shape[1])
 
@@ -176,7 +176,7 @@ def test_no_adapters_is_plain_linear(isa, w_dtype, M):
     k, n = 67, 203
     x = torch.randn(M, k, generator=gen).to(w_dtype)
     W = torch.randn(n, k, generator=gen).to(w_dtype)
-    y = _ext.lora_bank_linear(x, W, impl="c")
+    y = cpu.lora_bank_linear(x, W)
     y64, mag = _oracle(x, W, None, None, None, None)
     _assert_close(y, y64, mag, k)
 
@@ -187,24 +187,24 @@ def test_tiny_and_degenerate_shapes(isa):
         x, W = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
         A, B = torch.randn(2, r, k, generator=gen), torch.randn(2, n, r, generator=gen)
         rp = torch.tensor([1] * m)
-        y = _ext.lora_bank_linear(x, W, None, A, B, rp, impl="c")
+        y = cpu.lora_bank_linear(x, W, None, A, B, rp)
         y64, mag = _oracle(x, W, None, A, B, rp)
         _assert_close(y, y64, mag, k + r)
-    assert _ext.lora_bank_linear(torch.randn(0, 8), torch.randn(4, 8), impl="c").shape == (0, 4)
+    assert cpu.lora_bank_linear(torch.randn(0, 8), torch.randn(4, 8)).shape == (0, 4)
     A0, B0 = torch.zeros(1, 0, 8), torch.zeros(1, 4, 0)  # rank 0 bank: no adapter at all
     x, W = torch.randn(2, 8), torch.randn(4, 8)
     y64, mag = _oracle(x, W, None, None, None, None)
-    _assert_close(_ext.lora_bank_linear(x, W, None, A0, B0, impl="c"), y64, mag, 8)
+    _assert_close(cpu.lora_bank_linear(x, W, None, A0, B0), y64, mag, 8)
 
 
 def test_c_and_torch_paths_agree_with_leading_dims():
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(2, 3, K, generator=gen).to(torch.bfloat16)  # 2 sentences x 3 positions
     W = (torch.randn(N, K, generator=gen) / K**0.5).to(torch.bfloat16)
-    A_bank, B_bank = _ext.pack_bank(_pairs("output", gen), "output", torch.bfloat16)
+    A_bank, B_bank = cpu.pack_bank(_pairs("output", gen), "output", torch.bfloat16)
     row_pair = torch.tensor([2, 0])  # one pair per sentence (dim 0), as in pairwise_lora_linear_ref
-    y_c = _ext.lora_bank_linear(x, W, None, A_bank, B_bank, row_pair, impl="c")
-    y_t = _ext.lora_bank_linear(x, W, None, A_bank, B_bank, row_pair, impl="torch")
+    y_c = cpu.lora_bank_linear(x, W, None, A_bank, B_bank, row_pair)
+    y_t = cpu.lora_bank_linear_torch(x.reshape(6, K), W, None, A_bank, B_bank, row_pair.repeat_interleave(3))
     assert y_c.shape == (2, 3, N)
     y64, mag = _oracle(x.reshape(6, K), W, None, A_bank, B_bank, row_pair.repeat_interleave(3))
     _assert_close(y_c.reshape(6, N), y64, mag, K + A_bank.shape[1])
@@ -212,16 +212,18 @@ def test_c_and_torch_paths_agree_with_leading_dims():
     _assert_close(y_t.reshape(6, N), y64, mag, K + A_bank.shape[1], extra=2.0**-8)
 
 
-def test_auto_dispatch_large_m_and_autograd():
+def test_dispatch_large_m_and_autograd():
+    """ops sends M beyond the C++ kernel's reach, and anything needing gradients, to the torch path."""
     gen = torch.Generator().manual_seed(9)
     W = torch.randn(N, K, generator=gen)
-    A_bank, B_bank = _ext.pack_bank(_pairs("output", gen), "output")
-    big = torch.randn(_ext.C_MAX_ROWS[torch.float32] + 7, K, generator=gen)
+    pairs = _pairs("output", gen)
+    A_bank, B_bank = cpu.pack_bank(pairs, "output")
+    big = torch.randn(ops.C_MAX_ROWS[torch.float32] + 7, K, generator=gen)
     rp = torch.randint(0, 3, (big.shape[0],), generator=gen)
     y64, mag = _oracle(big, W, None, A_bank, B_bank, rp)
-    _assert_close(_ext.lora_bank_linear(big, W, None, A_bank, B_bank, rp), y64, mag, K + 24)
+    _assert_close(ops.pairwise_lora_linear(big, W, None, pairs, rp), y64, mag, K + 24)
     x = torch.randn(2, K, generator=gen, requires_grad=True)  # autograd: torch path, gradients flow
-    _ext.lora_bank_linear(x, W, None, A_bank, B_bank, torch.tensor([0, 1])).sum().backward()
+    ops.pairwise_lora_linear(x, W, None, pairs, torch.tensor([0, 1])).sum().backward()
     assert x.grad is not None and x.grad.shape == x.shape
 
 
@@ -229,18 +231,18 @@ def test_clear_errors():
     x, W = torch.randn(2, 8), torch.randn(4, 8)
     A, B = torch.randn(3, 2, 8), torch.randn(3, 4, 2)
     with pytest.raises(ValueError, match="K=8 features"):
-        _ext.lora_bank_linear(x, torch.randn(4, 9))
+        cpu.lora_bank_linear(x, torch.randn(4, 9))
     with pytest.raises(TypeError, match="float32 or bfloat16"):
-        _ext.lora_bank_linear(x.half(), W.half())
+        cpu.lora_bank_linear(x.half(), W.half())
     with pytest.raises(ValueError, match="B_bank must be"):
-        _ext.lora_bank_linear(x, W, None, A, torch.randn(3, 4, 3))
+        cpu.lora_bank_linear(x, W, None, A, torch.randn(3, 4, 3))
     with pytest.raises(ValueError, match="both be given"):
-        _ext.lora_bank_linear(x, W, None, A, None)
+        cpu.lora_bank_linear(x, W, None, A, None)
     with pytest.raises(ValueError, match="one entry per row"):
-        _ext.lora_bank_linear(x, W, None, A, B, torch.tensor([0, 1, 2]))
-    for impl, err in (("c", RuntimeError), ("torch", IndexError)):
+        cpu.lora_bank_linear(x, W, None, A, B, torch.tensor([0, 1, 2]))
+    for op, err in ((cpu.lora_bank_linear, RuntimeError), (cpu.lora_bank_linear_torch, IndexError)):
         with pytest.raises(err, match="out of range|must lie in"):
-            _ext.lora_bank_linear(x, W, None, A, B, torch.tensor([0, 3]), impl=impl)
+            op(x, W, None, A, B, torch.tensor([0, 3]))
     with pytest.raises(RuntimeError, match=r"but weight is \[4, 9\]"):  # the op itself checks too
         torch.ops.modlora.lora_bank_linear(x, torch.randn(4, 9))
     with pytest.raises(RuntimeError, match="unknown ISA 'sse9', expected one of auto, scalar, avx2, avx512, "
@@ -258,7 +260,7 @@ def test_avx512_bf16_flushes_subnormal_inputs(isa, M):
     k, n = 64, 64
     x, W = torch.full((M, k), 2.0**-130, dtype=torch.bfloat16), torch.full((n, k), 2.0**100, dtype=torch.bfloat16)
     assert x[0, 0].item() == 2.0**-130  # the input really is this subnormal
-    y = _ext.lora_bank_linear(x, W, impl="c")
+    y = cpu.lora_bank_linear(x, W)
     assert (y == (0.0 if isa == "avx512_bf16" else k * 2.0**-30)).all()
 
 
@@ -273,7 +275,7 @@ def test_opcheck_and_compile():
     """Schema, fake (meta) implementation and torch.compile tracing of the registered op."""
     gen = torch.Generator().manual_seed(1)
     x, W, b = torch.randn(3, K, generator=gen), torch.randn(N, K, generator=gen), torch.randn(N, generator=gen)
-    A_bank, B_bank = _ext.pack_bank(_pairs("output", gen), "output")
+    A_bank, B_bank = cpu.pack_bank(_pairs("output", gen), "output")
     rp = torch.tensor([2, 0, 1])
     torch.library.opcheck(torch.ops.modlora.lora_bank_linear.default, (x, W, b, A_bank, B_bank, rp))
     fn = torch.compile(lambda x: torch.ops.modlora.lora_bank_linear(x, W, b, A_bank, B_bank, rp) + 1,
@@ -286,10 +288,10 @@ def test_opcheck_and_compile():
                                         ({"MODLORA_CPU_ISA": "scalar"}, "True scalar"),
                                         ({"MODLORA_CPU_ISA": "sse9"}, f"True {_C.best_isa()}")])
 def test_environment_switches(env, expect):
-    code = ("import torch; from modlora import _ext; "
-            "print(_ext.HAVE_C, _ext._C.isa() if _ext.HAVE_C else 'torch'); "
+    code = ("import torch; from modlora import cpu; "
+            "print(cpu.HAVE_C, cpu._C.isa() if cpu.HAVE_C else 'torch'); "
             "x, W = torch.randn(2, 8), torch.randn(3, 8); "
-            "err = (_ext.lora_bank_linear(x, W).double() - x.double() @ W.double().t()).abs(); "
+            "err = (cpu.lora_bank_linear(x, W).double() - x.double() @ W.double().t()).abs(); "
             "assert (err <= 16 * 2.0**-24 * (x.abs() @ W.abs().t()).double()).all()")
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True,
                          text=True, check=True)

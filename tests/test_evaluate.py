@@ -74,14 +74,15 @@ def test_each_direction_is_translated_by_its_own_pair(tmp_path):
     """All directions share batches (per-row pairs); each must equal in[src] + out[tgt] set alone."""
     import torch
 
-    from modlora.adapters import LoraAdapter
+    from modlora.adapters import AdapterController, LoraAdapter
     from modlora.evaluate import EvalConfig, evaluate_configuration
     from modlora.generation import translate
-    from modlora.model import Qwen2ForCausalLM
+    from modlora.loading import random_model
     from modlora.pool import AdapterPool
     from modlora.tokenizer import Tokenizer
 
-    model, tok = Qwen2ForCausalLM.from_config("tiny", seed=0).eval(), Tokenizer.default()
+    model, tok = random_model("tiny", seed=0).eval(), Tokenizer.default()
+    ctl = AdapterController(model)
     pool = AdapterPool(tmp_path)
     for seed, (lang, role) in enumerate((lx, r) for lx in ("en", "fr", "de") for r in ("in", "out")):
         a = LoraAdapter.init(model, rank=4, alpha=8, seed=seed, language=lang, role=role)
@@ -98,15 +99,15 @@ def test_each_direction_is_translated_by_its_own_pair(tmp_path):
                EvalConfig("output 3:7", True, True, "output", 0.3, 0.7),
                EvalConfig("ab learned", True, True, "ab", learned=True)]
     for config in configs:
-        got = evaluate_configuration(model, tok, config, directions, sources, sources, pool=pool, learned=learned,
+        got = evaluate_configuration(ctl, tok, config, directions, sources, sources, pool=pool, learned=learned,
                                      **kw)
         for src, tgt in directions:
             w_in, w_out = learned[(src, tgt)] if config.learned else (config.w_in, config.w_out)
-            model.set_adapters(pool.get(src, "in") if config.use_in else None,
+            ctl.set_adapters(pool.get(src, "in") if config.use_in else None,
                                pool.get(tgt, "out") if config.use_out else None,
                                w_in=w_in, w_out=w_out, strategy=config.strategy)
             alone = translate(model, tok, sources[src], src, tgt, **kw)
-            model.clear_adapters()
+            ctl.clear()
             assert got[(src, tgt)]["hypotheses"] == alone, (config.name, src, tgt)
-    base = evaluate_configuration(model, tok, EvalConfig("base"), directions, sources, sources, **kw)
+    base = evaluate_configuration(ctl, tok, EvalConfig("base"), directions, sources, sources, **kw)
     assert any(base[d]["hypotheses"] != got[d]["hypotheses"] for d in directions)  # the adapters mattered

@@ -6,7 +6,9 @@ import pytest
 import torch
 from hf_reference import hf_model, save_hf
 
-from modlora.generation import generate, translate
+from modlora.adapters import AdapterController, LoraAdapter
+from modlora.generation import SearchParams, generate, translate
+from modlora.loading import load_pretrained
 from modlora.model import Qwen2ForCausalLM
 
 # A small vocabulary and a sharpened lm_head (x8): peaked, tie-free distributions. On these weights the
@@ -26,7 +28,7 @@ def models(tmp_path_factory):
         hf.lm_head.weight.mul_(8)
     hf.generation_config.update(pad_token_id=PAD, eos_token_id=list(EARLY_EOS), bos_token_id=0, use_cache=True)
     path = save_hf(hf, tmp_path_factory.mktemp("ckpt"))
-    return hf, Qwen2ForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return hf, load_pretrained(path, dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -108,9 +110,13 @@ def test_argument_errors(models, prompts):
     _, ours = models
     ids, mask = prompts
     with pytest.raises(ValueError, match="num_return_sequences"):
-        generate(ours, ids, mask, num_beams=2, num_return_sequences=3)
+        generate(ours, ids, mask, num_beams=2, num_return_sequences=3, eos_token_id=EARLY_EOS, pad_token_id=PAD)
     with pytest.raises(ValueError, match="early_stopping"):
-        generate(ours, ids, mask, early_stopping="sometimes")
+        generate(ours, ids, mask, early_stopping="sometimes", eos_token_id=EARLY_EOS, pad_token_id=PAD)
+    with pytest.raises(ValueError, match="num_beams must be >= 1"):
+        SearchParams(num_beams=0)
+    with pytest.raises(ValueError, match="row_pair needs adapters="):
+        generate(ours, ids, mask, row_pair=torch.tensor([0, 0, 0]), eos_token_id=EARLY_EOS, pad_token_id=PAD)
 
 
 class CharTokenizer:
@@ -158,15 +164,16 @@ def test_translate_pair_ids_pick_each_texts_pair(models, char_prompts):
     texts = ["short", "a much longer sentence", "mid length one", "tiny"]
     pair_ids = [1, 0, 1, 0]
     kw = dict(num_beams=2, max_new_tokens=6, batch_size=4)
+    ctl = AdapterController(ours)
     try:
         alone = []
         for a_in, a_out, w_in, w_out in pairs:
-            ours.set_adapters(a_in, a_out, w_in=w_in, w_out=w_out)
+            ctl.set_adapters(a_in, a_out, w_in=w_in, w_out=w_out)
             alone.append(translate(ours, CharTokenizer(), texts, "fr", "de", **kw))
-        ours.set_adapter_pairs(pairs, "output")
-        mixed = translate(ours, CharTokenizer(), texts, "fr", "de", pair_ids=pair_ids, **kw)
+        ctl.set_adapter_pairs(pairs, "output")
+        mixed = translate(ours, CharTokenizer(), texts, "fr", "de", pair_ids=pair_ids, adapters=ctl, **kw)
     finally:
-        ours.clear_adapters()
+        ctl.clear()
     assert sum(a != b for a, b in zip(*alone, strict=True)) >= 2  # the pairs translate differently
     assert mixed == [alone[p][i] for i, p in enumerate(pair_ids)]
 
@@ -189,8 +196,6 @@ def test_translate_truncates_overlong_text_with_a_warning(models, char_prompts):
 
 def _adapter(model, seed: int):
     """PEFT's init with B made random too, so the adapter changes the output."""
-    from modlora.adapters import LoraAdapter
-
     a = LoraAdapter.init(model, rank=4, alpha=8, seed=seed)
     g = torch.Generator().manual_seed(seed + 100)
     with torch.no_grad():
@@ -201,7 +206,7 @@ def _adapter(model, seed: int):
 
 @pytest.mark.parametrize("strategy,combination", [("output", "cat"), ("ab", "linear")])
 def test_adapter_pair_matches_peft(models, prompts, strategy, combination):
-    """A pair against PEFT's weighted adapter: `output` is `cat`, `ab` is `linear` (DESIGN.md section 3)."""
+    """A pair against PEFT's weighted adapter: `output` is `cat`, `ab` is `linear` (docs/design.md, eq. 3 and 4)."""
     import copy
 
     from peft import LoraConfig, get_peft_model
@@ -219,11 +224,12 @@ def test_adapter_pair_matches_peft(models, prompts, strategy, combination):
                 layer.lora_B[name].weight.copy_(B)
     peft.add_weighted_adapter(["in", "out"], [0.3, 0.7], "pair", combination_type=combination)
     peft.set_adapter("pair")
-    ours.set_adapters(a_in, a_out, w_in=0.3, w_out=0.7, strategy=strategy)
+    ctl = AdapterController(ours)
+    ctl.set_adapters(a_in, a_out, w_in=0.3, w_out=0.7, strategy=strategy)
     try:
         got = compare((peft.eval(), ours), prompts, num_beams=5)[0]
     finally:
-        ours.clear_adapters()
+        ctl.clear()
     base = generate(ours, *prompts, num_beams=5, max_new_tokens=12, eos_token_id=EARLY_EOS, pad_token_id=PAD)
     assert not torch.equal(got, base)  # the adapters did change the translation
 
@@ -234,16 +240,17 @@ def test_mixed_directions_equal_each_direction_alone(models, prompts, strategy):
     pairs = [(_adapter(ours, 1), _adapter(ours, 2), 0.3, 0.7), (_adapter(ours, 3), _adapter(ours, 4), 0.6, 0.4)]
     ids, mask = prompts
     kw = dict(num_beams=5, max_new_tokens=12, eos_token_id=EARLY_EOS, pad_token_id=PAD)
+    ctl = AdapterController(ours)
     try:
         alone = []
         for a_in, a_out, w_in, w_out in pairs:
-            ours.set_adapters(a_in, a_out, w_in=w_in, w_out=w_out, strategy=strategy)
+            ctl.set_adapters(a_in, a_out, w_in=w_in, w_out=w_out, strategy=strategy)
             alone.append(generate(ours, ids, mask, **kw))
-        ours.set_adapter_pairs(pairs, strategy)
+        ctl.set_adapter_pairs(pairs, strategy)
         row_pair = torch.tensor([1, 0, 1])
-        mixed = generate(ours, ids, mask, row_pair=row_pair, **kw)
+        mixed = generate(ours, ids, mask, row_pair=row_pair, adapters=ctl, **kw)
     finally:
-        ours.clear_adapters()
+        ctl.clear()
     assert not torch.equal(alone[0], alone[1])
     for row, pair in enumerate(row_pair.tolist()):
         assert torch.equal(mixed[row], alone[pair][row])

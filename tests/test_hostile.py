@@ -16,11 +16,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from modlora import checkpoint
-from modlora.adapters import LoraAdapter
+from modlora.adapters import AdapterController, LoraAdapter
 from modlora.cli import main
 from modlora.config import Qwen2Config
 from modlora.fileio import atomic_write
-from modlora.model import Qwen2ForCausalLM
+from modlora.loading import random_model, save_pretrained
 from modlora.pipeline import Pipeline, PipelineConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -54,8 +54,8 @@ def assert_error(result, *fragments: str) -> None:
 def made(tmp_path_factory):
     """A saved small model and a pool with in[fr] and out[de] for it."""
     root = tmp_path_factory.mktemp("made")
-    model = Qwen2ForCausalLM.from_config(SMALL, seed=0)
-    model.save_pretrained(root / "model")
+    model = random_model(SMALL, seed=0)
+    save_pretrained(model, root / "model")
     for lang, role, seed in (("fr", "in", 1), ("de", "out", 2)):
         adapter = LoraAdapter.init(model, rank=2, alpha=4, language=lang, role=role, seed=seed)
         with torch.no_grad():
@@ -194,6 +194,29 @@ def test_pool_link_out_of_the_pool_is_refused(copy, capsys, tmp_path_factory):
     shutil.move(copy / "pool" / "fr" / "in", outside / "in")
     (copy / "pool" / "fr" / "in").symlink_to(outside / "in")
     assert_error(run(translate(copy), capsys), "outside the pool")
+
+
+WEIGHTS = {"src": "fr", "tgt": "de", "strategy": "output", "w_in": [0.4], "w_out": [0.6], "theta": [[0.0, 0.4]]}
+
+
+@pytest.mark.parametrize("edit,message", [
+    (_set("w_in", [float("nan")]), "w_in must be a finite number, got nan"),
+    (_set("w_in", ["0.4"]), "w_in must be a number, got '0.4' (str)"),
+    (_set("w_in", []), "w_in must not be empty"),
+    (_set("w_out", [0.6, 0.4]), "w_in has 1 layers, w_out 2"),
+    (_set("strategy", "cat"), "strategy must be one of output, ab, got 'cat'"),
+    (_drop("w_out"), "missing key 'w_out'"),
+    (_set("theta", {"0": 1}), "theta must be a list"),
+    (_set("theta", [[0.0, 0.4], [0.0, 0.4]]), "theta must hold one pair per layer (1)"),
+    (_set("theta", [[0.0]]), "theta must hold one pair per layer (1)"),
+    (_set("theta", [[0.0, float("inf")]]), "theta must be a finite number, got inf"),
+])
+def test_learned_weights_file(copy, capsys, edit, message):
+    (copy / "weights.json").write_text(json.dumps(WEIGHTS))
+    rc, out, err = run(translate(copy, "--weights", copy / "weights.json"), capsys)
+    assert rc == 0 and len(out.splitlines()) == 1, err  # the file as learn-weights writes it is accepted
+    _edit_json(copy / "weights.json", edit)
+    assert_error(run(translate(copy, "--weights", copy / "weights.json"), capsys), "weights.json", message)
 
 
 @pytest.mark.parametrize("src", ["../../etc", ".", "fr/../de"])
@@ -415,7 +438,7 @@ def test_output_directory_of_the_stages_is_checked_first(tmp_path, capsys):
 
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640)])
 def test_written_files_follow_the_umask(tmp_path, umask, mode):
-    model = Qwen2ForCausalLM.from_config(SMALL, seed=0)
+    model = random_model(SMALL, seed=0)
     adapter = LoraAdapter.init(model, rank=2, alpha=4, language="fr", role="in")
     state = {"config": {}, "step": 0, "order": [], "params": adapter.parameters(),
              "optimizer": {"state": {}, "param_groups": []}, "scheduler": {},
@@ -423,7 +446,7 @@ def test_written_files_follow_the_umask(tmp_path, umask, mode):
     old = os.umask(umask)
     try:
         adapter.save(tmp_path / "adapter")
-        model.save_pretrained(tmp_path / "model")
+        save_pretrained(model, tmp_path / "model")
         checkpoint.save(tmp_path / "checkpoint.safetensors", state)
     finally:
         os.umask(old)
@@ -521,7 +544,7 @@ def test_diverging_training_stops_and_saves_nothing(tmp_path, capsys):
 
 
 def test_nan_adapter_is_never_saved(tmp_path):
-    model = Qwen2ForCausalLM.from_config(SMALL, seed=0)
+    model = random_model(SMALL, seed=0)
     adapter = LoraAdapter.init(model, rank=2, alpha=4, language="fr", role="in")
     with torch.no_grad():
         next(iter(adapter.tensors.values()))[1][0, 0] = float("nan")
@@ -547,7 +570,7 @@ def test_torn_last_log_line_is_ignored_and_the_run_resumes(tmp_path):
         f.write('{"step": 3, "epoch": 1, "lo')  # a full disk or a crash mid-line
     model, messages = _small_model(), []
     adapter = LoraAdapter.init(model, rank=4, alpha=8, seed=0, dropout=0.1)
-    model.set_adapters(lora_in=adapter, w_in=1.0)
+    AdapterController(model).set_adapters(lora_in=adapter, w_in=1.0)
     cfg = TrainConfig(epochs=2, lr=1e-2, batch_size=3, grad_accum=2, warmup_ratio=0.2, checkpoint_every=2)
     rest = train(model, adapter.parameters(), _random_examples(17, seed=1), cfg, tmp_path / "b", pad_id=PAD,
                  log=messages.append)

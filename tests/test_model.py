@@ -9,7 +9,7 @@ import torch
 from hf_reference import hf_model, save_hf
 
 from modlora.config import Qwen2Config
-from modlora.model import Qwen2ForCausalLM
+from modlora.loading import load_pretrained, random_model, save_pretrained
 
 # fp32 on CPU: both sides do the same math in a different op order; 1e-5 relative is the design's bar.
 FP32 = dict(rtol=1e-5, atol=1e-5)
@@ -19,7 +19,7 @@ FP32 = dict(rtol=1e-5, atol=1e-5)
 def pair(request, tmp_path_factory):
     hf = hf_model(tie=request.param, seed=int(request.param))
     path = save_hf(hf, tmp_path_factory.mktemp("ckpt"), shard=not request.param)
-    return hf, Qwen2ForCausalLM.from_pretrained(path, dtype=torch.float32), path
+    return hf, load_pretrained(path, dtype=torch.float32), path
 
 
 def test_sharded_checkpoint_was_written(pair):
@@ -95,7 +95,7 @@ def test_cache_reorder_follows_beams(pair, order):
 @torch.no_grad()
 def test_bf16_load_and_forward(pair):
     hf, _, path = pair
-    ours = Qwen2ForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    ours = load_pretrained(path, dtype=torch.bfloat16)
     assert ours.lm_head.weight.dtype == torch.bfloat16
     ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(4))
     ref = hf(ids).logits
@@ -113,9 +113,9 @@ def test_bf16_load_and_forward(pair):
 
 
 def test_save_and_reload_round_trip(tmp_path):
-    model = Qwen2ForCausalLM.from_config(Qwen2Config(**{**_small(), "tie_word_embeddings": True}), seed=3)
-    model.save_pretrained(tmp_path)
-    again = Qwen2ForCausalLM.from_pretrained(tmp_path)
+    model = random_model(Qwen2Config(**{**_small(), "tie_word_embeddings": True}), seed=3)
+    save_pretrained(model, tmp_path)
+    again = load_pretrained(tmp_path)
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
 
@@ -151,10 +151,10 @@ def test_unsupported_config_is_rejected(change, message):
 
 def test_wrong_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        Qwen2ForCausalLM.from_pretrained(tmp_path / "nope")
+        load_pretrained(tmp_path / "nope")
     (tmp_path / "config.json").write_text(json.dumps({**_small(), "model_type": "qwen2"}))
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
-        Qwen2ForCausalLM.from_pretrained(tmp_path)
+        load_pretrained(tmp_path)
 
 
 def _rewrite(path, tmp_path, edit):
@@ -173,14 +173,14 @@ def test_missing_and_misshapen_tensors_are_named(tmp_path):
     path = save_hf(hf, tmp_path / "src")
     bad = _rewrite(path, tmp_path / "missing", lambda s: s.pop("model.layers.1.mlp.up_proj.weight"))
     with pytest.raises(ValueError, match=r"missing tensor\(s\): model.layers.1.mlp.up_proj.weight"):
-        Qwen2ForCausalLM.from_pretrained(bad)
+        load_pretrained(bad)
     key = "model.layers.0.self_attn.k_proj.weight"
     bad = _rewrite(path, tmp_path / "shape", lambda s: s.__setitem__(key, s[key][:-1]))
     with pytest.raises(ValueError, match=f"tensor {key} .* shape"):
-        Qwen2ForCausalLM.from_pretrained(bad)
+        load_pretrained(bad)
     bad = _rewrite(path, tmp_path / "extra", lambda s: s.__setitem__("model.extra.weight", torch.ones(1)))
     with pytest.raises(ValueError, match="unexpected tensor.*model.extra.weight"):
-        Qwen2ForCausalLM.from_pretrained(bad)
+        load_pretrained(bad)
 
 
 # config.json of the published Qwen2.5-0.5B-Instruct (../shared/models/qwen2.5-0.5b-instruct/).
@@ -201,7 +201,7 @@ def test_qwen25_preset_is_the_published_config():
 
 
 def test_bad_input_ids_are_named():
-    model = Qwen2ForCausalLM.from_config(Qwen2Config(**_small()), seed=0)
+    model = random_model(Qwen2Config(**_small()), seed=0)
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 1000\), got 3..1000"):
         model(torch.tensor([[3, 1000]]))
     with pytest.raises(ValueError, match=r"input_ids must be \[batch, tokens\], got shape \(2,\)"):
@@ -209,17 +209,17 @@ def test_bad_input_ids_are_named():
 
 
 def test_dtype_by_name(tmp_path):
-    model = Qwen2ForCausalLM.from_config("tiny", seed=0, dtype="bfloat16")
+    model = random_model("tiny", seed=0, dtype="bfloat16")
     assert model.lm_head.weight.dtype == torch.bfloat16
-    model.save_pretrained(tmp_path)
-    assert Qwen2ForCausalLM.from_pretrained(tmp_path, dtype="float32").lm_head.weight.dtype == torch.float32
+    save_pretrained(model, tmp_path)
+    assert load_pretrained(tmp_path, dtype="float32").lm_head.weight.dtype == torch.float32
     with pytest.raises(ValueError, match="unsupported dtype 'fp8'"):
-        Qwen2ForCausalLM.from_pretrained(tmp_path, dtype="fp8")
+        load_pretrained(tmp_path, dtype="fp8")
 
 
 def test_presets_build():
-    model = Qwen2ForCausalLM.from_config("tiny", seed=0)
-    again = Qwen2ForCausalLM.from_config("tiny", seed=0)
+    model = random_model("tiny", seed=0)
+    again = random_model("tiny", seed=0)
     assert torch.equal(model.model.layers[0].mlp.up_proj.weight, again.model.layers[0].mlp.up_proj.weight)
     with pytest.raises(ValueError, match="unknown preset"):
         Qwen2Config.preset("gpt5")

@@ -5,25 +5,25 @@ import contextlib
 import pytest
 import torch
 
-from modlora import _ext, ops
-from modlora.adapters import LoraAdapter
+from modlora import cpu, ops
+from modlora.adapters import AdapterController, LoraAdapter
 from modlora.config import Qwen2Config
 from modlora.kernels import dual_lora_linear_ref, pairwise_lora_linear_ref
-from modlora.model import Qwen2ForCausalLM
+from modlora.loading import random_model
 
-needs_c = pytest.mark.skipif(not _ext.HAVE_C, reason="modlora._C is not built (CI builds it)")
+needs_c = pytest.mark.skipif(not cpu.HAVE_C, reason="modlora._C is not built (CI builds it)")
 CONFIG = Qwen2Config(vocab_size=503, hidden_size=96, intermediate_size=200, num_hidden_layers=2,
                      num_attention_heads=6, num_key_value_heads=2, rope_theta=1e4, dtype="float32")
 
 
 @contextlib.contextmanager
 def torch_path():
-    enabled = _ext.c_enabled()
-    _ext.set_c_enabled(False)
+    enabled = cpu.c_enabled()
+    cpu.set_c_enabled(False)
     try:
         yield
     finally:
-        _ext.set_c_enabled(enabled)
+        cpu.set_c_enabled(enabled)
 
 
 def random_adapter(model, rank, seed, role):
@@ -77,16 +77,17 @@ def assert_bounded(got: torch.Tensor, exact: torch.Tensor, mag: torch.Tensor, n:
 @pytest.mark.parametrize("strategy", ["output", "ab"])
 @torch.no_grad()
 def test_model_logits_with_c_equal_torch_path(dtype, strategy):
-    model = Qwen2ForCausalLM.from_config(CONFIG, seed=1, dtype=dtype)
+    model = random_model(CONFIG, seed=1, dtype=dtype)
     lora_in, lora_out = random_adapter(model, 4, 1, "in"), random_adapter(model, 4, 2, "out")
-    model.set_adapters(lora_in, lora_out, w_in=0.3, w_out=0.7, strategy=strategy)
+    ctl = AdapterController(model)
+    ctl.set_adapters(lora_in, lora_out, w_in=0.3, w_out=0.7, strategy=strategy)
     ids = torch.randint(0, 503, (2, 5), generator=torch.Generator().manual_seed(0))
     cache = model.new_cache(2, 5, max_new_tokens=2, num_beams=1)
     fast = torch.stack((model.prefill(ids, None, cache), model.decode_step(ids[:, 0], cache)))
     with torch_path():
         cache = model.new_cache(2, 5, max_new_tokens=2, num_beams=1)
         slow = torch.stack((model.prefill(ids, None, cache), model.decode_step(ids[:, 0], cache)))
-        model.clear_adapters()
+        ctl.clear()
         plain = model(ids)[:, -1]
     torch.testing.assert_close(fast.float(), slow.float(), **TOL[dtype])
     assert (slow[0].float() - plain.float()).abs().max() > 0.05  # the adapters did change the logits
@@ -123,7 +124,7 @@ def test_bf16_on_a_cpu_without_bf16_arithmetic_is_the_fp32_result_rounded_once(s
     roundoff, plus the fp32 sums' error); a dropped bias, adapter or pair is off by O(1)."""
     monkeypatch.setattr(ops, "_NATIVE_BF16", False)
     g = torch.Generator().manual_seed(0)
-    M, K, N, r = _ext.C_MAX_ROWS[torch.bfloat16] + 3, 64, 48, 4
+    M, K, N, r = ops.C_MAX_ROWS[torch.bfloat16] + 3, 64, 48, 4
     bf16 = lambda *shape: torch.randn(*shape, generator=g).to(torch.bfloat16)
     x, weight, bias = bf16(M, K), bf16(N, K), bf16(N)
     pairs = [((bf16(r, K), bf16(N, r), 0.5), (bf16(r, K), bf16(N, r), 2.0), 0.3, 0.7) for _ in range(2)]

@@ -23,13 +23,14 @@ def test_wheel_installs_modlora_and_its_kernels(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("modlora-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "modlora/kernels/__init__.py" in names
+    assert "modlora/adapters/controller.py" in names  # every subpackage, not only the top one
     assert "modlora/assets/qwen2.5-tokenizer.json.gz" in names
     assert not any(n.startswith("kernels/") for n in names)
     assert not any(n.startswith("modlora/_C") for n in names), "the in-tree build of _C leaked into the wheel"
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True)
-    probe = ("import modlora, modlora.kernels, modlora.tokenizer as t, modlora._ext as e; "
+    probe = ("import modlora, modlora.kernels, modlora.adapters, modlora.tokenizer as t, modlora.cpu as e; "
              "print(modlora.__file__); print(modlora.kernels.__file__); print(t.Tokenizer.default().vocab_size); "
              "print(e.HAVE_C)")
     # -S: no .pth files run, so an editable install of modlora (CI's) cannot answer for the wheel.

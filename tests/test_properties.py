@@ -18,7 +18,7 @@ from test_hostile import FINISHED, SMALL, finished_run
 
 from modlora.adapters import LoraAdapter
 from modlora.cli import main
-from modlora.model import Qwen2ForCausalLM
+from modlora.loading import random_model, save_pretrained
 from modlora.pipeline import DEMO
 from modlora.validate import SETTINGS
 
@@ -91,8 +91,8 @@ def outcome(argv: list, capsys) -> None:
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("base")
-    model = Qwen2ForCausalLM.from_config(SMALL, seed=0)
-    model.save_pretrained(root / "model")
+    model = random_model(SMALL, seed=0)
+    save_pretrained(model, root / "model")
     adapter = LoraAdapter.init(model, rank=2, alpha=4, language="fr", role="in", seed=1)
     with torch.no_grad():
         for _, B in adapter.tensors.values():

@@ -7,21 +7,21 @@ import torch
 from hf_reference import hf_model, save_hf
 
 from modlora import checkpoint
-from modlora.adapters import LoraAdapter
+from modlora.adapters import TARGET_MODULES, AdapterController, LoraAdapter
 from modlora.config import Qwen2Config
 from modlora.evaluate import chrf_pp
 from modlora.generation import translate
+from modlora.kernels import linear_cross_entropy
+from modlora.loading import load_pretrained, random_model
 from modlora.model import Qwen2ForCausalLM
 from modlora.tokenizer import Tokenizer
 from modlora.train import (
-    TARGET_MODULES,
     LoraConfig,
     TrainConfig,
     bucketed_batches,
     collate,
     completion_loss,
     learn_weights,
-    linear_cross_entropy,
     paper_rank,
     shared_prefix_length,
     train,
@@ -52,7 +52,7 @@ def _random_examples(n: int, seed: int, vocab: int = 1000, shared: int = 0) -> l
 def hf_pair(tmp_path_factory):
     hf = hf_model(tie=True, seed=3)
     path = save_hf(hf, tmp_path_factory.mktemp("ckpt"))
-    return hf, Qwen2ForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return hf, load_pretrained(path, dtype=torch.float32)
 
 
 def test_one_step_loss_and_gradients_match_peft(hf_pair):
@@ -75,7 +75,8 @@ def test_one_step_loss_and_gradients_match_peft(hf_pair):
 
     ids, attn, mask = collate(_random_examples(4, seed=0, shared=5), PAD)
     assert shared_prefix_length(ids, attn, mask) == 5  # the shared-prefix path is the one compared
-    ours.set_adapters(lora_in=adapter, w_in=1.0)
+    ctl = AdapterController(ours)
+    ctl.set_adapters(lora_in=adapter, w_in=1.0)
     try:
         loss_sum, n = completion_loss(ours, ids, attn, mask, chunk=7)  # chunk < trained tokens: several chunks
         loss = loss_sum / n
@@ -86,7 +87,7 @@ def test_one_step_loss_and_gradients_match_peft(hf_pair):
         plain_sum, plain_n = completion_loss(ours, ids, attn, mask, share_prefix=False)
         (plain_sum / plain_n).backward()
     finally:
-        ours.clear_adapters()
+        ctl.clear()
     labels = ids.masked_fill(mask == 0, -100)  # transformers shifts the labels itself
     expected = ref(input_ids=ids, attention_mask=attn, labels=labels).loss
     expected.backward()
@@ -132,18 +133,19 @@ def test_paper_rank_of_qwen25_05b_shape():
 def _small_model(seed: int = 0) -> Qwen2ForCausalLM:
     cfg = Qwen2Config(vocab_size=1000, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0)
-    return Qwen2ForCausalLM.from_config(cfg, seed=seed)
+    return random_model(cfg, seed=seed)
 
 
 def _train_once(tmp, stop_after=None, model=None):
     model = model or _small_model()
     # Dropout: the resumed run must restore the RNG state, not only the weights and the optimizer.
     adapter = LoraAdapter.init(model, rank=4, alpha=8, seed=0, dropout=0.1)
-    model.set_adapters(lora_in=adapter, w_in=1.0)
+    ctl = AdapterController(model)
+    ctl.set_adapters(lora_in=adapter, w_in=1.0)
     cfg = TrainConfig(epochs=2, lr=1e-2, batch_size=3, grad_accum=2, warmup_ratio=0.2, checkpoint_every=2)
     result = train(model, adapter.parameters(), _random_examples(17, seed=1), cfg, tmp, pad_id=PAD,
                    stop_after=stop_after, log=lambda _: None)
-    model.clear_adapters()
+    ctl.clear()
     return adapter, result
 
 
@@ -176,7 +178,7 @@ def test_ctrl_c_inside_a_step_keeps_the_finished_steps(tmp_path, monkeypatch):
 def test_resume_with_other_settings_names_what_changed(tmp_path):
     model = _small_model()
     adapter = LoraAdapter.init(model, rank=4, alpha=8, seed=0)
-    model.set_adapters(lora_in=adapter, w_in=1.0)
+    AdapterController(model).set_adapters(lora_in=adapter, w_in=1.0)
     data = _random_examples(6, seed=1)
     run = lambda lr: train(model, adapter.parameters(), data, TrainConfig(epochs=2, lr=lr, batch_size=3, grad_accum=1),
                            tmp_path, pad_id=PAD, stop_after=1, log=lambda _: None)
@@ -223,16 +225,17 @@ def test_weight_learning_trains_theta_only(tmp_path):
     class _Tok:  # the small model's vocabulary is not Qwen's: a stand-in with the needed ids
         pad_id = PAD
 
-    import modlora.prompt as prompt
+    import modlora.train as train_module
 
     examples = _random_examples(8, seed=2)
-    original = prompt.training_example
-    prompt.training_example = lambda tok, src, tgt, s, t: examples[int(s)]
+    original = train_module.training_example
+    train_module.training_example = lambda tok, src, tgt, s, t: examples[int(s)]
     try:
-        weights = learn_weights(model, _Tok(), lora_in, lora_out, "fr", "de", [(str(i), "") for i in range(8)],
-                                "output", TrainConfig(epochs=2, lr=0.1, batch_size=4, grad_accum=1), tmp_path)
+        weights = learn_weights(AdapterController(model), _Tok(), lora_in, lora_out, "fr", "de",
+                                [(str(i), "") for i in range(8)], "output",
+                                TrainConfig(epochs=2, lr=0.1, batch_size=4, grad_accum=1), tmp_path).pairs()
     finally:
-        prompt.training_example = original
+        train_module.training_example = original
     assert len(weights) == 2 and all(abs(a + b - 1) < 1e-6 for a, b in weights)
     assert any(abs(b - 0.5) > 1e-3 for _, b in weights)  # theta moved
     assert all(torch.equal(a, b) for a, b in zip(frozen, (*lora_in.parameters(), *lora_out.parameters()), strict=True))
@@ -258,7 +261,7 @@ def test_tiny_model_learns_a_synthetic_task(tmp_path):
     tok = Tokenizer.default()
     cfg = Qwen2Config(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0)
-    model = Qwen2ForCausalLM.from_config(cfg, seed=0)
+    model = random_model(cfg, seed=0)
     with torch.no_grad():
         # At HF's init scale (std 0.02) the frozen output layer caps a logit's margin near 1: no adapter
         # could make the next token likely. A trained model's head is far from that; scale it up.
@@ -272,11 +275,12 @@ def test_tiny_model_learns_a_synthetic_task(tmp_path):
         return chrf_pp(hyps, refs)["score"]
 
     untrained = score()
-    adapter = train_adapter(model, tok, "fr", "out", "en", "fr", train_pairs, LoraConfig(rank=16, alpha=32),
+    ctl = AdapterController(model)
+    adapter = train_adapter(ctl, tok, "fr", "out", "en", "fr", train_pairs, LoraConfig(rank=16, alpha=32),
                             TrainConfig(epochs=8, lr=1e-2, batch_size=8, grad_accum=1, warmup_ratio=0.1),
                             tmp_path, log=lambda _: None)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3  # measured: 13.0 -> 7.1
-    model.set_adapters(lora_out=adapter, w_out=1.0)
+    ctl.set_adapters(lora_out=adapter, w_out=1.0)
     trained = score()
     assert trained > untrained + 5, (untrained, trained)  # measured: 6.5 -> 13.6

@@ -1,0 +1,84 @@
+"""Merge math on whole adapters: per-layer weights, one pair as one adapter, and folding it into W.
+
+The formulas are those of :mod:`modlora.kernels.reference` (eq. 3 and 4 of the paper, see
+docs/design.md); this module applies them module by module, with per-layer weights (eq. 5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ..kernels.reference import STRATEGIES, Weight, merge_pair
+from .format import AdapterError, LoraAdapter, layer_of
+
+WeightFn = Callable[[int], tuple[Weight, Weight]]  # layer index -> (w_in, w_out)
+
+
+def fixed_weights(w_in: Weight, w_out: Weight, num_layers: int, strategy: str) -> WeightFn:
+    """Fixed weights: floats, or per-layer tensors [L] indexed by layer.
+
+    Raises:
+        AdapterError: a weight that is not a finite number or an [L] tensor, or a negative weight
+            under ``ab`` (which scales A and B by its square root).
+    """
+    for nm, w in (("w_in", w_in), ("w_out", w_out)):
+        if isinstance(w, bool) or not isinstance(w, (int, float, Tensor)):
+            raise AdapterError(f"{nm} must be a number or a tensor of shape [{num_layers}], got {w!r}")
+        if not bool(torch.isfinite(torch.as_tensor(w)).all()):
+            raise AdapterError(f"{nm} must be finite, got {w}")
+        if isinstance(w, Tensor) and w.shape != (num_layers,):
+            raise AdapterError(f"{nm} must be a float or a tensor of shape [{num_layers}] (one per layer), "
+                               f"got shape {tuple(w.shape)}")
+        if strategy == "ab" and bool((torch.as_tensor(w) < 0).any()):
+            raise AdapterError(f"strategy 'ab' scales A and B by sqrt(w * scale) and needs {nm} >= 0, got {w}")
+    pick = lambda w, l: w[l] if isinstance(w, Tensor) else float(w)
+    return lambda l: (pick(w_in, l), pick(w_out, l))
+
+
+def check_strategy(strategy: str, lora_in: LoraAdapter | None, lora_out: LoraAdapter | None) -> None:
+    """Raise :class:`AdapterError` for an unknown strategy, or unequal ranks under ``ab``."""
+    if strategy not in STRATEGIES:
+        raise AdapterError(f"unknown strategy {strategy!r}: expected one of {STRATEGIES}")
+    if strategy == "ab" and lora_in is not None and lora_out is not None and lora_in.rank != lora_out.rank:
+        raise AdapterError(f"strategy 'ab' merges A and B element-wise and needs equal ranks: "
+                           f"{lora_in.label} has rank {lora_in.rank}, {lora_out.label} has rank {lora_out.rank}")
+
+
+def export_pair(lora_in: LoraAdapter | None, lora_out: LoraAdapter | None, *, w_in: Weight = 0.5,
+                w_out: Weight = 0.5, strategy: str = "output") -> LoraAdapter:
+    """The pair as ONE fp32 adapter of scale 1 that plain PEFT (or vLLM) serves.
+
+    ``output``: rank r_in + r_out (PEFT's ``cat``); ``ab``: rank r (PEFT's ``linear``); see
+    :func:`modlora.kernels.merge_pair`. Per-layer weights [L] are folded layer by layer.
+
+    Raises:
+        AdapterError: no adapter, adapters on different modules, or a strategy/weight error.
+    """
+    parts = [a for a in (lora_in, lora_out) if a is not None]
+    if not parts:
+        raise AdapterError("export_pair needs at least one adapter")
+    check_strategy(strategy, lora_in, lora_out)
+    if len(parts) == 2 and set(parts[0].tensors) != set(parts[1].tensors):
+        raise AdapterError(f"export_pair needs both adapters on the same modules: {parts[0].label} targets "
+                           f"{parts[0].target_modules}, {parts[1].label} targets {parts[1].target_modules}")
+    base = parts[0].base
+    weights = fixed_weights(w_in, w_out, base.num_hidden_layers if base else 1 + max(map(layer_of, parts[0].tensors)),
+                            strategy)
+    fp32 = lambda a, name: None if a is None else (a.tensors[name][0].detach().float(),
+                                                   a.tensors[name][1].detach().float(), a.scale)
+    tensors = {name: merge_pair(fp32(lora_in, name), fp32(lora_out, name), *weights(layer_of(name)), strategy)
+               for name in parts[0].tensors}
+    rank = next(iter(tensors.values()))[0].shape[0]
+    fold = [w.tolist() if isinstance(w, Tensor) else float(w) for w in (w_in, w_out)]
+    meta = {"pair": {"in": lora_in and lora_in.language, "out": lora_out and lora_out.language,
+                     "strategy": strategy, "w_in": fold[0], "w_out": fold[1]}}
+    return LoraAdapter(tensors, rank, float(rank), False, parts[0].target_modules, base=base, metadata=meta)
+
+
+@torch.no_grad()
+def fold_into(weight: Tensor, A: Tensor, B: Tensor) -> None:
+    """``W <- W + B A`` in place, computed in fp32 and rounded to W's dtype once."""
+    weight.copy_((weight.float() + B.to(weight.device) @ A.to(weight.device)).to(weight.dtype))

@@ -1,0 +1,236 @@
+"""The optional C++ extension ``modlora._C`` and the op it provides: the "LoRA bank" linear.
+
+    y[m] = x[m] W^T + b + (x[m] A_bank[p]^T) B_bank[p]^T,     p = row_pair[m]  (all 0 if None)
+
+    x        [M, K]     float32 or bfloat16; y has x's dtype, accumulation is fp32
+    weight   [N, K]     float32 or bfloat16
+    bias     [N] or None
+    A_bank   [P, R, K]  one stacked, zero-padded pair per bank entry (or None)
+    B_bank   [P, N, R]  the matching up-projections
+    row_pair [M] int64  which pair each row uses (or None)
+
+Both merge strategies are this op after :func:`pack_bank` (each pair as one adapter of
+coefficient 1, :func:`modlora.kernels.merge_pair`; see docs/design.md). Without adapters it is a
+plain small-M linear (the ``lm_head``).
+
+The op is registered as ``torch.ops.modlora.lora_bank_linear`` with a fake implementation, so
+``torch.compile`` traces through it. Its CPU kernel is ``modlora._C`` when built (one pass over W,
+vectorised, OpenMP over W's rows; csrc/lora_bank_cpu.cpp), else :func:`lora_bank_linear_torch`;
+it has no autograd. This module runs the op; :mod:`modlora.ops` decides when to use it.
+``MODLORA_DISABLE_C=1`` in the environment (read at import) leaves ``_C`` unloaded;
+``MODLORA_CPU_ISA=avx2`` (or ``scalar``, ``avx512``, ``avx512_bf16``) picks the kernel's vector ISA.
+With bf16 x and W, ``avx512_bf16`` (``vdpbf16ps``) treats bf16 subnormal inputs (|v| < 2^-126) as
+zero, as torch's own oneDNN/AMX bf16 GEMMs do; the other ISAs widen them to fp32 exactly.
+In bf16 the two kernels round differently (the C++ op once, at the end; the torch one also rounds
+``x W^T + b`` to bf16 before adding the LoRA part); the tests bound each against a float64 oracle.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from modlora.kernels.reference import Adapter, Weight, as_fp32, merge_pair
+
+log = logging.getLogger("modlora")
+
+__all__ = ["HAVE_C", "c_enabled", "set_c_enabled", "pack_bank", "lora_bank_linear", "lora_bank_linear_torch"]
+
+_C = None
+if os.environ.get("MODLORA_DISABLE_C", "") not in ("", "0"):
+    log.info("modlora._C disabled by MODLORA_DISABLE_C: lora_bank_linear uses the torch path")
+else:
+    try:
+        from modlora import _C  # noqa: F811  (registers torch.ops.modlora.lora_bank_linear for CPU)
+    except ImportError as exc:
+        log.warning("modlora._C is not built (%s): lora_bank_linear uses the torch path; build it with "
+                    "`pip install --no-build-isolation -e .`", exc)
+HAVE_C: bool = _C is not None
+"""Whether the C++ extension loaded (False when not built or disabled by MODLORA_DISABLE_C)."""
+
+if HAVE_C and os.environ.get("MODLORA_CPU_ISA"):
+    try:
+        _C.set_isa(os.environ["MODLORA_CPU_ISA"])
+    except RuntimeError as exc:  # a wrong value must not break `import modlora`
+        log.warning("MODLORA_CPU_ISA ignored: %s", exc)
+
+_use_c = HAVE_C
+
+
+def c_enabled() -> bool:
+    """Whether :mod:`modlora.ops` may send work to the C++ kernel (built, and not switched off)."""
+    return _use_c
+
+
+def set_c_enabled(enabled: bool) -> None:
+    """Switch the C++ kernel on or off for this process (on only takes effect if it is built)."""
+    global _use_c
+    _use_c = bool(enabled) and HAVE_C
+
+
+def lora_bank_linear_torch(x: Tensor, weight: Tensor, bias: Tensor | None = None, A_bank: Tensor | None = None,
+                           B_bank: Tensor | None = None, row_pair: Tensor | None = None) -> Tensor:
+    """The op in plain torch on 2-D ``x`` (any device, any M, differentiable); result in x's dtype.
+
+    ``x W^T + b`` runs in W's dtype when x has it (torch's GEMMs accumulate bf16 in fp32 and round
+    the result to bf16), else in fp32; the LoRA part is computed in fp32, added to it in fp32, and
+    the sum is cast to x's dtype.
+
+    Raises:
+        IndexError: a ``row_pair`` entry outside ``[0, P)``.
+    """
+    if row_pair is not None and x.shape[0] and A_bank is not None:
+        lo, hi = (int(v) for v in torch.aminmax(row_pair))
+        if lo < 0 or hi >= A_bank.shape[0]:
+            raise IndexError(f"lora_bank_linear: row_pair values must lie in [0, {A_bank.shape[0]}), "
+                             f"got [{lo}, {hi}]")
+    if x.dtype == weight.dtype:
+        y = torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
+    else:
+        y = torch.nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    if A_bank is None or A_bank.shape[1] == 0:
+        return y.to(x.dtype)
+    xf, y = x.float(), y.float()
+    A, B = A_bank.float(), B_bank.float()
+    if row_pair is None:
+        return y.addmm_(xf @ A[0].t(), B[0].t()).to(x.dtype)
+    for p in torch.unique(row_pair).tolist():
+        rows = (row_pair == p).nonzero().squeeze(1)
+        y.index_add_(0, rows, (xf[rows] @ A[p].t()) @ B[p].t())
+    return y.to(x.dtype)
+
+
+_FLOATS = (torch.float32, torch.bfloat16)
+
+
+def _check(x: Tensor, weight: Tensor, bias: Tensor | None, A_bank: Tensor | None, B_bank: Tensor | None,
+           row_pair: Tensor | None) -> None:
+    """Clear errors for malformed arguments (``x`` already 2-D, ``row_pair`` per row).
+
+    The range of ``row_pair`` is checked where it is read (C++ kernel, torch path): no sync here.
+    """
+    M, K = x.shape
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"lora_bank_linear: x must be float32 or bfloat16, got {x.dtype}")
+    if weight.dim() != 2 or weight.shape[1] != K:
+        raise ValueError(f"lora_bank_linear: x has K={K} features but weight is {tuple(weight.shape)} "
+                         f"(expected [N, {K}])")
+    if weight.dtype not in _FLOATS:
+        raise TypeError(f"lora_bank_linear: weight must be float32 or bfloat16, got {weight.dtype}")
+    N = weight.shape[0]
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"lora_bank_linear: bias must be [N]=[{N}], got {tuple(bias.shape)}")
+    if (A_bank is None) != (B_bank is None):
+        raise ValueError("lora_bank_linear: A_bank and B_bank must both be given or both be None")
+    if A_bank is None:
+        if row_pair is not None:
+            raise ValueError("lora_bank_linear: row_pair given without an adapter bank")
+        return
+    if A_bank.dim() != 3 or A_bank.shape[2] != K:
+        raise ValueError(f"lora_bank_linear: A_bank must be [P, R, K={K}], got {tuple(A_bank.shape)}")
+    P, R = A_bank.shape[:2]
+    if tuple(B_bank.shape) != (P, N, R):
+        raise ValueError(f"lora_bank_linear: B_bank must be [P, N, R]=[{P}, {N}, {R}], got {tuple(B_bank.shape)}")
+    if A_bank.dtype not in _FLOATS or B_bank.dtype not in _FLOATS:
+        raise TypeError(f"lora_bank_linear: A_bank and B_bank must be float32 or bfloat16, got "
+                        f"{A_bank.dtype} and {B_bank.dtype}")
+    if row_pair is None and P < 1:
+        raise ValueError("lora_bank_linear: an empty bank (P=0) needs A_bank = B_bank = None")
+    if row_pair is not None and (row_pair.dtype != torch.int64 or tuple(row_pair.shape) != (M,)):
+        raise ValueError(f"lora_bank_linear: row_pair must be int64 with one entry per row of x "
+                         f"([{M}]), got {row_pair.dtype} {tuple(row_pair.shape)}")
+
+
+# torch.library: the op, its fake (meta) implementation, and the torch kernel where _C is absent.
+_SCHEMA = ("lora_bank_linear(Tensor x, Tensor weight, Tensor? bias=None, Tensor? A_bank=None, "
+           "Tensor? B_bank=None, Tensor? row_pair=None) -> Tensor")
+_lib = torch.library.Library("modlora", "FRAGMENT")  # noqa: TOR901 (kept alive for the registrations)
+if not HAVE_C:  # _C defines the schema and the CPU kernel itself when it loads
+    _lib.define(_SCHEMA)
+    _lib.impl("lora_bank_linear", lora_bank_linear_torch, "CPU")
+_lib.impl("lora_bank_linear", lora_bank_linear_torch, "CUDA")  # no CUDA kernel yet: torch path
+_OP = torch.ops.modlora.lora_bank_linear.default
+
+
+@torch.library.register_fake("modlora::lora_bank_linear")
+def _lora_bank_linear_fake(x, weight, bias=None, A_bank=None, B_bank=None, row_pair=None):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def lora_bank_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, A_bank: Tensor | None = None,
+                     B_bank: Tensor | None = None, row_pair: Tensor | None = None) -> Tensor:
+    """``y = x W^T + b + (x A_bank[p]^T) B_bank[p]^T`` by the registered op; see the module docstring.
+
+    Args:
+        x: ``[..., K]``; rows are its leading dimensions flattened.
+        row_pair: one integer per flattened row, or one per entry of dim 0 of a >2-D ``x`` (as in
+            :func:`modlora.kernels.pairwise_lora_linear_ref`).
+
+    Returns:
+        ``[..., N]`` in x's dtype. Not differentiable: autograd goes through the torch path of
+        :mod:`modlora.ops`.
+
+    Raises:
+        ValueError, TypeError: malformed shapes or dtypes, named.
+        RuntimeError (C++ kernel) or IndexError (torch kernel): a ``row_pair`` entry outside ``[0, P)``.
+    """
+    if x.dim() < 1:
+        raise ValueError("lora_bank_linear: x must have a feature dimension")
+    x2 = x.reshape(-1, x.shape[-1])
+    rows = _rows_of(x, row_pair)
+    _check(x2, weight, bias, A_bank, B_bank, rows)
+    return _OP(x2, weight, bias, A_bank, B_bank, rows).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _rows_of(x: Tensor, row_pair: Tensor | None) -> Tensor | None:
+    """row_pair per flattened row: int64, and expanded when it indexes dim 0 of a >2-D x."""
+    if row_pair is None:
+        return None
+    if row_pair.dtype in (torch.int32, torch.int16, torch.uint8):
+        row_pair = row_pair.long()
+    M = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if x.dim() > 2 and row_pair.dim() == 1 and row_pair.shape[0] == x.shape[0] != M:
+        row_pair = row_pair.repeat_interleave(M // x.shape[0])
+    return row_pair
+
+
+def pack_bank(pairs: Sequence[tuple[Adapter | None, Adapter | None, Weight, Weight]],
+              strategy: str = "output", dtype: torch.dtype = torch.float32) -> tuple[Tensor | None, Tensor | None]:
+    """Stack adapter pairs ``(lora_in, lora_out, w_in, w_out)`` into ``(A_bank [P,R,K], B_bank [P,N,R])``.
+
+    Each adapter is ``(A [r, K], B [N, r], scale)`` or None; pair p becomes
+    :func:`~modlora.kernels.merge_pair` of it, in fp32. Ranks are zero-padded to the largest R
+    (zero rows/columns add exactly 0), then the bank is cast to ``dtype``. Weights may be tensors
+    (learned theta); the bank is a detached snapshot: rebuild it when weights change.
+
+    Returns:
+        The two banks, or ``(None, None)`` when no pair has an adapter.
+
+    Raises:
+        ValueError: an unknown strategy, unequal ranks under ``ab``, or adapters of different K or N.
+    """
+    blocks: list[tuple[Tensor, Tensor] | None] = []
+    with torch.no_grad():
+        for lora_in, lora_out, w_in, w_out in pairs:
+            a_in, a_out = (None if a is None else as_fp32((a[0].detach(), a[1].detach(), a[2]))
+                           for a in (lora_in, lora_out))
+            blocks.append(None if a_in is None and a_out is None
+                          else merge_pair(a_in, a_out, float(w_in), float(w_out), strategy))
+    present = [blk for blk in blocks if blk is not None]
+    if not present:
+        return None, None
+    shapes = {(A.shape[1], B.shape[0]) for A, B in present}
+    if len(shapes) > 1:
+        raise ValueError(f"pack_bank: all adapters must share K and N, got {sorted(shapes)}")
+    (K, N), R, device = shapes.pop(), max(A.shape[0] for A, _ in present), present[0][0].device
+    A_bank = torch.zeros(len(pairs), R, K, device=device)
+    B_bank = torch.zeros(len(pairs), N, R, device=device)
+    for p, blk in enumerate(blocks):
+        if blk is not None:
+            r = blk[0].shape[0]
+            A_bank[p, :r], B_bank[p, :, :r] = blk
+    return A_bank.to(dtype), B_bank.to(dtype)
