@@ -13,7 +13,8 @@ compile, also just leaves the extension out. ``MODLORA_BUILD_EXT=0`` skips it on
 CPU sources are built whenever a C++ compiler is found. Vector code is selected at run time
 (scalar / AVX2+FMA / AVX-512 / AVX-512 BF16 via ``__builtin_cpu_supports``), never with
 ``-march=native``, so a wheel built on one x86 machine runs on another. CUDA sources
-(``csrc/*.cu``, if any) are added only when nvcc and a CUDA build of torch are both present.
+(``csrc/cuda/``: the decode op, ``.cu`` and its torch binding) are added only when nvcc and a CUDA
+build of torch are both present, compiled for sm80 and sm90 (``TORCH_CUDA_ARCH_LIST`` overrides).
 """
 
 from __future__ import annotations
@@ -54,15 +55,18 @@ def _extension_kwargs() -> dict:
         return {}
 
     sources = sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", "*.cpp")))
-    cuda_sources = sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", "*.cu")))
+    cuda_sources = sorted(os.path.relpath(p, HERE) for pattern in ("*.cu", "*.cpp")
+                          for p in glob.glob(os.path.join(HERE, "csrc", "cuda", pattern)))
     cxx_flags = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
     # OpenMP symbols resolve to torch's own libgomp (same soname), so one OpenMP runtime is loaded.
     link_flags = ["-fopenmp"]
     use_cuda = bool(cuda_sources) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if use_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")  # the decode op is for sm80+ (bf16 arithmetic)
         ext = cpp_extension.CUDAExtension(
             "modlora._C", sources + cuda_sources, optional=True,
-            extra_compile_args={"cxx": cxx_flags + ["-DMODLORA_WITH_CUDA"], "nvcc": ["-O3", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx_flags + ["-DMODLORA_WITH_CUDA"],
+                                "nvcc": ["-O3", "-lineinfo", "-std=c++17"]},
             extra_link_args=link_flags,
         )
     else:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from modlora import cpu, dispatch
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -40,6 +42,9 @@ def environment(device: torch.device | str = "cpu") -> dict:
     return {
         "device": device.type,
         "device_name": name,
+        "cpu_model": dispatch.cpu_model(),
+        "cpu_isas": cpu._C.supported_isas() if cpu.HAVE_C else [],
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_threads": torch.get_num_threads(),
         "python": sys.version.split()[0],
         "versions": {p: _version(p) for p in ("torch", "triton", "transformers", "peft", "modlora")},
@@ -47,6 +52,13 @@ def environment(device: torch.device | str = "cpu") -> dict:
         "dirty": dirty,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def cpu_tag() -> str:
+    """The CPU model and best ISA as a file-name part, e.g. ``amd-epyc-avx512-bf16``: each kind of
+    machine keeps its results (VMs often report only the vendor's family name)."""
+    isa = cpu._C.best_isa() if cpu.HAVE_C else torch.backends.cpu.get_cpu_capability()
+    return "".join(ch if ch.isalnum() else "-" for ch in f"{dispatch.cpu_model()} {isa}".lower()).strip("-")
 
 
 def write_json(name: str, payload: dict, directory: Path = RESULTS) -> Path:
@@ -61,14 +73,11 @@ def write_json(name: str, payload: dict, directory: Path = RESULTS) -> Path:
 
 def memory_probe(buf_f32: torch.Tensor, reps: int = 5) -> dict:
     """Memory read bandwidth in GB/s: every byte of a buffer larger than the caches read once by all
-    threads (``modlora._C.read_probe`` when built, and torch's ``.sum()``); ``GBs`` is the better."""
-    from modlora import cpu
-
+    threads, by two of torch's vectorised, parallel reductions (``.sum()`` and ``.amax()``: a few
+    flops per 64-byte line, so memory sets their pace); ``GBs`` is the better of the two."""
     nbytes = buf_f32.numel() * 4
-    out = {}
-    if cpu.HAVE_C:
-        out["read_probe_GBs"] = nbytes / bench(lambda: cpu._C.read_probe(buf_f32), reps=reps)["ms"] / 1e6
-    out["torch_sum_GBs"] = nbytes / bench(lambda: buf_f32.sum(), reps=reps)["ms"] / 1e6
+    out = {f"torch_{name}_GBs": nbytes / bench(fn, reps=reps)["ms"] / 1e6
+           for name, fn in (("sum", buf_f32.sum), ("amax", buf_f32.amax))}
     out["GBs"] = max(out.values())
     return out
 

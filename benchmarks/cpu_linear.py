@@ -8,11 +8,13 @@ copies of W to exceed three times the L3 cache (its size read from sysfs or sysc
 JSON as "llc"), as in a decode step, where the model's ~1 GB of weights
 stream through once. "GB/s" is bytes of W / time (the adapters' bytes are not counted, so a
 fused op that pays for them shows as lower GB/s). Next to it: a memory-read probe (every byte of a
-buffer of 512 MiB or three L3s read once by all threads, `_C.read_probe`; and torch's `.sum()` over fp32),
+buffer of 512 MiB or three L3s read once by all threads, torch's `.sum()` and `.amax()` over fp32),
 re-measured before every shape because other processes may share the machine; the load average is
 recorded. Times are medians (and 20% quantiles, less hit by preemption on a shared machine).
-Also measures the crossover M at which torch's GEMM path beats the C++ kernel (the wrapper's
-C_MAX_ROWS). Writes results/cpu_linear_<cpu>.json and .png, prints a table.
+Also measures the crossover M at which torch's GEMM path beats the C++ kernel, and what the model
+runs (`ops_*`: modlora.ops, the path picked by modlora.dispatch, calibrated afresh in a temporary
+cache dir; its choices go into the JSON). The JSON names the CPU model and its ISAs.
+Writes results/cpu_linear_<cpu>.json and .png, prints a table.
 
 Providers (bias and adapters as in the model: two rank-16 adapters, strategy "output", R=32):
   c_bf16, c_fp32            modlora._C, no adapters (the lm_head case)
@@ -20,43 +22,35 @@ Providers (bias and adapters as in the model: two rank-16 adapters, strategy "ou
   c_lora_rows_bf16          modlora._C with a bf16 bank, rows alternating between 2 pairs
   torch_bf16, torch_fp32    F.linear
   unfused_lora_bf16         F.linear + per adapter (x A^T) B^T * coef, as PEFT runs it
+  ops_bf16, ops_lora_bf16   modlora.ops.linear (lm_head) / dual_lora_linear: the dispatched path
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
-import platform
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench, environment, memory_probe, write_json  # noqa: E402
+from common import bench, cpu_tag, environment, memory_probe, write_json  # noqa: E402
 
-from modlora import cpu, ops  # noqa: E402
+from modlora import cpu, dispatch, ops  # noqa: E402
 
 # (N, K) of Qwen2.5-0.5B's linears and its (tied) lm_head.
 SHAPES = {"q/o": (896, 896), "k/v": (128, 896), "gate/up": (4864, 896), "down": (896, 4864),
           "lm_head": (151936, 896)}
-MS = [1, 5, 10, 40]
+MS = [1, 2, 5, 10, 16, 40, 64, 160]
 RANK = 16
 LLC_MULTIPLE = 3  # copies of W until they exceed this many times the last-level cache
 CROSSOVER_MS = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256]
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def llc_bytes() -> dict:
@@ -130,6 +124,7 @@ def run_shape(name: str, n: int, k: int, reps: int, gen: torch.Generator) -> lis
     A1, B1 = cpu.pack_bank([pair], "output", torch.bfloat16)
     A2, B2 = cpu.pack_bank([pair, pair2], "output", torch.bfloat16)
     lin, lout, wi, wo = pair
+    pair_bf16 = tuple((a.to(torch.bfloat16), bb.to(torch.bfloat16), sc) for a, bb, sc in (lin, lout)) + (wi, wo)
     unf = [(a.to(torch.bfloat16), bb.to(torch.bfloat16), s * w) for (a, bb, s), w in ((lin, wi), (lout, wo))]
     for m in MS:
         x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
@@ -152,6 +147,12 @@ def run_shape(name: str, n: int, k: int, reps: int, gen: torch.Generator) -> lis
             if not lm_head:
                 prov["c_lora_bf16"] = (cycling(lambda w, x=x: op(x, w, b, A1, B1, None), w_bf16), 2)
                 prov["c_lora_rows_bf16"] = (cycling(lambda w, x=x, rp=rp: op(x, w, b, A2, B2, rp), w_bf16), 2)
+        # What the model runs: modlora.ops, its path chosen by modlora.dispatch (calibrated at the
+        # first call, in the warm-up).
+        if lm_head:
+            prov["ops_bf16"] = (cycling(lambda w, x=x: ops.linear(x, w, b), w_bf16), 2)
+        else:
+            prov["ops_lora_bf16"] = (cycling(lambda w, x=x: ops.dual_lora_linear(x, w, b, *pair_bf16), w_bf16), 2)
         for pname, (fn, elt) in prov.items():
             t = bench(fn, warmup=3, reps=reps)
             rows.append({"shape": name, "N": n, "K": k, "M": m, "provider": pname, **t,
@@ -200,7 +201,7 @@ def plot(rows: list[dict], probes: dict, path: Path) -> None:
         ax.set_xlabel("M (rows of x)")
     axes[0].set_ylabel("GB/s of W read")
     axes[-1].legend(fontsize=7)
-    fig.suptitle(f"modlora._C vs torch, {_cpu_name()}, {torch.get_num_threads()} threads", fontsize=9)
+    fig.suptitle(f"modlora._C vs torch, {dispatch.cpu_model()}, {torch.get_num_threads()} threads", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -213,6 +214,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    # Calibrate every case afresh, with no time budget: the ops rows show what the dispatcher picks.
+    os.environ.update(MODLORA_CACHE_DIR=tempfile.mkdtemp(prefix="modlora-dispatch-"), MODLORA_CALIBRATE="1")
+    os.environ.pop("MODLORA_DISPATCH", None)
+    dispatch.reset()
+    dispatch.BUDGET_SECONDS = math.inf
     reps = 5 if args.quick else 12
     gen = torch.Generator().manual_seed(0)
     buf = torch.rand(max(128 << 20, LLC_MULTIPLE * LLC["bytes"] // 4), generator=gen)  # fp32, >= 512 MiB
@@ -225,7 +231,8 @@ def main() -> None:
     del buf
     cross = None if args.no_crossover else crossover(reps, gen)
 
-    # Table and goals: at M <= 10, c_bf16 reads W at >= 80% of the probe and is >= 1.5x torch_bf16.
+    # Table and goals: at M <= 10, c_bf16 reads W at >= 80% of the probe and is >= 1.5x torch_bf16;
+    # ops_* (what the model runs) >= torch_bf16 at every M and >= 1.5x at M <= 5.
     print(f"\n{'shape':8} {'M':>3} {'provider':18} {'ms':>8} {'W GB/s':>7} {'q20 GB/s':>8} {'%probe':>6} "
           f"{'vs torch_bf16':>13}")
     summary = []
@@ -235,20 +242,19 @@ def main() -> None:
         r["speedup_vs_torch_bf16"] = base["ms"] / r["ms"]
         print(f"{r['shape']:8} {r['M']:>3} {r['provider']:18} {r['ms']:8.3f} {r['W_GBs']:7.1f} {r['W_GBs_q20']:8.1f} "
               f"{r['pct_probe']:6.0f} {r['speedup_vs_torch_bf16']:12.2f}x")
-        if r["provider"] == "c_bf16" and r["M"] <= 10:
-            summary.append({k: r[k] for k in ("shape", "M", "W_GBs", "W_GBs_q20", "pct_probe",
+        if (r["provider"] == "c_bf16" and r["M"] <= 10) or r["provider"].startswith("ops_"):
+            summary.append({k: r[k] for k in ("shape", "M", "provider", "W_GBs", "W_GBs_q20", "pct_probe",
                                               "speedup_vs_torch_bf16")})
     if cross:
         for dt, c in cross.items():
             print(f"crossover {dt}: C++ faster at M in {c['c_faster_at']}; torch wins first at M="
-                  f"{c['first_M_where_torch_wins']} (wrapper uses C for M <= "
-                  f"{ops.C_MAX_ROWS[getattr(torch, dt)]})")
-    tag = "".join(ch if ch.isalnum() else "-" for ch in _cpu_name().lower()).strip("-")
-    payload = {"env": environment("cpu"), "cpu": _cpu_name(), "have_c": cpu.HAVE_C,
+                  f"{c['first_M_where_torch_wins']}")
+    tag = cpu_tag()
+    payload = {"env": environment("cpu"), "cpu": dispatch.cpu_model(), "have_c": cpu.HAVE_C,
                "isa": cpu._C.isa() if cpu.HAVE_C else None, "rank": RANK, "probes": probes,
                "llc": LLC, "weight_rotation_bytes": LLC_MULTIPLE * LLC["bytes"],
-               "goal_rows_c_bf16_M_le_10": summary, "crossover": cross, "results": rows,
-               "c_max_rows": {str(k).replace("torch.", ""): v for k, v in ops.C_MAX_ROWS.items()}}
+               "goal_rows": summary, "crossover": cross, "results": rows,
+               "dispatch_cache": json.loads(cache.read_text()) if (cache := dispatch.cache_file()).exists() else None}
     path = write_json(f"cpu_linear_{tag}_{torch.get_num_threads()}t", payload)
     plot(rows, probes, path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png').name}")

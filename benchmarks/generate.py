@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, environment, memory_probe, write_json  # noqa: E402
+from common import RESULTS, cpu_tag, environment, memory_probe, write_json  # noqa: E402
 
 from modlora.adapters import AdapterController, LoraAdapter  # noqa: E402
 from modlora.config import Qwen2Config  # noqa: E402
@@ -109,6 +109,8 @@ class StepClock:
         self.stamps: list[float] = []
 
     def tick(self, *_args) -> None:
+        if torch.cuda.is_available():  # a step's kernels are queued asynchronously: wait for them
+            torch.cuda.synchronize()
         self.stamps.append(time.perf_counter())
 
 
@@ -155,7 +157,9 @@ def timed(run, steps: int, clock: StepClock, warmup: int, reps: int) -> tuple[to
         clock.stamps.clear()
         start = time.perf_counter()
         out = run(steps)
-        totals.append((time.perf_counter() - start) * 1e3)
+        clock.tick()  # waits for the GPU; its stamp is the end of the last step
+        totals.append((clock.stamps[-1] - start) * 1e3)
+        clock.stamps.pop()
         prefills.append((clock.stamps[0] - start) * 1e3)
         gaps += [(b - a) * 1e3 for a, b in pairwise(clock.stamps)]
     return out, {"ms": statistics.median(totals), "prefill_ms": statistics.median(prefills),
@@ -185,7 +189,9 @@ def main() -> None:
     tok = Tokenizer.default()
     sentences = FLORES.read_text(encoding="utf-8").splitlines()
     prompts = [translation_prompt_ids(tok, "en", "de", s) for s in sentences]
-    name = f"generate-{args.device}" + ("-quick" if args.quick else "")
+    # CPU results per CPU model: each machine keeps its rows.
+    name = f"generate-{args.device}" + (f"-{cpu_tag()}" if args.device == "cpu" else "")
+    name += "-quick" if args.quick else ""
     env = environment(args.device)
     rows = earlier_rows(name)
     for dname in args.dtypes:

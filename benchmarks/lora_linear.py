@@ -26,8 +26,10 @@ from common import RESULTS, bench, environment, write_json  # noqa: E402
 
 from modlora.kernels import dual_lora_linear_ref, merge_ab  # noqa: E402
 
-# Qwen2.5-0.5B linears, (K, N): q/o 896x896, k/v 896x128, gate/up 896x4864, down 4864x896
-SHAPES = {"q/o": (896, 896), "k/v": (896, 128), "gate/up": (896, 4864), "down": (4864, 896)}
+# Qwen2.5-0.5B linears, (K, N): q/o 896x896, k/v 896x128, gate/up 896x4864, down 4864x896, and the
+# lm_head 896x151936 (not adapted in the paper's setup: timed here as the largest W read of a step)
+SHAPES = {"q/o": (896, 896), "k/v": (896, 128), "gate/up": (896, 4864), "down": (4864, 896),
+          "lm_head": (896, 151936)}
 MS = [1, 5, 40, 160, 640, 2048, 8192]
 RANKS = [8, 16, 64]
 W_IN, W_OUT, ALPHA_PER_RANK = 0.6, 0.4, 2.0  # scale = alpha / r = 2 for every adapter
@@ -107,6 +109,11 @@ def providers(t: dict, strategy: str, triton_ok: bool) -> dict[str, Provider]:
         for variant in ("fused", "split"):
             out[f"modlora-{variant}"] = lambda x, v=variant: dual_lora_linear(
                 x, W, b, lin, lout, W_IN, W_OUT, strategy, variant=v)
+        from modlora import cuda_decode
+
+        if cuda_decode.available() and t["x"].shape[0] <= cuda_decode.MAX_ROWS:
+            out["modlora-cuda-decode"] = lambda x: cuda_decode.dual_lora_decode(x, W, b, lin, lout, W_IN, W_OUT,
+                                                                                strategy)
     return out
 
 
@@ -141,8 +148,8 @@ def run_case(shape: str, m: int, r: int, strategy: str, modes: list[str], dtype:
         for p in trainable:
             p.requires_grad_(mode == "fwd+bwd")
         for name, fn in provs.items():
-            if mode == "fwd+bwd" and name == "merged":
-                continue  # no adapter gradients through a merged weight
+            if mode == "fwd+bwd" and name in ("merged", "modlora-cuda-decode"):
+                continue  # no adapter gradients through a merged weight; the decode op is forward-only
             if mode == "fwd":
                 run = lambda fn=fn, x=x: fn(x)
             else:
@@ -226,11 +233,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--m", nargs="+", type=int)
     ap.add_argument("--ranks", nargs="+", type=int)
     ap.add_argument("--modes", nargs="+", choices=["fwd", "fwd+bwd"], default=["fwd", "fwd+bwd"])
+    ap.add_argument("--strategies", nargs="+", choices=["output", "ab"], default=["output", "ab"])
+    ap.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads (default 1: multi-threaded GEMMs time erratically on a shared machine)")
     args = ap.parse_args(argv)
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
@@ -246,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     for shape in shapes:
         for m in ms:
             for r in ranks:
-                for strategy in ("output", "ab"):
+                for strategy in args.strategies:
                     rows += run_case(shape, m, r, strategy, args.modes, dtype, device, triton_ok)
                     print(f"{shape:8s} M={m:<5d} r={r:<3d} {strategy:6s}", end="\r", flush=True)
     summary = summarize(rows, fused_max_m)

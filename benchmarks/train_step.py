@@ -15,9 +15,11 @@ own subprocess so that its peak memory (VmHWM, resident set) is its own. Variant
   ``labels`` (the plain loop a user would write).
 
 Reported: non-padding tokens/s (median step), peak RSS and its growth over the loaded model, the
-loss of every step (equal across sides up to float noise).
+loss of every step (equal across sides up to float noise). On a GPU (``--device cuda``, the default
+when one is visible) the memory is torch's peak allocated CUDA memory instead of the RSS, and the
+results go to ``train_step-cuda.json``.
 
-    python benchmarks/train_step.py [--steps 4] [--batch-size 4] [--dtype float32]
+    python benchmarks/train_step.py [--steps 4] [--batch-size 4] [--dtype float32] [--device cuda]
 """
 
 from __future__ import annotations
@@ -62,12 +64,19 @@ def _batches(batch_size: int, steps: int):
     return [collate(examples[i:i + batch_size], tok.pad_id) for i in range(0, len(examples), batch_size)]
 
 
-def worker(variant: str, ckpt: str, batch_size: int, steps: int, dtype: str) -> dict:
+def _memory_mib(device: str, peak: bool) -> float:
+    """Peak or current memory: resident set on CPU, allocated CUDA memory on a GPU."""
+    if device == "cuda":
+        return (torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()) / 2**20
+    return _rss_mib("VmHWM" if peak else "VmRSS")
+
+
+def worker(variant: str, ckpt: str, batch_size: int, steps: int, dtype: str, device: str) -> dict:
     """One side of the comparison, run in its own process; prints its result as JSON."""
     torch.manual_seed(0)
     dt = getattr(torch, dtype)
-    batches = _batches(batch_size, steps)
-    ours = load_pretrained(ckpt, dtype=dt)
+    batches = [tuple(t.to(device) for t in b) for b in _batches(batch_size, steps)]
+    ours = load_pretrained(ckpt, dtype=dt, device=device)
 
     adapter = LoraAdapter.init(ours, rank=RANK, alpha=ALPHA, seed=0, dtype=dt)
     if variant == "transformers+peft":
@@ -76,7 +85,7 @@ def worker(variant: str, ckpt: str, batch_size: int, steps: int, dtype: str) -> 
 
         init = {name: A.detach().clone() for name, (A, _) in adapter.tensors.items()}
         del ours, adapter
-        hf = transformers.Qwen2ForCausalLM.from_pretrained(ckpt, dtype=dt)
+        hf = transformers.Qwen2ForCausalLM.from_pretrained(ckpt, dtype=dt).to(device)
         model = peft.get_peft_model(hf, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(TARGET_MODULES),
                                                         lora_dropout=0.0))
         modules = dict(model.named_modules())
@@ -104,7 +113,9 @@ def worker(variant: str, ckpt: str, batch_size: int, steps: int, dtype: str) -> 
     with torch.no_grad():  # page the (possibly memory-mapped) weights in before taking the baseline
         for p in model.parameters():
             p.sum()
-    loaded = _rss_mib("VmRSS")
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+    sync()
+    loaded = _memory_mib(device, peak=False)
     losses, seconds, tokens = [], [], []
     for ids, attn, mask in batches:
         start = time.perf_counter()
@@ -113,14 +124,15 @@ def worker(variant: str, ckpt: str, batch_size: int, steps: int, dtype: str) -> 
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        sync()
         seconds.append(time.perf_counter() - start)
         losses.append(float(loss.detach()))
         tokens.append(int(attn.sum()))
     med = sorted(s / t for s, t in zip(seconds[1:], tokens[1:], strict=True))[(len(seconds) - 1) // 2]
     return {"variant": variant, "losses": losses, "step_seconds": seconds, "tokens_per_step": tokens,
             "tokens_per_s": 1.0 / med, "tokens_per_s_note": "non-padding tokens, median over steps after the first",
-            "rss_loaded_mib": loaded, "peak_rss_mib": _rss_mib("VmHWM"),
-            "peak_growth_mib": _rss_mib("VmHWM") - loaded}
+            "memory": "cuda_allocated" if device == "cuda" else "rss", "loaded_mib": loaded,
+            "peak_mib": _memory_mib(device, peak=True), "peak_growth_mib": _memory_mib(device, peak=True) - loaded}
 
 
 def plot(payload: dict, path: Path) -> None:
@@ -135,7 +147,7 @@ def plot(payload: dict, path: Path) -> None:
     axes[0].bar(names, [r["tokens_per_s"] for r in runs], color="C0")
     axes[0].set(title="training tokens/s (higher is better)")
     axes[1].bar(names, [r["peak_growth_mib"] for r in runs], color="C1")
-    axes[1].set(title="peak RSS over the loaded model, MiB")
+    axes[1].set(title=f"peak {runs[0]['memory']} memory over the loaded model, MiB")
     for r in runs:
         axes[2].plot(range(1, len(r["losses"]) + 1), r["losses"], marker="o", label=r["variant"])
     axes[2].set(title="loss per step", xlabel="step")
@@ -156,11 +168,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--ckpt", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.ckpt, args.batch_size, args.steps, args.dtype)))
+        print(json.dumps(worker(args.worker, args.ckpt, args.batch_size, args.steps, args.dtype, args.device)))
         return
 
     runs = []
@@ -168,20 +181,21 @@ def main() -> None:
         save_pretrained(random_model("qwen2.5-0.5b", seed=0, dtype=getattr(torch, args.dtype)), ckpt)
         for variant in VARIANTS:
             out = subprocess.run([sys.executable, __file__, "--worker", variant, "--ckpt", ckpt, "--steps",
-                                  str(args.steps), "--batch-size", str(args.batch_size), "--dtype", args.dtype],
+                                  str(args.steps), "--batch-size", str(args.batch_size), "--dtype", args.dtype,
+                                  "--device", args.device],
                                  capture_output=True, text=True)
             if out.returncode:
                 raise RuntimeError(f"{variant} failed:\n{out.stderr[-3000:]}")
             runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
             r = runs[-1]
-            print(f"{variant:22} {r['tokens_per_s']:8.1f} tok/s  peak {r['peak_rss_mib']:7.0f} MiB "
+            print(f"{variant:22} {r['tokens_per_s']:8.1f} tok/s  peak {r['peak_mib']:7.0f} MiB "
                   f"(+{r['peak_growth_mib']:.0f} over loaded)  losses {[round(x, 5) for x in r['losses']]}",
                   file=sys.stderr)
     by = {r["variant"]: r for r in runs}
     ref = by["transformers+peft"]
     payload = {
         "benchmark": "train_step",
-        "environment": environment("cpu"),
+        "environment": environment(args.device),
         "setup": {"shape": "qwen2.5-0.5b", "dtype": args.dtype, "batch_size": args.batch_size, "steps": args.steps,
                   "rank": RANK, "alpha": ALPHA, "optimizer": f"AdamW lr {LR}, clip 1.0",
                   "data": "FLORES-101 dev fr->en, chat prompt, completion-only loss, right padding"},
@@ -191,8 +205,9 @@ def main() -> None:
         "max_loss_rel_diff_vs_transformers_peft": {
             v: max(abs(a - b) / abs(b) for a, b in zip(by[v]["losses"], ref["losses"], strict=True)) for v in by},
     }
-    path = write_json("train_step", payload)
-    plot(payload, RESULTS / "train_step.png")
+    name = "train_step" if args.device == "cpu" else f"train_step-{args.device}"
+    path = write_json(name, payload)
+    plot(payload, RESULTS / f"{name}.png")
     print(json.dumps({k: payload[k] for k in ("speedup_vs_transformers_peft", "peak_growth_ratio_vs_transformers_peft",
                                               "max_loss_rel_diff_vs_transformers_peft")}, indent=2))
     print(f"wrote {path}", file=sys.stderr)

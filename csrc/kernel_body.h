@@ -1,23 +1,39 @@
-// The blocked small-M kernel, compiled once per ISA. Included inside an anonymous namespace and a
-// `#pragma GCC target` region by kernels_*.cpp, after a `struct V` that supplies the vector type:
-//   V::vec, V::kLanes, V::zero(), V::load(const float*), V::load(const uint16_t*) (bf16 -> fp32),
-//   V::fma(a, b, acc), V::hsum(vec), V::pin(vec&) (keep a value in a register), V::kMaxMB (rows of x
-//   per register block), V::kSmallM.
+// The blocked small-M kernel: one row driver, templated over a dot-product policy, compiled once
+// per ISA. Each kernels_*.cpp includes this inside its `#pragma GCC target` region and
+// instantiates `rows_impl` with its own policy. Everything here has internal linkage (anonymous
+// namespace): each ISA file gets its own copy compiled for its target, which the linker can never
+// merge with another file's copy and run on a CPU without that ISA.
+//
+// A dot-product policy `Dot` (derived from DotTypes) supplies:
+//   Dot::V        vector traits: vec, kLanes, zero(), load(const float*), load(const uint16_t*)
+//                 (bf16 -> fp32), fma(a, b, acc), hsum(vec), pin(vec&) (keep a value in a
+//                 register), kMaxMB (rows of x per register block), kSmallM; VecBase below gives
+//                 the members that need no intrinsics;
+//   Dot::X, Dot::W  element types of x and W (float or uint16_t = raw bf16);
+//   Dot::block<MB, NB>(w, pf, x, ldx, K, out)   out[i][j] = sum_k x[i, k] * w[j][k], i < MB, j < NB.
+// FmaDot<V, WT> below is the policy for fp32 x (W converted to fp32 as it is loaded).
 //
 // Work split: the caller gives each thread a contiguous range of output columns n (= rows of W).
 // For NB rows of W at a time and MB rows of x at a time, MB*NB accumulators stay in registers for
-// the whole K loop; W is loaded once per (K step, W row) and converted bf16 -> fp32 by a zero
-// extension and a 16-bit shift. M > MB re-reads the same NB rows of W from L1/L2, not from memory.
-// The epilogue adds the bias and u[m] . B_bank[p_m][n, :] and writes y once.
+// the whole K loop; W is loaded once per (K step, W row). M > MB re-reads the same NB rows of W
+// from L1/L2, not from memory. The epilogue adds the bias and u[m] . B_bank[p_m][n, :] and writes
+// y once.
+#pragma once
+#include <cstdint>
 
-static inline float bf16_to_f32(uint16_t h) {
+#include "lora_bank.h"
+
+namespace modlora_cpu {
+namespace {
+
+inline float bf16_to_f32(uint16_t h) {
   uint32_t bits = static_cast<uint32_t>(h) << 16;
   float f;
   __builtin_memcpy(&f, &bits, 4);
   return f;
 }
 
-static inline uint16_t f32_to_bf16(float f) {  // round to nearest even, NaN stays NaN
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even, NaN stays NaN
   uint32_t bits;
   __builtin_memcpy(&bits, &f, 4);
   if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40u);
@@ -25,67 +41,109 @@ static inline uint16_t f32_to_bf16(float f) {  // round to nearest even, NaN sta
   return static_cast<uint16_t>(bits >> 16);
 }
 
-static inline float to_f32(float v) { return v; }
-static inline float to_f32(uint16_t v) { return bf16_to_f32(v); }
+inline float to_f32(float v) { return v; }
+inline float to_f32(uint16_t v) { return bf16_to_f32(v); }
 
-// out[i][j] = sum_k x[i, k] * w[j][k] for i < MB, j < NB.
-// pf: the next block of W rows, prefetched as one contiguous range of NB * K elements (exact when
-// ldw == K, a mere hint otherwise). Rows are short (lm_head: 1.8 KB in bf16), so the hardware
-// prefetcher restarts on new streams all the time and, without this, the core stalls on memory
-// between the FMAs instead of overlapping the two.
-template <int MB, int NB, typename WT>
-static inline void dot_block(const WT* const* w, const WT* pf, const float* x, int64_t ldx, int64_t K,
-                             float (*out)[4]) {
-  constexpr int kStepBytes = NB * V::kLanes * static_cast<int>(sizeof(WT));
-  typename V::vec acc[MB][NB];
+// Accumulator tile of one block: up to 16 rows of x by 4 rows of W.
+using Tile = float[16][4];
+
+// Vector types of the ISA traits (the intrinsics' __m256/__m512 less their may_alias attribute,
+// which a template argument cannot carry; loads go through memcpy, which needs no exemption).
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef float f32x16 __attribute__((vector_size(64)));
+
+// The vector-trait members that need no intrinsics: lane count, zero, unaligned fp32 load.
+template <typename Vec>
+struct VecBase {
+  using vec = Vec;
+  static constexpr int kLanes = sizeof(Vec) / sizeof(float);
+  static vec zero() { return vec{}; }
+  static vec load(const float* p) {
+    vec v;
+    __builtin_memcpy(&v, p, sizeof v);
+    return v;
+  }
+};
+
+// A policy's vector traits, element types, and the rows of x it reads (fp32 or bf16 copy).
+template <typename VT, typename XT, typename WT>
+struct DotTypes {
+  using V = VT;
+  using X = XT;
+  using W = WT;
+  static const XT* x(const BankArgs& a) {
+    if constexpr (sizeof(XT) == sizeof(uint16_t))
+      return a.xb;
+    else
+      return a.xf;
+  }
+};
+
+// Register accumulators of a block: cleared before the K loop, reduced to floats after it.
+template <typename V, int MB, int NB>
+inline void clear(typename V::vec (&acc)[MB][NB]) {
 #pragma GCC unroll 16
   for (int i = 0; i < MB; ++i)
 #pragma GCC unroll 4
     for (int j = 0; j < NB; ++j) acc[i][j] = V::zero();
-  int64_t k = 0;
-  for (; k + V::kLanes <= K; k += V::kLanes) {
-#pragma GCC unroll 8
-    for (int b = 0; b < kStepBytes; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(pf + NB * k) + b);
-    typename V::vec wv[NB];
-#pragma GCC unroll 4
-    for (int j = 0; j < NB; ++j) wv[j] = V::load(w[j] + k);
-#pragma GCC unroll 16
-    for (int i = 0; i < MB; ++i) {
-      typename V::vec xv = V::load(x + i * ldx + k);
-      V::pin(xv);
-#pragma GCC unroll 4
-      for (int j = 0; j < NB; ++j) acc[i][j] = V::fma(xv, wv[j], acc[i][j]);
-    }
-  }
+}
+
+template <typename V, int MB, int NB>
+inline void reduce(const typename V::vec (&acc)[MB][NB], float (*out)[4]) {
   for (int i = 0; i < MB; ++i)
     for (int j = 0; j < NB; ++j) out[i][j] = V::hsum(acc[i][j]);
-  for (; k < K; ++k)  // K tail (< kLanes elements)
-    for (int j = 0; j < NB; ++j) {
-      const float wk = to_f32(w[j][k]);
-      for (int i = 0; i < MB; ++i) out[i][j] += x[i * ldx + k] * wk;
+}
+
+// FMA policy: x fp32, W of type WT loaded and converted to fp32 per K step.
+// pf: the next block of W rows, prefetched as one contiguous range of NB * K elements (exact when
+// ldw == K, a mere hint otherwise). Rows are short (lm_head: 1.8 KB in bf16), so the hardware
+// prefetcher restarts on new streams all the time and, without this, the core stalls on memory
+// between the FMAs instead of overlapping the two.
+template <typename VT, typename WT>
+struct FmaDot : DotTypes<VT, float, WT> {
+  using V = VT;
+
+  template <int MB, int NB>
+  static void block(const WT* const* w, const WT* pf, const float* x, int64_t ldx, int64_t K, float (*out)[4]) {
+    constexpr int kStepBytes = NB * V::kLanes * static_cast<int>(sizeof(WT));
+    typename V::vec acc[MB][NB];
+    clear<V>(acc);
+    int64_t k = 0;
+    for (; k + V::kLanes <= K; k += V::kLanes) {
+#pragma GCC unroll 8
+      for (int b = 0; b < kStepBytes; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(pf + NB * k) + b);
+      typename V::vec wv[NB];
+#pragma GCC unroll 4
+      for (int j = 0; j < NB; ++j) wv[j] = V::load(w[j] + k);
+#pragma GCC unroll 16
+      for (int i = 0; i < MB; ++i) {
+        typename V::vec xv = V::load(x + i * ldx + k);
+        V::pin(xv);
+#pragma GCC unroll 4
+        for (int j = 0; j < NB; ++j) acc[i][j] = V::fma(xv, wv[j], acc[i][j]);
+      }
     }
-}
+    reduce<V>(acc, out);
+    for (; k < K; ++k)  // K tail (< kLanes elements)
+      for (int j = 0; j < NB; ++j) {
+        const float wk = to_f32(w[j][k]);
+        for (int i = 0; i < MB; ++i) out[i][j] += x[i * ldx + k] * wk;
+      }
+  }
+};
 
-template <typename BT>
-static inline float rank_dot(const float* u, const BT* b, int64_t R) {
-  typename V::vec acc = V::zero();
-  int64_t r = 0;
-  for (; r + V::kLanes <= R; r += V::kLanes) acc = V::fma(V::load(u + r), V::load(b + r), acc);
-  float s = V::hsum(acc);
-  for (; r < R; ++r) s += u[r] * to_f32(b[r]);
-  return s;
-}
+template <typename Dot>
+using BlockFn = void (*)(const typename Dot::W* const*, const typename Dot::W*, const typename Dot::X*, int64_t,
+                         int64_t, float (*)[4]);
 
-template <typename WT>
-using DotFn = void (*)(const WT* const*, const WT*, const float*, int64_t, int64_t, float (*)[4]);
-
-template <typename WT, int NB>
-static DotFn<WT> pick_dot(int mb) {
-  constexpr int kMax = NB == 4 ? V::kSmallM : V::kMaxMB;
+// The block kernel for mb rows of x and NB rows of W (mb is known only at run time).
+template <typename Dot, int NB>
+BlockFn<Dot> pick_block(int mb) {
+  constexpr int kMax = NB == 4 ? Dot::V::kSmallM : Dot::V::kMaxMB;
   switch (mb) {
-#define MODLORA_CASE(n)                                    \
-  case n:                                                  \
-    if constexpr (n <= kMax) return &dot_block<n, NB, WT>; \
+#define MODLORA_CASE(n)                                                \
+  case n:                                                              \
+    if constexpr (n <= kMax) return &Dot::template block<n, NB>;       \
     break;
     MODLORA_CASE(1) MODLORA_CASE(2) MODLORA_CASE(3) MODLORA_CASE(4) MODLORA_CASE(5) MODLORA_CASE(6)
     MODLORA_CASE(7) MODLORA_CASE(8) MODLORA_CASE(9) MODLORA_CASE(10) MODLORA_CASE(11) MODLORA_CASE(12)
@@ -94,9 +152,19 @@ static DotFn<WT> pick_dot(int mb) {
   return nullptr;
 }
 
+template <typename V, typename BT>
+inline float rank_dot(const float* u, const BT* b, int64_t R) {
+  typename V::vec acc = V::zero();
+  int64_t r = 0;
+  for (; r + V::kLanes <= R; r += V::kLanes) acc = V::fma(V::load(u + r), V::load(b + r), acc);
+  float s = V::hsum(acc);
+  for (; r < R; ++r) s += u[r] * to_f32(b[r]);
+  return s;
+}
+
 // Epilogue for rows [m0, m0 + mb) and columns [n, n + nb): bias, LoRA expand, store.
-template <typename BT>
-static inline void epilogue(const BankArgs& a, int64_t m0, int mb, int64_t n, int nb, float (*acc)[4]) {
+template <typename V, typename BT>
+void epilogue(const BankArgs& a, int64_t m0, int mb, int64_t n, int nb, const Tile& acc) {
   const BT* bank = static_cast<const BT*>(a.bank_b);
   for (int i = 0; i < mb; ++i) {
     const int64_t m = m0 + i;
@@ -105,7 +173,7 @@ static inline void epilogue(const BankArgs& a, int64_t m0, int mb, int64_t n, in
     for (int j = 0; j < nb; ++j) {
       float v = acc[i][j];
       if (a.bias) v += a.bias[n + j];
-      if (um) v += rank_dot(um, bp + (n + j) * a.R, a.R);
+      if (um) v += rank_dot<V>(um, bp + (n + j) * a.R, a.R);
       if (a.y_bf16)
         static_cast<uint16_t*>(a.y)[m * a.N + n + j] = f32_to_bf16(v);
       else
@@ -114,45 +182,65 @@ static inline void epilogue(const BankArgs& a, int64_t m0, int mb, int64_t n, in
   }
 }
 
-template <typename WT>
-static void rows_impl(const BankArgs& a, int64_t n0, int64_t n1) {
-  const WT* W = static_cast<const WT*>(a.w);
+// Dot products of rows [m0, m0 + mb) of x with the nb (<= NB) W rows `wrows` into acc.
+template <typename Dot, int NB>
+void dot_rows(const typename Dot::W* const* wrows, const typename Dot::W* pf, const typename Dot::X* x, int64_t K,
+              int mb, int nb, Tile& acc) {
+  if (nb == NB) {
+    pick_block<Dot, NB>(mb)(wrows, pf, x, K, K, acc);
+    return;
+  }
+  const BlockFn<Dot> one_row = pick_block<Dot, 1>(mb);  // last, partial block of W rows
+  for (int j = 0; j < nb; ++j) {
+    Tile one;
+    one_row(wrows + j, wrows[j], x, K, K, one);
+    for (int i = 0; i < mb; ++i) acc[i][j] = one[i][0];
+  }
+}
+
+// Output columns [n0, n1) for all M rows, NB rows of W per block.
+template <typename Dot, int NB>
+void rows_blocked(const BankArgs& a, int64_t n0, int64_t n1) {
+  using V = typename Dot::V;
+  const auto* W = static_cast<const typename Dot::W*>(a.w);
   // Rows of x per register block: as even as possible, at most kMaxMB.
   const int64_t chunks = (a.M + V::kMaxMB - 1) / V::kMaxMB;
   const int mb_full = static_cast<int>((a.M + chunks - 1) / chunks);
-  const bool wide = a.M <= V::kSmallM;  // few x rows: 4 W rows per block for more independent FMAs
-  const int NB = wide ? 4 : 2;
-  float acc[16][4];
+  Tile acc;
   for (int64_t n = n0; n < n1; n += NB) {
     const int nb = static_cast<int>(n1 - n < NB ? n1 - n : NB);
-    const WT* wrows[4];
+    const typename Dot::W* wrows[NB];
     for (int j = 0; j < nb; ++j) wrows[j] = W + (n + j) * a.ldw;
     // The last full block prefetches itself: the range stays inside this thread's rows [n0, n1).
-    const WT* pf = W + (n + 2 * NB <= n1 ? n + NB : n) * a.ldw;
+    const typename Dot::W* pf = W + (n + 2 * NB <= n1 ? n + NB : n) * a.ldw;
     for (int64_t m0 = 0; m0 < a.M; m0 += mb_full) {
       const int mb = static_cast<int>(a.M - m0 < mb_full ? a.M - m0 : mb_full);
-      const float* x = a.xf + m0 * a.K;
-      if (nb == NB) {
-        (NB == 4 ? pick_dot<WT, 4>(mb) : pick_dot<WT, 2>(mb))(wrows, pf, x, a.K, a.K, acc);
-      } else {  // last, partial block of W rows: one row at a time
-        DotFn<WT> one_row = pick_dot<WT, 1>(mb);
-        for (int j = 0; j < nb; ++j) {
-          float one[16][4];
-          one_row(wrows + j, wrows[j], x, a.K, a.K, one);
-          for (int i = 0; i < mb; ++i) acc[i][j] = one[i][0];
-        }
-      }
+      dot_rows<Dot, NB>(wrows, pf, Dot::x(a) + m0 * a.K, a.K, mb, nb, acc);
       if (a.b_bf16)
-        epilogue<uint16_t>(a, m0, mb, n, nb, acc);
+        epilogue<V, uint16_t>(a, m0, mb, n, nb, acc);
       else
-        epilogue<float>(a, m0, mb, n, nb, acc);
+        epilogue<V, float>(a, m0, mb, n, nb, acc);
     }
   }
 }
 
-static void rows_entry(const BankArgs& a, int64_t n0, int64_t n1) {
-  if (a.w_bf16)
-    rows_impl<uint16_t>(a, n0, n1);
+// The row driver: few rows of x take 4 W rows per block (more independent accumulators), else 2.
+template <typename Dot>
+void rows_impl(const BankArgs& a, int64_t n0, int64_t n1) {
+  if (a.M <= Dot::V::kSmallM)
+    rows_blocked<Dot, 4>(a, n0, n1);
   else
-    rows_impl<float>(a, n0, n1);
+    rows_blocked<Dot, 2>(a, n0, n1);
 }
+
+// Entry for the FMA policy: fp32 x, W in fp32 or bf16.
+template <typename V>
+void rows_fma(const BankArgs& a, int64_t n0, int64_t n1) {
+  if (a.w_bf16)
+    rows_impl<FmaDot<V, uint16_t>>(a, n0, n1);
+  else
+    rows_impl<FmaDot<V, float>>(a, n0, n1);
+}
+
+}  // namespace
+}  // namespace modlora_cpu

@@ -5,25 +5,14 @@
 // GCC 12 warns about deliberately undefined lanes inside its own avx512fintrin.h.
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#include <immintrin.h>
-
-#include <cstdint>
-
-#include "lora_bank.h"
-
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma")
-
-namespace modlora_cpu {
-namespace {
 
 #include "avx512_traits.h"
 #include "kernel_body.h"
 
-}  // namespace
-
-void rows_avx512(const BankArgs& a, int64_t n0, int64_t n1) { rows_entry(a, n0, n1); }
-
+namespace modlora_cpu {
+void rows_avx512(const BankArgs& a, int64_t n0, int64_t n1) { rows_fma<Avx512>(a, n0, n1); }
 }  // namespace modlora_cpu
 
 #pragma GCC pop_options

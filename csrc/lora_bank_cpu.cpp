@@ -66,13 +66,130 @@ bool is_f32_or_bf16(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16;
 }
 
+// Threads take output columns in blocks of 4; a grain of about 16K multiply-adds per task.
+int64_t grain_for(int64_t K) { return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, 4 * K)); }
+
 // Run `rows` over output columns [0, N) in blocks of 4, in parallel when there is enough work.
 void run_parallel(RowsFn rows, const BankArgs& a) {
-  const int64_t blocks = (a.N + 3) / 4;
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, 4 * a.K));
-  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, (a.N + 3) / 4, grain_for(a.K), [&](int64_t b0, int64_t b1) {
     rows(a, b0 * 4, std::min(a.N, b1 * 4));
   });
+}
+
+void check_x_weight(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(x.dim() == 2, "lora_bank_linear: x must be [M, K], got ", x.sizes());
+  TORCH_CHECK(weight.dim() == 2, "lora_bank_linear: weight must be [N, K], got ", weight.sizes());
+  TORCH_CHECK(is_f32_or_bf16(x), "lora_bank_linear: x must be float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(is_f32_or_bf16(weight), "lora_bank_linear: weight must be float32 or bfloat16, got ",
+              weight.scalar_type());
+  TORCH_CHECK(weight.size(1) == x.size(1), "lora_bank_linear: x is [", x.size(0), ", ", x.size(1),
+              "] but weight is ", weight.sizes(), " (expected [N, ", x.size(1), "])");
+}
+
+// The bias as contiguous fp32 [N], or undefined.
+at::Tensor float_bias(const c10::optional<at::Tensor>& bias, int64_t N) {
+  if (!(bias.has_value() && bias->defined())) return {};
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "lora_bank_linear: bias must be [N] = [", N, "], got ",
+              bias->sizes());
+  return bias->to(at::kFloat).contiguous();
+}
+
+// The adapter bank, checked: A [P, R, K], B [P, N, R], pair [M] (pp null: every row uses pair 0).
+struct Bank {
+  at::Tensor A, B, pairs;
+  int64_t P = 0, R = 0;
+  const int64_t* pp = nullptr;
+};
+
+const int64_t* checked_pairs(const at::Tensor& row_pair, int64_t M, int64_t P) {
+  TORCH_CHECK(row_pair.scalar_type() == at::kLong && row_pair.dim() == 1 && row_pair.size(0) == M,
+              "lora_bank_linear: row_pair must be int64 [M] = [", M, "], got ", row_pair.scalar_type(), " ",
+              row_pair.sizes());
+  const int64_t* pp = row_pair.data_ptr<int64_t>();
+  for (int64_t m = 0; m < M; ++m)
+    TORCH_CHECK(pp[m] >= 0 && pp[m] < P, "lora_bank_linear: row_pair[", m, "] = ", pp[m],
+                " is out of range for a bank of ", P, " pairs");
+  return pp;
+}
+
+Bank checked_bank(const at::Tensor& A_bank, const at::Tensor& B_bank, const c10::optional<at::Tensor>& row_pair,
+                  int64_t M, int64_t N, int64_t K) {
+  Bank bank;
+  bank.A = A_bank.contiguous();
+  bank.B = B_bank.contiguous();
+  TORCH_CHECK(bank.A.dim() == 3 && bank.A.size(2) == K, "lora_bank_linear: A_bank must be [P, R, K] with K = ", K,
+              ", got ", bank.A.sizes());
+  bank.P = bank.A.size(0);
+  bank.R = bank.A.size(1);
+  TORCH_CHECK(bank.B.dim() == 3 && bank.B.size(0) == bank.P && bank.B.size(1) == N && bank.B.size(2) == bank.R,
+              "lora_bank_linear: B_bank must be [P, N, R] = [", bank.P, ", ", N, ", ", bank.R, "], got ",
+              bank.B.sizes());
+  TORCH_CHECK(is_f32_or_bf16(bank.A) && is_f32_or_bf16(bank.B),
+              "lora_bank_linear: A_bank and B_bank must be float32 or bfloat16, got ", bank.A.scalar_type(), " and ",
+              bank.B.scalar_type());
+  if (row_pair.has_value() && row_pair->defined()) {
+    bank.pairs = row_pair->contiguous();
+    bank.pp = checked_pairs(bank.pairs, M, bank.P);
+  } else {
+    TORCH_CHECK(bank.P >= 1, "lora_bank_linear: an empty bank (P = 0) needs A_bank = B_bank = None");
+  }
+  return bank;
+}
+
+// Rows grouped by pair (counting sort): rows of pair p are order[start[p] .. start[p + 1]).
+struct PairGroups {
+  std::vector<int64_t> start, order;
+  bool identity = true;  // order[m] == m for every m
+};
+
+PairGroups group_by_pair(const int64_t* pp, int64_t M, int64_t P) {
+  PairGroups g;
+  g.start.assign(P + 1, 0);
+  g.order.resize(M);
+  for (int64_t m = 0; m < M; ++m) ++g.start[(pp ? pp[m] : 0) + 1];
+  for (int64_t p = 0; p < P; ++p) g.start[p + 1] += g.start[p];
+  std::vector<int64_t> next(g.start.begin(), g.start.end() - 1);
+  for (int64_t m = 0; m < M; ++m) g.order[next[pp ? pp[m] : 0]++] = m;
+  for (int64_t m = 0; m < M; ++m) g.identity = g.identity && g.order[m] == m;
+  return g;
+}
+
+// Shrink: u[m] = A_bank[p_m] x[m] as fp32 [M, R]. Rows are grouped by pair so that each A_p is
+// streamed once; the tasks are (pair, 4 rank rows), each a small-M linear of the FMA kernel.
+at::Tensor shrink(RowsFn rows, const at::Tensor& xf, const Bank& bank) {
+  const int64_t M = xf.size(0), K = xf.size(1), R = bank.R;
+  PairGroups g = group_by_pair(bank.pp, M, bank.P);
+  const at::Tensor order = torch::from_blob(g.order.data(), {M}, at::kLong);
+  const at::Tensor xs = g.identity ? xf : xf.index_select(0, order);
+  at::Tensor us = at::empty({M, R}, xf.options());
+  struct Task {
+    int64_t p, r0, r1;
+  };
+  std::vector<Task> tasks;
+  for (int64_t p = 0; p < bank.P; ++p)
+    if (g.start[p + 1] > g.start[p])
+      for (int64_t r0 = 0; r0 < R; r0 += 4) tasks.push_back({p, r0, std::min(R, r0 + 4)});
+  const float* xs_ptr = xs.data_ptr<float>();
+  float* us_ptr = us.data_ptr<float>();
+  const auto* a_base = static_cast<const char*>(bank.A.data_ptr());
+  const int64_t a_elem = bank.A.element_size();
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), grain_for(K), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const Task& t = tasks[i];
+      BankArgs s;
+      s.M = g.start[t.p + 1] - g.start[t.p];
+      s.N = R;
+      s.K = K;
+      s.w = a_base + t.p * R * K * a_elem;
+      s.w_bf16 = bank.A.scalar_type() == at::kBFloat16;
+      s.ldw = K;
+      s.xf = xs_ptr + g.start[t.p] * K;
+      s.y = us_ptr + g.start[t.p] * R;
+      rows(s, t.r0, t.r1);
+    }
+  });
+  if (g.identity) return us;
+  return at::empty_like(us).index_copy_(0, order, us);
 }
 
 }  // namespace
@@ -80,32 +197,20 @@ void run_parallel(RowsFn rows, const BankArgs& a) {
 at::Tensor lora_bank_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                                 const c10::optional<at::Tensor>& A_bank, const c10::optional<at::Tensor>& B_bank,
                                 const c10::optional<at::Tensor>& row_pair) {
-  TORCH_CHECK(x.dim() == 2, "lora_bank_linear: x must be [M, K], got ", x.sizes());
-  TORCH_CHECK(weight.dim() == 2, "lora_bank_linear: weight must be [N, K], got ", weight.sizes());
-  TORCH_CHECK(is_f32_or_bf16(x), "lora_bank_linear: x must be float32 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK(is_f32_or_bf16(weight), "lora_bank_linear: weight must be float32 or bfloat16, got ",
-              weight.scalar_type());
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  TORCH_CHECK(weight.size(1) == K, "lora_bank_linear: x is [", M, ", ", K, "] but weight is ", weight.sizes(),
-              " (expected [N, ", K, "])");
+  check_x_weight(x, weight);
   const bool has_a = A_bank.has_value() && A_bank->defined();
   const bool has_b = B_bank.has_value() && B_bank->defined();
   TORCH_CHECK(has_a == has_b, "lora_bank_linear: A_bank and B_bank must both be given or both be None");
-
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
 
-  at::Tensor w = weight.stride(1) == 1 && weight.stride(0) >= K ? weight : weight.contiguous();
-  at::Tensor xc = x.contiguous();
-  at::Tensor xf = x.scalar_type() == at::kFloat ? xc : xc.to(at::kFloat);
-  at::Tensor bf;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "lora_bank_linear: bias must be [N] = [", N, "], got ",
-                bias->sizes());
-    bf = bias->to(at::kFloat).contiguous();
-  }
-
+  const at::Tensor w = weight.stride(1) == 1 && weight.stride(0) >= K ? weight : weight.contiguous();
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor xf = x.scalar_type() == at::kFloat ? xc : xc.to(at::kFloat);
+  const at::Tensor bf = float_bias(bias, N);
   const int isa = g_isa.load(std::memory_order_relaxed);
+  const bool bf16_dot = isa == kAvx512Bf16 && w.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kBFloat16;
   BankArgs a;
   a.M = M;
   a.N = N;
@@ -114,90 +219,21 @@ at::Tensor lora_bank_linear_cpu(const at::Tensor& x, const at::Tensor& weight, c
   a.w_bf16 = w.scalar_type() == at::kBFloat16;
   a.ldw = w.stride(0);
   a.xf = xf.data_ptr<float>();
+  a.xb = bf16_dot ? static_cast<const uint16_t*>(xc.data_ptr()) : nullptr;
   a.bias = bf.defined() ? bf.data_ptr<float>() : nullptr;
   a.y = out.data_ptr();
   a.y_bf16 = out.scalar_type() == at::kBFloat16;
-  const bool bf16_dot = isa == kAvx512Bf16 && a.w_bf16 && x.scalar_type() == at::kBFloat16;
-  if (bf16_dot) a.xb = reinterpret_cast<const uint16_t*>(xc.data_ptr());
 
-  at::Tensor Ab, Bb, u, pairs;
-  if (has_a) {
-    Ab = A_bank->contiguous();
-    Bb = B_bank->contiguous();
-    TORCH_CHECK(Ab.dim() == 3 && Ab.size(2) == K, "lora_bank_linear: A_bank must be [P, R, K] with K = ", K,
-                ", got ", Ab.sizes());
-    const int64_t P = Ab.size(0), R = Ab.size(1);
-    TORCH_CHECK(Bb.dim() == 3 && Bb.size(0) == P && Bb.size(1) == N && Bb.size(2) == R,
-                "lora_bank_linear: B_bank must be [P, N, R] = [", P, ", ", N, ", ", R, "], got ", Bb.sizes());
-    TORCH_CHECK(is_f32_or_bf16(Ab) && is_f32_or_bf16(Bb),
-                "lora_bank_linear: A_bank and B_bank must be float32 or bfloat16, got ", Ab.scalar_type(), " and ",
-                Bb.scalar_type());
-    const int64_t* pp = nullptr;
-    if (row_pair.has_value() && row_pair->defined()) {
-      TORCH_CHECK(row_pair->scalar_type() == at::kLong && row_pair->dim() == 1 && row_pair->size(0) == M,
-                  "lora_bank_linear: row_pair must be int64 [M] = [", M, "], got ", row_pair->scalar_type(), " ",
-                  row_pair->sizes());
-      pairs = row_pair->contiguous();
-      pp = pairs.data_ptr<int64_t>();
-      for (int64_t m = 0; m < M; ++m)
-        TORCH_CHECK(pp[m] >= 0 && pp[m] < P, "lora_bank_linear: row_pair[", m, "] = ", pp[m],
-                    " is out of range for a bank of ", P, " pairs");
-    } else {
-      TORCH_CHECK(P >= 1, "lora_bank_linear: an empty bank (P = 0) needs A_bank = B_bank = None");
-    }
-    if (R > 0 && P > 0) {
-      // Shrink: group rows by pair (counting sort) so that each A_p is streamed once.
-      std::vector<int64_t> count(P + 1, 0), order(M);
-      for (int64_t m = 0; m < M; ++m) ++count[(pp ? pp[m] : 0) + 1];
-      for (int64_t p = 0; p < P; ++p) count[p + 1] += count[p];
-      {
-        std::vector<int64_t> next(count.begin(), count.end() - 1);
-        for (int64_t m = 0; m < M; ++m) order[next[pp ? pp[m] : 0]++] = m;
-      }
-      bool identity = true;
-      for (int64_t m = 0; m < M; ++m) identity = identity && order[m] == m;
-      at::Tensor xs = identity ? xf : xf.index_select(0, torch::from_blob(order.data(), {M}, at::kLong));
-      at::Tensor us = at::empty({M, R}, x.options().dtype(at::kFloat));
-      struct Item {
-        int64_t p, r0, r1;
-      };
-      std::vector<Item> items;
-      for (int64_t p = 0; p < P; ++p)
-        if (count[p + 1] > count[p])
-          for (int64_t r0 = 0; r0 < R; r0 += 4) items.push_back({p, r0, std::min(R, r0 + 4)});
-      const RowsFn shrink = rows_for(isa, false);
-      const float* xs_ptr = xs.data_ptr<float>();
-      float* us_ptr = us.data_ptr<float>();
-      const auto* a_base = static_cast<const char*>(Ab.data_ptr());
-      const int64_t a_elem = Ab.element_size();
-      const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, 4 * K));
-      at::parallel_for(0, static_cast<int64_t>(items.size()), grain, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) {
-          const Item& it = items[i];
-          BankArgs s;
-          s.M = count[it.p + 1] - count[it.p];
-          s.N = R;
-          s.K = K;
-          s.w = a_base + it.p * R * K * a_elem;
-          s.w_bf16 = Ab.scalar_type() == at::kBFloat16;
-          s.ldw = K;
-          s.xf = xs_ptr + count[it.p] * K;
-          s.y = us_ptr + count[it.p] * R;
-          shrink(s, it.r0, it.r1);
-        }
-      });
-      if (identity) {
-        u = us;
-      } else {
-        u = at::empty_like(us);
-        u.index_copy_(0, torch::from_blob(order.data(), {M}, at::kLong), us);
-      }
-      a.R = R;
-      a.u = u.data_ptr<float>();
-      a.bank_b = Bb.data_ptr();
-      a.b_bf16 = Bb.scalar_type() == at::kBFloat16;
-      a.pair = pp;
-    }
+  Bank bank;
+  at::Tensor u;
+  if (has_a) bank = checked_bank(*A_bank, *B_bank, row_pair, M, N, K);
+  if (bank.R > 0 && bank.P > 0) {
+    u = shrink(rows_for(isa, false), xf, bank);
+    a.R = bank.R;
+    a.u = u.data_ptr<float>();
+    a.bank_b = bank.B.data_ptr();
+    a.b_bf16 = bank.B.scalar_type() == at::kBFloat16;
+    a.pair = bank.pp;
   }
   run_parallel(rows_for(isa, bf16_dot), a);
   return out;
@@ -227,29 +263,6 @@ void set_isa(const std::string& name) {
               c10::Join(", ", std::vector<std::string>(std::begin(kIsaNames), std::end(kIsaNames))));
 }
 
-// Memory-read probe: reads every byte of `t` once across the threads (a checksum keeps the loads).
-int64_t read_probe(const at::Tensor& t) {
-  TORCH_CHECK(t.is_contiguous() && t.device().is_cpu(), "read_probe: needs a contiguous CPU tensor");
-  const auto* p = static_cast<const uint64_t*>(t.data_ptr());
-  const int64_t n = t.nbytes() / 8;
-  std::vector<uint64_t> partial(at::get_num_threads() + 1, 0);
-  at::parallel_for(0, n, 1 << 16, [&](int64_t i0, int64_t i1) {
-    uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-    int64_t i = i0;
-    for (; i + 4 <= i1; i += 4) {
-      s0 += p[i];
-      s1 += p[i + 1];
-      s2 += p[i + 2];
-      s3 += p[i + 3];
-    }
-    for (; i < i1; ++i) s0 += p[i];
-    partial[at::get_thread_num()] += s0 + s1 + s2 + s3;
-  });
-  uint64_t s = 0;
-  for (auto v : partial) s += v;
-  return static_cast<int64_t>(s);
-}
-
 }  // namespace
 }  // namespace modlora_cpu
 
@@ -269,5 +282,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The best vector ISA this CPU supports.");
   m.def("supported_isas", &modlora_cpu::supported_isas, "ISAs this CPU can run, worst first.");
   m.def("set_isa", &modlora_cpu::set_isa, "Force an ISA ('scalar', 'avx2', 'avx512', 'avx512_bf16') or 'auto'.");
-  m.def("read_probe", &modlora_cpu::read_probe, "Read every byte of a tensor once (memory bandwidth probe).");
 }

@@ -10,7 +10,7 @@ from .cross_entropy import linear_cross_entropy
 from .reference import dual_lora_linear_ref, lora_delta_ref, merge_ab, merge_pair, pairwise_lora_linear_ref
 
 __all__ = ["dual_lora_linear", "dual_lora_linear_ref", "linear_cross_entropy", "lora_delta_ref", "merge_ab",
-           "merge_pair", "pairwise_lora_linear_ref"]
+           "merge_pair", "pairwise_lora_linear", "pairwise_lora_linear_ref"]
 
 
 def __getattr__(name: str):
@@ -18,4 +18,8 @@ def __getattr__(name: str):
         from .dual_lora import dual_lora_linear
 
         return dual_lora_linear
+    if name == "pairwise_lora_linear":
+        from .pairwise import pairwise_lora_linear
+
+        return pairwise_lora_linear
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,8 +1,8 @@
 """Cross-entropy of a linear layer's output without its logits: ``sum_i CE(h_i W^T, t_i)`` chunk by chunk.
 
 The trainer's loss over a 151,936-token vocabulary: one chunk of fp32 logits [chunk, V] is alive at
-a time, and the gradient w.r.t. ``h`` is computed in the same pass, so the backward needs no
-logits either. Plain torch (any device); tested against ``F.cross_entropy`` of the full logits.
+a time, and the gradients w.r.t. ``h`` (and ``W``, when it trains) are computed in the same pass, so
+the backward needs no logits either. Plain torch (any device); tested against ``F.cross_entropy`` of the full logits.
 """
 
 from __future__ import annotations
@@ -14,31 +14,41 @@ from torch import Tensor
 class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of ``softmax(h W^T)`` at ``targets``, chunk by chunk over the rows of h.
 
-    Forward, per chunk c: ``z = h_c W^T`` (fp32), ``loss += sum(lse(z) - z[target])`` and, when h
-    needs a gradient, ``dh_c = (softmax(z) - onehot(target)) W``. Backward returns ``grad * dh``.
-    What is kept for backward is dh [N, C], the size of h. W is frozen: no gradient flows to it.
+    Forward, per chunk c: ``z = h_c W^T`` (fp32), ``loss += sum(lse(z) - z[target])`` and, with
+    ``d = softmax(z) - onehot(target)``, ``dh_c = d W`` when h needs a gradient and ``dW += d^T h_c``
+    (accumulated in fp32) when W does (full fine-tuning trains the output embedding). Backward
+    scales both by the incoming gradient. What is kept for backward is dh [N, C] and dW [V, C], the
+    sizes of h and W.
     """
 
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> Tensor:
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        needs_w = ctx.needs_input_grad[1]
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_w else None
         for start in range(0, h.shape[0], chunk):
             hc, tc = h[start:start + chunk], targets[start:start + chunk]
             logits = (hc @ weight.t()).float()  # [c, V]
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()
-            if grad_h is not None:
+            if grad_h is not None or grad_w is not None:
                 probs = logits.sub_(lse[:, None]).exp_()  # in place: the chunk's logits are no longer needed
                 probs[torch.arange(len(tc), device=h.device), tc] -= 1.0
-                grad_h[start:start + chunk] = probs.to(weight.dtype) @ weight
-        ctx.save_for_backward(grad_h)
+                if grad_h is not None:
+                    grad_h[start:start + chunk] = probs.to(weight.dtype) @ weight
+                if grad_w is not None:
+                    grad_w.addmm_(probs.t(), hc.float())
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
         return total
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, None, None, None]:
-        (grad_h,) = ctx.saved_tensors
-        return (grad_h * grad_out.to(grad_h.dtype)) if grad_h is not None else None, None, None, None
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        grad_h, grad_w = ctx.saved_tensors
+        grad_h = None if grad_h is None else grad_h * grad_out.to(grad_h.dtype)
+        grad_w = None if grad_w is None else (grad_w * grad_out.float()).to(ctx.weight_dtype)
+        return grad_h, grad_w, None, None
 
 
 def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk: int = 256) -> Tensor:
@@ -46,13 +56,9 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk: int 
 
     Args:
         h: hidden states [N, C].
-        weight: the output embedding [V, C]; frozen.
+        weight: the output embedding [V, C]; it gets a gradient (accumulated in fp32) only when it
+            requires one (full fine-tuning).
         targets: token ids [N].
         chunk: rows per chunk of logits (peak memory ``chunk * V`` fp32).
-
-    Raises:
-        ValueError: ``weight`` requires grad (no gradient is computed for it).
     """
-    if weight.requires_grad:
-        raise ValueError("linear_cross_entropy computes no gradient for the output embedding; freeze it")
     return _LinearCrossEntropy.apply(h, weight, targets, chunk)

@@ -14,12 +14,15 @@ dtype before the expand, as in the unfused torch path.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .configs import GemmConfig, gemm_config, rank_block, shrink_config
 
 Coef = float | Tensor
 
@@ -51,10 +54,14 @@ def _lora_gemm_kernel(
     c1, c2, M, P, Q, r1, R,
     stride_am, stride_aq, stride_bq, stride_bp, stride_om, stride_op,
     stride_s1, stride_s2, stride_sr, stride_e1, stride_e2, stride_er,
+    stride_ok, k_chunk,
     SHRINK: tl.constexpr, STORE_V: tl.constexpr, TWO: tl.constexpr, HAS_BIAS: tl.constexpr,
     COEF_PTR: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BP: tl.constexpr, BQ: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    # Split-K (grid axis 1 > 1, never with SHRINK): program (tile, k) sums q in [k * k_chunk,
+    # (k + 1) * k_chunk) into its own fp32 slice out[k] (stride_ok); slice 0 adds the LoRA term and
+    # bias; the launcher sums the slices in a fixed order, so results do not depend on scheduling.
     # Grouped program order: GROUP_M row tiles share each b column tile while it is in L2.
     pid = tl.program_id(0)
     tiles_m, tiles_p = tl.cdiv(M, BM), tl.cdiv(P, BP)
@@ -62,6 +69,7 @@ def _lora_gemm_kernel(
     group_m = min(tiles_m - first_m, GROUP_M)
     pid_m = first_m + (pid % (GROUP_M * tiles_p)) % group_m
     pid_p = (pid % (GROUP_M * tiles_p)) // group_m
+    pid_k = tl.program_id(1)
 
     rm = (pid_m * BM + tl.arange(0, BM)).to(tl.int64)  # rm * stride passes 2^31 at ~440k tokens (K 4864)
     rp = pid_p * BP + tl.arange(0, BP)
@@ -70,9 +78,10 @@ def _lora_gemm_kernel(
 
     acc = tl.zeros((BM, BP), dtype=tl.float32)
     v = tl.zeros((BM, BR), dtype=tl.float32)
-    for q0 in range(0, Q, BQ):
+    q_end = tl.minimum(Q, (pid_k + 1) * k_chunk)
+    for q0 in range(pid_k * k_chunk, q_end, BQ):
         rq = q0 + tl.arange(0, BQ)
-        q_mask = rq < Q
+        q_mask = rq < q_end
         a = _load_tile(a_ptr, rm, rq, m_mask, q_mask, stride_am, stride_aq)
         b = _load_tile(b_ptr, rq, rp, q_mask, p_mask, stride_bq, stride_bp)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
@@ -88,15 +97,16 @@ def _lora_gemm_kernel(
     else:
         v = tl.load(v_ptr + rm[:, None] * R + rr[None, :], mask=v_mask, other=0.0)
 
-    if COEF_PTR:  # learned weights: read on device, no host sync
-        coef = tl.where(rr < r1, tl.load(coef_ptr), tl.load(coef_ptr + 1))
-    else:
-        coef = tl.where(rr < r1, c1, c2)
-    e = _load_rank_tile(e1_ptr, e2_ptr, rp, rr, p_mask, r1, R, stride_e1, stride_e2, stride_er, TWO)
-    acc = tl.dot((v * coef[None, :]).to(e.dtype), tl.trans(e), acc, input_precision=PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rp, mask=p_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rm[:, None] * stride_om + rp[None, :] * stride_op,
+    if pid_k == 0:
+        if COEF_PTR:  # learned weights: read on device, no host sync
+            coef = tl.where(rr < r1, tl.load(coef_ptr), tl.load(coef_ptr + 1))
+        else:
+            coef = tl.where(rr < r1, c1, c2)
+        e = _load_rank_tile(e1_ptr, e2_ptr, rp, rr, p_mask, r1, R, stride_e1, stride_e2, stride_er, TWO)
+        acc = tl.dot((v * coef[None, :]).to(e.dtype), tl.trans(e), acc, input_precision=PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rp, mask=p_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + pid_k * stride_ok + rm[:, None] * stride_om + rp[None, :] * stride_op,
              acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & p_mask[None, :])
 
 
@@ -186,10 +196,6 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype != torch.float32 or torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
-def _rank_block(R: int) -> int:
-    return max(16, triton.next_power_of_2(R))  # tl.dot needs >= 16
-
-
 def _coef_args(coef: tuple[Coef, Coef], device: torch.device) -> tuple[Tensor | None, float, float]:
     """Plain floats go as kernel scalars; 0-dim tensors (learned weights) are read on device."""
     if not any(isinstance(c, Tensor) for c in coef):
@@ -200,12 +206,13 @@ def _coef_args(coef: tuple[Coef, Coef], device: torch.device) -> tuple[Tensor | 
 
 def lora_gemm(a: Tensor, b: Tensor, bias: Tensor | None, expand: RankStack, coef: tuple[Coef, Coef], *,
               shrink: RankStack | None = None, v: Tensor | None = None,
-              store_v: bool = False) -> tuple[Tensor, Tensor | None]:
+              store_v: bool = False, config: GemmConfig | None = None) -> tuple[Tensor, Tensor | None]:
     """``out = a @ b + bias + (v * coef) @ expand^T``; ``v = a @ shrink`` in the same loop, or given.
 
     a [M, Q] and b [Q, P] may have any strides (b is ``W.t()`` in the forward, ``W`` for dx).
     coef is per adapter (first, second). Returns ``(out, v)``: v [M, R] fp32 when ``store_v``
-    (fused) or given (split), else None.
+    (fused) or given (split), else None. ``config`` overrides :func:`configs.gemm_config`; a split
+    K needs the whole v before any slice's epilogue, so then a given shrink runs first.
     """
     (M, Q), P = a.shape, b.shape[1]
     R = expand.rank
@@ -222,30 +229,51 @@ def lora_gemm(a: Tensor, b: Tensor, bias: Tensor | None, expand: RankStack, coef
     _check(a, expand, *(() if shrink is None else (shrink,)), others=(b, bias))
 
     bias = None if bias is None else bias.contiguous()  # the kernel reads bias[p] at bias_ptr + p
-    out = torch.empty((M, P), dtype=a.dtype, device=a.device)
-    if store_v and shrink is not None:
-        v = torch.empty((M, R), dtype=torch.float32, device=a.device)
     if M == 0:
-        return out, v
+        if store_v and shrink is not None:
+            v = torch.empty((0, R), dtype=torch.float32, device=a.device)
+        return torch.empty((0, P), dtype=a.dtype, device=a.device), v
+    cfg = config or gemm_config(M, P, Q, R, a.dtype, *gpu_info(a.device), fused=shrink is not None)
+    if cfg.split_k > 1 and shrink is not None:
+        v, shrink = lora_shrink(a, shrink), None
+    elif store_v and shrink is not None:
+        v = torch.empty((M, R), dtype=torch.float32, device=a.device)
+    k_chunk = triton.cdiv(triton.cdiv(Q, cfg.split_k), cfg.BQ) * cfg.BQ
+    split = triton.cdiv(Q, k_chunk)
+    out = torch.empty((split, M, P), dtype=torch.float32 if split > 1 else a.dtype, device=a.device)
     coef_ptr, c1, c2 = _coef_args(coef, a.device)
-    BR = _rank_block(R)
-    # Untuned heuristics (no GPU measurements yet): narrow column tiles at small M spread the W read
-    # over more SMs; wide rank blocks take registers, so the tiles shrink with them.
-    BM = min(64 if BR > 64 else 128, max(16, triton.next_power_of_2(M)))
-    BP = 64 if M <= 64 or BR > 64 else 128
-    BQ = 32 if BR > 64 else 64
     s_ptrs, s_strides = ((None, None), (0, 0, 0)) if shrink is None else (shrink.ptrs(), shrink.strides())
-    grid = (triton.cdiv(M, BM) * triton.cdiv(P, BP),)
+    grid = (triton.cdiv(M, cfg.BM) * triton.cdiv(P, cfg.BP), split)
     _lora_gemm_kernel[grid](
         a, b, bias, out, v, coef_ptr, *s_ptrs, *expand.ptrs(),
         c1, c2, M, P, Q, expand.ranks[0], R,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        *s_strides, *expand.strides(),
-        SHRINK=shrink is not None, STORE_V=store_v, TWO=len(expand.ranks) == 2, HAS_BIAS=bias is not None,
-        COEF_PTR=coef_ptr is not None, PRECISION=_precision(a.dtype),
-        BM=BM, BP=BP, BQ=BQ, BR=BR, GROUP_M=8, num_warps=8 if BM * BP >= 128 * 128 else 4, num_stages=3,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(1), out.stride(2),
+        *s_strides, *expand.strides(), out.stride(0), k_chunk,
+        SHRINK=shrink is not None, STORE_V=store_v and shrink is not None, TWO=len(expand.ranks) == 2,
+        HAS_BIAS=bias is not None, COEF_PTR=coef_ptr is not None, PRECISION=_precision(a.dtype),
+        BM=cfg.BM, BP=cfg.BP, BQ=cfg.BQ, BR=rank_block(R), GROUP_M=8,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out, v
+    return _sum_slices(out, a.dtype), v
+
+
+def _sum_slices(out: Tensor, dtype: torch.dtype) -> Tensor:
+    """The split-K partial sums [split, M, P] (fp32) summed and rounded once; one slice as is."""
+    return out.sum(0).to(dtype) if out.shape[0] > 1 else out[0]
+
+
+@functools.cache
+def _gpu_info(index: int) -> tuple[str, int]:
+    props = torch.cuda.get_device_properties(index)
+    return props.name, props.multi_processor_count
+
+
+def gpu_info(device: torch.device) -> tuple[str, int]:
+    """(name, SM count) of a CUDA device; under the interpreter, no name (no tuned table) and an
+    A100's 108 SMs, so the decode split-K heuristic is exercised on CPU too."""
+    if device.type != "cuda":
+        return "", 108
+    return _gpu_info(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def lora_shrink(a: Tensor, shrink: RankStack) -> Tensor:
@@ -258,10 +286,10 @@ def lora_shrink(a: Tensor, shrink: RankStack) -> Tensor:
     v = torch.empty((M, R), dtype=torch.float32, device=a.device)
     if M == 0:
         return v
-    BR = _rank_block(R)
-    BM = 64 if BR <= 64 else 32
+    BM, BQ, stages = shrink_config(R, a.dtype)
     _shrink_kernel[(triton.cdiv(M, BM),)](
         a, *shrink.ptrs(), v, M, Q, shrink.ranks[0], R, a.stride(0), a.stride(1), *shrink.strides(),
-        TWO=len(shrink.ranks) == 2, PRECISION=_precision(a.dtype), BM=BM, BQ=64, BR=BR,
+        TWO=len(shrink.ranks) == 2, PRECISION=_precision(a.dtype), BM=BM, BQ=BQ, BR=rank_block(R),
+        num_stages=stages,
     )
     return v

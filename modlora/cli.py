@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import validate
+from . import distributed, validate
 from .adapters import AdapterController, LearnedWeights
 from .console import log_stderr, progress
 from .fileio import atomic_write_text
@@ -24,6 +24,7 @@ from .generation import SearchParams, translate
 from .kernels.reference import STRATEGIES
 from .loading import load_pretrained, random_model
 from .model import Qwen2ForCausalLM
+from .paper import PAPER_TABLE
 from .pipeline import RANDOM_BASE_NOTE, Pipeline, PipelineConfig, default_config
 from .pool import AdapterPool
 from .tokenizer import Tokenizer
@@ -50,7 +51,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="HF Qwen2 checkpoint directory (default: a random-weight preset)")
+    p.add_argument("--model", help="HF Qwen2 checkpoint directory, or a hub id (Qwen/Qwen2.5-0.5B-Instruct) in the "
+                                   "local Hugging Face cache (default: a random-weight preset)")
     p.add_argument("--preset", type=cli_type("model", "preset"),
                    help=f"random-weight preset when no --model: tiny or qwen2.5-0.5b (default: the config's, else "
                         f"{DEFAULT_PRESET})")
@@ -70,6 +72,12 @@ def _pipeline_args(p: argparse.ArgumentParser, *, config_positional: bool = Fals
     p.add_argument("--eval-limit", type=cli_type("data", "eval_limit"), help="evaluate on the first N sentences")
     p.add_argument("--strategies", type=cli_type("eval", "strategies"),
                    help="comma-separated merge strategies to learn and evaluate: output,ab")
+
+
+def _data_parallel_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-parallel", action="store_true",
+                   help="under torchrun: train each job on all processes (gradients summed; global batch = batch x "
+                        "grad accum x processes) instead of giving each process its own jobs")
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -122,23 +130,37 @@ def _stage(args: argparse.Namespace) -> int:
         validate.writable_dir(cfg.out_dir, "output directory")
     _auto_threads(args, cfg.model.path, cfg.model.preset)
     pipe = Pipeline(cfg)
-    started = time.perf_counter()
-    if args.command == "train-adapters":
-        pipe.train_adapters()
-        print(pipe.pool.listing())
-    elif args.command == "learn-weights":
-        pipe.learn_weights()
-        print(f"learned weights under {pipe.out / 'weights'}")
-    elif args.command == "evaluate":
-        pipe.evaluate()
-        print(pipe.table())
-    elif args.command == "table":
-        print(pipe.table())
-    else:
-        print(pipe.run())
-    log_stderr(f"done in {time.perf_counter() - started:.0f}s; outputs in {pipe.out}")
-    if args.command in ("run", "evaluate", "table") and not cfg.model.path:
-        log_stderr(RANDOM_BASE_NOTE)
+    ctx = distributed.init(args.command, cfg.to_dict(), data_parallel=getattr(args, "data_parallel", False))
+    try:
+        counts = pipe.job_counts()
+        # in run, full fine-tuning is one more job of the first stage
+        for stage in [s for s in counts if s != "train-full"] if args.command == "run" else [args.command]:
+            if stage in counts:
+                ctx.check_jobs(stage, counts[stage][0], training=counts[stage][1])
+        started = time.perf_counter()
+        if args.command == "train-adapters":
+            pipe.train_adapters()
+            output = pipe.pool.listing() if ctx.is_writer else ""
+        elif args.command == "train-full":
+            pipe.train_full()
+            output = f"full fine-tuning: {pipe.full_model_dir()}"
+        elif args.command == "learn-weights":
+            pipe.learn_weights()
+            output = f"learned weights under {pipe.out / 'weights'}"
+        elif args.command == "evaluate":
+            pipe.evaluate()
+            output = pipe.table() if ctx.is_writer else ""
+        elif args.command == "table":
+            output = pipe.table(args.compare_paper) if ctx.is_writer else ""
+        else:
+            output = pipe.run()
+    finally:
+        distributed.shutdown()
+    if ctx.is_writer:  # of several processes, rank 0 reports
+        print(output)
+        log_stderr(f"done in {time.perf_counter() - started:.0f}s; outputs in {pipe.out}")
+        if args.command in ("run", "evaluate", "table") and not cfg.model.path:
+            log_stderr(RANDOM_BASE_NOTE)
     return 0
 
 
@@ -267,11 +289,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=cli_type("lora", "alpha"), help="LoRA alpha (default: 2 * rank)")
     p.add_argument("--dropout", type=cli_type("lora", "dropout"),
                    help="LoRA dropout on the adapters' input while training (default: 0)")
+    _data_parallel_arg(p)
+    p.set_defaults(func=_stage)
+
+    p = sub.add_parser("train-full", help="stage 1b: the full-parameter fine-tuning baseline (resumes)",
+                       description="Fine-tune every parameter of the base (fp32 master weights) on the union of "
+                                   "the adapters' English-centric data; writes a Hugging Face checkpoint to "
+                                   "OUT/full/model.")
+    _pipeline_args(p)
+    _train_args(p)
+    _data_parallel_arg(p)
     p.set_defaults(func=_stage)
 
     p = sub.add_parser("learn-weights", help="stage 2: per-layer merge weights of every direction (resumes)")
     _pipeline_args(p)
     _train_args(p)
+    _data_parallel_arg(p)
     p.set_defaults(func=_stage)
 
     p = sub.add_parser("evaluate", help="stage 3: chrF++ of every direction and configuration, then the table")
@@ -281,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("table", help="stage 4: print (and write) the Table 1 layout from finished evaluations")
     _pipeline_args(p)
+    p.add_argument("--compare-paper", nargs="?", type=cli_rule(validate.FILE), const=str(PAPER_TABLE), metavar="FILE",
+                   help="also show our scores beside the paper's published Table 1 (default FILE: the shipped "
+                        "modlora/assets/paper_table1.json) and write OUT/compare.md")
     p.set_defaults(func=_stage)
 
     p = sub.add_parser("run", help="the whole pipeline from a config; skips what is done",
@@ -288,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     _pipeline_args(p, config_positional=True)
     _train_args(p)
     _eval_args(p)
+    _data_parallel_arg(p)
     p.set_defaults(func=_stage)
     return parser
 

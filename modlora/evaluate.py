@@ -35,7 +35,8 @@ def chrf_pp(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """One row of Table 1: which adapters are active, merged how, with which weights."""
+    """One row of Table 1: which model translates (the base, or the fully fine-tuned one with
+    ``full``), which adapters are active, merged how, with which weights."""
 
     name: str
     use_in: bool = False
@@ -44,25 +45,43 @@ class EvalConfig:
     w_in: float = 1.0
     w_out: float = 1.0
     learned: bool = False
+    full: bool = False
 
     @property
     def slug(self) -> str:
         """File-system name of the configuration ("output 3:7" -> "output-3-7")."""
         return self.name.replace(" ", "-").replace(":", "-")
 
+    @property
+    def label(self) -> str:
+        """The row's name in the paper's Table 1 ("output 3:7" -> "Setting 1 (3:7)")."""
+        if self.num_adapters() == 2:
+            return f"{SETTING[self.strategy]} ({self.name.split(' ', 1)[1]})"
+        return LABELS[self.name]
+
+    @property
+    def merged(self) -> bool:
+        return self.num_adapters() == 2
+
     def num_adapters(self) -> int:
         return int(self.use_in) + int(self.use_out)
 
 
+LABELS = {"base": "Pre-train", "full": "Full-parameter fine-tuning", "in only": "LoRA_in", "out only": "LoRA_out"}
+SETTING = {"output": "Setting 1", "ab": "Setting 2"}  # eq. 3 (merge the outputs), eq. 4 (merge A and B)
+
+
 def table1_configs(strategies: Sequence[str] = STRATEGIES, ratios: Sequence[Sequence[int]] = RATIOS,
-                   learned: bool = True) -> list[EvalConfig]:
-    """Table 1's rows: base, in only, out only, then per strategy the fixed ratios and learned weights."""
-    configs = [EvalConfig("base"), EvalConfig("in only", use_in=True), EvalConfig("out only", use_out=True)]
+                   learned: bool = True, full: bool = True) -> list[EvalConfig]:
+    """Table 1's rows in the paper's order: Pre-train, Full-parameter fine-tuning, LoRA_in, LoRA_out,
+    the fixed ratios of Setting 1 then Setting 2; then our learned-weight rows, one per strategy."""
+    configs = [EvalConfig("base")] + ([EvalConfig("full", full=True)] if full else [])
+    configs += [EvalConfig("in only", use_in=True), EvalConfig("out only", use_out=True)]
     for strategy in strategies:
         for a, b in ratios:
             configs.append(EvalConfig(f"{strategy} {a}:{b}", True, True, strategy, a / (a + b), b / (a + b)))
-        if learned:
-            configs.append(EvalConfig(f"{strategy} learned", True, True, strategy, learned=True))
+    if learned:
+        configs += [EvalConfig(f"{strategy} learned", True, True, strategy, learned=True) for strategy in strategies]
     return configs
 
 
@@ -76,29 +95,55 @@ def summarize(scores: Mapping[tuple[str, str], float], langs: Sequence[str]) -> 
             "avg": statistics.fmean(scores.values())}
 
 
+def beats_both(summary: dict, in_only: dict, out_only: dict) -> dict:
+    """Where a merged row's score, as printed (one decimal), is above both single adapters' (the paper
+    underlines those): booleans shaped like :func:`summarize`'s output (matrix, per-source, per-target,
+    average)."""
+    above = lambda v, a, b: v is not None and round(v, 1) > max(round(a, 1), round(b, 1))
+    return {"matrix": [[above(v, a, b) for v, a, b in zip(*rows, strict=True)]
+                       for rows in zip(summary["matrix"], in_only["matrix"], out_only["matrix"], strict=True)],
+            "from": {x: above(summary["from"][x], in_only["from"][x], out_only["from"][x]) for x in summary["from"]},
+            "to": {x: above(summary["to"][x], in_only["to"][x], out_only["to"][x]) for x in summary["to"]},
+            "avg": above(summary["avg"], in_only["avg"], out_only["avg"])}
+
+
+def _cell(value: float | None, marked: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"<u>{value:.1f}</u>" if marked else f"{value:.1f}"
+
+
 def markdown_table(rows: Sequence[dict], langs: Sequence[str]) -> str:
-    """Table 1 layout: one row per configuration with its trainable-parameter ratio, the ``x->``
-    and ``->x`` chrF++ averages and the overall average; then each configuration's matrix."""
-    head = ["configuration", "trainable %", *(f"{x}→" for x in langs), *(f"→{x}" for x in langs), "avg"]
+    """Table 1 layout: one row per configuration (the paper's label) with its trainable-parameter
+    percentage, the ``x->`` and ``->x`` chrF++ averages and the overall average; then each
+    configuration's matrix. A row's ``marks`` (:func:`beats_both`) underline its cells."""
+    head = ["", "%", *(f"{x}→" for x in langs), *(f"→{x}" for x in langs), "avg"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for row in rows:
-        s = row["summary"]
-        cells = [row["name"], f"{row['trainable_percent']:.2f}", *(f"{s['from'][x]:.1f}" for x in langs),
-                 *(f"{s['to'][x]:.1f}" for x in langs), f"{s['avg']:.1f}"]
+        s, m = row["summary"], row.get("marks") or {"from": {}, "to": {}, "avg": False}
+        cells = [row["label"], f"{row['trainable_percent']:.2f}",
+                 *(_cell(s["from"][x], m["from"].get(x, False)) for x in langs),
+                 *(_cell(s["to"][x], m["to"].get(x, False)) for x in langs), _cell(s["avg"], m["avg"])]
         lines.append("| " + " | ".join(cells) + " |")
     if rows:
-        lines.append(f"\nchrF++ signature: `{rows[0]['signature']}`")
+        lines.append(f"\nchrF++ signature: `{rows[0]['signature']}`. Underlined: a merged score above both "
+                     "LoRA_in's and LoRA_out's.")
     for row in rows:
-        lines += ["", f"**{row['name']}** (rows: source, columns: target)", "",
+        m = row.get("marks")
+        lines += ["", f"**{row['label']}** (rows: source, columns: target)", "",
                   "| src \\ tgt | " + " | ".join(langs) + " |", "|---|" + "---:|" * len(langs)]
-        for src, values in zip(langs, row["summary"]["matrix"], strict=True):
-            lines.append(f"| {src} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in values) + " |")
+        for i, (src, values) in enumerate(zip(langs, row["summary"]["matrix"], strict=True)):
+            lines.append(f"| {src} | " + " | ".join(_cell(v, bool(m) and m["matrix"][i][j])
+                                                   for j, v in enumerate(values)) + " |")
     return "\n".join(lines) + "\n"
 
 
 def trainable_percent(config: EvalConfig, adapter_params: int, base_params: int, num_layers: int) -> float:
-    """Trainable parameters a direction uses under ``config``, in % of the base model: one adapter
-    each for ``in``/``out``, plus two theta values per layer for learned weights."""
+    """Trainable parameters a direction uses under ``config``, in % of the base model: all of them
+    for full fine-tuning, one adapter each for ``in``/``out``, plus two theta values per layer for
+    learned weights."""
+    if config.full:
+        return 100.0
     extra = 2 * num_layers if config.learned else 0
     return 100.0 * (config.num_adapters() * adapter_params + extra) / base_params
 

@@ -14,6 +14,7 @@ from safetensors import SafetensorError, safe_open
 from . import validate
 from .config import Qwen2Config, as_dtype
 from .fileio import atomic_write_safetensors, atomic_write_text, read_json
+from .hub import resolve_model_path
 from .model import Qwen2ForCausalLM
 
 _INDEX = "model.safetensors.index.json"
@@ -84,7 +85,8 @@ def _build_empty(config: Qwen2Config, dtype: torch.dtype, device: torch.device |
 
 def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
                     device: torch.device | str | None = None) -> Qwen2ForCausalLM:
-    """Load an unmodified HF Qwen2 checkpoint directory (single or sharded safetensors), in eval mode.
+    """Load an unmodified HF Qwen2 checkpoint directory (single or sharded safetensors), or a hub id
+    cached locally (:mod:`modlora.hub`), in eval mode.
 
     Tensors stream one by one from safetensors into place. Base weights are frozen
     (``requires_grad=False``): adapters and mixing weights are what modlora trains.
@@ -98,7 +100,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | str | None 
         KeyError: tensors missing from, or unexpected in, the checkpoint.
         ValueError: a tensor whose shape disagrees with the config, or an unreadable file.
     """
-    path = Path(path)
+    path = resolve_model_path(path)
     if not path.is_dir():
         what = "is a file, not a checkpoint directory" if path.exists() else "does not exist"
         raise FileNotFoundError(f"model directory {path} {what}")

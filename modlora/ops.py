@@ -1,8 +1,10 @@
 """Where a linear's math runs: the one place that picks a backend (docs/design.md, "Backends").
 
-- CUDA with adapters: the fused Triton kernel (``modlora.kernels.dual_lora_linear``), forward and backward;
-- CPU inference with few rows (decoding, :func:`_use_cpu_kernel`): the C++ op of :mod:`modlora.cpu`
-  (one pass over W at memory bandwidth), adapters packed once per (pair, weights) into its bank layout;
+- CUDA with adapters: the fused Triton kernels (``modlora.kernels.dual_lora_linear``, forward and
+  backward; ``modlora.kernels.pairwise_lora_linear`` for per-row pairs, forward);
+- CPU inference: the C++ op of :mod:`modlora.cpu` (one pass over W at memory bandwidth, adapters
+  packed once per (pair, weights) into its bank layout) or torch, whichever :mod:`modlora.dispatch`
+  measured faster for the case (op kind, shape, dtype, number of rows; :func:`_cpu_path`);
 - anything else: the plain-torch reference (``modlora.kernels.reference``), which is also the
   oracle every backend is tested against; in fp32 for bf16 inference on CPUs without bf16
   arithmetic (see :func:`_emulated_bf16`).
@@ -19,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import cpu, kernels
+from . import cpu, dispatch, kernels
 from .kernels.reference import (
     Adapter,
     Weight,
@@ -31,15 +33,7 @@ from .kernels.reference import (
 )
 
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
-# Largest M (rows of x) for which the C++ kernel beats torch's F.linear + LoRA path, by W dtype;
-# above it torch runs (oneDNN/MKL GEMMs win once the op is compute-bound).
-# Measured with benchmarks/cpu_linear.py on 2 AMD EPYC (Zen 3, AVX2) cores (gate/up, two adapters):
-# _C was faster at every M up to 256 in bf16 (oneDNN's bf16 GEMM is slow without AVX-512 BF16) and
-# up to 128 in fp32 (tie at 256). Kept below those crossovers, since CPUs with AVX-512 BF16 or AMX
-# make torch's large-M GEMMs much faster; re-measure there.
-C_MAX_ROWS: dict[torch.dtype, int] = {torch.bfloat16: 128, torch.float32: 64}
-_NATIVE_BF16 = any(getattr(torch.cpu, probe, lambda: False)()
-                   for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+_NATIVE_BF16 = dispatch.NATIVE_BF16
 
 
 def _autocast(x: Tensor, weight: Tensor, bias: Tensor | None, adapters: Sequence[Adapter | None]):
@@ -51,14 +45,18 @@ def _autocast(x: Tensor, weight: Tensor, bias: Tensor | None, adapters: Sequence
     return x.to(dt), weight.to(dt), None if bias is None else bias.to(dt), [cast(a) for a in adapters]
 
 
-def _use_cpu_kernel(x: Tensor, weight: Tensor, *tensors: Tensor | float | None) -> bool:
-    """C++ op: CPU, C built and enabled, few rows, and no autograd graph to build (it has no backward)."""
+def _cpu_path(kind: str, x: Tensor, weight: Tensor, run: dispatch.Run, *tensors: Tensor | float | None) -> str:
+    """``"c"`` (the C++ op) or ``"torch"``: C only on CPU, when built and enabled, with no autograd
+    graph to build (it has no backward), and where :func:`dispatch.choose` measured it faster."""
     if x.device.type != "cpu" or not cpu.c_enabled():
-        return False
-    if x.numel() > C_MAX_ROWS.get(weight.dtype, 0) * x.shape[-1]:
-        return False
-    return not (torch.is_grad_enabled()
-                and any(isinstance(t, Tensor) and t.requires_grad for t in (x, weight, *tensors)))
+        return "torch"
+    if _builds_graph(x, weight, *tensors):
+        return "torch"
+    return dispatch.choose(kind, x, weight, run)
+
+
+def _builds_graph(*tensors: Tensor | float | None) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
 
 
 def _emulated_bf16(x: Tensor, weight: Tensor) -> bool:
@@ -72,7 +70,12 @@ def _emulated_bf16(x: Tensor, weight: Tensor) -> bool:
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``x W^T + b`` (the un-adapted linears and the ``lm_head``)."""
-    if _use_cpu_kernel(x, weight, bias):
+    run = lambda path, x: _linear(path, x, weight, bias)
+    return run(_cpu_path("linear", x, weight, run, bias), x)
+
+
+def _linear(path: str, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    if path == "c":
         return cpu.lora_bank_linear(x, weight, bias)
     if _emulated_bf16(x, weight):
         return linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
@@ -118,11 +121,17 @@ def dual_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_in: Ad
     if x.is_cuda and _HAVE_TRITON and (lora_in is not None or lora_out is not None):
         x, weight, bias, (lora_in, lora_out) = _autocast(x, weight, bias, (lora_in, lora_out))
         return kernels.dual_lora_linear(x, weight, bias, lora_in, lora_out, w_in, w_out, strategy)
-    if _use_cpu_kernel(x, weight, bias, w_in, w_out, *_adapter_tensors(lora_in, lora_out)):
+    run = lambda path, x: _dual(path, x, weight, bias, lora_in, lora_out, w_in, w_out, strategy)
+    return run(_cpu_path("lora", x, weight, run, bias, w_in, w_out, *_adapter_tensors(lora_in, lora_out)), x)
+
+
+def _dual(path: str, x: Tensor, weight: Tensor, bias: Tensor | None, lora_in: Adapter | None,
+          lora_out: Adapter | None, w_in: Weight, w_out: Weight, strategy: str) -> Tensor:
+    if path == "c":
         return cpu.lora_bank_linear(x, weight, bias, *_packed([(lora_in, lora_out, w_in, w_out)], strategy, x.dtype))
     if _emulated_bf16(x, weight):
-        return dual_lora_linear(x.float(), weight.float(), None if bias is None else bias.float(), as_fp32(lora_in),
-                                as_fp32(lora_out), w_in, w_out, strategy).to(x.dtype)
+        return dual_lora_linear_ref(x.float(), weight.float(), None if bias is None else bias.float(),
+                                    as_fp32(lora_in), as_fp32(lora_out), w_in, w_out, strategy).to(x.dtype)
     return dual_lora_linear_ref(x, weight, bias, lora_in, lora_out, w_in, w_out, strategy)
 
 
@@ -148,11 +157,23 @@ def pairwise_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None,
         row_pair: [B] integer pair index per entry of dim 0 of x.
     """
     weights = [w for p in pairs for w in p[2:]]
-    if _use_cpu_kernel(x, weight, bias, *weights, *_adapter_tensors(*(a for p in pairs for a in p[:2]))):
-        a_bank, b_bank = _packed(pairs, strategy, x.dtype)
-        return cpu.lora_bank_linear(x, weight, bias, a_bank, b_bank, row_pair)
+    tensors = _adapter_tensors(*(a for p in pairs for a in p[:2]))
+    if x.is_cuda and _HAVE_TRITON and not _builds_graph(x, weight, bias, *weights, *tensors):
+        x, weight, bias, flat = _autocast(x, weight, bias, [a for p in pairs for a in p[:2]])
+        pairs = [(flat[2 * i], flat[2 * i + 1], *p[2:]) for i, p in enumerate(pairs)]
+        return kernels.pairwise_lora_linear(x, weight, bias, pairs, row_pair, strategy)  # forward only
+    # Calibration inputs are [m, K]: their rows cycle through the pairs.
+    run = lambda path, xs: _pairwise(path, xs, weight, bias, pairs, torch.arange(xs.shape[0]) % len(pairs), strategy)
+    return _pairwise(_cpu_path("pairs", x, weight, run, bias, *weights, *tensors), x, weight, bias, pairs, row_pair,
+                     strategy)
+
+
+def _pairwise(path: str, x: Tensor, weight: Tensor, bias: Tensor | None, pairs: Sequence[tuple], row_pair: Tensor,
+              strategy: str) -> Tensor:
+    if path == "c":
+        return cpu.lora_bank_linear(x, weight, bias, *_packed(pairs, strategy, x.dtype), row_pair)
     if _emulated_bf16(x, weight):
         pairs = [(as_fp32(a_in), as_fp32(a_out), w_in, w_out) for a_in, a_out, w_in, w_out in pairs]
-        return pairwise_lora_linear(x.float(), weight.float(), None if bias is None else bias.float(), pairs,
-                                    row_pair, strategy).to(x.dtype)
+        return pairwise_lora_linear_ref(x.float(), weight.float(), None if bias is None else bias.float(), pairs,
+                                        row_pair, strategy).to(x.dtype)
     return pairwise_lora_linear_ref(x, weight, bias, pairs, row_pair, strategy)

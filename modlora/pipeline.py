@@ -5,11 +5,15 @@ training resumes from its checkpoint):
 
 1. ``train_adapters``: ``in[X]`` on X->pivot and ``out[X]`` on pivot->X for every language X
    (the pivot's own pair on pivot->pivot), into ``out_dir/pool/{X}/{in|out}/``.
+   ``train_full``: the full-parameter fine-tuning baseline on the union of that data, into
+   ``out_dir/full/model/`` (a Hugging Face checkpoint folder).
 2. ``learn_weights``: per direction and strategy, the per-layer merge weights with both adapters
-   frozen, into ``out_dir/weights/{strategy}/{src}-{tgt}/weights.json`` (+ ``weights.png``).
+   frozen, into ``out_dir/weights/{strategy}/{src}-{tgt}/weights.json``; then the paper's Figure 2
+   per strategy, ``out_dir/weights/{strategy}/figure2.json`` (+ ``figure2.png``).
 3. ``evaluate``: every Table 1 configuration over every direction of the evaluation split, into
    ``out_dir/eval/{configuration}.json`` (scores, signatures, hypotheses).
-4. ``table``: ``out_dir/results.json`` and ``out_dir/table.md``.
+4. ``table``: ``out_dir/results.json`` and ``out_dir/table.md`` (and, against the paper's published
+   numbers, ``out_dir/compare.md``).
 
 Without ``model.path`` the base is a seeded random Qwen2 preset: the pipeline runs end to end, but
 a random model cannot translate, so its scores are noise. The paper uses Qwen2.5-0.5B-Instruct.
@@ -20,29 +24,34 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from . import validate
+from . import distributed, validate
 from .adapters import AdapterController, LearnedWeights
 from .console import Log, log_stderr, progress
 from .data import DEFAULT_LANGS, PIVOT, adapter_jobs, directions, load_split
 from .evaluate import (
     RATIOS,
     EvalConfig,
+    beats_both,
     evaluate_configuration,
     markdown_table,
     summarize,
     table1_configs,
     trainable_percent,
 )
+from .figures import figure2_data, write_figure2
 from .fileio import atomic_write_json, atomic_write_text, read_json
+from .full import train_full, union_directions
 from .generation import SearchParams
 from .kernels.reference import STRATEGIES
 from .loading import load_pretrained, random_model
 from .model import Qwen2ForCausalLM
+from .paper import compare_markdown, load_paper_table
 from .pool import AdapterPool
 from .tokenizer import Tokenizer
 from .train import LoraConfig, TrainConfig, base_parameters, learn_weights, resolve_lora, train_adapter
@@ -81,6 +90,7 @@ class EvalSettings:
     strategies: list[str] = field(default_factory=lambda: list(STRATEGIES))
     ratios: list[list[int]] = field(default_factory=lambda: [list(r) for r in RATIOS])
     learned: bool = True
+    full: bool = True  # train and evaluate the full-parameter fine-tuning baseline
 
 
 def _default_weight_training() -> TrainConfig:
@@ -133,7 +143,7 @@ DEMO: dict = {
     "out_dir": "runs/default",
     "model": {"preset": "tiny", "seed": 0},
     "data": {"train_limit": 16, "weights_limit": 4, "eval_limit": 3},
-    "train": {"epochs": 2, "lr": 1e-3, "batch_size": 8, "grad_accum": 1},
+    "train": {"epochs": 2, "lr": 1e-2, "batch_size": 8, "grad_accum": 1},
     "weights": {"epochs": 1, "lr": 1e-2, "batch_size": 4, "grad_accum": 1},
     "eval": {"num_beams": 5, "max_new_tokens": 12, "batch_size": 60},
 }
@@ -167,24 +177,46 @@ class Pipeline:
         self.config = config
         self.out = Path(config.out_dir)
         self.log = log
-        self._model = self._adapters = self._tokenizer = self._pool = None
+        self._model = self._adapters = self._full = self._tokenizer = self._pool = None
 
     # -- shared resources, built on first use ------------------------------------------------
+
+    def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        mc = self.config.model
+        device = torch.device(mc.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        default = torch.bfloat16 if device.type == "cuda" else torch.float32
+        return device, getattr(torch, mc.dtype) if mc.dtype else default
+
+    def _load_base(self, dtype: torch.dtype) -> Qwen2ForCausalLM:
+        mc = self.config.model
+        device, _ = self._device_dtype()
+        if mc.path:
+            model = load_pretrained(mc.path, dtype=dtype, device=device)
+            self.log(f"base model: {mc.path} ({dtype}, {device})")
+        else:
+            model = random_model(mc.preset, seed=mc.seed, dtype=dtype, device=device)
+            self.log(f"base model: random preset {mc.preset!r} (seed {mc.seed}, {dtype}, {device})")
+        return model
 
     @property
     def model(self) -> Qwen2ForCausalLM:
         if self._model is None:
-            mc = self.config.model
-            device = torch.device(mc.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-            default = torch.bfloat16 if device.type == "cuda" else torch.float32
-            dtype = getattr(torch, mc.dtype) if mc.dtype else default
-            if mc.path:
-                self._model = load_pretrained(mc.path, dtype=dtype, device=device)
-                self.log(f"base model: {mc.path} ({dtype}, {device})")
-            else:
-                self._model = random_model(mc.preset, seed=mc.seed, dtype=dtype, device=device)
-                self.log(f"base model: random preset {mc.preset!r} (seed {mc.seed}, {dtype}, {device})")
+            self._model = self._load_base(self._device_dtype()[1])
         return self._model
+
+    def full_model_dir(self) -> Path:
+        return self.out / "full" / "model"
+
+    @property
+    def full_adapters(self) -> AdapterController:
+        """The controller of the fully fine-tuned model (stage ``train_full``, in the evaluation dtype):
+        it translates the "full" configuration, with no adapters bound."""
+        if self._full is None:
+            if not (self.full_model_dir() / "config.json").is_file():
+                raise FileNotFoundError(f"{self.full_model_dir()} is missing: run the train-full stage first")
+            device, dtype = self._device_dtype()
+            self._full = AdapterController(load_pretrained(self.full_model_dir(), dtype=dtype, device=device))
+        return self._full
 
     @property
     def adapters(self) -> AdapterController:
@@ -214,12 +246,23 @@ class Pipeline:
 
     # -- stages -------------------------------------------------------------------------------
 
+    def job_counts(self) -> dict[str, tuple[int, bool]]:
+        """Independent jobs of each stage (the units torchrun's ranks share), and whether it trains."""
+        cfg, n = self.config, len(self.directions())
+        counts = {"train-adapters": (2 * len(cfg.data.langs), True),
+                  "evaluate": (len(self.configurations()) * n, False)}
+        if cfg.eval.learned:
+            counts["learn-weights"] = (len(cfg.eval.strategies) * n, True)
+        if cfg.eval.full:
+            counts["train-full"] = (1, True)
+        return counts
+
     def train_adapters(self) -> None:
         """Stage 1: the 2n English-centric adapters."""
-        cfg = self.config
+        cfg, ctx = self.config, distributed.current()
         lora = resolve_lora(self.model, cfg.lora)
         data = None
-        for job in adapter_jobs(cfg.data.langs, cfg.data.pivot):
+        for job in ctx.training_jobs(adapter_jobs(cfg.data.langs, cfg.data.pivot)):
             if (job.lang, job.side) in self.pool:
                 self.log(f"{job}: done (in {self.pool.path(job.lang, job.side)})")
                 continue
@@ -227,30 +270,71 @@ class Pipeline:
             pairs = list(zip(data[job.src], data[job.tgt], strict=True))
             adapter = train_adapter(self.adapters, self.tokenizer, job.lang, job.side, job.src, job.tgt, pairs, lora,
                                     cfg.train, self.out / "train" / f"{job.lang}-{job.side}", log=self.log)
-            self.pool.save(adapter)
+            if ctx.writes_job_files:
+                self.pool.save(adapter)
+        ctx.barrier()
+
+    def train_full(self) -> None:
+        """Stage 1b: the full-parameter fine-tuning baseline (fp32 master weights), on the union of the
+        adapters' English-centric data, with the adapters' training settings."""
+        cfg, ctx = self.config, distributed.current()
+        save_dir = self.full_model_dir()
+        if not cfg.eval.full:
+            return
+        owner = 2 * len(cfg.data.langs) % ctx.world_size  # one more job of stage 1, after the adapters
+        if (save_dir / "config.json").is_file():  # written last
+            self.log(f"full fine-tuning: done (in {save_dir})")
+        elif ctx.data_parallel or ctx.rank == owner:
+            self._train_full(save_dir)
+        ctx.barrier()
+
+    def _train_full(self, save_dir: Path) -> None:
+        cfg = self.config
+        data = self._split(cfg.data.train_split, cfg.data.train_limit)
+        union = union_directions([(job.src, job.tgt) for job in adapter_jobs(cfg.data.langs, cfg.data.pivot)])
+        train_full(self._load_base(torch.float32), self.tokenizer,
+                   {(s, t): list(zip(data[s], data[t], strict=True)) for s, t in union},
+                   cfg.train, self.out / "train" / "full", save_dir, log=self.log)
 
     def weights_path(self, strategy: str, src: str, tgt: str) -> Path:
         return self.out / "weights" / strategy / f"{src}-{tgt}" / "weights.json"
 
     def learn_weights(self) -> None:
         """Stage 2: per-layer merge weights of every direction, for each evaluated strategy."""
-        cfg = self.config
+        cfg, ctx = self.config, distributed.current()
         if not cfg.eval.learned:
             return
         data = None
-        for strategy in cfg.eval.strategies:
-            for src, tgt in self.directions():
-                path = self.weights_path(strategy, src, tgt)
-                if path.is_file():
-                    continue
-                data = data or self._split(cfg.data.train_split, cfg.data.weights_limit or cfg.data.train_limit)
-                pairs = list(zip(data[src], data[tgt], strict=True))
-                learn_weights(self.adapters, self.tokenizer, self.pool.get(src, "in"), self.pool.get(tgt, "out"), src,
-                              tgt, pairs, strategy, cfg.weights, path.parent, log=self.log)
+        jobs = [(strategy, src, tgt) for strategy in cfg.eval.strategies for src, tgt in self.directions()]
+        learned = 0
+        for strategy, src, tgt in ctx.training_jobs(jobs):
+            path = self.weights_path(strategy, src, tgt)
+            if path.is_file():
+                continue
+            learned += 1
+            data = data or self._split(cfg.data.train_split, cfg.data.weights_limit or cfg.data.train_limit)
+            pairs = list(zip(data[src], data[tgt], strict=True))
+            learn_weights(self.adapters, self.tokenizer, self.pool.get(src, "in"), self.pool.get(tgt, "out"), src,
+                          tgt, pairs, strategy, cfg.weights, path.parent, log=self.log)
+        learned = ctx.all_sum([learned])[0]  # also the stage's barrier: every rank's weights are written
+        if ctx.is_writer:
+            for strategy in cfg.eval.strategies:
+                if learned or not (self.out / "weights" / strategy / "figure2.json").is_file():
+                    self.figure2(strategy)
+
+    def figure2(self, strategy: str) -> dict:
+        """The paper's Figure 2 for one strategy from the learned weights: JSON and PNG beside them."""
+        weights = {(src, tgt): LearnedWeights.load(self.weights_path(strategy, src, tgt)).pairs()
+                   for src, tgt in self.directions()}
+        data = figure2_data(weights, self.directions(), strategy)
+        folder = self.out / "weights" / strategy
+        if not write_figure2(data, folder / "figure2.json", folder / "figure2.png"):
+            self.log(f"matplotlib is not installed: {folder / 'figure2.json'} written, no PNG")
+        return data
 
     def configurations(self) -> list[EvalConfig]:
         e = self.config.eval
-        return table1_configs(e.strategies, e.ratios, e.learned)
+        return table1_configs(e.strategies, e.ratios, e.learned, e.full)
 
     def eval_path(self, config: EvalConfig) -> Path:
         return self.out / "eval" / f"{config.slug}.json"
@@ -262,44 +346,70 @@ class Pipeline:
         return {"split": d.eval_split, "eval_limit": d.eval_limit, "langs": list(d.langs),
                 "num_beams": e.num_beams, "max_new_tokens": e.max_new_tokens}
 
-    def _stored_settings(self, config: EvalConfig) -> dict | None:
-        path = self.eval_path(config)
-        return validate.eval_file(read_json(path), path)["settings"] if path.is_file() else None
+    def cell_path(self, config: EvalConfig, src: str, tgt: str) -> Path:
+        return self.out / "eval" / "cells" / config.slug / f"{src}-{tgt}.json"
+
+    @staticmethod
+    def _stored_settings(path: Path, check: Callable[[object, Path], dict]) -> dict | None:
+        """The settings a stored evaluation (``check``: ``validate.eval_file``) or cell file
+        (``validate.eval_cell``) was made with; None when there is none."""
+        return check(read_json(path), path)["settings"] if path.is_file() else None
 
     def evaluate(self) -> None:
-        """Stage 3: translate the evaluation split in every direction under every configuration."""
-        cfg = self.config
-        data = None
+        """Stage 3: translate the evaluation split in every direction under every configuration.
+
+        The jobs are cells, one configuration in one direction, each written to its own file (by
+        the rank that owns it); rank 0 then gathers each configuration's cells into one file.
+        """
+        cfg, ctx = self.config, distributed.current()
         settings = self.eval_settings()
         todo = []
         for config in self.configurations():
-            stored = self._stored_settings(config)
+            stored = self._stored_settings(self.eval_path(config), validate.eval_file)
             if stored == settings:
                 continue
-            if stored is not None:
+            if stored is not None and ctx.is_writer:
                 self.log(f"eval {config.name}: {self.eval_path(config)} was made with {stored}; redoing it with "
                          f"{settings}")
             todo.append(config)
-        for config in todo:
-            data = data or self._split(cfg.data.eval_split, cfg.data.eval_limit)
-            learned = None
-            if config.learned:
-                learned = {}
-                for src, tgt in self.directions():
-                    w = LearnedWeights.load(self.weights_path(config.strategy, src, tgt))
-                    learned[(src, tgt)] = (w.w_in, w.w_out)
-            n = sum(len(data[src]) for src, _ in self.directions())
+        cells = [(config, src, tgt) for config in todo for src, tgt in self.directions()]
+        mine = [c for c in ctx.shard(cells)
+                if self._stored_settings(self.cell_path(*c), validate.eval_cell) != settings]
+        if mine:
+            data = self._split(cfg.data.eval_split, cfg.data.eval_limit)
             search = SearchParams(num_beams=cfg.eval.num_beams, max_new_tokens=cfg.eval.max_new_tokens)
-            with progress(n, f"eval {config.name}") as bar:  # closed before an error is printed
-                results = evaluate_configuration(
-                    self.adapters, self.tokenizer, config, self.directions(), data, data, pool=self.pool,
-                    learned=learned, search=search, batch_size=cfg.eval.batch_size, progress=bar.update)
-            atomic_write_json(self.eval_path(config), {
-                "config": dataclasses.asdict(config), "settings": settings,
-                "directions": [{"src": s, "tgt": t, **r} for (s, t), r in results.items()]})
+            total = sum(len(data[src]) for _, src, _ in mine)
+            with progress(total, f"eval ({len(mine)} cells)") as bar:  # closed before an error is printed
+                for config, src, tgt in mine:
+                    learned = None
+                    if config.learned:
+                        w = LearnedWeights.load(self.weights_path(config.strategy, src, tgt))
+                        learned = {(src, tgt): (w.w_in, w.w_out)}
+                    result = evaluate_configuration(
+                        self.full_adapters if config.full else self.adapters, self.tokenizer, config, [(src, tgt)],
+                        data, data, pool=self.pool, learned=learned, search=search, batch_size=cfg.eval.batch_size,
+                        progress=bar.update)[(src, tgt)]
+                    atomic_write_json(self.cell_path(config, src, tgt), {
+                        "config": dataclasses.asdict(config), "settings": settings, "src": src, "tgt": tgt, **result})
+        ctx.barrier()
+        if ctx.is_writer:
+            for config in todo:
+                atomic_write_json(self.eval_path(config), {
+                    "config": dataclasses.asdict(config), "settings": settings,
+                    "directions": [self._cell(config, src, tgt, settings) for src, tgt in self.directions()]})
 
-    def table(self) -> str:
-        """Stage 4: gather the evaluation files into ``results.json`` and ``table.md``; returns the Markdown."""
+    def _cell(self, config: EvalConfig, src: str, tgt: str, settings: dict) -> dict:
+        path = self.cell_path(config, src, tgt)
+        raw = validate.eval_cell(read_json(path), path)
+        if raw["settings"] != settings or (raw["src"], raw["tgt"]) != (src, tgt):
+            raise ValueError(f"{path} was made with {raw['settings']} for {raw['src']}->{raw['tgt']}, not {settings} "
+                             f"for {src}->{tgt}: run the evaluate stage again")
+        return {k: raw[k] for k in ("src", "tgt", "score", "signature", "hypotheses")}
+
+    def table(self, compare_paper: str | Path | None = None) -> str:
+        """Stage 4: gather the evaluation files into ``results.json`` and ``table.md``; returns the Markdown.
+        With ``compare_paper`` (a paper table file, :mod:`modlora.paper`) it also writes ``compare.md``,
+        our scores beside the paper's, and appends it to what it returns."""
         cfg = self.config
         langs = cfg.data.langs
         base = base_parameters(self.model)
@@ -321,32 +431,43 @@ class Pipeline:
             if set(scores) != set(self.directions()):
                 raise ValueError(f"{path} does not hold the {len(self.directions())} directions of {list(langs)}: "
                                  "run the evaluate stage again")
-            rows.append({"name": config.name, "trainable_percent": trainable_percent(
+            rows.append({"name": config.name, "label": config.label, "merged": config.merged,
+                         "trainable_percent": trainable_percent(
                 config, adapter_params, base, self.model.config.num_hidden_layers),
                 "signature": raw["directions"][0]["signature"], "summary": summarize(scores, langs)})
+        single = {r["name"]: r["summary"] for r in rows if r["name"] in ("in only", "out only")}
+        for row in rows:
+            if row["merged"] and len(single) == 2:
+                row["marks"] = beats_both(row["summary"], single["in only"], single["out only"])
         md = markdown_table(rows, langs)
         if not cfg.model.path:
             md = f"> {RANDOM_BASE_NOTE}\n\n" + md
+        compared = None if compare_paper is None else compare_markdown(rows, langs, load_paper_table(compare_paper))
         try:
             atomic_write_json(self.out / "results.json", {"config": cfg.to_dict(), "eval_settings": settings,
                                                           "metric": "chrF++", "base_parameters": base,
                                                           "adapter_parameters": adapter_params, "rows": rows})
             atomic_write_text(self.out / "table.md", md)
+            if compared is not None:
+                atomic_write_text(self.out / "compare.md", compared)
         except OSError as e:  # a finished run kept read-only still prints its table
             if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise
             self.log(f"warning: {self.out} is not writable ({e.strerror}): results.json and table.md not written")
+        if compared is not None:
+            md += "\n" + compared
         return md
 
     def run(self) -> str:
-        """All stages; returns the Markdown table."""
+        """All stages; returns the Markdown table (rank 0 of several processes writes it, the others return "")."""
         previous = self.out / "config.json"
-        if previous.is_file() and read_json(previous) != json.loads(
-                json.dumps(self.config.to_dict())):
-            self.log(f"warning: {previous} differs from this config; finished stages are reused as they are "
-                     "(delete them, or use another --out, to redo them)")
-        atomic_write_json(previous, self.config.to_dict())
+        if distributed.current().is_writer:
+            if previous.is_file() and read_json(previous) != json.loads(json.dumps(self.config.to_dict())):
+                self.log(f"warning: {previous} differs from this config; finished stages are reused as they are "
+                         "(delete them, or use another --out, to redo them)")
+            atomic_write_json(previous, self.config.to_dict())
         self.train_adapters()
+        self.train_full()
         self.learn_weights()
         self.evaluate()
-        return self.table()
+        return self.table() if distributed.current().is_writer else ""

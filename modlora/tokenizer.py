@@ -18,6 +18,8 @@ from typing import Literal
 
 import torch
 
+from .hub import resolve_model_path
+
 DEFAULT_TOKENIZER = Path(__file__).parent / "assets" / "qwen2.5-tokenizer.json.gz"
 
 ENDOFTEXT = "<|endoftext|>"
@@ -149,9 +151,9 @@ class Tokenizer:
         """Load `tokenizer.json` (or `.json.gz`) or a SentencePiece `tokenizer.model`.
 
         `path` is a file, or a directory holding `tokenizer.json` (preferred, as Hugging Face
-        checkpoints ship it) or `tokenizer.model`.
+        checkpoints ship it) or `tokenizer.model`, or a hub id cached locally (:mod:`modlora.hub`).
         """
-        path = Path(path)
+        path = resolve_model_path(path)
         if path.is_dir():
             candidates = [path / "tokenizer.json", path / "tokenizer.model"]
             found = [p for p in candidates if p.is_file()]
@@ -178,7 +180,8 @@ class Tokenizer:
     def for_model(path: str | Path | None) -> Tokenizer:
         """The tokenizer a checkpoint directory ships, else the vendored Qwen2.5 one (no model: the
         embedded preset; or a checkpoint written by ``save_pretrained``, which holds weights only)."""
-        if path and any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        path = path and resolve_model_path(path)
+        if path and any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
             return Tokenizer.from_pretrained(path)
         return Tokenizer.default()
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Sequence
@@ -30,11 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .adapters import AdapterController, LearnedWeights, LoraAdapter
 from .adapters.format import TARGET_MODULES
 from .console import Log, log_stderr, progress
-from .fileio import atomic_write, atomic_write_text
+from .fileio import atomic_write_text
 from .kernels import linear_cross_entropy
 from .model import Qwen2ForCausalLM
 from .prompt import training_example
@@ -42,6 +43,7 @@ from .tokenizer import Tokenizer
 
 Example = tuple[list[int], list[int]]  # token ids, loss mask (1 = trained target token)
 
+ROLE_SEED = {"in": 1, "out": 0}  # added to the training seed
 PAPER_FRACTION = 0.005  # the paper's trainable parameters per adapter, relative to the base model
 
 
@@ -201,6 +203,17 @@ class TrainRun:
     updating: bool = False  # inside an optimizer update: weights, optimizer and `step` disagree
     checkpointed: int = 0  # the step of the last checkpoint written or resumed from
     orders: dict[int, list[list[int]]] = field(default_factory=dict)
+    dp: distributed.DataParallel | None = None  # data parallel: every rank trains its slice of each batch
+
+    @property
+    def batch_size(self) -> int:
+        """Examples per (global) micro-batch."""
+        return self.dp.global_batch_size(self.cfg.batch_size) if self.dp else self.cfg.batch_size
+
+    @property
+    def writer(self) -> bool:
+        """Whether this process writes the checkpoint and log (data parallel: rank 0 only)."""
+        return self.dp is None or self.dp.ctx.is_writer
 
     @property
     def checkpoint_path(self) -> Path:
@@ -218,7 +231,7 @@ class TrainRun:
         """The batches of ``epoch`` (lists of example indices), fixed by the seed."""
         if epoch not in self.orders:
             lengths = [len(ids) for ids, _ in self.examples]
-            self.orders[epoch] = bucketed_batches(lengths, self.cfg.batch_size, self.cfg.seed * 1000 + epoch)
+            self.orders[epoch] = bucketed_batches(lengths, self.batch_size, self.cfg.seed * 1000 + epoch)
         return self.orders[epoch]
 
 
@@ -239,7 +252,9 @@ def setup(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples
         p.requires_grad_(True)
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    steps_per_epoch = math.ceil(math.ceil(len(examples) / cfg.batch_size) / cfg.grad_accum)
+    dp = distributed.DataParallel(distributed.current()) if distributed.current().data_parallel else None
+    batch_size = dp.global_batch_size(cfg.batch_size) if dp else cfg.batch_size
+    steps_per_epoch = math.ceil(math.ceil(len(examples) / batch_size) / cfg.grad_accum)
     total = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
@@ -249,19 +264,25 @@ def setup(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(round(cfg.warmup_ratio * total), total))
     record = {**dataclasses.asdict(cfg), "num_examples": len(examples), "param_shapes": [list(p.shape) for p in params]}
+    if dp:  # another world size is another global batch: that checkpoint does not resume here
+        record["data_parallel_world_size"] = dp.ctx.world_size
     return TrainRun(model, params, examples, cfg, pad_id, work_dir, optimizer, scheduler, steps_per_epoch, total,
-                    record)
+                    record, dp=dp)
 
 
 def save_checkpoint(run: TrainRun) -> None:
     """Write the run after ``run.step`` finished steps (with ``run.rng``), atomically, as data
-    (:mod:`modlora.checkpoint`: safetensors and JSON, nothing pickled)."""
+    (:mod:`modlora.checkpoint`: safetensors and JSON, nothing pickled). Data parallel: with every
+    rank's RNG state, written by rank 0 (a collective: every rank calls it)."""
+    rng = run.dp.ctx.gather(run.rng) if run.dp else [run.rng]
+    run.checkpointed = run.step
+    if not run.writer:
+        return
     state = {"config": run.config_record, "step": run.step,
              "order": run.order(min(run.step, run.total - 1) // run.steps_per_epoch),
              "params": [p.detach().clone() for p in run.params], "optimizer": run.optimizer.state_dict(),
-             "scheduler": run.scheduler.state_dict(), "rng": run.rng}
+             "scheduler": run.scheduler.state_dict(), "rng": rng}
     checkpoint.save(run.checkpoint_path, state)
-    run.checkpointed = run.step
 
 
 def load_checkpoint(path: Path, device: torch.device) -> dict:
@@ -303,8 +324,11 @@ def resume(run: TrainRun, log: Log, desc: str) -> None:
     if not run.checkpoint_path.is_file():
         torch.manual_seed(run.cfg.seed)
         random.seed(run.cfg.seed)
+        if run.dp:
+            run.dp.seed(run.cfg.seed)
         run.rng = _rng_state()
-        run.log_path.unlink(missing_ok=True)
+        if run.writer:
+            run.log_path.unlink(missing_ok=True)
         return
     state = load_checkpoint(run.checkpoint_path, run.device)
     saved, now = state["config"], run.config_record
@@ -314,7 +338,8 @@ def resume(run: TrainRun, log: Log, desc: str) -> None:
         raise ValueError(f"{run.checkpoint_path} was written by a different run configuration ({changed}); "
                          "rerun with the same settings to resume, or remove it to start over")
     run.step = run.checkpointed = state["step"]
-    checkpoint.check_fits(state, run.checkpoint_path, run.params, run.optimizer, run.scheduler, run.total)
+    checkpoint.check_fits(state, run.checkpoint_path, run.params, run.optimizer, run.scheduler, run.total,
+                          ranks=run.dp.ctx.world_size if run.dp else 1)
     if run.step < run.total and state["order"] != run.order(run.step // run.steps_per_epoch):
         raise ValueError(f"{run.checkpoint_path}: the data order differs from the checkpoint's (examples changed?)")
     with torch.no_grad():
@@ -322,19 +347,23 @@ def resume(run: TrainRun, log: Log, desc: str) -> None:
             p.copy_(saved_p)
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
-    run.rng = state["rng"]
-    if run.log_path.is_file():  # drop log lines of steps after the checkpoint (they will be redone)
+    run.rng = state["rng"][run.dp.ctx.rank if run.dp else 0]
+    _set_rng_state(run.rng)
+    if run.writer and run.log_path.is_file():  # drop log lines of steps after the checkpoint (they will be redone)
         kept = [ln for ln, record in read_log(run.log_path, log) if record["step"] <= run.step]
         atomic_write_text(run.log_path, "".join(ln + "\n" for ln in kept))
     log(f"{desc}: resumed at step {run.step}/{run.total}")
 
 
-def _micro_batches(run: TrainRun) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """The collated micro-batches of step ``run.step``."""
+def _micro_batches(run: TrainRun) -> tuple[list[tuple[Tensor, Tensor, Tensor]], int]:
+    """The collated micro-batches of step ``run.step`` (data parallel: this rank's slices, none
+    where a short batch leaves it nothing) and the trained tokens of the whole step."""
     epoch, k = divmod(run.step, run.steps_per_epoch)
     micro = run.order(epoch)[k * run.cfg.grad_accum:(k + 1) * run.cfg.grad_accum]
-    return [collate([run.examples[i] for i in b], run.pad_id) for b in micro]
+    n_trained = sum(sum(run.examples[i][1][1:]) for b in micro for i in b)
+    if run.dp:
+        micro = [run.dp.part(b) for b in micro]
+    return [collate([run.examples[i] for i in b], run.pad_id) for b in micro if b], n_trained
 
 
 class DivergedError(RuntimeError):
@@ -362,8 +391,7 @@ def train_step(run: TrainRun) -> dict:
         DivergedError: the loss or the gradient is not finite (nothing is updated).
     """
     epoch = run.step // run.steps_per_epoch
-    batches = _micro_batches(run)
-    n_trained = sum(int(m[:, 1:].sum()) for _, _, m in batches)
+    batches, n_trained = _micro_batches(run)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=run.device.type == "cuda")
     started = time.perf_counter()
     step_loss = 0.0
@@ -371,9 +399,14 @@ def train_step(run: TrainRun) -> dict:
         with autocast:
             loss_sum, _ = completion_loss(run.model, ids.to(run.device), attn.to(run.device), mask.to(run.device),
                                           run.cfg.ce_chunk_tokens, run.cfg.share_prefix)
-        loss = loss_sum / n_trained
+        loss = loss_sum / n_trained  # over the step's trained tokens: data-parallel ranks' grads add up
         loss.backward()
         step_loss += float(loss.detach())
+    tokens = sum(int(a.sum()) for _, a, _ in batches)
+    if run.dp:
+        run.dp.sum_gradients(run.params)
+        step_loss, tokens = run.dp.ctx.all_sum([step_loss, tokens])
+        tokens = int(tokens)
     params, clip = run.params, run.cfg.max_grad_norm
     grad_norm = (torch.nn.utils.clip_grad_norm_(params, clip) if clip > 0
                  else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
@@ -386,7 +419,6 @@ def train_step(run: TrainRun) -> dict:
     run.step += 1
     run.rng = _rng_state()
     run.updating = False
-    tokens = sum(int(a.sum()) for _, a, _ in batches)
     seconds = time.perf_counter() - started
     return {"step": run.step, "epoch": epoch, "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm),
             "tokens": tokens, "trained_tokens": n_trained, "tokens_per_s": tokens / seconds}
@@ -443,7 +475,7 @@ def train(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples
     losses: list[float] = []
     bar = progress(run.total, desc, initial=run.step)
     try:
-        with open(run.log_path, "a", encoding="utf-8") as log_file:
+        with open(run.log_path if run.writer else os.devnull, "a", encoding="utf-8") as log_file:
             while run.step < run.total and (stop_after is None or len(losses) < stop_after):
                 record = train_step(run)
                 losses.append(record["loss"])
@@ -460,7 +492,8 @@ def train(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples
     except KeyboardInterrupt:
         # Outside an update the weights, optimizer and scheduler are those of `run.step` finished
         # steps: keep them (the interrupted step is redone from run.rng). Inside one, they are not.
-        if run.step > run.checkpointed and not run.updating:
+        # (data parallel: other ranks may be gone, and saving is a collective)
+        if run.step > run.checkpointed and not run.updating and run.dp is None:
             save_checkpoint(run)
             log(f"{desc}: interrupted; checkpoint at step {run.step}/{run.total}")
         raise
@@ -469,6 +502,9 @@ def train(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples
         model.train(was_training)
     if _fingerprint(base) != fingerprint:
         raise RuntimeError("the base model's weights changed during training")
+    if losses and run.step >= run.total > 1:  # the whole run's first and last step (the log spans resumes)
+        first = json.loads(run.log_path.read_text().split("\n", 1)[0])["loss"]
+        log(f"{desc}: training loss {first:.2f} (step 1) -> {losses[-1]:.2f} (step {run.step})")
     return {"step": run.step, "total_steps": run.total, "done": run.step >= run.total, "losses": losses}
 
 
@@ -487,6 +523,9 @@ def train_adapter(adapters: AdapterController, tokenizer: Tokenizer, lang: str, 
     """
     model = adapters.model
     lora = resolve_lora(model, lora)
+    # Each role its own seed (init and data order): in[en] and out[en] see the same en->en pairs and
+    # would otherwise come out byte-identical, where the paper trains two adapters.
+    cfg = dataclasses.replace(cfg, seed=cfg.seed + ROLE_SEED[role])
     adapter = LoraAdapter.init(model, rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules,
                                use_rslora=lora.use_rslora, dropout=lora.dropout, language=lang, role=role,
                                seed=cfg.seed)
@@ -511,8 +550,8 @@ def learn_weights(adapters: AdapterController, tokenizer: Tokenizer, lora_in: Lo
                   log: Log = log_stderr) -> LearnedWeights | None:
     """Learn the per-layer ``(w_in, w_out) = softmax(theta)`` of a direction with both adapters frozen (eq. 5).
 
-    Writes ``weights.json`` (:meth:`LearnedWeights.save`) and ``weights.png`` (w_out per layer, when
-    matplotlib is installed) in ``work_dir``.
+    Writes ``weights.json`` (:meth:`LearnedWeights.save`) in ``work_dir`` (Figure 2 draws all
+    directions at once: :mod:`modlora.figures`).
 
     Returns:
         The weights, or None if ``stop_after`` cut the run short.
@@ -528,26 +567,7 @@ def learn_weights(adapters: AdapterController, tokenizer: Tokenizer, lora_in: Lo
         adapters.clear()
     if weights is None:
         return None
-    weights.save(work_dir / "weights.json")
-    plot_weights(weights.pairs(), work_dir / "weights.png", f"{src}->{tgt} ({strategy})", log=log)
+    if distributed.current().writes_job_files:  # data parallel: rank 0 writes
+        weights.save(work_dir / "weights.json")
     return weights
 
-
-def plot_weights(weights: Sequence[tuple[float, float]], path: str | Path, title: str, log: Log = log_stderr) -> bool:
-    """w_out per layer (the paper's Figure 2); skipped with a log line without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log(f"matplotlib is not installed: skipping the plot {path}")
-        return False
-    fig, ax = plt.subplots(figsize=(6, 3))
-    ax.plot(range(len(weights)), [w_out for _, w_out in weights], marker="o")
-    ax.axhline(0.5, color="gray", lw=0.5)
-    ax.set(xlabel="layer", ylabel="w_out", title=title, ylim=(0, 1))
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
-    return True

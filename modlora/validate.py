@@ -148,10 +148,15 @@ def _device(value: str) -> str | None:
     return None
 
 
+def _file(value: str) -> str | None:
+    return None if os.path.isfile(value) else f"must be an existing file, got {value!r}"
+
+
 POSITIVE = Rule(int, low=1)
 POSITIVE_OPT = Rule(int, low=1, optional=True)
 POSITIVE_FLOAT = Rule(float, low=0, low_open=True)
 NAME = Rule(str, check=_plain)
+FILE = Rule(str, check=_file)
 STRATEGIES = ("output", "ab")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _TRAIN = {
@@ -178,7 +183,7 @@ SETTINGS: dict[str, dict[str, Rule]] = {
     "weights": _TRAIN,
     "eval": {"num_beams": POSITIVE, "max_new_tokens": POSITIVE, "batch_size": POSITIVE,
              "strategies": Rule(list, check=_each(Rule(str, check=_choice(*STRATEGIES)), "strategy")),
-             "ratios": Rule(list, check=_ratios), "learned": Rule(bool)},
+             "ratios": Rule(list, check=_ratios), "learned": Rule(bool), "full": Rule(bool)},
 }
 
 
@@ -324,17 +329,30 @@ def learned_weights(raw: object, path: str | os.PathLike) -> dict:
     return {**out, "theta": theta}
 
 
+def _direction(d: object, path: str | os.PathLike) -> dict:
+    d = json_object(d, path)
+    return {"src": _field(d, "src", Rule(str), path), "tgt": _field(d, "tgt", Rule(str), path),
+            "score": _field(d, "score", Rule(float), path), "signature": _field(d, "signature", Rule(str), path)}
+
+
+def _settings(raw: dict, path: str | os.PathLike) -> dict | None:
+    return _field(raw, "settings", Rule(dict, optional=True), path, None)
+
+
 def eval_file(raw: object, path: str | os.PathLike) -> dict:
     """An evaluation file of the pipeline: settings, and per direction src, tgt, a finite score, a signature."""
     raw = json_object(raw, path)
-    out = {"settings": _field(raw, "settings", Rule(dict, optional=True), path, None), "directions": []}
     directions = _field(raw, "directions", Rule(list, check=lambda v: None if v else "must not be empty"), path)
-    for d in directions:
-        d = json_object(d, f"{path}: directions")
-        out["directions"].append({"src": _field(d, "src", Rule(str), path), "tgt": _field(d, "tgt", Rule(str), path),
-                                  "score": _field(d, "score", Rule(float), path),
-                                  "signature": _field(d, "signature", Rule(str), path)})
-    return out
+    return {"settings": _settings(raw, path), "directions": [_direction(d, f"{path}: directions") for d in directions]}
+
+
+def eval_cell(raw: object, path: str | os.PathLike) -> dict:
+    """One evaluation cell (a configuration in one direction): settings, src, tgt, score, signature and
+    the hypotheses (strings)."""
+    raw = json_object(raw, path)
+    strings = Rule(list, check=lambda v: None if all(isinstance(h, str) for h in v) else "must hold strings only")
+    return {"settings": _settings(raw, path), **_direction(raw, path),
+            "hypotheses": _field(raw, "hypotheses", strings, path)}
 
 
 # --------------------------------------------------------------------------------------------

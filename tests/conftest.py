@@ -10,6 +10,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The suite runs with the dispatcher's defaults (no timing-dependent choices, nothing written to the
+# user's cache); tests/test_dispatch.py turns calibration on with a cache of its own.
+os.environ.setdefault("MODLORA_CALIBRATE", "0")
+
 # Test helpers (tests/hf_reference.py) import as plain modules.
 sys.path.insert(0, str(Path(__file__).parent))
 

@@ -45,14 +45,18 @@ def test_stages_and_translate_on_a_small_run(tmp_path, capsys):
     assert main(["train-adapters", *common, *train]) == 0
     assert "fr       in   r=2" in capsys.readouterr().out
     assert json.loads((tmp_path / "pool" / "fr" / "in" / "adapter_config.json").read_text())["lora_dropout"] == 0.1
+    assert main(["train-full", *common, "--epochs", "1", "--batch-size", "2"]) == 0
+    assert (tmp_path / "full" / "model" / "config.json").is_file()
     assert main(["learn-weights", *common, "--epochs", "1", "--strategies", "output"]) == 0
     assert (tmp_path / "weights" / "output" / "fr-en" / "weights.json").is_file()
     capsys.readouterr()
     assert main(["evaluate", *common, "--strategies", "output", "--num-beams", "1", "--max-new-tokens", "2"]) == 0
     table = capsys.readouterr().out
-    assert "| output learned |" in table and "| ab 1:9 |" not in table
+    assert "| Setting 1 (learned) |" in table and "| Setting 2 (1:9) |" not in table
     assert main(["table", *common, "--strategies", "output"]) == 0
     assert capsys.readouterr().out == table
+    assert main(["table", *common, "--strategies", "output", "--compare-paper"]) == 0
+    assert capsys.readouterr().out.startswith(table) and (tmp_path / "compare.md").is_file()
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["eval_settings"] == {"split": "devtest", "eval_limit": 1, "langs": ["en", "fr"], "num_beams": 1,
                                         "max_new_tokens": 2}

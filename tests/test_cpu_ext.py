@@ -21,7 +21,7 @@ import sys
 import pytest
 import torch
 
-from modlora import cpu, ops
+from modlora import cpu, dispatch, ops
 from modlora.kernels import dual_lora_linear_ref, pairwise_lora_linear_ref
 
 if not cpu.HAVE_C:
@@ -218,7 +218,7 @@ def test_dispatch_large_m_and_autograd():
     W = torch.randn(N, K, generator=gen)
     pairs = _pairs("output", gen)
     A_bank, B_bank = cpu.pack_bank(pairs, "output")
-    big = torch.randn(ops.C_MAX_ROWS[torch.float32] + 7, K, generator=gen)
+    big = torch.randn(dispatch.MAX_BUCKET + 7, K, generator=gen)
     rp = torch.randint(0, 3, (big.shape[0],), generator=gen)
     y64, mag = _oracle(big, W, None, A_bank, B_bank, rp)
     _assert_close(ops.pairwise_lora_linear(big, W, None, pairs, rp), y64, mag, K + 24)

@@ -56,17 +56,17 @@ def test_table_averages_are_matrix_row_and_column_means():
 def test_table1_configurations_and_markdown():
     configs = table1_configs()
     assert [c.name for c in configs] == [
-        "base", "in only", "out only", "output 1:9", "output 3:7", "output 7:3", "output 9:1", "output learned",
-        "ab 1:9", "ab 3:7", "ab 7:3", "ab 9:1", "ab learned"]
-    assert configs[4].w_in == pytest.approx(0.3) and configs[4].w_out == pytest.approx(0.7)
+        "base", "full", "in only", "out only", "output 1:9", "output 3:7", "output 7:3", "output 9:1",
+        "ab 1:9", "ab 3:7", "ab 7:3", "ab 9:1", "output learned", "ab learned"]
+    assert configs[5].w_in == pytest.approx(0.3) and configs[5].w_out == pytest.approx(0.7)
     assert trainable_percent(configs[0], 100, 10_000, 24) == 0
-    assert trainable_percent(configs[1], 50, 10_000, 24) == pytest.approx(0.5)
-    assert trainable_percent(configs[7], 50, 10_000, 24) == pytest.approx(100 * (100 + 48) / 10_000)
-    rows = [{"name": c.name, "trainable_percent": 1.0, "signature": "sig", "summary": summarize(_scores(), LANGS)}
-            for c in configs[:2]]
+    assert trainable_percent(configs[2], 50, 10_000, 24) == pytest.approx(0.5)
+    assert trainable_percent(configs[12], 50, 10_000, 24) == pytest.approx(100 * (100 + 48) / 10_000)
+    rows = [{"label": c.label, "trainable_percent": 1.0, "signature": "sig", "summary": summarize(_scores(), LANGS)}
+            for c in configs[2:4]]
     md = markdown_table(rows, LANGS)
-    assert "| configuration | trainable % | en→ | fr→ |" in md
-    assert "| in only | 1.00 |" in md and "chrF++ signature: `sig`" in md
+    assert "|  | % | en→ | fr→ |" in md
+    assert "| LoRA_in | 1.00 |" in md and "chrF++ signature: `sig`" in md
     assert "| fr | 10.0 | - | 12.0 | 13.0 | 14.0 |" in md
 
 

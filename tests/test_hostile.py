@@ -371,6 +371,7 @@ TOML_CASES = [
     ("out_dir = 3", "out_dir must be a string, got 3"),
     ("[train]\nlr_typo = 1", "unknown key [train] lr_typo"),
     ("typo = 1", "unknown key typo"),
+    ('[eval]\nfull = "yes"', "[eval] full must be true or false, got 'yes' (str)"),
     ("[train\nlr = 1", "is not valid TOML"),
     ("lr = 1\nlr = 2", "is not valid TOML"),
 ]
@@ -408,6 +409,17 @@ def test_translate_options(capsys, option, value, message):
     assert_error(run(["translate", "--src", "fr", "--tgt", "de", option, value], capsys), option, message)
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["train-full", "--lr", "nan"], "argument --lr: must be a finite number"),
+    (["train-full", "--batch-size", "0"], "argument --batch-size: must be a positive integer, got 0"),
+    (["table", "--compare-paper", "absent.json"], "argument --compare-paper: must be an existing file, got "
+                                                  "'absent.json'"),
+])
+def test_options_of_the_full_and_table_stages(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    assert_error(run(argv, capsys), message)
+
+
 def test_threads_option(capsys):
     assert_error(run(["--threads", "0", "info"], capsys), "argument --threads: must be a positive integer, got 0")
 
@@ -442,7 +454,7 @@ def test_written_files_follow_the_umask(tmp_path, umask, mode):
     adapter = LoraAdapter.init(model, rank=2, alpha=4, language="fr", role="in")
     state = {"config": {}, "step": 0, "order": [], "params": adapter.parameters(),
              "optimizer": {"state": {}, "param_groups": []}, "scheduler": {},
-             "rng": {"torch": torch.get_rng_state(), "python": __import__("random").getstate()}}
+             "rng": [{"torch": torch.get_rng_state(), "python": __import__("random").getstate()}]}
     old = os.umask(umask)
     try:
         adapter.save(tmp_path / "adapter")
@@ -489,6 +501,28 @@ def finished_run(out: Path, raw: dict = FINISHED) -> PipelineConfig:
     return cfg
 
 
+@pytest.mark.parametrize("cell,message", [
+    ({"score": "99"}, "score must be a number, got '99' (str)"),
+    ({"hypotheses": ["ok", 1]}, "hypotheses must hold strings only"),
+    ({"src": None}, "missing key 'src'"),
+    ([], "expected a JSON object, got list"),
+])
+def test_evaluation_cell_file_is_checked(tmp_path, cell, message):
+    """A configuration left to evaluate reads its cells' files first (to skip finished cells)."""
+    pipe = Pipeline(finished_run(tmp_path), log=lambda _: None)
+    config = pipe.configurations()[0]
+    pipe.eval_path(config).unlink()
+    path = pipe.cell_path(config, "en", "fr")
+    path.parent.mkdir(parents=True)
+    good = {"settings": pipe.eval_settings(), "src": "en", "tgt": "fr", "score": 1.0, "signature": "s",
+            "hypotheses": ["a"]}
+    path.write_text(json.dumps({k: v for k, v in {**good, **cell}.items() if v is not None}
+                               if isinstance(cell, dict) else cell))
+    with pytest.raises(ValueError) as e:
+        pipe.evaluate()
+    assert str(e.value).startswith(str(path)) and message in str(e.value)
+
+
 def test_table_prints_a_read_only_finished_run(tmp_path, capsys, monkeypatch):
     finished_run(tmp_path)
 
@@ -499,7 +533,7 @@ def test_table_prints_a_read_only_finished_run(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("modlora.pipeline.atomic_write_text", denied)
     rc, out, err = run(["table", "--out", tmp_path, "--langs", "en,fr", "--eval-limit", "1",
                         "--strategies", "output"], capsys)
-    assert rc == 0 and "| output 1:9 |" in out, err
+    assert rc == 0 and "| Setting 1 (1:9) |" in out, err
     assert any("is not writable" in line for line in err)
 
 
@@ -593,10 +627,13 @@ def test_malformed_log_line_before_the_end_is_named(tmp_path):
 @pytest.mark.parametrize("edit,message", [
     (lambda t, m: t.__setitem__("param.0", t["param.0"] * float("nan")), "param.0 holds NaN"),
     (lambda t, m: t.__setitem__("param.0", t["param.0"][:1]), "do not match the trained parameters"),
-    (lambda t, m: t.pop("rng.torch"), "malformed checkpoint"),
+    (lambda t, m: t.pop("rng.0.torch"), "malformed checkpoint"),
     (lambda t, m: m.__setitem__("step", 10**6), "step 1000000 is outside this run's 0..6"),
     (lambda t, m: m.__setitem__("step", "2"), "step and num_params must be non-negative integers"),
-    (lambda t, m: m.__setitem__("python_rng", [3, [0] * 3, None]), "Mersenne Twister"),
+    (lambda t, m: m["rng"][0].__setitem__("python", [3, [0] * 3, None]), "Mersenne Twister"),
+    (lambda t, m: m["rng"][0].__setitem__("cuda", True), "count of CUDA RNG states"),
+    (lambda t, m: (m.__setitem__("rng", m["rng"] * 2), t.__setitem__("rng.1.torch", t["rng.0.torch"].clone())),
+     "RNG states of 2 process"),
     (lambda t, m: m.__setitem__("scheduler", {"optimizer": 1}), "scheduler state does not match"),
     (lambda t, m: m.__setitem__("format", 99), "unknown checkpoint format 99"),
     (lambda t, m: m.__setitem__("param_groups", [{"evil": 1}]), "parameter groups do not match"),
@@ -659,3 +696,16 @@ def test_kill_9_mid_training_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert rest["done"] and rest["losses"] == full["losses"][step:]
     for name, (A, B) in straight.tensors.items():
         assert torch.equal(A, resumed.tensors[name][0]) and torch.equal(B, resumed.tensors[name][1]), name
+
+
+def test_hub_ref_that_climbs_out_of_the_snapshots_is_refused(tmp_path, monkeypatch, capsys):
+    """A cache's refs/main names a snapshot folder; a revision such as ../../../x would load another tree."""
+    repo = tmp_path / "hub" / "models--Org--Name"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("../../../elsewhere\n")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    assert_error(run(["info", "--model", "Org/Name"], capsys), "refs/main: the revision '../../../elsewhere' points "
+                 "outside")
+

@@ -5,7 +5,7 @@ import contextlib
 import pytest
 import torch
 
-from modlora import cpu, ops
+from modlora import cpu, dispatch, ops
 from modlora.adapters import AdapterController, LoraAdapter
 from modlora.config import Qwen2Config
 from modlora.kernels import dual_lora_linear_ref, pairwise_lora_linear_ref
@@ -124,7 +124,7 @@ def test_bf16_on_a_cpu_without_bf16_arithmetic_is_the_fp32_result_rounded_once(s
     roundoff, plus the fp32 sums' error); a dropped bias, adapter or pair is off by O(1)."""
     monkeypatch.setattr(ops, "_NATIVE_BF16", False)
     g = torch.Generator().manual_seed(0)
-    M, K, N, r = ops.C_MAX_ROWS[torch.bfloat16] + 3, 64, 48, 4
+    M, K, N, r = dispatch.MAX_BUCKET + 3, 64, 48, 4
     bf16 = lambda *shape: torch.randn(*shape, generator=g).to(torch.bfloat16)
     x, weight, bias = bf16(M, K), bf16(N, K), bf16(N)
     pairs = [((bf16(r, K), bf16(N, r), 0.5), (bf16(r, K), bf16(N, r), 2.0), 0.3, 0.7) for _ in range(2)]

@@ -33,14 +33,20 @@ def test_whole_pipeline_then_resume_skips_everything(tmp_path):
     assert pool == [f"{lang}/{role}" for lang in ("en", "fr", "zh") for role in ("in", "out")]
     assert len(list((tmp_path / "weights").glob("*/*/weights.json"))) == 2 * 6
     results = json.loads((tmp_path / "results.json").read_text())
-    assert [r["name"] for r in results["rows"]][:3] == ["base", "in only", "out only"]
-    assert len(results["rows"]) == 13
+    assert [r["label"] for r in results["rows"]][:4] == ["Pre-train", "Full-parameter fine-tuning", "LoRA_in",
+                                                         "LoRA_out"]
+    assert len(results["rows"]) == 14
+    assert results["rows"][1]["trainable_percent"] == 100.0 and "| Full-parameter fine-tuning | 100.00 |" in md
+    assert (tmp_path / "full" / "model" / "model.safetensors").is_file()
+    assert all(("marks" in r) == r["merged"] for r in results["rows"])
+    figure = json.loads((tmp_path / "weights" / "ab" / "figure2.json").read_text())
+    assert [p["panel"] for p in figure["panels"]] == ["(a)", "(b)", "(c)", "(d)", "(e)", "(f)"]
     for row in results["rows"]:
         assert "nw:2" in row["signature"]
         assert len(row["summary"]["matrix"]) == 3
     evaluation = json.loads((tmp_path / "eval" / "output-3-7.json").read_text())
     assert len(evaluation["directions"]) == 6 and len(evaluation["directions"][0]["hypotheses"]) == 2
-    assert "random weights" in md and "| output learned |" in md
+    assert "random weights" in md and "| Setting 1 (learned) |" in md
     assert (tmp_path / "table.md").read_text() == md
 
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()

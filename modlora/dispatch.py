@@ -1,0 +1,273 @@
+"""Which CPU path runs a linear, chosen by measurement on the machine at hand.
+
+For each case (op kind, weight shape, dtype, M bucket, thread count, the C++ op's ISA) the first
+call times every available path on a representative input (M = the bucket's top, the real
+weight, caches flushed between calls as in a decode step, where the weights stream from memory)
+and keeps the fastest: ``"c"`` (the C++ op, :mod:`modlora.cpu`) or ``"torch"``. Calibration is
+short (a warm-up call, then timed calls for about ``PATH_SECONDS``, at most ``MAX_REPS``, per path)
+and bounded in total per process (``BUDGET_SECONDS``); a case met after that gets the conservative
+default and is measured by a later process.
+
+Choices are cached on disk, one JSON file per CPU model, core count and torch/modlora/C-op
+version (``$MODLORA_CACHE_DIR``, else ``$XDG_CACHE_HOME/modlora``, else ``~/.cache/modlora``),
+written atomically and merged with what another process wrote meanwhile. A file that cannot be
+read, is not this format or was written for another CPU or version is ignored (one warning) and
+replaced at the next write.
+
+Environment: ``MODLORA_DISPATCH=c`` or ``torch`` forces a path (``c`` only where the C++ op is
+available and allowed); ``MODLORA_CALIBRATE=0`` skips calibration and the cache: every case
+gets the conservative default (:func:`default_path`). Both are read at import and by
+:func:`reset`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import math
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from . import cpu
+from .fileio import atomic_write_json
+
+log = logging.getLogger("modlora")
+
+__all__ = ["PATHS", "choose", "default_path", "cache_file", "cpu_model", "fingerprint", "reset", "NATIVE_BF16"]
+
+PATHS = ("c", "torch")
+MAX_BUCKET = 256  # larger M is a GEMM: torch's (oneDNN/MKL) path, never the small-M kernel
+PATH_SECONDS = 0.02  # time each path about this long per case (at least one call after the warm-up)
+MAX_REPS = 10
+BUDGET_SECONDS = 10.0  # calibration time per process, all cases together
+FORMAT = 1
+
+NATIVE_BF16: bool = any(getattr(torch.cpu, probe, lambda: False)()
+                        for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+"""Whether the CPU has bf16 arithmetic (AVX-512 BF16 or AMX); without it oneDNN emulates bf16."""
+
+Run = Callable[[str, Tensor], Tensor]
+Key = tuple[str, int, int, str, int, int, str]
+
+_choices: dict[Key, str] = {}
+_measured: dict[str, dict] = {}  # this process's measurements, as cache entries
+_forced: str | None = None
+_calibrate = True
+_loaded = False
+_warned = False
+_spent = 0.0
+
+
+def reset() -> None:
+    """Forget every choice made in this process and re-read the environment variables."""
+    global _forced, _calibrate, _loaded, _warned, _spent
+    _choices.clear()
+    _measured.clear()
+    forced = os.environ.get("MODLORA_DISPATCH", "").strip().lower()
+    if forced not in ("", "auto", *PATHS):
+        log.warning("MODLORA_DISPATCH=%s ignored: expected one of auto, %s", forced, ", ".join(PATHS))
+        forced = ""
+    _forced = forced if forced in PATHS else None
+    _calibrate = os.environ.get("MODLORA_CALIBRATE", "1").strip() not in ("0", "false", "no", "off")
+    _loaded = _warned = False
+    _spent = 0.0
+
+
+def bucket(m: int) -> int:
+    """M rounded up to a power of two: calls with similar M share one measurement."""
+    return 1 << (max(m, 1) - 1).bit_length()
+
+
+def default_path(dtype: torch.dtype, m_bucket: int) -> str:
+    """The path used without a measurement, from the CPU's features alone.
+
+    The C++ op for up to 4 rows (it reads W once where torch's GEMM kernels are tuned for larger
+    M), and for bf16 up to 64 rows on CPUs without bf16 arithmetic, where torch's bf16 path
+    (:func:`modlora.ops._emulated_bf16`) converts W to fp32 on every call, three more passes over
+    W's bytes.
+    """
+    if m_bucket <= 4 or (dtype == torch.bfloat16 and not NATIVE_BF16 and m_bucket <= 64):
+        return "c"
+    return "torch"
+
+
+def choose(kind: str, x: Tensor, weight: Tensor, run: Run) -> str:
+    """The path (``"c"`` or ``"torch"``) for ``x`` against ``weight``; ``run(path, x2d)`` computes
+    the op by that path on a 2-D input and is called only to calibrate a case seen for the first time.
+    The caller has checked that the C++ op is allowed (CPU tensors, no autograd, C available)."""
+    if _forced is not None:
+        return _forced
+    m_bucket = bucket(x.numel() // x.shape[-1] if x.shape[-1] else 0)
+    if m_bucket > MAX_BUCKET:
+        return "torch"
+    key = (kind, weight.shape[0], weight.shape[1], str(x.dtype).removeprefix("torch."), m_bucket,
+           torch.get_num_threads(), cpu._C.isa())
+    path = _choices.get(key)
+    if path is None:
+        path = _decide(key, x, weight, run)
+    return path
+
+
+def _decide(key: Key, x: Tensor, weight: Tensor, run: Run) -> str:
+    global _spent
+    m_bucket = key[4]
+    if not _calibrate:
+        return _choices.setdefault(key, default_path(x.dtype, m_bucket))
+    _load()
+    if key in _choices:
+        return _choices[key]
+    if _spent >= BUDGET_SECONDS:  # not stored on disk: a later process measures it
+        return _choices.setdefault(key, default_path(x.dtype, m_bucket))
+    start = time.perf_counter()
+    times = _measure(x, weight, run, m_bucket)
+    _spent += time.perf_counter() - start
+    _choices[key] = min(times, key=times.get)
+    _measured[_name(key)] = {"path": _choices[key], "ms": times}
+    _save()
+    return _choices[key]
+
+
+def _measure(x: Tensor, weight: Tensor, run: Run, m: int) -> dict[str, float]:
+    """Best time in ms of each path on a random [m, K] input in x's dtype. The paths take turns
+    (one call each per round), so a burst of load from other processes hits both alike."""
+    xs = torch.randn(m, x.shape[-1], generator=torch.Generator().manual_seed(0)).to(x.dtype)
+    flush = _flush_buffer(weight)
+    samples: dict[str, list[float]] = {path: [] for path in PATHS}
+    with torch.no_grad():
+        for path in PATHS:
+            run(path, xs)  # warm-up: first-touch allocations, lazy packing
+        deadline = time.perf_counter() + PATH_SECONDS * len(PATHS)
+        for _ in range(MAX_REPS):
+            for path in PATHS:
+                if flush is not None:
+                    flush.sum()
+                t0 = time.perf_counter()
+                run(path, xs)
+                samples[path].append((time.perf_counter() - t0) * 1e3)
+            if time.perf_counter() > deadline:
+                break
+    return {path: min(ts) for path, ts in samples.items()}
+
+
+def _flush_buffer(weight: Tensor) -> Tensor | None:
+    """A buffer twice the last-level cache, read between timed calls so W comes from memory as it
+    does in a decode step; None when W alone is larger than that."""
+    size = 2 * _llc_bytes()
+    if weight.numel() * weight.element_size() >= size:
+        return None
+    return torch.ones(size // 4)
+
+
+def _llc_bytes() -> int:
+    """Largest CPU cache in bytes (sysfs), or 64 MiB where sysfs does not say."""
+    best = 0
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = f.read_text().strip().upper()
+            best = max(best, int(text.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(text[-1:], 0))
+        except (OSError, ValueError):
+            continue
+    return best or 64 << 20
+
+
+def _name(key: Key) -> str:
+    return "|".join(map(str, key))
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def fingerprint() -> dict:
+    """What a cached choice depends on besides its key: CPU model, cores, library versions."""
+    return {"format": FORMAT, "cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "modlora": _version(), "isas": cpu._C.supported_isas() if cpu.HAVE_C else []}
+
+
+def _version() -> str | None:
+    try:
+        return importlib.metadata.version("modlora")
+    except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+        return None
+
+
+def cache_file() -> Path:
+    """This machine's cache file (its name carries a digest of :func:`fingerprint`)."""
+    root = os.environ.get("MODLORA_CACHE_DIR")
+    if not root:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "modlora"
+    digest = hashlib.sha256(json.dumps(fingerprint(), sort_keys=True).encode()).hexdigest()[:16]
+    return Path(root) / f"dispatch-{digest}.json"
+
+
+def _read() -> dict[str, dict]:
+    """The cached choices, or {} (with one warning per process) when the file is unusable."""
+    global _warned
+    path = cache_file()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or data.get("fingerprint") != fingerprint():
+            raise ValueError("written for another CPU, version or format")
+        choices = data.get("choices")
+        if not isinstance(choices, dict) or not all(_valid(v) for v in choices.values()):
+            raise ValueError("malformed choices")
+        return choices
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        if not _warned:
+            log.warning("modlora dispatch cache %s ignored (%s); it will be rewritten", path, e)
+            _warned = True
+        return {}
+
+
+def _valid(entry: object) -> bool:
+    return (isinstance(entry, dict) and entry.get("path") in PATHS and isinstance(entry.get("ms"), dict)
+            and all(isinstance(v, float) and math.isfinite(v) for v in entry["ms"].values()))
+
+
+def _load() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for name, entry in _read().items():
+        key = _parse(name)
+        if key is not None:
+            _choices.setdefault(key, entry["path"])
+
+
+def _parse(name: str) -> Key | None:
+    parts = name.split("|")
+    try:
+        kind, n, k, dtype, m_bucket, threads, isa = parts
+        return kind, int(n), int(k), dtype, int(m_bucket), int(threads), isa
+    except ValueError:
+        return None
+
+
+def _save() -> None:
+    """Write the file's choices and this process's measurements (ours win) atomically: what another
+    process wrote meanwhile is kept, unless it wrote between our read and our rename."""
+    try:
+        atomic_write_json(cache_file(), {"fingerprint": fingerprint(), "choices": {**_read(), **_measured}})
+    except OSError as e:  # a read-only home must not stop inference
+        log.warning("modlora dispatch cache not written: %s", e)
+
+
+reset()

@@ -1,0 +1,189 @@
+"""Dispatch by measurement (modlora.dispatch): the choice is a measured one, forced paths are
+obeyed, a bad cache is ignored with one warning and rewritten, concurrent writers leave one valid
+cache, and the model gives the same logits and beams whichever path each linear takes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_ops import CONFIG, TOL, random_adapter
+
+from modlora import cpu, dispatch, ops
+from modlora.adapters import AdapterController
+from modlora.generation import generate
+from modlora.loading import random_model
+
+pytestmark = pytest.mark.skipif(not cpu.HAVE_C, reason="modlora._C is not built: torch is the only path")
+K, N = 64, 40
+
+
+@pytest.fixture(autouse=True)
+def fresh(monkeypatch, tmp_path):
+    """Each test: its own cache dir, calibration on, nothing forced; the suite's state after."""
+    monkeypatch.setenv("MODLORA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("MODLORA_CALIBRATE", "1")
+    monkeypatch.delenv("MODLORA_DISPATCH", raising=False)
+    dispatch.reset()
+    yield
+    monkeypatch.undo()
+    dispatch.reset()
+
+
+@pytest.fixture
+def c_calls(monkeypatch):
+    """Counts calls of the C++ op through ops."""
+    calls = []
+    real = cpu.lora_bank_linear
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops.cpu, "lora_bank_linear", spy)
+    return calls
+
+
+def _inputs(m: int, dtype=torch.float32):
+    g = torch.Generator().manual_seed(m)
+    return torch.randn(m, K, generator=g).to(dtype), torch.randn(N, K, generator=g).to(dtype)
+
+
+def _cache() -> dict:
+    return json.loads(dispatch.cache_file().read_text())
+
+
+@torch.no_grad()
+def test_chosen_path_is_the_fastest_measured_and_cached():
+    x, w = _inputs(3)
+    torch.testing.assert_close(ops.linear(x, w), x @ w.t(), **TOL[torch.float32])
+    data = _cache()
+    assert data["fingerprint"] == dispatch.fingerprint()
+    (name, entry), = data["choices"].items()
+    assert name.startswith(f"linear|{N}|{K}|float32|4|")
+    assert set(entry["ms"]) == set(dispatch.PATHS)
+    assert entry["path"] == min(entry["ms"], key=entry["ms"].get)
+
+
+@pytest.mark.parametrize("fastest", dispatch.PATHS)
+@torch.no_grad()
+def test_the_measured_winner_runs(fastest, monkeypatch, c_calls):
+    monkeypatch.setattr(dispatch, "_measure", lambda *a: {p: 1.0 if p == fastest else 2.0 for p in dispatch.PATHS})
+    x, w = _inputs(5)
+    for _ in range(2):
+        ops.linear(x, w)
+    assert len(c_calls) == (2 if fastest == "c" else 0)
+    assert [e["path"] for e in _cache()["choices"].values()] == [fastest]
+
+
+@pytest.mark.parametrize("forced", dispatch.PATHS)
+@torch.no_grad()
+def test_forced_path_is_obeyed_without_measuring(forced, monkeypatch, c_calls):
+    monkeypatch.setenv("MODLORA_DISPATCH", forced)
+    dispatch.reset()
+    monkeypatch.setattr(dispatch, "_measure", lambda *a: pytest.fail("measured under a forced path"))
+    for m in (1, 100, 1000):
+        x, w = _inputs(m)
+        torch.testing.assert_close(ops.linear(x, w), x @ w.t(), **TOL[torch.float32])
+    assert len(c_calls) == (3 if forced == "c" else 0)
+    assert not dispatch.cache_file().exists()
+
+
+@torch.no_grad()
+def test_no_calibration_uses_the_defaults_and_no_cache(monkeypatch, c_calls):
+    monkeypatch.setenv("MODLORA_CALIBRATE", "0")
+    dispatch.reset()
+    monkeypatch.setattr(dispatch, "_measure", lambda *a: pytest.fail("measured with MODLORA_CALIBRATE=0"))
+    for m in (1, 4, 200):
+        ops.linear(*_inputs(m))
+    assert c_calls == [(1, K), (4, K)]  # the default: C for up to 4 rows; 200 fp32 rows: torch
+    assert not dispatch.cache_file().exists()
+
+
+@pytest.mark.parametrize("content", ["{not json", "truncated", "foreign"])
+@torch.no_grad()
+def test_bad_cache_is_ignored_with_one_warning_and_rewritten(content, caplog):
+    path = dispatch.cache_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    entry = {"path": "c", "ms": {"c": 1.0}}
+    good = {"fingerprint": dispatch.fingerprint(), "choices": {"linear|1|1|float32|1|1|x": entry}}
+    text = {"{not json": "{not json",
+            "truncated": json.dumps(good)[:40],
+            "foreign": json.dumps({**good, "fingerprint": {**good["fingerprint"], "torch": "0.0.1"}})}[content]
+    path.write_text(text)
+    with caplog.at_level(logging.WARNING, logger="modlora"):
+        for m in (1, 2):  # two cases: two reads and a write each, one warning
+            ops.linear(*_inputs(m))
+    warnings = [r for r in caplog.records if "cache" in r.getMessage()]
+    assert len(warnings) == 1 and "ignored" in warnings[0].getMessage()
+    data = _cache()
+    assert data["fingerprint"] == dispatch.fingerprint()
+    assert sorted(name.split("|")[4] for name in data["choices"]) == ["1", "2"]  # the old entry is gone
+
+
+_WORKER = """
+import torch
+from modlora import ops
+for n in range(8, 48, 4):
+    ops.linear(torch.randn(3, 64), torch.randn(n, 64))
+"""
+
+
+def test_two_processes_calibrating_at_once_leave_one_valid_cache(tmp_path):
+    env = {**os.environ, "MODLORA_CACHE_DIR": str(tmp_path), "MODLORA_CALIBRATE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("MODLORA_DISPATCH", None)
+    procs = [subprocess.Popen([sys.executable, "-c", _WORKER], env=env) for _ in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    files = sorted(tmp_path.iterdir())
+    assert [f.name for f in files] == [dispatch.cache_file().name]  # no temp file left behind
+    data = json.loads(files[0].read_text())
+    assert data["fingerprint"] == dispatch.fingerprint()
+    assert len(data["choices"]) >= 10  # each process writes all it measured, merged with the file
+    assert all(dispatch._valid(e) for e in data["choices"].values())
+
+
+def _model(dtype):
+    """A small model with an `output` pair bound (the controller is returned to keep it alive)."""
+    model = random_model(CONFIG, seed=1, dtype=dtype)
+    ctl = AdapterController(model)
+    ctl.set_adapters(random_adapter(model, 4, 1, "in"), random_adapter(model, 4, 2, "out"), w_in=0.3,
+                     w_out=0.7, strategy="output")
+    return model, ctl
+
+
+def _with_paths(monkeypatch, pick):
+    monkeypatch.setattr(dispatch, "choose", lambda kind, x, weight, run: pick())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_model_logits_agree_whichever_path_each_linear_takes(dtype, monkeypatch):
+    model, _ctl = _model(dtype)
+    ids = torch.randint(0, CONFIG.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    rng = random.Random(0)
+    logits = {}
+    for name, pick in (("torch", lambda: "torch"), ("c", lambda: "c"), ("mixed", lambda: rng.choice(dispatch.PATHS))):
+        _with_paths(monkeypatch, pick)
+        cache = model.new_cache(2, 7, max_new_tokens=2, num_beams=1)
+        logits[name] = torch.stack((model.prefill(ids, None, cache), model.decode_step(ids[:, 0], cache))).float()
+    torch.testing.assert_close(logits["c"], logits["torch"], **TOL[dtype])
+    torch.testing.assert_close(logits["mixed"], logits["torch"], **TOL[dtype])
+
+
+@torch.no_grad()
+def test_beam_search_is_the_same_whichever_path_each_linear_takes(monkeypatch):
+    model, _ctl = _model(torch.float32)
+    ids = torch.randint(0, CONFIG.vocab_size, (2, 6), generator=torch.Generator().manual_seed(1))
+    rng = random.Random(1)
+    outs = []
+    for pick in (lambda: "torch", lambda: "c", lambda: rng.choice(dispatch.PATHS)):
+        _with_paths(monkeypatch, pick)
+        outs.append(generate(model, ids, num_beams=3, max_new_tokens=8, eos_token_id=[CONFIG.vocab_size - 1],
+                             pad_token_id=0))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])

@@ -1,0 +1,121 @@
+"""Full-parameter fine-tuning: one step's gradients against transformers, the saved folder in
+transformers, exact resume, the output embedding's gradient in the chunked loss."""
+
+import pytest
+import torch
+from hf_reference import hf_model, save_hf
+
+from modlora.full import train_full, union_directions
+from modlora.kernels import linear_cross_entropy
+from modlora.loading import load_pretrained, random_model
+from modlora.model import Qwen2ForCausalLM
+from modlora.train import TrainConfig, collate, completion_loss
+
+PAD = 0
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _examples(n: int, seed: int, vocab: int = 1000, shared: int = 4) -> list[tuple[list[int], list[int]]]:
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(1, vocab, (shared,), generator=g).tolist()
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(2 * shared + 6, 2 * shared + 16, (1,), generator=g))
+        ids = prefix + torch.randint(1, vocab, (length - shared,), generator=g).tolist()
+        out.append((ids, [0] * (length // 2) + [1] * (length - length // 2)))
+    return out
+
+
+def test_chunked_loss_gives_the_output_embedding_its_gradient():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 16, generator=g, requires_grad=True)
+    w = torch.randn(300, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 300, (37,), generator=g)
+    got = linear_cross_entropy(h, w, targets, chunk=5)
+    grads = torch.autograd.grad(got * 0.5, (h, w))
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    expected = torch.nn.functional.cross_entropy(h64 @ w64.t(), targets, reduction="sum")  # float64 reference
+    expected_grads = torch.autograd.grad(expected * 0.5, (h64, w64))
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=0)
+    for a, b in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6 * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_one_step_gradients_of_every_parameter_match_transformers(tmp_path, tie):
+    hf = hf_model(tie=tie, seed=4)
+    ours = load_pretrained(save_hf(hf, tmp_path), dtype=torch.float32)
+    for p in ours.parameters():
+        p.requires_grad_(True)
+    ids, attn, mask = collate(_examples(4, seed=0), PAD)
+    loss_sum, n = completion_loss(ours, ids, attn, mask, chunk=7)  # shared prefix, several loss chunks
+    (loss_sum / n).backward()
+    expected = hf(input_ids=ids, attention_mask=attn, labels=ids.masked_fill(mask == 0, -100)).loss
+    expected.backward()
+    torch.testing.assert_close(loss_sum / n, expected, rtol=1e-5, atol=1e-6)
+    theirs = dict(hf.named_parameters())
+    ours_named = dict(ours.named_parameters())
+    assert set(ours_named) == set(theirs)  # every parameter trains, under HF's names
+    for name, p in ours_named.items():
+        ref = theirs[name].grad
+        # fp32 sums in another order: bounded relative to the gradient's own scale
+        torch.testing.assert_close(p.grad, ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()), msg=name)
+
+
+def _tiny(seed: int = 0) -> Qwen2ForCausalLM:
+    from modlora.config import Qwen2Config
+
+    cfg = Qwen2Config(vocab_size=1000, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=True)
+    return random_model(cfg, seed=seed)
+
+
+class _Tok:
+    pad_id = PAD
+
+
+def _run(tmp, data, monkeypatch, stop_after=None):
+    import modlora.full
+
+    model = _tiny()
+    examples = {str(i): ex for i, ex in enumerate(_examples(11, seed=3))}
+    monkeypatch.setattr(modlora.full, "training_example", lambda tok, src, tgt, s, t: examples[s])
+    cfg = TrainConfig(epochs=2, lr=1e-2, batch_size=2, grad_accum=2, warmup_ratio=0.2, checkpoint_every=2)
+    done = train_full(model, _Tok(), data, cfg, tmp / "work", tmp / "model", stop_after=stop_after, log=lambda _: None)
+    return model, done
+
+
+def test_interrupt_and_resume_equals_uninterrupted_and_saves_a_checkpoint_transformers_loads(tmp_path, monkeypatch):
+    import transformers
+
+    data = {("fr", "en"): [(str(i), "") for i in range(6)], ("en", "fr"): [(str(i), "") for i in range(6, 11)]}
+    straight, done = _run(tmp_path / "a", data, monkeypatch)
+    assert done and (tmp_path / "a" / "model" / "config.json").is_file()
+    _, part = _run(tmp_path / "b", data, monkeypatch, stop_after=3)
+    assert not part and not (tmp_path / "b" / "model").exists()
+    torch.manual_seed(77)  # as a new process would
+    resumed, done = _run(tmp_path / "b", data, monkeypatch)
+    assert done
+    before = _tiny().state_dict()
+    for name, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name
+    assert all(not torch.equal(v, before[k]) for k, v in straight.state_dict().items())  # every tensor trained
+    assert not any(p.requires_grad for p in straight.parameters())
+
+    hf = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "a" / "model", dtype=torch.float32).eval()
+    ids = torch.randint(1, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(straight(ids), hf(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_union_counts_the_pivot_direction_once():
+    from modlora.data import adapter_jobs
+
+    jobs = [(j.src, j.tgt) for j in adapter_jobs(["en", "fr", "de"], "en")]
+    assert union_directions(jobs) == [("en", "en"), ("fr", "en"), ("en", "fr"), ("de", "en"), ("en", "de")]
+
+
+def test_bf16_weights_are_refused():
+    model = _tiny().to(torch.bfloat16)
+    with pytest.raises(ValueError, match="fp32 master weights"):
+        train_full(model, _Tok(), {}, TrainConfig(), "unused", "unused")
