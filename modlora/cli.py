@@ -9,7 +9,6 @@ checkpoint) switches the pipeline to the paper's setup.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -17,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import distributed
+from . import distributed, validate
 from .adapters import AdapterController, LearnedWeights
 from .console import log_stderr, progress
 from .fileio import atomic_write_text
@@ -30,6 +29,7 @@ from .pipeline import RANDOM_BASE_NOTE, Pipeline, PipelineConfig, default_config
 from .pool import AdapterPool
 from .tokenizer import Tokenizer
 from .train import base_parameters, lora_parameters_per_rank, paper_rank
+from .validate import cli_rule, cli_type
 
 DEFAULT_PRESET = "tiny"  # the random-weight base when neither --model nor a config names one
 
@@ -40,39 +40,22 @@ RUN_EPILOG = """examples:
 Finished work (adapters, weights, evaluations) is skipped; an interrupted training resumes from its checkpoint."""
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+class _Parser(argparse.ArgumentParser):
+    """Usage errors end like every other error: one line ``modlora: error: ...``, exit status 2."""
 
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _finite_float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _probability(text: str) -> float:
-    value = _finite_float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
+    def error(self, message: str) -> None:
+        command = self.prog.removeprefix("modlora").strip()
+        print(f"modlora: error: {command + ': ' if command else ''}{message} (see {self.prog} --help)",
+              file=sys.stderr)
+        sys.exit(2)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="HF Qwen2 checkpoint directory, or a hub id (Qwen/Qwen2.5-0.5B-Instruct) in the "
                                    "local Hugging Face cache (default: a random-weight preset)")
-    p.add_argument("--preset", help=f"random-weight preset when no --model: tiny or qwen2.5-0.5b (default: the "
-                                    f"config's, else {DEFAULT_PRESET})")
+    p.add_argument("--preset", type=cli_type("model", "preset"),
+                   help=f"random-weight preset when no --model: tiny or qwen2.5-0.5b (default: the config's, else "
+                        f"{DEFAULT_PRESET})")
 
 
 def _pipeline_args(p: argparse.ArgumentParser, *, config_positional: bool = False) -> None:
@@ -81,12 +64,14 @@ def _pipeline_args(p: argparse.ArgumentParser, *, config_positional: bool = Fals
     else:
         p.add_argument("--config", help="TOML config (default: the demo, or the paper's setup with --model)")
     _model_args(p)
-    p.add_argument("--out", help="output directory (default: the config's out_dir)")
+    p.add_argument("--out", type=cli_type("", "out_dir"), help="output directory (default: the config's out_dir)")
     p.add_argument("--data", help="FLORES-style folder split/lang.txt (default: the vendored FLORES-101)")
-    p.add_argument("--langs", help="comma-separated language codes, e.g. en,fr,de,ja,zh")
-    p.add_argument("--train-limit", type=_positive_int, help="use the first N training sentences")
-    p.add_argument("--eval-limit", type=_positive_int, help="evaluate on the first N sentences")
-    p.add_argument("--strategies", help="comma-separated merge strategies to learn and evaluate: output,ab")
+    p.add_argument("--langs", type=cli_type("data", "langs"),
+                   help="comma-separated language codes, e.g. en,fr,de,ja,zh")
+    p.add_argument("--train-limit", type=cli_type("data", "train_limit"), help="use the first N training sentences")
+    p.add_argument("--eval-limit", type=cli_type("data", "eval_limit"), help="evaluate on the first N sentences")
+    p.add_argument("--strategies", type=cli_type("eval", "strategies"),
+                   help="comma-separated merge strategies to learn and evaluate: output,ab")
 
 
 def _data_parallel_arg(p: argparse.ArgumentParser) -> None:
@@ -96,16 +81,19 @@ def _data_parallel_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=_positive_int, help="passes over the data (default: the config's)")
-    p.add_argument("--lr", type=_positive_float, help="peak learning rate (default: the config's)")
-    p.add_argument("--batch-size", type=_positive_int, help="examples per micro-batch (default: the config's)")
-    p.add_argument("--grad-accum", type=_positive_int, help="micro-batches per optimizer step (default: the config's)")
+    p.add_argument("--epochs", type=cli_type("train", "epochs"), help="passes over the data (default: the config's)")
+    p.add_argument("--lr", type=cli_type("train", "lr"), help="peak learning rate (default: the config's)")
+    p.add_argument("--batch-size", type=cli_type("train", "batch_size"),
+                   help="examples per micro-batch (default: the config's)")
+    p.add_argument("--grad-accum", type=cli_type("train", "grad_accum"),
+                   help="micro-batches per optimizer step (default: the config's)")
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--num-beams", type=_positive_int, help="beam width (default: the config's, 5)")
-    p.add_argument("--max-new-tokens", type=_positive_int, help="tokens generated at most per sentence")
-    p.add_argument("--eval-batch-size", type=_positive_int, help="sentences per generation batch")
+    p.add_argument("--num-beams", type=cli_type("eval", "num_beams"), help="beam width (default: the config's, 5)")
+    p.add_argument("--max-new-tokens", type=cli_type("eval", "max_new_tokens"),
+                   help="tokens generated at most per sentence")
+    p.add_argument("--eval-batch-size", type=cli_type("eval", "batch_size"), help="sentences per generation batch")
 
 
 def _config(args: argparse.Namespace) -> PipelineConfig:
@@ -121,9 +109,9 @@ def _config(args: argparse.Namespace) -> PipelineConfig:
         if getattr(args, attr, None) is not None:
             setattr(section, key, getattr(args, attr))
     if args.langs:
-        cfg.data.langs = [x.strip() for x in args.langs.split(",") if x.strip()]
+        cfg.data.langs = args.langs
     if getattr(args, "strategies", None):
-        cfg.eval.strategies = [x.strip() for x in args.strategies.split(",")]
+        cfg.eval.strategies = args.strategies
     train = cfg.weights if args.command == "learn-weights" else cfg.train
     for attr in ("epochs", "lr", "batch_size", "grad_accum"):
         if getattr(args, attr, None) is not None:
@@ -138,6 +126,8 @@ def _auto_threads(args: argparse.Namespace, model_path: str | None, preset: str 
 
 def _stage(args: argparse.Namespace) -> int:
     cfg = _config(args)
+    if args.command != "table":  # fail now, not after hours of training
+        validate.writable_dir(cfg.out_dir, "output directory")
     _auto_threads(args, cfg.model.path, cfg.model.preset)
     pipe = Pipeline(cfg)
     ctx = distributed.init(args.command, cfg.to_dict(), data_parallel=getattr(args, "data_parallel", False))
@@ -217,6 +207,10 @@ def _read_input(args: argparse.Namespace) -> list[str]:
 
 
 def _translate(args: argparse.Namespace) -> int:
+    if args.output:  # fail now, not after all the translating
+        validate.writable_output(args.output, "--output")
+    texts = _read_input(args)
+    validate.check_input_lines(texts, args.input or "stdin")
     _auto_threads(args, args.model, args.preset)
     model = _load_model(args.model, args.preset)
     tok = Tokenizer.for_model(args.model)
@@ -236,13 +230,11 @@ def _translate(args: argparse.Namespace) -> int:
             w_in = w_out = 1.0
         AdapterController(model).set_adapters(lora_in=lora_in, lora_out=lora_out, w_in=w_in, w_out=w_out,
                                               strategy=args.strategy)
-    texts = _read_input(args)
-    bar = progress(len(texts), f"{args.src}->{args.tgt}")
     search = SearchParams(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
-    with torch.inference_mode():
+    # The bar is closed before an error is printed, so the error stays the last line on stderr.
+    with progress(len(texts), f"{args.src}->{args.tgt}") as bar, torch.inference_mode():
         out = translate(model, tok, texts, args.src, args.tgt, search, batch_size=args.batch_size,
                         progress=bar.update)
-    bar.close()
     # One output line per input line: a translation's own line breaks (\r, \n, U+2028...) become spaces.
     text = "".join(" ".join(line.splitlines()) + "\n" for line in out)
     if args.output:
@@ -253,16 +245,17 @@ def _translate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="modlora", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=_positive_int,
+    parser = _Parser(prog="modlora", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=cli_rule(validate.POSITIVE),
                         help="torch CPU threads (default: 1 on the tiny preset, whose small matrices gain nothing "
                              "from more and lose several x on a busy machine; else torch's choice)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="the model's shape, parameter count and a forward timing")
     _model_args(p)
-    p.add_argument("--tokens", type=_positive_int, default=128, help="sequence length of the timed forward")
+    p.add_argument("--tokens", type=cli_rule(validate.POSITIVE), default=128,
+                   help="sequence length of the timed forward")
     p.set_defaults(func=_info)
 
     p = sub.add_parser("translate", help="translate lines from stdin (or --input) with an adapter pair",
@@ -274,24 +267,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tgt", required=True, help="target language code")
     p.add_argument("--strategy", choices=STRATEGIES, default="output",
                    help="output: merge the adapters' outputs; ab: merge their A and B (default: output)")
-    p.add_argument("--w-in", type=_finite_float, default=0.5, help="weight of in[src] (default: 0.5)")
-    p.add_argument("--w-out", type=_finite_float, default=0.5, help="weight of out[tgt] (default: 0.5)")
+    p.add_argument("--w-in", type=cli_rule(validate.Rule(float)), default=0.5, help="weight of in[src] (default: 0.5)")
+    p.add_argument("--w-out", type=cli_rule(validate.Rule(float)), default=0.5,
+                   help="weight of out[tgt] (default: 0.5)")
     p.add_argument("--use", choices=("both", "in", "out"), default="both", help="which adapters of the pair")
     p.add_argument("--weights", help="learned per-layer weights JSON (from learn-weights) instead of --w-in/--w-out")
     p.add_argument("--input", help="input file (default: stdin)")
     p.add_argument("--output", help="output file, written atomically (default: stdout)")
-    p.add_argument("--num-beams", type=_positive_int, default=5, help="beam width (default: 5)")
-    p.add_argument("--batch-size", type=_positive_int, default=16, help="sentences per batch (default: 16)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=256,
+    p.add_argument("--num-beams", type=cli_type("eval", "num_beams"), default=5, help="beam width (default: 5)")
+    p.add_argument("--batch-size", type=cli_type("eval", "batch_size"), default=16,
+                   help="sentences per batch (default: 16)")
+    p.add_argument("--max-new-tokens", type=cli_type("eval", "max_new_tokens"), default=256,
                    help="tokens generated at most per sentence (default: 256)")
     p.set_defaults(func=_translate)
 
     p = sub.add_parser("train-adapters", help="stage 1: train in[X] and out[X] for every language (resumes)")
     _pipeline_args(p)
     _train_args(p)
-    p.add_argument("--rank", type=_positive_int, help="LoRA rank (default: ~0.5%% trainable parameters per adapter)")
-    p.add_argument("--alpha", type=_positive_float, help="LoRA alpha (default: 2 * rank)")
-    p.add_argument("--dropout", type=_probability,
+    p.add_argument("--rank", type=cli_type("lora", "rank"),
+                   help="LoRA rank (default: ~0.5%% trainable parameters per adapter)")
+    p.add_argument("--alpha", type=cli_type("lora", "alpha"), help="LoRA alpha (default: 2 * rank)")
+    p.add_argument("--dropout", type=cli_type("lora", "dropout"),
                    help="LoRA dropout on the adapters' input while training (default: 0)")
     _data_parallel_arg(p)
     p.set_defaults(func=_stage)
@@ -318,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("table", help="stage 4: print (and write) the Table 1 layout from finished evaluations")
     _pipeline_args(p)
-    p.add_argument("--compare-paper", nargs="?", const=str(PAPER_TABLE), metavar="FILE",
+    p.add_argument("--compare-paper", nargs="?", type=cli_rule(validate.FILE), const=str(PAPER_TABLE), metavar="FILE",
                    help="also show our scores beside the paper's published Table 1 (default FILE: the shipped "
                         "modlora/assets/paper_table1.json) and write OUT/compare.md")
     p.set_defaults(func=_stage)
@@ -343,13 +339,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\nmodlora: interrupted; run the same command again to resume from the last checkpoint",
               file=sys.stderr)
         return 130
-    except (ValueError, KeyError, OSError, RuntimeError) as e:
+    except (ValueError, KeyError, OSError, RuntimeError, MemoryError) as e:
         # Bad input (a path, a file, a config, an adapter that does not fit): our errors name the
         # problem, so one line says it; MODLORA_DEBUG=1 shows the traceback.
         if os.environ.get("MODLORA_DEBUG"):
             raise
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        log_stderr(f"modlora: error: {message}")
+        message = str(e.args[0] if isinstance(e, KeyError) and e.args else e) or type(e).__name__
+        log_stderr(f"modlora: error: {' '.join(message.split())}")  # one line, always
         return 2
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from . import validate
 from .fileio import read_json
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -37,6 +38,7 @@ class Qwen2Config:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        validate.model_config(dataclasses.asdict(self), "model config")  # types and ranges, before dividing
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
                              f"num_attention_heads {self.num_attention_heads}")
@@ -89,7 +91,7 @@ class Qwen2Config:
             path = path / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"no config.json at {path}")
-        return cls.from_dict(read_json(path))
+        return cls.from_dict(validate.model_config(read_json(path), path))
 
     def to_dict(self) -> dict:
         """HF-compatible config dict (transformers 4.x dialect, which 5.x also reads)."""

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
+
+import safetensors.torch
+import torch
 
 
 def _fsync(path: str | os.PathLike) -> None:
@@ -29,8 +33,10 @@ def atomic_write(target: str | os.PathLike, write: Callable[[str], None]) -> Pat
         write(tmp)
         _fsync(tmp)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):  # say which file did not fit
+            raise OSError(errno.ENOSPC, "no space left on device", str(target)) from e
         raise
     _fsync(target.parent)
     return target
@@ -50,3 +56,11 @@ def atomic_write_text(target: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_json(target: str | os.PathLike, payload: object) -> Path:
     return atomic_write_text(target, json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+
+
+def atomic_write_safetensors(target: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                             metadata: dict[str, str] | None = None) -> Path:
+    """safetensors' own ``save_file`` replaces the file with a mode 0600 one: serialise in memory and
+    write the bytes into ours (0666 less the umask), with Python's errors (a full disk names the file)."""
+    data = safetensors.torch.save(tensors, metadata=metadata)
+    return atomic_write(target, lambda tmp: Path(tmp).write_bytes(data))

@@ -103,6 +103,9 @@ def generate(model: Qwen2ForCausalLM, input_ids: Tensor, attention_mask: Tensor 
     if row_pair is not None:
         adapters.route_rows(row_pair.to(device))
     logits = model.prefill(input_ids, attention_mask, cache)  # [B, V]
+    if not bool(torch.isfinite(logits).all()):  # argmax over NaN would print garbage as a translation
+        raise ValueError("the model's logits are NaN or infinite: check the model's weights and the adapters' "
+                         "scale (alpha / rank) and merge weights")
     if row_pair is not None:
         adapters.route_rows(row_pair.to(device).repeat_interleave(params.num_beams))
     search_fn = _greedy if params.num_beams == 1 else _beam_search

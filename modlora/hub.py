@@ -13,6 +13,8 @@ import os
 import re
 from pathlib import Path
 
+from . import validate
+
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 
@@ -38,7 +40,7 @@ def resolve_model_path(name: str | os.PathLike) -> Path:
         ref = cache / repo / "refs" / "main"
         looked.append(str(ref))
         if ref.is_file():
-            snapshot = cache / repo / "snapshots" / ref.read_text().strip()
+            snapshot = validate.inside(cache / repo / "snapshots", ref.read_text().strip(), f"{ref}: the revision")
             if snapshot.is_dir():
                 return snapshot
             looked[-1] += f" (names {snapshot}, which does not exist)"

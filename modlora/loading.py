@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
+from . import validate
 from .config import Qwen2Config, as_dtype
-from .fileio import atomic_write, atomic_write_text, read_json
+from .fileio import atomic_write_safetensors, atomic_write_text, read_json
 from .hub import resolve_model_path
 from .model import Qwen2ForCausalLM
 
@@ -23,8 +24,12 @@ _SINGLE = "model.safetensors"
 def _tensor_files(path: Path) -> dict[str, Path]:
     """Map every tensor name to the safetensors file that holds it."""
     if (path / _INDEX).is_file():
-        weight_map = read_json(path / _INDEX)["weight_map"]
-        files = {name: path / shard for name, shard in weight_map.items()}
+        index = validate.json_object(read_json(path / _INDEX), path / _INDEX)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise validate.InputError(f"{path / _INDEX}: weight_map must be an object of tensor -> shard file")
+        files = {name: validate.inside(path, shard, f"{path / _INDEX}: shard of {name}")
+                 for name, shard in weight_map.items()}
         absent = sorted({str(f) for f in files.values() if not f.is_file()})
         if absent:
             raise FileNotFoundError(f"{_INDEX} names shard(s) that do not exist: {', '.join(absent)}")
@@ -40,6 +45,34 @@ def _open_safetensors(file: Path):
         return safe_open(file, framework="pt", device="cpu")
     except SafetensorError as e:
         raise ValueError(f"{file} is not a readable safetensors file: {e}") from e
+
+
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+
+
+def _check_headers(config: Qwen2Config, files: dict[str, Path], path: Path, tied_head: str | None) -> None:
+    """Names, shapes and dtypes from the safetensors headers against the config, reading no tensor data."""
+    layers = {int(m[1]) for name in files if (m := re.match(r"model\.layers\.(\d+)\.", name))}
+    if layers != set(range(config.num_hidden_layers)):
+        raise validate.InputError(f"{path}: config.json says num_hidden_layers={config.num_hidden_layers}, the "
+                                  f"checkpoint has tensors for {len(layers)} layer(s)")
+    found: dict[str, tuple[int, ...]] = {}
+    for file in sorted(set(files.values())):
+        with _open_safetensors(file) as f:
+            for name in f.keys():
+                if files.get(name) == file:
+                    info = f.get_slice(name)
+                    if info.get_dtype() not in _FLOAT_DTYPES:
+                        raise validate.InputError(f"{file}: tensor {name} has dtype {info.get_dtype()}; "
+                                                  "expected a floating-point dtype")
+                    found[name] = tuple(info.get_shape())
+    missing_from_file = sorted(set(files) - set(found))
+    if missing_from_file:
+        raise validate.InputError(f"{path / _INDEX} names tensor(s) its shard files lack: "
+                                  f"{', '.join(missing_from_file[:8])}")
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Qwen2ForCausalLM(config).named_parameters()}
+    validate.check_shapes(expected, found, path, optional=frozenset({tied_head} - {None}))
 
 
 def _build_empty(config: Qwen2Config, dtype: torch.dtype, device: torch.device | str | None) -> Qwen2ForCausalLM:
@@ -75,25 +108,17 @@ def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | str | None 
     dtype = as_dtype(dtype) or config.torch_dtype
     device = torch.device(device or "cpu")
     files = _tensor_files(path)
+    tied_head = "lm_head.weight" if config.tie_word_embeddings else None
+    _check_headers(config, files, path, tied_head)  # before anything of the config's size is allocated
     model = _build_empty(config, dtype, device)
     expected = dict(model.named_parameters())  # tied lm_head appears once, as embed_tokens
-    tied_head = "lm_head.weight" if config.tie_word_embeddings else None
-    unexpected = sorted(set(files) - set(expected) - {tied_head})
-    if unexpected:
-        raise KeyError(f"checkpoint {path} has unexpected tensor(s): {', '.join(unexpected[:8])}")
-    missing = sorted(set(expected) - set(files))
-    if missing:
-        raise KeyError(f"checkpoint {path} is missing tensor(s): {', '.join(missing[:8])}")
     handles: dict[Path, object] = {}
     try:
-        for name, param in expected.items():
+        for name in expected:
             file = files[name]
             if file not in handles:
                 handles[file] = _open_safetensors(file)
-            tensor = handles[file].get_tensor(name)
-            if tuple(tensor.shape) != tuple(param.shape):
-                raise ValueError(f"tensor {name} in {file.name} has shape {tuple(tensor.shape)}, "
-                                 f"the config implies {tuple(param.shape)}")
+            tensor = validate.check_tensor(name, handles[file].get_tensor(name), file)
             _set_parameter(model, name, tensor.to(device=device, dtype=dtype))
     finally:
         handles.clear()
@@ -143,6 +168,6 @@ def save_pretrained(model: Qwen2ForCausalLM, path: str | os.PathLike) -> None:
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    atomic_write(path / _SINGLE, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    atomic_write_safetensors(path / _SINGLE, state, metadata={"format": "pt"})
     atomic_write_text(path / "config.json", json.dumps(model.config.to_dict(), indent=2) + "\n")
 

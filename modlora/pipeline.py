@@ -22,13 +22,15 @@ a random model cannot translate, so its scores are noise. The paper uses Qwen2.5
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from . import distributed
+from . import distributed, validate
 from .adapters import AdapterController, LearnedWeights
 from .console import Log, log_stderr, progress
 from .data import DEFAULT_LANGS, PIVOT, adapter_jobs, directions, load_split
@@ -107,31 +109,30 @@ class PipelineConfig:
     eval: EvalSettings = field(default_factory=EvalSettings)
 
     @classmethod
-    def from_dict(cls, raw: dict) -> PipelineConfig:
-        """Build from a nested dict (a parsed TOML); unknown keys are an error that names them."""
-        def build(kind, values: dict, where: str, base=None):
-            known = {f.name for f in dataclasses.fields(kind)}
-            unknown = sorted(set(values) - known)
-            if unknown:
-                raise ValueError(f"unknown key(s) in [{where}]: {', '.join(unknown)} "
-                                 f"(known: {', '.join(sorted(known))})")
-            values = {k: tuple(v) if k == "target_modules" else v for k, v in values.items()}
-            return dataclasses.replace(base if base is not None else kind(), **values)
-
-        raw = dict(raw)
+    def from_dict(cls, raw: dict, where: str = "config") -> PipelineConfig:
+        """Build from a nested dict (a parsed TOML), every key checked by :data:`modlora.validate.SETTINGS`;
+        errors name ``where`` (the file) and the key."""
+        raw = validate.check_settings(raw, where)
         default = cls()
-        sections = {"model": ModelConfig, "data": DataConfig, "lora": LoraConfig, "train": TrainConfig,
-                    "weights": TrainConfig, "eval": EvalSettings}
-        parts = {name: build(kind, raw.pop(name, {}), name, getattr(default, name)) for name, kind in sections.items()}
-        top = build(cls, raw, "top level")
-        return dataclasses.replace(top, **parts)
+        sections = {"model", "data", "lora", "train", "weights", "eval"}
+
+        def build(name: str, values: dict):
+            values = {k: tuple(v) if k == "target_modules" else v for k, v in values.items()}
+            return dataclasses.replace(getattr(default, name), **values)
+
+        parts = {name: build(name, raw.pop(name, {})) for name in sections}
+        return dataclasses.replace(default, **raw, **parts)
 
     @classmethod
     def from_toml(cls, path: str | Path) -> PipelineConfig:
         import tomllib  # Python >= 3.11; the rest of modlora runs on 3.10
 
-        with open(path, "rb") as f:
-            return cls.from_dict(tomllib.load(f))
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise validate.InputError(f"{path} is not valid TOML: {e}") from None
+        return cls.from_dict(raw, str(path))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -349,8 +350,10 @@ class Pipeline:
         return self.out / "eval" / "cells" / config.slug / f"{src}-{tgt}.json"
 
     @staticmethod
-    def _stored_settings(path: Path) -> dict | None:
-        return read_json(path).get("settings") if path.is_file() else None
+    def _stored_settings(path: Path, check: Callable[[object, Path], dict]) -> dict | None:
+        """The settings a stored evaluation (``check``: ``validate.eval_file``) or cell file
+        (``validate.eval_cell``) was made with; None when there is none."""
+        return check(read_json(path), path)["settings"] if path.is_file() else None
 
     def evaluate(self) -> None:
         """Stage 3: translate the evaluation split in every direction under every configuration.
@@ -362,7 +365,7 @@ class Pipeline:
         settings = self.eval_settings()
         todo = []
         for config in self.configurations():
-            stored = self._stored_settings(self.eval_path(config))
+            stored = self._stored_settings(self.eval_path(config), validate.eval_file)
             if stored == settings:
                 continue
             if stored is not None and ctx.is_writer:
@@ -370,24 +373,24 @@ class Pipeline:
                          f"{settings}")
             todo.append(config)
         cells = [(config, src, tgt) for config in todo for src, tgt in self.directions()]
-        mine = [c for c in ctx.shard(cells) if self._stored_settings(self.cell_path(*c)) != settings]
+        mine = [c for c in ctx.shard(cells)
+                if self._stored_settings(self.cell_path(*c), validate.eval_cell) != settings]
         if mine:
             data = self._split(cfg.data.eval_split, cfg.data.eval_limit)
-            bar = progress(sum(len(data[src]) for _, src, _ in mine), f"eval ({len(mine)} cells)")
             search = SearchParams(num_beams=cfg.eval.num_beams, max_new_tokens=cfg.eval.max_new_tokens)
-        for config, src, tgt in mine:
-            learned = None
-            if config.learned:
-                w = LearnedWeights.load(self.weights_path(config.strategy, src, tgt))
-                learned = {(src, tgt): (w.w_in, w.w_out)}
-            result = evaluate_configuration(
-                self.full_adapters if config.full else self.adapters, self.tokenizer, config, [(src, tgt)], data,
-                data, pool=self.pool, learned=learned, search=search, batch_size=cfg.eval.batch_size,
-                progress=bar.update)[(src, tgt)]
-            atomic_write_json(self.cell_path(config, src, tgt), {
-                "config": dataclasses.asdict(config), "settings": settings, "src": src, "tgt": tgt, **result})
-        if mine:
-            bar.close()
+            total = sum(len(data[src]) for _, src, _ in mine)
+            with progress(total, f"eval ({len(mine)} cells)") as bar:  # closed before an error is printed
+                for config, src, tgt in mine:
+                    learned = None
+                    if config.learned:
+                        w = LearnedWeights.load(self.weights_path(config.strategy, src, tgt))
+                        learned = {(src, tgt): (w.w_in, w.w_out)}
+                    result = evaluate_configuration(
+                        self.full_adapters if config.full else self.adapters, self.tokenizer, config, [(src, tgt)],
+                        data, data, pool=self.pool, learned=learned, search=search, batch_size=cfg.eval.batch_size,
+                        progress=bar.update)[(src, tgt)]
+                    atomic_write_json(self.cell_path(config, src, tgt), {
+                        "config": dataclasses.asdict(config), "settings": settings, "src": src, "tgt": tgt, **result})
         ctx.barrier()
         if ctx.is_writer:
             for config in todo:
@@ -397,11 +400,11 @@ class Pipeline:
 
     def _cell(self, config: EvalConfig, src: str, tgt: str, settings: dict) -> dict:
         path = self.cell_path(config, src, tgt)
-        raw = read_json(path)
-        if raw.get("settings") != settings:
-            raise ValueError(f"{path} was made with {raw.get('settings')}, not {settings}: run the evaluate stage "
-                             "again")
-        return {"src": src, "tgt": tgt, **{k: raw[k] for k in ("score", "signature", "hypotheses")}}
+        raw = validate.eval_cell(read_json(path), path)
+        if raw["settings"] != settings or (raw["src"], raw["tgt"]) != (src, tgt):
+            raise ValueError(f"{path} was made with {raw['settings']} for {raw['src']}->{raw['tgt']}, not {settings} "
+                             f"for {src}->{tgt}: run the evaluate stage again")
+        return {k: raw[k] for k in ("src", "tgt", "score", "signature", "hypotheses")}
 
     def table(self, compare_paper: str | Path | None = None) -> str:
         """Stage 4: gather the evaluation files into ``results.json`` and ``table.md``; returns the Markdown.
@@ -416,15 +419,18 @@ class Pipeline:
             path = self.eval_path(config)
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is missing: run the evaluate stage first")
-            raw = read_json(path)
+            raw = validate.eval_file(read_json(path), path)
             settings = settings or raw.get("settings")
             if raw.get("settings") != settings:
                 raise ValueError(f"{path} was made with {raw.get('settings')}, the other evaluations with {settings}: "
                                  "run the evaluate stage again")
-            if settings is not None and settings["langs"] != list(langs):
-                raise ValueError(f"{path} covers the languages {settings['langs']}, not {list(langs)}: run the "
+            if settings is not None and settings.get("langs") != list(langs):
+                raise ValueError(f"{path} covers the languages {settings.get('langs')}, not {list(langs)}: run the "
                                  "evaluate stage with these languages first")
             scores = {(d["src"], d["tgt"]): d["score"] for d in raw["directions"]}
+            if set(scores) != set(self.directions()):
+                raise ValueError(f"{path} does not hold the {len(self.directions())} directions of {list(langs)}: "
+                                 "run the evaluate stage again")
             rows.append({"name": config.name, "label": config.label, "merged": config.merged,
                          "trainable_percent": trainable_percent(
                 config, adapter_params, base, self.model.config.num_hidden_layers),
@@ -436,13 +442,19 @@ class Pipeline:
         md = markdown_table(rows, langs)
         if not cfg.model.path:
             md = f"> {RANDOM_BASE_NOTE}\n\n" + md
-        atomic_write_json(self.out / "results.json", {"config": cfg.to_dict(), "eval_settings": settings,
-                                                      "metric": "chrF++", "base_parameters": base,
-                                                      "adapter_parameters": adapter_params, "rows": rows})
-        atomic_write_text(self.out / "table.md", md)
-        if compare_paper is not None:
-            compared = compare_markdown(rows, langs, load_paper_table(compare_paper))
-            atomic_write_text(self.out / "compare.md", compared)
+        compared = None if compare_paper is None else compare_markdown(rows, langs, load_paper_table(compare_paper))
+        try:
+            atomic_write_json(self.out / "results.json", {"config": cfg.to_dict(), "eval_settings": settings,
+                                                          "metric": "chrF++", "base_parameters": base,
+                                                          "adapter_parameters": adapter_params, "rows": rows})
+            atomic_write_text(self.out / "table.md", md)
+            if compared is not None:
+                atomic_write_text(self.out / "compare.md", compared)
+        except OSError as e:  # a finished run kept read-only still prints its table
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            self.log(f"warning: {self.out} is not writable ({e.strerror}): results.json and table.md not written")
+        if compared is not None:
             md += "\n" + compared
         return md
 

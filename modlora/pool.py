@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import validate
 from .adapters.format import CONFIG_FILE, ROLES, AdapterError, LoraAdapter
 from .model import Qwen2ForCausalLM
 
@@ -18,7 +19,7 @@ class AdapterPool:
     def path(self, language: str, role: str) -> Path:
         if role not in ROLES:
             raise AdapterError(f"role must be one of {ROLES}, got {role!r}")
-        return self.root / language / role
+        return self.root / validate.plain_name(language, "an adapter language") / role
 
     def entries(self) -> list[tuple[str, str]]:
         """Every (language, role) present, sorted."""
@@ -41,6 +42,7 @@ class AdapterPool:
         """
         key = (language, role)
         if key not in self._loaded:
+            path = self.path(language, role)
             known = self.languages()
             if not self.root.is_dir():
                 raise AdapterError(f"adapter pool {self.root} does not exist")
@@ -49,7 +51,9 @@ class AdapterPool:
                                    f"it has {known or 'no adapters'}")
             if key not in self:
                 raise AdapterError(f"adapter pool {self.root} has no {role!r} adapter for {language!r}")
-            adapter = LoraAdapter.load(self.path(language, role))
+            if not path.resolve().is_relative_to(self.root.resolve()):  # a link out of the pool
+                raise AdapterError(f"adapter {path} resolves to {path.resolve()}, outside the pool {self.root}")
+            adapter = LoraAdapter.load(path)
             adapter.language, adapter.role = language, role  # the layout is the authority
             self._loaded[key] = adapter
         return self._loaded[key]
@@ -71,7 +75,7 @@ class AdapterPool:
             except AdapterError as e:
                 problems.append(f"{role}[{language}]: {e}")
         if problems:
-            raise AdapterError(f"adapter pool {self.root} does not fit the model:\n  " + "\n  ".join(problems))
+            raise AdapterError(f"adapter pool {self.root} does not fit the model: " + "; ".join(problems))
 
     def listing(self) -> str:
         """One line per adapter: language, role, rank, alpha, parameters."""

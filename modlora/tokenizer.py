@@ -115,6 +115,20 @@ class _SentencePieceBackend:
         return self.size
 
 
+def _backend(path: Path):
+    if path.name.endswith(".json.gz"):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return _TokenizersBackend(HFTokenizer.from_str(gzip.decompress(path.read_bytes()).decode("utf-8")))
+    if path.suffix == ".json":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return _TokenizersBackend(HFTokenizer.from_file(str(path)))
+    import sentencepiece
+
+    return _SentencePieceBackend(sentencepiece.SentencePieceProcessor(model_file=str(path)))
+
+
 class Tokenizer:
     """Text <-> token ids, plus the chat special ids and left-padded batches.
 
@@ -151,18 +165,10 @@ class Tokenizer:
                 f"tokenizer path {str(path)!r} does not exist "
                 "(expected a directory with tokenizer.json or tokenizer.model, or one of those files)"
             )
-        if path.name.endswith(".json.gz"):
-            from tokenizers import Tokenizer as HFTokenizer
-
-            tok = HFTokenizer.from_str(gzip.decompress(path.read_bytes()).decode("utf-8"))
-            return cls(_TokenizersBackend(tok), str(path))
-        if path.suffix == ".json":
-            from tokenizers import Tokenizer as HFTokenizer
-
-            return cls(_TokenizersBackend(HFTokenizer.from_file(str(path))), str(path))
-        import sentencepiece
-
-        return cls(_SentencePieceBackend(sentencepiece.SentencePieceProcessor(model_file=str(path))), str(path))
+        try:
+            return cls(_backend(path), str(path))
+        except Exception as e:  # tokenizers and sentencepiece raise bare Exception/RuntimeError on a bad file
+            raise ValueError(f"{path} is not a readable tokenizer: {' '.join(str(e).split())}") from e
 
     @staticmethod
     @functools.cache

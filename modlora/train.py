@@ -31,11 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import distributed
+from . import checkpoint, distributed
 from .adapters import AdapterController, LearnedWeights, LoraAdapter
 from .adapters.format import TARGET_MODULES
 from .console import Log, log_stderr, progress
-from .fileio import atomic_write, atomic_write_text
+from .fileio import atomic_write_text
 from .kernels import linear_cross_entropy
 from .model import Qwen2ForCausalLM
 from .prompt import training_example
@@ -201,6 +201,7 @@ class TrainRun:
     step: int = 0  # optimizer steps done
     rng: dict = field(default_factory=dict)  # the RNG state after `step` steps: the next step starts from it
     updating: bool = False  # inside an optimizer update: weights, optimizer and `step` disagree
+    checkpointed: int = 0  # the step of the last checkpoint written or resumed from
     orders: dict[int, list[list[int]]] = field(default_factory=dict)
     dp: distributed.DataParallel | None = None  # data parallel: every rank trains its slice of each batch
 
@@ -216,7 +217,7 @@ class TrainRun:
 
     @property
     def checkpoint_path(self) -> Path:
-        return self.work_dir / "checkpoint.pt"
+        return self.work_dir / checkpoint.FILE
 
     @property
     def log_path(self) -> Path:
@@ -270,21 +271,45 @@ def setup(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples
 
 
 def save_checkpoint(run: TrainRun) -> None:
-    """Write the run after ``run.step`` finished steps (with ``run.rng``), atomically. Data parallel:
-    with every rank's RNG state, written by rank 0 (a collective: every rank calls it)."""
-    rng = run.dp.ctx.gather(run.rng) if run.dp else run.rng
+    """Write the run after ``run.step`` finished steps (with ``run.rng``), atomically, as data
+    (:mod:`modlora.checkpoint`: safetensors and JSON, nothing pickled). Data parallel: with every
+    rank's RNG state, written by rank 0 (a collective: every rank calls it)."""
+    rng = run.dp.ctx.gather(run.rng) if run.dp else [run.rng]
+    run.checkpointed = run.step
     if not run.writer:
         return
     state = {"config": run.config_record, "step": run.step,
              "order": run.order(min(run.step, run.total - 1) // run.steps_per_epoch),
              "params": [p.detach().clone() for p in run.params], "optimizer": run.optimizer.state_dict(),
              "scheduler": run.scheduler.state_dict(), "rng": rng}
-    atomic_write(run.checkpoint_path, lambda tmp: torch.save(state, tmp))
+    checkpoint.save(run.checkpoint_path, state)
 
 
 def load_checkpoint(path: Path, device: torch.device) -> dict:
-    """Read what :func:`save_checkpoint` wrote."""
-    return torch.load(path, map_location=device, weights_only=False)
+    """Read what :func:`save_checkpoint` wrote; a malformed file is an InputError (a ValueError) naming it."""
+    return checkpoint.load(path, device)
+
+
+def read_log(path: Path, log: Log) -> list[tuple[str, dict]]:
+    """The (line, record) pairs of a ``log.jsonl``; a torn last line (a crash or a full disk mid-write)
+    is dropped with a warning, a malformed line elsewhere is an error naming it."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    out = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not (isinstance(record, dict) and isinstance(record.get("step"), int)):
+                raise ValueError("not a step record")
+        except ValueError as e:
+            if number == len(lines):
+                log(f"warning: {path} line {number} is torn or malformed ({e}); ignored")
+                break
+            raise ValueError(f"{path} line {number} is not a step record ({e}): delete the file to rewrite it") \
+                from None
+        out.append((line, record))
+    return out
 
 
 def resume(run: TrainRun, log: Log, desc: str) -> None:
@@ -292,8 +317,10 @@ def resume(run: TrainRun, log: Log, desc: str) -> None:
     else start afresh (seeded RNG, empty log). Sets ``run.rng`` either way.
 
     Raises:
-        ValueError: the checkpoint was written by other settings (named) or for other data.
+        ValueError: an old pickle ``checkpoint.pt`` (refused, never read), a malformed checkpoint, or
+            one written by other settings (named), for other data or of another structure.
     """
+    checkpoint.refuse_legacy(run.work_dir)
     if not run.checkpoint_path.is_file():
         torch.manual_seed(run.cfg.seed)
         random.seed(run.cfg.seed)
@@ -310,7 +337,9 @@ def resume(run: TrainRun, log: Log, desc: str) -> None:
                             if saved.get(k) != now.get(k))
         raise ValueError(f"{run.checkpoint_path} was written by a different run configuration ({changed}); "
                          "rerun with the same settings to resume, or remove it to start over")
-    run.step = state["step"]
+    run.step = run.checkpointed = state["step"]
+    checkpoint.check_fits(state, run.checkpoint_path, run.params, run.optimizer, run.scheduler, run.total,
+                          ranks=run.dp.ctx.world_size if run.dp else 1)
     if run.step < run.total and state["order"] != run.order(run.step // run.steps_per_epoch):
         raise ValueError(f"{run.checkpoint_path}: the data order differs from the checkpoint's (examples changed?)")
     with torch.no_grad():
@@ -318,10 +347,10 @@ def resume(run: TrainRun, log: Log, desc: str) -> None:
             p.copy_(saved_p)
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
-    run.rng = state["rng"][run.dp.ctx.rank] if run.dp else state["rng"]
+    run.rng = state["rng"][run.dp.ctx.rank if run.dp else 0]
     _set_rng_state(run.rng)
     if run.writer and run.log_path.is_file():  # drop log lines of steps after the checkpoint (they will be redone)
-        kept = [ln for ln in run.log_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= run.step]
+        kept = [ln for ln, record in read_log(run.log_path, log) if record["step"] <= run.step]
         atomic_write_text(run.log_path, "".join(ln + "\n" for ln in kept))
     log(f"{desc}: resumed at step {run.step}/{run.total}")
 
@@ -337,12 +366,29 @@ def _micro_batches(run: TrainRun) -> tuple[list[tuple[Tensor, Tensor, Tensor]], 
     return [collate([run.examples[i] for i in b], run.pad_id) for b in micro if b], n_trained
 
 
+class DivergedError(RuntimeError):
+    """The loss or the gradient of a step is NaN or infinite: the run stops before the update."""
+
+
+def check_finite_step(run: TrainRun, loss: float, grad_norm: float) -> None:
+    """Stop before a non-finite step updates the weights: NaN spreads to every parameter and the
+    adapter would be saved as finished. The last checkpoint (finite) is kept."""
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise DivergedError(f"{run.work_dir}: training diverged at step {run.step + 1} (loss {loss}, gradient norm "
+                            f"{grad_norm}); nothing of this step was applied and the adapter is not saved "
+                            f"(checkpoint at step {run.checkpointed} kept). Lower the learning rate or alpha, or "
+                            "check the data")
+
+
 def train_step(run: TrainRun) -> dict:
     """Forward and backward over one step's micro-batches, then one optimizer update.
 
     Returns:
         The step's log record (step, epoch, loss, lr, grad_norm, tokens, trained_tokens,
         tokens_per_s). ``run.step`` and ``run.rng`` move on only once the update is complete.
+
+    Raises:
+        DivergedError: the loss or the gradient is not finite (nothing is updated).
     """
     epoch = run.step // run.steps_per_epoch
     batches, n_trained = _micro_batches(run)
@@ -364,6 +410,7 @@ def train_step(run: TrainRun) -> dict:
     params, clip = run.params, run.cfg.max_grad_norm
     grad_norm = (torch.nn.utils.clip_grad_norm_(params, clip) if clip > 0
                  else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+    check_finite_step(run, step_loss, float(grad_norm))
     lr = run.scheduler.get_last_lr()[0]
     run.updating = True
     run.optimizer.step()
@@ -402,7 +449,7 @@ def train(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples
           stop_after: int | None = None, log: Log = log_stderr) -> dict:
     """Train ``params`` (everything else frozen) on ``examples``; resumes from ``work_dir``.
 
-    ``work_dir`` receives ``checkpoint.pt`` (atomic) and ``log.jsonl``. Ctrl-C between updates
+    ``work_dir`` receives ``checkpoint.safetensors`` (atomic) and ``log.jsonl``. Ctrl-C between updates
     saves a checkpoint of the finished steps, so an interrupt loses at most the step in progress.
 
     Args:
@@ -415,6 +462,7 @@ def train(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples
 
     Raises:
         ValueError: see :func:`setup` and :func:`resume`.
+        DivergedError: a step's loss or gradient is not finite (see :func:`train_step`).
         RuntimeError: the base model's weights changed during training.
     """
     run = setup(model, params, examples, cfg, work_dir, pad_id)
@@ -426,24 +474,26 @@ def train(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples
     model.train()
     losses: list[float] = []
     bar = progress(run.total, desc, initial=run.step)
-    saved = run.step
     try:
         with open(run.log_path if run.writer else os.devnull, "a", encoding="utf-8") as log_file:
             while run.step < run.total and (stop_after is None or len(losses) < stop_after):
                 record = train_step(run)
                 losses.append(record["loss"])
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
+                try:
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
+                except OSError as e:  # a full disk: say which file
+                    raise OSError(e.errno, e.strerror, str(run.log_path)) from e
                 bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.3g}",
                                 tok_s=round(record["tokens_per_s"]), refresh=False)
                 bar.update(1)
                 if run.step % cfg.checkpoint_every == 0 or run.step == run.total or len(losses) == stop_after:
                     save_checkpoint(run)
-                    saved = run.step
     except KeyboardInterrupt:
         # Outside an update the weights, optimizer and scheduler are those of `run.step` finished
         # steps: keep them (the interrupted step is redone from run.rng). Inside one, they are not.
-        if run.step > saved and not run.updating and run.dp is None:  # data parallel: other ranks may be gone
+        # (data parallel: other ranks may be gone, and saving is a collective)
+        if run.step > run.checkpointed and not run.updating and run.dp is None:
             save_checkpoint(run)
             log(f"{desc}: interrupted; checkpoint at step {run.step}/{run.total}")
         raise

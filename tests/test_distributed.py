@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from modlora import cli, distributed
+from modlora import checkpoint, cli, distributed
 from modlora.pipeline import Pipeline, PipelineConfig
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
@@ -95,7 +95,7 @@ def _tree(root: Path) -> dict[str, bytes]:
     SIGKILLed process leaves (hidden names, never read)."""
     files = {}
     for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name not in ("log.jsonl", "checkpoint.pt") and not p.name.startswith("."):
+        if p.is_file() and p.name not in ("log.jsonl", checkpoint.FILE) and not p.name.startswith("."):
             raw = p.read_bytes()
             if p.name in ("config.json", "results.json"):
                 data = json.loads(raw)
@@ -111,7 +111,7 @@ def test_two_ranks_killed_mid_stage_resume_and_equal_one_process(setup):
     out = setup / "two"
     args = ["run", str(setup / "c.toml"), "--out", str(out)]
     procs = _launch(args)
-    first_of_rank1 = out / "train" / "en-out" / "checkpoint.pt"  # jobs in[en], out[en], in[fr], out[fr]
+    first_of_rank1 = out / "train" / "en-out" / checkpoint.FILE  # jobs in[en], out[en], in[fr], out[fr]
     deadline = time.monotonic() + 120
     while not first_of_rank1.exists() and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -182,6 +182,17 @@ def test_data_parallel_needs_several_processes(tmp_path, capsys, monkeypatch):
     assert cli.main(["train-adapters", "--out", str(tmp_path), "--data-parallel"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("modlora: error: --data-parallel needs several processes") and "\n" not in err
+
+
+def test_resuming_with_another_world_size_is_refused(tmp_path, monkeypatch):
+    """The world size is part of a data-parallel run's global batch: a checkpoint of one process
+    does not resume on two (stopped with the setting named, before any collective)."""
+    from test_train import _train_once
+
+    _train_once(tmp_path, stop_after=2)
+    monkeypatch.setattr(distributed, "_CONTEXT", distributed.Context(rank=0, world_size=2, data_parallel=True))
+    with pytest.raises(ValueError, match=r"different run configuration \(data_parallel_world_size None -> 2\)"):
+        _train_once(tmp_path)
 
 
 def test_more_processes_than_jobs_is_refused():

@@ -18,7 +18,7 @@ def test_atomic_write_replaces_the_file_with_the_usual_permissions(tmp_path):
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path):
-    target = tmp_path / "checkpoint.pt"
+    target = tmp_path / "checkpoint.safetensors"
     target.write_text("old")
 
     def half_then_fail(tmp: str) -> None:
@@ -29,7 +29,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         atomic_write(target, half_then_fail)
     assert target.read_text() == "old"
-    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.safetensors"]
 
 
 def test_read_json_names_a_broken_file(tmp_path):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from hf_reference import hf_model, save_hf
 
+from modlora import checkpoint
 from modlora.adapters import TARGET_MODULES, AdapterController, LoraAdapter
 from modlora.config import Qwen2Config
 from modlora.evaluate import chrf_pp
@@ -165,7 +166,7 @@ def test_ctrl_c_inside_a_step_keeps_the_finished_steps(tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "completion_loss", interrupted)
     with pytest.raises(KeyboardInterrupt):
         _train_once(tmp_path / "b")
-    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["step"] == 3
+    assert checkpoint.load(tmp_path / "b" / checkpoint.FILE, torch.device("cpu"))["step"] == 3
     monkeypatch.setattr(train_module, "completion_loss", real)
     torch.manual_seed(99)
     resumed, rest = _train_once(tmp_path / "b")

@@ -20,10 +20,11 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
-from ..fileio import atomic_write, atomic_write_json, read_json
+from .. import validate
+from ..fileio import atomic_write_json, atomic_write_safetensors, read_json
 from ..model import Qwen2ForCausalLM
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -72,6 +73,10 @@ class LoraAdapter:
     metadata: dict[str, Any] = field(default_factory=dict)  # free-form, kept in modlora.json
 
     def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise AdapterError(f"{self.label}: rank must be a positive integer, got {self.rank!r}")
+        if not (isinstance(self.alpha, int | float) and math.isfinite(self.alpha) and self.alpha > 0):
+            raise AdapterError(f"{self.label}: alpha must be a finite number > 0, got {self.alpha!r}")
         if self.role is not None and self.role not in ROLES:
             raise AdapterError(f"adapter role must be one of {ROLES}, got {self.role!r}")
         for name, (A, B) in self.tensors.items():
@@ -137,7 +142,8 @@ class LoraAdapter:
         path = Path(path)
         if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
             raise AdapterError(f"{path} is not a PEFT adapter directory: it needs {CONFIG_FILE} and {WEIGHTS_FILE}")
-        cfg = read_json(path / CONFIG_FILE)
+        cfg = validate.json_object(read_json(path / CONFIG_FILE), path / CONFIG_FILE)
+        checked = validate.adapter_config(cfg, path / CONFIG_FILE)
         if cfg.get("peft_type", "LORA") != "LORA":
             raise AdapterError(f"{path}: peft_type {cfg['peft_type']!r} is not LORA")
         for key, default in _UNSUPPORTED_CONFIG.items():
@@ -153,7 +159,7 @@ class LoraAdapter:
             if m is None:
                 raise AdapterError(f"{path / WEIGHTS_FILE}: unexpected tensor {key!r}: expected "
                                    f"'{PEFT_PREFIX}<module>.lora_A.weight' / '.lora_B.weight'")
-            halves.setdefault(m[1], {})[m[2]] = t
+            halves.setdefault(m[1], {})[m[2]] = validate.check_tensor(key, t, path / WEIGHTS_FILE)
         for name, ab in halves.items():
             for half in "AB":
                 if half not in ab:
@@ -164,11 +170,12 @@ class LoraAdapter:
             absent = [t for t in listed if t not in found]
             if absent:
                 raise AdapterError(f"{path}: {CONFIG_FILE} targets {absent} but {WEIGHTS_FILE} has no tensor for them")
-        side = read_json(path / SIDECAR_FILE) if (path / SIDECAR_FILE).is_file() else {}
-        return cls({n: (ab["A"], ab["B"]) for n, ab in halves.items()}, int(cfg["r"]), float(cfg["lora_alpha"]),
-                   bool(cfg.get("use_rslora", False)), _order_targets(found), side.get("language"), side.get("role"),
-                   BaseFingerprint(**side["base"]) if side.get("base") else None,
-                   float(cfg.get("lora_dropout") or 0.0), side.get("metadata", {}))
+        side = validate.sidecar(read_json(path / SIDECAR_FILE) if (path / SIDECAR_FILE).is_file() else {},
+                                path / SIDECAR_FILE)
+        return cls({n: (ab["A"], ab["B"]) for n, ab in halves.items()}, checked["r"], checked["lora_alpha"],
+                   checked["use_rslora"], _order_targets(found), side["language"], side["role"],
+                   BaseFingerprint(**side["base"]) if side["base"] else None, checked["lora_dropout"],
+                   side["metadata"])
 
     def save(self, path: str | Path) -> Path:
         """Write PEFT's format (each file atomically) that ``peft.PeftModel.from_pretrained`` loads.
@@ -181,7 +188,9 @@ class LoraAdapter:
         for name, (A, B) in self.tensors.items():
             flat[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A.detach().contiguous().cpu()
             flat[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B.detach().contiguous().cpu()
-        atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(flat, tmp, metadata={"format": "pt"}))
+        for key, t in flat.items():  # a NaN adapter is never saved (as finished)
+            validate.check_tensor(key, t, self.label)
+        atomic_write_safetensors(path / WEIGHTS_FILE, flat, metadata={"format": "pt"})
         atomic_write_json(path / CONFIG_FILE, {
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": self.rank, "lora_alpha": self.alpha,
             "use_rslora": self.use_rslora, "target_modules": list(self.target_modules),
@@ -262,7 +271,7 @@ class LearnedWeights:
     @classmethod
     def load(cls, path: str | Path) -> LearnedWeights:
         """Read :meth:`save`'s JSON; ``w_in``/``w_out`` plug into ``set_adapters`` or ``export_pair``."""
-        raw = read_json(path)
-        theta = raw.get("theta")
-        return cls(torch.tensor(raw["w_in"]), torch.tensor(raw["w_out"]), raw["strategy"], raw.get("src"),
-                   raw.get("tgt"), None if theta is None else torch.tensor(theta))
+        raw = validate.learned_weights(read_json(path), path)
+        theta = raw["theta"]
+        return cls(torch.tensor(raw["w_in"]), torch.tensor(raw["w_out"]), raw["strategy"], raw["src"], raw["tgt"],
+                   None if theta is None else torch.tensor(theta))
