@@ -154,6 +154,10 @@ def init(command: str, config: dict, *, data_parallel: bool = False) -> Context:
     dist.all_gather_object(hashes, config_hash(command, config, data_parallel), group=ctx._quick)
     if len(set(hashes)) > 1:
         odd = [r for r, h in enumerate(hashes) if h != hashes[0]]
+        # Leave the group before raising: a process exiting inside it (rank 0 hosts the store)
+        # aborts in torch's thread teardown instead of exiting with the one-line error.
+        dist.barrier(group=ctx._quick)
+        shutdown()
         raise ValueError(f"the ranks see different configs (config hash {hashes[0]} on rank 0, "
                          f"{hashes[odd[0]]} on rank {odd[0]}): start every rank with the same command, options and "
                          "config file")
@@ -233,7 +237,7 @@ class DataParallel:
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat)
         for p, chunk in zip(params, flat.split([g.numel() for g in grads]), strict=True):
-            p.grad = chunk.view_as(p).clone()
+            p.grad = chunk.view_as(p)  # views of one buffer: no second copy
 
     def seed(self, seed: int) -> None:
         """Rank r draws its own LoRA-dropout masks (rank 0 those of a single process)."""
