@@ -91,7 +91,7 @@ def pack_coef_bank(pairs: Sequence[Pair], strategy: str, K: int, N: int, dtype: 
             r = A.shape[0]
             a_bank[i, lo:lo + r] = A.detach()
             b_bank[i, :, lo:lo + r] = B.detach()
-            coef[i, lo:lo + r] = torch.as_tensor(c, dtype=torch.float32, device=device).detach()
+            coef[i, lo:lo + r] = c.detach() if isinstance(c, torch.Tensor) else c  # a float fills: no host copy
             lo += r
     return a_bank, b_bank, coef, BR
 

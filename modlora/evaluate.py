@@ -55,7 +55,7 @@ class EvalConfig:
     @property
     def label(self) -> str:
         """The row's name in the paper's Table 1 ("output 3:7" -> "Setting 1 (3:7)")."""
-        if self.num_adapters() == 2:
+        if self.merged:
             return f"{SETTING[self.strategy]} ({self.name.split(' ', 1)[1]})"
         return LABELS[self.name]
 

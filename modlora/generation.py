@@ -256,6 +256,7 @@ def translate(model: Qwen2ForCausalLM, tokenizer: Tokenizer, texts: Sequence[str
     order = sorted(prompts, key=lambda i: len(prompts[i]), reverse=True)
     out = [""] * n
     device = model.lm_head.weight.device
+    eos = frozenset(tokenizer.eos_ids)
     for start in range(0, len(order), batch_size):
         chunk = order[start: start + batch_size]
         batch = tokenizer.pad([prompts[i] for i in chunk])
@@ -263,8 +264,8 @@ def translate(model: Qwen2ForCausalLM, tokenizer: Tokenizer, texts: Sequence[str
         ids = generate(model, batch["input_ids"], batch["attention_mask"], params, eos_token_id=tokenizer.eos_ids,
                        pad_token_id=tokenizer.pad_id, row_pair=row_pair, adapters=adapters)
         for i, row in zip(chunk, ids[:, batch["input_ids"].shape[1]:].tolist(), strict=True):
-            ends = [k for k, t in enumerate(row) if t in tokenizer.eos_ids]
-            out[i] = tokenizer.decode(row[: ends[0]] if ends else row, skip_special_tokens=True).strip()
+            end = next((k for k, t in enumerate(row) if t in eos), len(row))
+            out[i] = tokenizer.decode(row[:end], skip_special_tokens=True).strip()
         if progress is not None:
             progress(len(chunk))
     return out

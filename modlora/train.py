@@ -12,7 +12,7 @@
 
 :func:`train` is four parts, each replaceable on its own: :func:`setup` (optimizer, schedule, data
 order), :func:`resume` (from a checkpoint, or a fresh start), :func:`train_step` (one optimizer
-step) and :func:`save_checkpoint` / :func:`load_checkpoint` (the checkpoint file).
+step) and :func:`save_checkpoint` (the checkpoint file, read back by :func:`modlora.checkpoint.load`).
 """
 
 from __future__ import annotations
@@ -197,6 +197,7 @@ class TrainRun:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     steps_per_epoch: int
     total: int  # optimizer steps of the whole schedule
+    batch_size: int  # examples per (global) micro-batch
     config_record: dict  # what a checkpoint must match to be resumed
     step: int = 0  # optimizer steps done
     rng: dict = field(default_factory=dict)  # the RNG state after `step` steps: the next step starts from it
@@ -206,14 +207,9 @@ class TrainRun:
     dp: distributed.DataParallel | None = None  # data parallel: every rank trains its slice of each batch
 
     @property
-    def batch_size(self) -> int:
-        """Examples per (global) micro-batch."""
-        return self.dp.global_batch_size(self.cfg.batch_size) if self.dp else self.cfg.batch_size
-
-    @property
     def writer(self) -> bool:
         """Whether this process writes the checkpoint and log (data parallel: rank 0 only)."""
-        return self.dp is None or self.dp.ctx.is_writer
+        return distributed.current().writes_job_files
 
     @property
     def checkpoint_path(self) -> Path:
@@ -267,7 +263,7 @@ def setup(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples
     if dp:  # another world size is another global batch: that checkpoint does not resume here
         record["data_parallel_world_size"] = dp.ctx.world_size
     return TrainRun(model, params, examples, cfg, pad_id, work_dir, optimizer, scheduler, steps_per_epoch, total,
-                    record, dp=dp)
+                    batch_size, record, dp=dp)
 
 
 def save_checkpoint(run: TrainRun) -> None:
@@ -280,14 +276,9 @@ def save_checkpoint(run: TrainRun) -> None:
         return
     state = {"config": run.config_record, "step": run.step,
              "order": run.order(min(run.step, run.total - 1) // run.steps_per_epoch),
-             "params": [p.detach().clone() for p in run.params], "optimizer": run.optimizer.state_dict(),
+             "params": list(run.params), "optimizer": run.optimizer.state_dict(),
              "scheduler": run.scheduler.state_dict(), "rng": rng}
     checkpoint.save(run.checkpoint_path, state)
-
-
-def load_checkpoint(path: Path, device: torch.device) -> dict:
-    """Read what :func:`save_checkpoint` wrote; a malformed file is an InputError (a ValueError) naming it."""
-    return checkpoint.load(path, device)
 
 
 def read_log(path: Path, log: Log) -> list[tuple[str, dict]]:
@@ -330,7 +321,7 @@ def resume(run: TrainRun, log: Log, desc: str) -> None:
         if run.writer:
             run.log_path.unlink(missing_ok=True)
         return
-    state = load_checkpoint(run.checkpoint_path, run.device)
+    state = checkpoint.load(run.checkpoint_path, run.device)
     saved, now = state["config"], run.config_record
     if saved != now:
         changed = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
