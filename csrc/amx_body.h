@@ -87,12 +87,13 @@ void rows_tiles(const BankArgs& a, int64_t n0, int64_t n1) {
   uint16_t pad[kTileRows][kTileK];
   alignas(64) float c[kCTiles][kTileRows][kTileRows];
   T::begin();
-  for (int64_t t0 = 0; t0 < m_tiles; t0 += kCTiles) {  // 64 rows of x per pass over W's rows
-    const int nt = static_cast<int>(m_tiles - t0 < kCTiles ? m_tiles - t0 : kCTiles);
-    for (int64_t n = n0; n < n1; n += kTileRows) {
-      const int nb = static_cast<int>(n1 - n < kTileRows ? n1 - n : kTileRows);
-      // The next block of W rows, prefetched as in FmaDot::block (kernel_body.h).
-      const uint16_t* pf = W + (n + 2 * kTileRows <= n1 ? n + kTileRows : n) * a.ldw;
+  for (int64_t n = n0; n < n1; n += kTileRows) {
+    const int nb = static_cast<int>(n1 - n < kTileRows ? n1 - n : kTileRows);
+    // The next block of W rows, prefetched as in FmaDot::block (kernel_body.h).
+    const uint16_t* pf = W + (n + 2 * kTileRows <= n1 ? n + kTileRows : n) * a.ldw;
+    // 64 rows of x per pass; a second pass reads these 16 rows of W from L2, not memory.
+    for (int64_t t0 = 0; t0 < m_tiles; t0 += kCTiles) {
+      const int nt = static_cast<int>(m_tiles - t0 < kCTiles ? m_tiles - t0 : kCTiles);
       each_tile(nt, [](auto t) { T::template zero<decltype(t)::value>(); });
       for (int64_t ks = 0; ks < k_steps; ++ks) {
         const int64_t k = ks * kTileK;

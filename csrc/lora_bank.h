@@ -2,7 +2,7 @@
 //
 //   y[m, n] = sum_k x[m, k] W[n, k] + b[n] + sum_r u[m, r] B_bank[p_m, n, r],   u[m] = A_bank[p_m] x[m]
 //
-// The ISA files (kernels_*.cpp) compile the same body (kernel_body.h) under different
+// The ISA files (kernels_*.cpp) compile the same body (kernel_body.h; amx_body.h for AMX) under different
 // `#pragma GCC target` regions; lora_bank_cpu.cpp picks one at run time with __builtin_cpu_supports.
 // Nothing here may include torch headers: inline functions of torch compiled under an AVX target
 // could be merged by the linker into code that runs on CPUs without that ISA.

@@ -11,13 +11,16 @@
 //            kernels/reference.py merge_pair): "output" folds w*scale into A's rows, "ab" folds
 //            sqrt(w*scale) into both A and B; the kernel applies no coefficient.
 //   row_pair [M]        int64 in [0, P), or None
+//   isa                 the ISA for this call ("avx2", "amx", ...), or None: the one set by set_isa
 //
 // Two phases, each parallel over threads (at::parallel_for, OpenMP in torch's CPU builds):
 //   1. shrink: u[m] = A_bank[p_m] x[m] ([M, R], tiny), rows grouped by pair so each A_p is read once;
 //   2. main: threads own contiguous ranges of W's rows, stream them once, and for each block of W
 //      rows compute the dot products against all M rows of x (fp32 copy, in cache); the epilogue
 //      adds the bias and u[m] . B_bank[p_m][n, :] and stores y once.
-// The vector code lives in kernels_*.cpp, one ISA per file; the ISA is chosen at run time.
+// The vector code lives in kernels_*.cpp, one ISA per file; the ISA is chosen at run time. For bf16
+// x and W, avx512_bf16 runs vdpbf16ps and amx the tile driver of amx_body.h (x repacked per call by
+// pack_x_tiles, W read in place); for other dtypes both run the AVX-512 FMA kernel.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
