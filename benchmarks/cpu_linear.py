@@ -17,7 +17,7 @@ cache dir; each row names the path, and the choices go into the JSON). The JSON 
 model and its ISAs. Writes results/cpu_linear_<cpu>.json and .png, prints a table.
 
 Providers, all bf16 (bias and adapters as in the model: two rank-16 adapters, "output", R=32):
-  c_<isa>_bf16              modlora._C at each vector ISA of the CPU, no adapters (the lm_head case)
+  c@<isa>                   modlora._C at each vector ISA of the CPU, no adapters (the lm_head case)
   c_lora_bf16               modlora._C (best ISA) with a bf16 bank (one pair for all rows)
   c_lora_rows_bf16          modlora._C (best ISA) with a bf16 bank, rows alternating between 2 pairs
   torch_bf16                F.linear
@@ -108,7 +108,7 @@ def run_shape(name: str, n: int, k: int, reps: int, gen: torch.Generator) -> lis
         if not lm_head:
             prov["unfused_lora_bf16"] = cycling(unfused, w_bf16)
         for isa in ISAS:
-            prov[f"c_{isa}_bf16"] = cycling(lambda w, x=x, isa=isa: op(x, w, b, None, None, None, isa), w_bf16)
+            prov[f"c@{isa}"] = cycling(lambda w, x=x, isa=isa: op(x, w, b, None, None, None, isa), w_bf16)
         if cpu.HAVE_C and not lm_head:
             prov["c_lora_bf16"] = cycling(lambda w, x=x: op(x, w, b, A1, B1, None), w_bf16)
             prov["c_lora_rows_bf16"] = cycling(lambda w, x=x, rp=rp: op(x, w, b, A2, B2, rp), w_bf16)
@@ -139,7 +139,7 @@ def plot(rows: list[dict], probes: dict, path: Path) -> None:
         for pname in sorted({r["provider"] for r in rows if r["shape"] == s}):
             pts = [(r["M"], r["W_GBs"]) for r in rows if r["shape"] == s and r["provider"] == pname]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=pname,
-                    linestyle="-" if pname.startswith("c_") else "--")
+                    linestyle="-" if pname.startswith("c") else "--")
         ax.axhline(probes[s]["GBs"], color="k", lw=1, label="read probe")
         ax.axhline(0.8 * probes[s]["GBs"], color="k", lw=0.5, ls=":", label="80% probe")
         ax.set_xscale("log")

@@ -100,18 +100,20 @@ std::vector<std::string> supported_isas() {
   return names;
 }
 
-// The ISA named `name` ("auto": the best), checked against this CPU.
+bool known_isa(int isa) { return isa != kAmxEmulated || g_emulation.load(); }
+
+// The ISA named `name` ("auto": the best), checked against this CPU (no allocation unless it fails).
 int isa_index(c10::string_view name, const char* who) {
   if (name == "auto") return kBestIsa;
+  for (int i = 0; i < kIsaCount; ++i)
+    if (known_isa(i) && name == kIsaNames[i]) {
+      TORCH_CHECK(runs(i), who, ": '", name, "' is not supported on this CPU (supported: auto, ",
+                  c10::Join(", ", supported_isas()), ")");
+      return i;
+    }
   std::vector<std::string> known{"auto"};
-  for (int i = 0; i < kIsaCount; ++i) {
-    if (i == kAmxEmulated && !g_emulation.load()) continue;
-    known.emplace_back(kIsaNames[i]);
-    if (name != kIsaNames[i]) continue;
-    TORCH_CHECK(runs(i), who, ": '", name, "' is not supported on this CPU (supported: auto, ",
-                c10::Join(", ", supported_isas()), ")");
-    return i;
-  }
+  for (int i = 0; i < kIsaCount; ++i)
+    if (known_isa(i)) known.emplace_back(kIsaNames[i]);
   TORCH_CHECK(false, who, ": unknown ISA '", name, "', expected one of ", c10::Join(", ", known));
 }
 
@@ -168,7 +170,7 @@ at::Tensor pack_x_tiles(const at::Tensor& xb) {
   at::Tensor out = at::zeros({(M + kTileRows - 1) / kTileRows, k_steps, kTileRows, kTileRows, 2}, xb.options());
   const auto* x = static_cast<const uint16_t*>(xb.data_ptr());
   auto* o = static_cast<uint16_t*>(out.data_ptr());
-  at::parallel_for(0, M, std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, K)), [&](int64_t m0, int64_t m1) {
+  at::parallel_for(0, M, grain_for(K, 1), [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       uint16_t* row = o + (m / kTileRows) * k_steps * kTileRows * kTileK + (m % kTileRows) * 2;
       for (int64_t k = 0; k < K; ++k)
