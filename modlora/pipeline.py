@@ -4,7 +4,8 @@ Stages, each skipping what an earlier run already finished (every output is writ
 training resumes from its checkpoint):
 
 0. ``pretrain`` (only with ``data.pretrain_limit``, for a random base): plain language modelling of
-   the whole base on monolingual lines the adapters never see, into ``out_dir/pretrain/model/``.
+   the whole base on the training split's first lines, each alone as plain text (never a
+   translation pair), into ``out_dir/pretrain/model/``.
 1. ``train_adapters``: ``in[X]`` on X->pivot and ``out[X]`` on pivot->X for every language X
    (the pivot's own pair on pivot->pivot), into ``out_dir/pool/{X}/{in|out}/``.
    ``train_full``: the full-parameter fine-tuning baseline on the union of that data, into
@@ -82,8 +83,8 @@ class DataConfig:
     train_limit: int | None = None  # first N lines of each split (None: all)
     weights_limit: int | None = None  # lines used to learn merge weights (None: train_limit)
     eval_limit: int | None = None
-    # Lines of train_split per language after the training slice (disjoint from it) on which a random
-    # base first learns plain language modelling (stage ``pretrain``); None: no pre-training.
+    # First N lines of train_split per language on which a random base first learns plain language
+    # modelling (stage ``pretrain``), each line alone, no prompt; None: no pre-training.
     pretrain_limit: int | None = None
 
 
@@ -152,8 +153,8 @@ class PipelineConfig:
 DEMO: dict = {
     "out_dir": "runs/default",
     "model": {"preset": "tiny", "seed": 0},
-    "data": {"train_limit": 8, "weights_limit": 4, "eval_limit": 3, "pretrain_limit": 16},
-    "pretrain": {"epochs": 6, "lr": 1e-2, "batch_size": 8, "grad_accum": 1},
+    "data": {"train_limit": 8, "weights_limit": 4, "eval_limit": 3, "pretrain_limit": 8},
+    "pretrain": {"epochs": 20, "lr": 1e-2, "batch_size": 8, "grad_accum": 1},
     "train": {"epochs": 8, "lr": 1e-2, "batch_size": 4, "grad_accum": 1},
     "weights": {"epochs": 1, "lr": 1e-2, "batch_size": 4, "grad_accum": 1},
     "eval": {"num_beams": 5, "max_new_tokens": 12, "batch_size": 60},
@@ -185,9 +186,8 @@ class Pipeline:
         if d.pivot not in d.langs or len(set(d.langs)) < 2:
             raise ValueError(f"data.langs {d.langs} must hold the pivot language {d.pivot!r} and at least one other: "
                              f"adapters are trained on X->{d.pivot} and {d.pivot}->X")
-        if d.pretrain_limit and (config.model.path or d.train_limit is None):
-            raise ValueError("data.pretrain_limit pre-trains a random base on the training split's lines after "
-                             "data.train_limit: it needs a preset base (no model.path) and a train_limit")
+        if d.pretrain_limit and config.model.path:
+            raise ValueError("data.pretrain_limit pre-trains a random base: it needs a preset base (no model.path)")
         self.config = config
         self.out = Path(config.out_dir)
         self.log = log
@@ -281,8 +281,9 @@ class Pipeline:
 
     def pretrain(self) -> None:
         """Stage 0 (a random base with ``data.pretrain_limit`` only): plain language modelling of the
-        whole base on monolingual text the adapters never train on, so that its tied output layer
-        knows the languages' tokens; every later stage starts from the saved result."""
+        whole base on the training split's first lines as plain text, so that its tied output layer
+        knows their tokens (a stand-in for an LLM that has read these languages); every later stage
+        starts from the saved result."""
         cfg, ctx = self.config, distributed.current()
         d, save_dir = cfg.data, self.pretrain_dir()
         if not d.pretrain_limit:
@@ -290,7 +291,7 @@ class Pipeline:
         if (save_dir / "config.json").is_file():  # written last
             self.log(f"pre-training: done (in {save_dir})")
         elif ctx.data_parallel or ctx.rank == 0:
-            mono = load_split(d.train_split, d.langs, d.root, slice(d.train_limit, d.train_limit + d.pretrain_limit))
+            mono = load_split(d.train_split, d.langs, d.root, slice(d.pretrain_limit))
             mc = cfg.model
             model = random_model(mc.preset, seed=mc.seed, dtype=torch.float32, device=self._device_dtype()[0])
             pretrain(model, self.tokenizer, [text for lang in d.langs for text in mono[lang]], cfg.pretrain,

@@ -81,14 +81,14 @@ def _slice_loss(pipe: Pipeline, examples) -> float:
 
 
 def test_demo_recipe_adapters_learn_on_the_pretrained_base(tmp_path):
-    """The demo's recipe (DEMO's settings): out[fr] lowers its loss on its en->fr training slice by
-    over 1 nat from the pre-trained base (measured 1.78), and by under 0.7 from the random base
-    (measured 0.48), whose frozen output layer caps every logit near +-1.3 (README, demo)."""
-    drops = {}
-    for pretrain_limit in (DEMO["data"]["pretrain_limit"], None):
+    """The demo's recipe on half its lines (4 per language, pre-trained on as plain text): out[fr]
+    brings the loss on its en->fr training slice below 0.8 of the pre-trained base's (measured 0.69);
+    on the random base, whose frozen output layer caps every logit near +-1.3 (README, demo), it
+    stays above 0.9 of it (measured 0.96)."""
+    ratios = {}
+    for pretrain_limit in (4, None):
         cfg = PipelineConfig.from_dict({**DEMO, "out_dir": str(tmp_path / str(pretrain_limit)),
-                                        "data": {**DEMO["data"],
-                                                 "pretrain_limit": pretrain_limit}})
+                                        "data": {**DEMO["data"], "train_limit": 4, "pretrain_limit": pretrain_limit}})
         pipe = Pipeline(cfg, log=lambda _: None)
         pipe.pretrain()
         data = pipe._split("dev", cfg.data.train_limit)
@@ -98,12 +98,11 @@ def test_demo_recipe_adapters_learn_on_the_pretrained_base(tmp_path):
         adapter = train_adapter(pipe.adapters, pipe.tokenizer, "fr", "out", "en", "fr", pairs, cfg.lora, cfg.train,
                                 tmp_path / f"out-{pretrain_limit}", log=lambda _: None)
         pipe.adapters.set_adapters(lora_out=adapter, w_out=1.0)
-        drops[pretrain_limit] = before - _slice_loss(pipe, examples)
+        ratios[pretrain_limit] = _slice_loss(pipe, examples) / before
         pipe.adapters.clear()
-    assert drops[DEMO["data"]["pretrain_limit"]] > 1.0 and drops[None] < 0.7, drops
+    assert ratios[4] < 0.8 and ratios[None] > 0.9, ratios
 
 
-def test_pretraining_needs_a_random_base_and_a_training_slice():
-    for data, model in (({"train_limit": 4, "pretrain_limit": 4}, {"path": "X"}), ({"pretrain_limit": 4}, {})):
-        with pytest.raises(ValueError, match="pretrain_limit pre-trains a random base"):
-            Pipeline(PipelineConfig.from_dict({"data": data, "model": model}))
+def test_pretraining_needs_a_random_base():
+    with pytest.raises(ValueError, match="pretrain_limit pre-trains a random base"):
+        Pipeline(PipelineConfig.from_dict({"data": {"pretrain_limit": 4}, "model": {"path": "X"}}))
