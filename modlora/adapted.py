@@ -76,15 +76,16 @@ def grouped(x: Tensor, linears: Sequence[AdaptedLinear]) -> list[Tensor]:
 
 def _adjacent(tensors: Sequence[Tensor | None]) -> Tensor | None:
     """The tensors as one [sum of dim 0, ...] view when they are contiguous row blocks, in order, of
-    one storage; else None."""
+    one storage; else None. Pointer arithmetic and one storage query: this runs on every call."""
     first = tensors[0]
     if first is None:
         return None
-    ptr, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    ptr, rows = first.data_ptr(), 0
     for t in tensors:
-        if (t is None or t.untyped_storage().data_ptr() != ptr or t.storage_offset() != offset
-                or t.dtype != first.dtype or t.shape[1:] != first.shape[1:] or not t.is_contiguous()):
+        if t is None or t.data_ptr() != ptr or t.dtype != first.dtype or not t.is_contiguous():
             return None
-        offset += t.numel()
-    return first.as_strided((sum(t.shape[0] for t in tensors), *first.shape[1:]), first.stride(),
-                            first.storage_offset())
+        ptr += t.numel() * t.element_size()
+        rows += t.shape[0]
+    if ptr - first.data_ptr() + first.storage_offset() * first.element_size() > first.untyped_storage().nbytes():
+        return None  # adjacent in memory, but not one storage
+    return first.as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())

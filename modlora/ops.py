@@ -200,11 +200,11 @@ def grouped_linear(x: Tensor, weight: Tensor, bias: Tensor | None, parts: Sequen
     as called alone.
     """
     rows = _group_rows(parts)
-    tensors = [t for p in parts for pair in p[2] for t in (*_adapter_tensors(*pair[:2]), *pair[2:])]
     if (rows is False or x.device.type != "cpu" or not cpu.c_enabled()
-            or _builds_graph(x, weight, bias, *tensors)):
+            or torch.is_grad_enabled() and _builds_graph(x, weight, bias, *(
+                t for p in parts for pair in p[2] for t in (*_adapter_tensors(*pair[:2]), *pair[2:])))):
         return [_part(x, p, p[4]) for p in parts]
-    kind = "group-" + ("linear" if rows is None and not tensors else "lora" if rows is None else "pairs")
+    kind = "group-" + ("pairs" if rows is not None else "lora" if any(p[2] for p in parts) else "linear")
     pairs = max(len(p[2]) for p in parts)
     # Calibration inputs are [m, K]: their rows cycle through the pairs.
     calib_rows = lambda xs: None if rows is None else torch.arange(xs.shape[0]) % pairs
