@@ -149,8 +149,7 @@ def runners(ours, peft, ids, mask, tok: Tokenizer, clock: StepClock):
     processors = transformers.LogitsProcessorList([Tick()])
 
     def ours_run(n: int):
-        return generate(ours, ids, mask, max_new_tokens=n, min_new_tokens=n, eos_token_id=tok.eos_ids,
-                        pad_token_id=tok.pad_id, **kw)
+        return generate(ours, ids, mask, max_new_tokens=n, min_new_tokens=n, eos_token_id=tok.eos_ids, **kw)
 
     def hf_run(n: int):
         with torch.no_grad():
