@@ -61,13 +61,6 @@ def atomic_write_json(target: str | os.PathLike, payload: object) -> Path:
 def atomic_write_safetensors(target: str | os.PathLike, tensors: dict[str, torch.Tensor],
                              metadata: dict[str, str] | None = None) -> Path:
     """safetensors' own ``save_file`` replaces the file with a mode 0600 one: serialise in memory and
-    write the bytes into ours (0666 less the umask), with Python's errors (a full disk names the file).
-    A tensor that is a view into a larger storage (the model's fused q/k/v and gate/up weights) is
-    copied first: safetensors refuses tensors that share memory."""
-    tensors = {k: v if _owns_storage(v) else v.clone() for k, v in tensors.items()}
+    write the bytes into ours (0666 less the umask), with Python's errors (a full disk names the file)."""
     data = safetensors.torch.save(tensors, metadata=metadata)
     return atomic_write(target, lambda tmp: Path(tmp).write_bytes(data))
-
-
-def _owns_storage(t: torch.Tensor) -> bool:
-    return t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
