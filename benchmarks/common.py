@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import platform
 import subprocess
 import sys
@@ -15,6 +13,7 @@ from pathlib import Path
 import torch
 
 from modlora import cpu, dispatch
+from modlora.fileio import atomic_write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -63,12 +62,7 @@ def cpu_tag() -> str:
 
 def write_json(name: str, payload: dict, directory: Path = RESULTS) -> Path:
     """Write ``directory/name.json`` atomically (a reader never sees a half-written file)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_json(directory / f"{name}.json", payload)
 
 
 def memory_probe(buf_f32: torch.Tensor, reps: int = 5) -> dict:

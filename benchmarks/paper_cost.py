@@ -18,9 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, environment, write_json  # noqa: E402
+
 N_PARAMS = 494_032_768  # Qwen2.5-0.5B (tied embeddings counted once)
 
 
@@ -95,8 +98,7 @@ def main() -> None:
            "assumed_gpu": {"train_tflops": args.gpu_tflops, "decode_ms_per_step_batch32": args.gpu_step_ms},
            "cpu_hours": cpu_hours, "gpu_hours": gpu_hours,
            "total": {"cpu_hours": sum(cpu_hours.values()), "gpu_hours": sum(gpu_hours.values())}}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "paper_cost.json").write_text(json.dumps(out, indent=2) + "\n")
+    write_json("paper_cost", {**out, "environment": environment()})
     for k in cpu_hours:
         print(f"{k:9s} CPU {cpu_hours[k]:9.1f} h   GPU {gpu_hours[k]:6.2f} h")
     print(f"total     CPU {sum(cpu_hours.values()):9.1f} h   GPU {sum(gpu_hours.values()):6.2f} h")

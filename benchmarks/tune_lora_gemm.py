@@ -12,15 +12,13 @@ uses the entry of the next power of two).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment  # noqa: E402
+from common import environment, write_json  # noqa: E402
 from lora_linear import SHAPES  # noqa: E402
 
 from modlora.kernels import configs  # noqa: E402
@@ -76,12 +74,8 @@ def main() -> None:
                 entries.append({"m": m, "n": n, "k": k, "rank": r, "config": cfg.__dict__, "ms": ms,
                                 "heuristic_ms": base_ms})
                 print(f"{shape:8s} M={m:<3d} r={r:<3d} {cfg} {ms * 1e3:.1f} us (heuristic {base_ms * 1e3:.1f} us)")
-    configs.TUNED_DIR.mkdir(exist_ok=True)
-    path = configs.TUNED_DIR / f"{configs.slug(name)}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"gpu": name, "dtype": args.dtype, "environment": environment("cuda"),
-                               "entries": entries}, indent=1) + "\n")
-    os.replace(tmp, path)
+    path = write_json(configs.slug(name), {"gpu": name, "dtype": args.dtype, "environment": environment("cuda"),
+                                           "entries": entries}, configs.TUNED_DIR)
     print(f"wrote {path}")
 
 

@@ -148,6 +148,10 @@ def _device(value: str) -> str | None:
     return None
 
 
+def _non_empty(value: str | list) -> str | None:
+    return None if value else "must not be empty"
+
+
 def _file(value: str) -> str | None:
     return None if os.path.isfile(value) else f"must be an existing file, got {value!r}"
 
@@ -156,6 +160,7 @@ POSITIVE = Rule(int, low=1)
 POSITIVE_OPT = Rule(int, low=1, optional=True)
 POSITIVE_FLOAT = Rule(float, low=0, low_open=True)
 NAME = Rule(str, check=_plain)
+NON_EMPTY_LIST = Rule(list, check=_non_empty)
 FILE = Rule(str, check=_file)
 STRATEGIES = ("output", "ab")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -167,7 +172,7 @@ _TRAIN = {
 }
 # Every pipeline setting, by TOML section ("" for the top level). The CLI options use the same rules.
 SETTINGS: dict[str, dict[str, Rule]] = {
-    "": {"out_dir": Rule(str, check=lambda v: None if v else "must not be empty")},
+    "": {"out_dir": Rule(str, check=_non_empty)},
     "model": {"path": Rule(str, optional=True), "preset": Rule(str, check=_choice("tiny", "qwen2.5-0.5b")),
               "seed": Rule(int, low=0), "dtype": Rule(str, optional=True,
                                                       check=_choice("float32", "float16", "bfloat16")),
@@ -317,7 +322,7 @@ def learned_weights(raw: object, path: str | os.PathLike) -> dict:
            "src": _field(raw, "src", Rule(str, optional=True), path, None),
            "tgt": _field(raw, "tgt", Rule(str, optional=True), path, None)}
     for key in ("w_in", "w_out"):
-        values = _field(raw, key, Rule(list, check=lambda v: None if v else "must not be empty"), path)
+        values = _field(raw, key, NON_EMPTY_LIST, path)
         out[key] = [_field({key: v}, key, weight, path) for v in values]
     if len(out["w_in"]) != len(out["w_out"]):
         raise InputError(f"{path}: w_in has {len(out['w_in'])} layers, w_out {len(out['w_out'])}")
@@ -342,7 +347,7 @@ def _settings(raw: dict, path: str | os.PathLike) -> dict | None:
 def eval_file(raw: object, path: str | os.PathLike) -> dict:
     """An evaluation file of the pipeline: settings, and per direction src, tgt, a finite score, a signature."""
     raw = json_object(raw, path)
-    directions = _field(raw, "directions", Rule(list, check=lambda v: None if v else "must not be empty"), path)
+    directions = _field(raw, "directions", NON_EMPTY_LIST, path)
     return {"settings": _settings(raw, path), "directions": [_direction(d, f"{path}: directions") for d in directions]}
 
 

@@ -46,6 +46,26 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// This lane's share of the dot products of x's rows with one row of a matrix (W or A), K split
+// across the warp in 16-byte steps: acc[m] = sum over the lane's k of x[m, k] * row[k].
+template <typename T, int MB>
+__device__ __forceinline__ void lane_dots(const T* __restrict__ x, const T* __restrict__ row, int M, int K, int lane,
+                                          float (&acc)[MB]) {
+  constexpr int E = Vec<T>::kN;
+#pragma unroll
+  for (int m = 0; m < MB; ++m) acc[m] = 0.f;
+  for (int k = lane * E; k < K; k += kWarp * E) {
+    const Vec<T> rv = load16(row + k);
+#pragma unroll
+    for (int m = 0; m < MB; ++m) {
+      if (m >= M) break;
+      const Vec<T> xv = load16(x + static_cast<int64_t>(m) * K + k);
+#pragma unroll
+      for (int e = 0; e < E; ++e) acc[m] = fmaf(to_f(xv.v[e]), to_f(rv.v[e]), acc[m]);
+    }
+  }
+}
+
 // Kernels are instantiated for row buckets MB in {1, 2, 4, 8, 16}; rows m >= M of a bucket are
 // skipped (MB - M < MB / 2 rows of a bucket idle, not 16 instantiations per dtype to compile).
 
@@ -53,23 +73,11 @@ __device__ __forceinline__ float warp_sum(float v) {
 template <typename T, int MB>
 __global__ void shrink_kernel(const T* __restrict__ x, const T* __restrict__ a, const float* __restrict__ coef,
                               float* __restrict__ v_ws, int M, int K, int R) {
-  constexpr int E = Vec<T>::kN;
   const int lane = threadIdx.x % kWarp;
   const int r = blockIdx.x * kWarpsPerBlock + threadIdx.x / kWarp;
   if (r >= R) return;
   float acc[MB];
-#pragma unroll
-  for (int m = 0; m < MB; ++m) acc[m] = 0.f;
-  for (int k = lane * E; k < K; k += kWarp * E) {
-    const Vec<T> av = load16(a + static_cast<int64_t>(r) * K + k);
-#pragma unroll
-    for (int m = 0; m < MB; ++m) {
-      if (m >= M) break;
-      const Vec<T> xv = load16(x + static_cast<int64_t>(m) * K + k);
-#pragma unroll
-      for (int e = 0; e < E; ++e) acc[m] = fmaf(to_f(xv.v[e]), to_f(av.v[e]), acc[m]);
-    }
-  }
+  lane_dots<T, MB>(x, a + static_cast<int64_t>(r) * K, M, K, lane, acc);
 #pragma unroll
   for (int m = 0; m < MB; ++m) {
     if (m >= M) break;
@@ -83,24 +91,11 @@ template <typename T, int MB>
 __global__ void gemv_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
                             const T* __restrict__ b, const float* __restrict__ v_ws, T* __restrict__ y,
                             int M, int N, int K, int R) {
-  constexpr int E = Vec<T>::kN;
   const int lane = threadIdx.x % kWarp;
   const int n = blockIdx.x * kWarpsPerBlock + threadIdx.x / kWarp;
   if (n >= N) return;
   float acc[MB];
-#pragma unroll
-  for (int m = 0; m < MB; ++m) acc[m] = 0.f;
-  const T* wn = w + static_cast<int64_t>(n) * K;
-  for (int k = lane * E; k < K; k += kWarp * E) {
-    const Vec<T> wv = load16(wn + k);
-#pragma unroll
-    for (int m = 0; m < MB; ++m) {
-      if (m >= M) break;
-      const Vec<T> xv = load16(x + static_cast<int64_t>(m) * K + k);
-#pragma unroll
-      for (int e = 0; e < E; ++e) acc[m] = fmaf(to_f(xv.v[e]), to_f(wv.v[e]), acc[m]);
-    }
-  }
+  lane_dots<T, MB>(x, w + static_cast<int64_t>(n) * K, M, K, lane, acc);
   for (int r = lane; r < R; r += kWarp) {  // the expand, spread over the lanes
     const float br = to_f(b[static_cast<int64_t>(n) * R + r]);
 #pragma unroll
