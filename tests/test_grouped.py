@@ -10,7 +10,7 @@ import torch
 from test_dispatch import _assert_logits_agree
 from test_ops import CONFIG, assert_bounded, oracle, random_adapter
 
-from modlora import cpu, dispatch, ops
+from modlora import adapted, cpu, dispatch, ops
 from modlora.adapters import AdapterController
 from modlora.generation import generate
 from modlora.kernels import dual_lora_linear_ref, merge_pair, pairwise_lora_linear_ref
@@ -203,3 +203,13 @@ def test_autograd_runs_the_parts_as_before(c_calls):
         grads.append(A.grad)
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+def test_tensors_adjacent_in_memory_but_in_two_storages_are_not_a_group():
+    memory = bytearray(4 * 8 * 4)
+    a = torch.frombuffer(memory, dtype=torch.float32, count=16).view(4, 4)
+    b = torch.frombuffer(memory, dtype=torch.float32, count=16, offset=64).view(4, 4)
+    assert b.data_ptr() == a.data_ptr() + 64 and a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
+    assert adapted._adjacent([a, b]) is None
+    whole = torch.zeros(8, 4)
+    assert torch.equal(adapted._adjacent([whole[:4], whole[4:]]), whole)
