@@ -1,40 +1,7 @@
-// Portable fallback: the kernel body over 8-float structs (the compiler vectorises what the
-// baseline ISA allows). Compiled without any target attribute.
-#include "kernel_body.h"
+// Portable fallback: the kernel body over the portable vector traits. Compiled without any target
+// attribute.
+#include "scalar_traits.h"
 
 namespace modlora_cpu {
-namespace {
-
-struct Scalar {
-  struct vec {
-    float v[8];
-  };
-  static constexpr int kLanes = 8, kMaxMB = 4, kSmallM = 2;
-  static vec zero() { return vec{}; }
-  static vec load(const float* p) {
-    vec r;
-    for (int l = 0; l < 8; ++l) r.v[l] = p[l];
-    return r;
-  }
-  static vec load(const uint16_t* p) {
-    vec r;
-    for (int l = 0; l < 8; ++l) r.v[l] = bf16_to_f32(p[l]);
-    return r;
-  }
-  static vec fma(const vec& a, const vec& b, vec c) {
-    for (int l = 0; l < 8; ++l) c.v[l] += a.v[l] * b.v[l];
-    return c;
-  }
-  static void pin(vec&) {}
-  static float hsum(const vec& a) {
-    float s = 0.f;
-    for (int l = 0; l < 8; ++l) s += a.v[l];
-    return s;
-  }
-};
-
-}  // namespace
-
 void rows_scalar(const BankArgs& a, int64_t n0, int64_t n1) { rows_fma<Scalar>(a, n0, n1); }
-
 }  // namespace modlora_cpu

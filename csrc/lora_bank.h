@@ -2,7 +2,7 @@
 //
 //   y[m, n] = sum_k x[m, k] W[n, k] + b[n] + sum_r u[m, r] B_bank[p_m, n, r],   u[m] = A_bank[p_m] x[m]
 //
-// The ISA files (kernels_*.cpp) compile the same body (kernel_body.h) under different
+// The ISA files (kernels_*.cpp) compile the same body (kernel_body.h; amx_body.h for AMX) under different
 // `#pragma GCC target` regions; lora_bank_cpu.cpp picks one at run time with __builtin_cpu_supports.
 // Nothing here may include torch headers: inline functions of torch compiled under an AVX target
 // could be merged by the linker into code that runs on CPUs without that ISA.
@@ -19,6 +19,7 @@ struct BankArgs {
   int64_t ldw = 0;
   const float* xf = nullptr;    // x [M, K] fp32, row stride K
   const uint16_t* xb = nullptr; // x [M, K] bf16, row stride K, or null (only used by the bf16-dot path)
+  const uint16_t* xt = nullptr; // x in the AMX B-tile layout (amx_body.h), or null (only used by AMX)
   const float* u = nullptr;     // u [M, R] fp32 (rank intermediate), null when R == 0
   const void* bank_b = nullptr; // B_bank [P, N, R] contiguous; fp32 or bf16
   bool b_bf16 = false;
@@ -28,11 +29,16 @@ struct BankArgs {
   bool y_bf16 = false;
 };
 
+// AMX tiles: 16 rows of 32 bf16 (A: W's rows; B: 16 rows of x as 16 pairs).
+constexpr int64_t kTileRows = 16, kTileK = 32;
+
 using RowsFn = void (*)(const BankArgs&, int64_t n0, int64_t n1);
 
 void rows_scalar(const BankArgs& a, int64_t n0, int64_t n1);
 void rows_avx2(const BankArgs& a, int64_t n0, int64_t n1);
 void rows_avx512(const BankArgs& a, int64_t n0, int64_t n1);
 void rows_avx512bf16(const BankArgs& a, int64_t n0, int64_t n1);
+void rows_amx(const BankArgs& a, int64_t n0, int64_t n1);
+void rows_amx_emulated(const BankArgs& a, int64_t n0, int64_t n1);
 
 }  // namespace modlora_cpu

@@ -11,72 +11,173 @@
 //            kernels/reference.py merge_pair): "output" folds w*scale into A's rows, "ab" folds
 //            sqrt(w*scale) into both A and B; the kernel applies no coefficient.
 //   row_pair [M]        int64 in [0, P), or None
+//   isa                 the ISA for this call ("avx2", "amx", ...), or None: the one set by set_isa
 //
 // Two phases, each parallel over threads (at::parallel_for, OpenMP in torch's CPU builds):
 //   1. shrink: u[m] = A_bank[p_m] x[m] ([M, R], tiny), rows grouped by pair so each A_p is read once;
 //   2. main: threads own contiguous ranges of W's rows, stream them once, and for each block of W
 //      rows compute the dot products against all M rows of x (fp32 copy, in cache); the epilogue
 //      adds the bias and u[m] . B_bank[p_m][n, :] and stores y once.
-// The vector code lives in kernels_*.cpp, one ISA per file; the ISA is chosen at run time.
+// The vector code lives in kernels_*.cpp, one ISA per file; the ISA is chosen at run time. For bf16
+// x and W, avx512_bf16 runs vdpbf16ps and amx the tile driver of amx_body.h (x repacked per call by
+// pack_x_tiles, W read in place); for other dtypes both run the AVX-512 FMA kernel.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <array>
 #include <atomic>
 #include <string>
 #include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include "lora_bank.h"
 
 namespace modlora_cpu {
 namespace {
 
-enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
-const char* const kIsaNames[] = {"scalar", "avx2", "avx512", "avx512_bf16"};
+enum Isa : int { kScalar, kAvx2, kAvx512, kAvx512Bf16, kAmx, kAmxEmulated, kIsaCount };
+const char* const kIsaNames[] = {"scalar", "avx2", "avx512", "avx512_bf16", "amx", "amx_emulated"};
 
-int detect_isa() {
+#if defined(__x86_64__)
+// AMX-BF16 and AMX-TILE (CPUID.(EAX=7, ECX=0):EDX bits 22 and 24), and the tile state granted:
+// Linux gives a process the 8 KB of tile data only on request (ARCH_REQ_XCOMP_PERM for
+// XFEATURE_XTILEDATA), once per process; refused or another OS: no AMX.
+bool amx_granted() {
+  unsigned eax, ebx, ecx, edx;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !((edx >> 22) & 1) || !((edx >> 24) & 1)) return false;
+#if defined(__linux__)
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+#endif
+
+// Which ISAs this CPU runs (amx_emulated: none, until a test allows it).
+std::array<bool, kIsaCount> detect_isas() {
+  std::array<bool, kIsaCount> ok{};
+  ok[kScalar] = true;
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl")) {
-    if (__builtin_cpu_supports("avx512bf16")) return kAvx512Bf16;
-    return kAvx512;
-  }
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
+  ok[kAvx2] = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  ok[kAvx512] = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                __builtin_cpu_supports("avx512vl");
+  ok[kAvx512Bf16] = ok[kAvx512] && __builtin_cpu_supports("avx512bf16");
 #endif
-  return kScalar;
+#if defined(__x86_64__)
+  ok[kAmx] = ok[kAvx512] && amx_granted();  // the AMX file's epilogue is AVX-512 code
+#endif
+  return ok;
 }
 
-const int kBestIsa = detect_isa();
+const std::array<bool, kIsaCount> kSupported = detect_isas();
+std::atomic<bool> g_emulation{false};  // "amx_emulated" accepted (tests only)
+
+int best_isa() {
+  int best = kScalar;
+  for (int i = 0; i < kAmxEmulated; ++i)
+    if (kSupported[i]) best = i;
+  return best;
+}
+
+const int kBestIsa = best_isa();
 std::atomic<int> g_isa{kBestIsa};
 
-RowsFn rows_for(int isa, bool bf16_dot) {
+bool runs(int isa) { return isa == kAmxEmulated ? g_emulation.load() : kSupported[isa]; }
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> names;
+  for (int i = 0; i < kAmxEmulated; ++i)
+    if (kSupported[i]) names.emplace_back(kIsaNames[i]);
+  return names;
+}
+
+bool known_isa(int isa) { return isa != kAmxEmulated || g_emulation.load(); }
+
+// The ISA named `name` ("auto": the best), checked against this CPU (no allocation unless it fails).
+int isa_index(c10::string_view name, const char* who) {
+  if (name == "auto") return kBestIsa;
+  for (int i = 0; i < kIsaCount; ++i)
+    if (known_isa(i) && name == kIsaNames[i]) {
+      TORCH_CHECK(runs(i), who, ": '", name, "' is not supported on this CPU (supported: auto, ",
+                  c10::Join(", ", supported_isas()), ")");
+      return i;
+    }
+  std::vector<std::string> known{"auto"};
+  for (int i = 0; i < kIsaCount; ++i)
+    if (known_isa(i)) known.emplace_back(kIsaNames[i]);
+  TORCH_CHECK(false, who, ": unknown ISA '", name, "', expected one of ", c10::Join(", ", known));
+}
+
+// The main phase's kernel for an ISA and the case's dtypes (bf16: x and W both bf16).
+struct Kernel {
+  RowsFn rows;
+  int64_t block = 4;    // output columns per parallel task
+  bool bf16_x = false;  // reads x as bf16 (BankArgs::xb)
+  bool tiles = false;   // reads x in the AMX B-tile layout (BankArgs::xt)
+};
+
+Kernel kernel_for(int isa, bool bf16) {
+  if (isa == kAmxEmulated) return bf16 ? Kernel{rows_amx_emulated, kTileRows, false, true} : Kernel{rows_scalar};
 #if defined(__x86_64__) || defined(__i386__)
   switch (isa) {
+#if defined(__x86_64__)
+    case kAmx:
+      return bf16 ? Kernel{rows_amx, kTileRows, false, true} : Kernel{rows_avx512};
+#endif
     case kAvx512Bf16:
-      return bf16_dot ? rows_avx512bf16 : rows_avx512;
+      return bf16 ? Kernel{rows_avx512bf16, 4, true} : Kernel{rows_avx512};
     case kAvx512:
-      return rows_avx512;
+      return {rows_avx512};
     case kAvx2:
-      return rows_avx2;
+      return {rows_avx2};
     default:
       break;
   }
 #endif
-  return rows_scalar;
+  return {rows_scalar};
 }
 
 bool is_f32_or_bf16(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16;
 }
 
-// Threads take output columns in blocks of 4; a grain of about 16K multiply-adds per task.
-int64_t grain_for(int64_t K) { return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, 4 * K)); }
+// Threads take output columns in blocks; a grain of about 16K multiply-adds per task.
+int64_t grain_for(int64_t K, int64_t block) {
+  return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, block * K));
+}
 
-// Run `rows` over output columns [0, N) in blocks of 4, in parallel when there is enough work.
-void run_parallel(RowsFn rows, const BankArgs& a) {
-  at::parallel_for(0, (a.N + 3) / 4, grain_for(a.K), [&](int64_t b0, int64_t b1) {
-    rows(a, b0 * 4, std::min(a.N, b1 * 4));
+// Run the kernel over output columns [0, N) in its blocks, in parallel when there is enough work.
+void run_parallel(const Kernel& kernel, const BankArgs& a) {
+  const int64_t blk = kernel.block;
+  at::parallel_for(0, (a.N + blk - 1) / blk, grain_for(a.K, blk), [&](int64_t b0, int64_t b1) {
+    kernel.rows(a, b0 * blk, std::min(a.N, b1 * blk));
   });
+}
+
+// bf16 x [M, K] in the AMX B-tile layout (amx_body.h): tile (mt, ks) holds 16 pairs (rows) of 16
+// rows of x, pair kp of row i at [kp][i] = x[16 mt + i][32 ks + 2 kp + {0, 1}], zero past M and K.
+at::Tensor pack_x_tiles(const at::Tensor& xb) {
+  const int64_t M = xb.size(0), K = xb.size(1), k_steps = (K + kTileK - 1) / kTileK;
+  at::Tensor out = at::zeros({(M + kTileRows - 1) / kTileRows, k_steps, kTileRows, kTileRows, 2}, xb.options());
+  const auto* x = static_cast<const uint16_t*>(xb.data_ptr());
+  auto* o = static_cast<uint16_t*>(out.data_ptr());
+  at::parallel_for(0, M, grain_for(K, 1), [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      uint16_t* row = o + (m / kTileRows) * k_steps * kTileRows * kTileK + (m % kTileRows) * 2;
+      for (int64_t k = 0; k < K; ++k)
+        row[(k / kTileK) * kTileRows * kTileK + (k % kTileK) / 2 * kTileK + (k & 1)] = x[m * K + k];
+    }
+  });
+  return out;
 }
 
 void check_x_weight(const at::Tensor& x, const at::Tensor& weight) {
@@ -176,7 +277,7 @@ at::Tensor shrink(RowsFn rows, const at::Tensor& xf, const Bank& bank) {
   float* us_ptr = us.data_ptr<float>();
   const auto* a_base = static_cast<const char*>(bank.A.data_ptr());
   const int64_t a_elem = bank.A.element_size();
-  at::parallel_for(0, static_cast<int64_t>(tasks.size()), grain_for(K), [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), grain_for(K, 4), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const Task& t = tasks[i];
       BankArgs s;
@@ -199,7 +300,8 @@ at::Tensor shrink(RowsFn rows, const at::Tensor& xf, const Bank& bank) {
 
 at::Tensor lora_bank_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                                 const c10::optional<at::Tensor>& A_bank, const c10::optional<at::Tensor>& B_bank,
-                                const c10::optional<at::Tensor>& row_pair) {
+                                const c10::optional<at::Tensor>& row_pair,
+                                const std::optional<c10::string_view>& isa_name) {
   check_x_weight(x, weight);
   const bool has_a = A_bank.has_value() && A_bank->defined();
   const bool has_b = B_bank.has_value() && B_bank->defined();
@@ -212,8 +314,9 @@ at::Tensor lora_bank_linear_cpu(const at::Tensor& x, const at::Tensor& weight, c
   const at::Tensor xc = x.contiguous();
   const at::Tensor xf = x.scalar_type() == at::kFloat ? xc : xc.to(at::kFloat);
   const at::Tensor bf = float_bias(bias, N);
-  const int isa = g_isa.load(std::memory_order_relaxed);
-  const bool bf16_dot = isa == kAvx512Bf16 && w.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kBFloat16;
+  const int isa = isa_name.has_value() ? isa_index(*isa_name, "lora_bank_linear") : g_isa.load(std::memory_order_relaxed);
+  const Kernel kernel = kernel_for(isa, w.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kBFloat16);
+  const at::Tensor xt = kernel.tiles ? pack_x_tiles(xc) : at::Tensor();
   BankArgs a;
   a.M = M;
   a.N = N;
@@ -222,7 +325,8 @@ at::Tensor lora_bank_linear_cpu(const at::Tensor& x, const at::Tensor& weight, c
   a.w_bf16 = w.scalar_type() == at::kBFloat16;
   a.ldw = w.stride(0);
   a.xf = xf.data_ptr<float>();
-  a.xb = bf16_dot ? static_cast<const uint16_t*>(xc.data_ptr()) : nullptr;
+  a.xb = kernel.bf16_x ? static_cast<const uint16_t*>(xc.data_ptr()) : nullptr;
+  a.xt = kernel.tiles ? static_cast<const uint16_t*>(xt.data_ptr()) : nullptr;
   a.bias = bf.defined() ? bf.data_ptr<float>() : nullptr;
   a.y = out.data_ptr();
   a.y_bf16 = out.scalar_type() == at::kBFloat16;
@@ -231,40 +335,20 @@ at::Tensor lora_bank_linear_cpu(const at::Tensor& x, const at::Tensor& weight, c
   at::Tensor u;
   if (has_a) bank = checked_bank(*A_bank, *B_bank, row_pair, M, N, K);
   if (bank.R > 0 && bank.P > 0) {
-    u = shrink(rows_for(isa, false), xf, bank);
+    u = shrink(kernel_for(isa, false).rows, xf, bank);
     a.R = bank.R;
     a.u = u.data_ptr<float>();
     a.bank_b = bank.B.data_ptr();
     a.b_bf16 = bank.B.scalar_type() == at::kBFloat16;
     a.pair = bank.pp;
   }
-  run_parallel(rows_for(isa, bf16_dot), a);
+  run_parallel(kernel, a);
   return out;
 }
 
 namespace {
 
-std::vector<std::string> supported_isas() {
-  std::vector<std::string> names;
-  for (int i = 0; i <= kBestIsa; ++i) names.emplace_back(kIsaNames[i]);
-  return names;
-}
-
-void set_isa(const std::string& name) {
-  if (name == "auto") {
-    g_isa = kBestIsa;
-    return;
-  }
-  for (int i = 0; i <= kAvx512Bf16; ++i)
-    if (name == kIsaNames[i]) {
-      TORCH_CHECK(i <= kBestIsa, "modlora._C.set_isa: '", name, "' is not supported on this CPU (supported: auto, ",
-                  c10::Join(", ", supported_isas()), ")");
-      g_isa = i;
-      return;
-    }
-  TORCH_CHECK(false, "modlora._C.set_isa: unknown ISA '", name, "', expected one of auto, ",
-              c10::Join(", ", std::vector<std::string>(std::begin(kIsaNames), std::end(kIsaNames))));
-}
+void set_isa(const std::string& name) { g_isa = isa_index(name, "modlora._C.set_isa"); }
 
 }  // namespace
 }  // namespace modlora_cpu
@@ -272,7 +356,7 @@ void set_isa(const std::string& name) {
 TORCH_LIBRARY_FRAGMENT(modlora, m) {
   m.def(
       "lora_bank_linear(Tensor x, Tensor weight, Tensor? bias=None, Tensor? A_bank=None, Tensor? B_bank=None, "
-      "Tensor? row_pair=None) -> Tensor");
+      "Tensor? row_pair=None, str? isa=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(modlora, CPU, m) { m.impl("lora_bank_linear", &modlora_cpu::lora_bank_linear_cpu); }
@@ -284,5 +368,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("best_isa", []() { return std::string(modlora_cpu::kIsaNames[modlora_cpu::kBestIsa]); },
         "The best vector ISA this CPU supports.");
   m.def("supported_isas", &modlora_cpu::supported_isas, "ISAs this CPU can run, worst first.");
-  m.def("set_isa", &modlora_cpu::set_isa, "Force an ISA ('scalar', 'avx2', 'avx512', 'avx512_bf16') or 'auto'.");
+  m.def("set_isa", &modlora_cpu::set_isa,
+        "The ISA used when a call names none: 'scalar', 'avx2', 'avx512', 'avx512_bf16', 'amx' or 'auto'.");
+  m.def("_allow_amx_emulation", [](bool on) { modlora_cpu::g_emulation = on; },
+        "Tests only: accept the ISA 'amx_emulated' (the AMX driver on emulated tile instructions).");
 }

@@ -18,9 +18,12 @@ The op is registered as ``torch.ops.modlora.lora_bank_linear`` with a fake imple
 vectorised, OpenMP over W's rows; csrc/lora_bank_cpu.cpp), else :func:`lora_bank_linear_torch`;
 it has no autograd. This module runs the op; :mod:`modlora.ops` decides when to use it.
 ``MODLORA_DISABLE_C=1`` in the environment (read at import) leaves ``_C`` unloaded;
-``MODLORA_CPU_ISA=avx2`` (or ``scalar``, ``avx512``, ``avx512_bf16``) picks the kernel's vector ISA.
-With bf16 x and W, ``avx512_bf16`` (``vdpbf16ps``) treats bf16 subnormal inputs (|v| < 2^-126) as
-zero, as torch's own oneDNN/AMX bf16 GEMMs do; the other ISAs widen them to fp32 exactly.
+``MODLORA_CPU_ISA=avx2`` (or ``scalar``, ``avx512``, ``avx512_bf16``, ``amx``) sets the kernel's
+ISA for calls that name none; ``isa=`` names one per call (what :mod:`modlora.dispatch` does).
+``avx512_bf16`` and ``amx`` differ from ``avx512`` only for bf16 x and W: ``vdpbf16ps`` / AMX tiles
+(``tdpbf16ps``, W read in place as the tiles' A operand, x repacked per call). Both treat bf16
+subnormal inputs (|v| < 2^-126) as zero, as torch's own oneDNN/AMX bf16 GEMMs do; the other ISAs
+widen them to fp32 exactly.
 In bf16 the two kernels round differently (the C++ op once, at the end; the torch one also rounds
 ``x W^T + b`` to bf16 before adding the LoRA part); the tests bound each against a float64 oracle.
 """
@@ -73,8 +76,10 @@ def set_c_enabled(enabled: bool) -> None:
 
 
 def lora_bank_linear_torch(x: Tensor, weight: Tensor, bias: Tensor | None = None, A_bank: Tensor | None = None,
-                           B_bank: Tensor | None = None, row_pair: Tensor | None = None) -> Tensor:
+                           B_bank: Tensor | None = None, row_pair: Tensor | None = None,
+                           isa: str | None = None) -> Tensor:
     """The op in plain torch on 2-D ``x`` (any device, any M, differentiable); result in x's dtype.
+    ``isa`` (the C++ kernel's) is ignored.
 
     ``x W^T + b`` runs in W's dtype when x has it (torch's GEMMs accumulate bf16 in fp32 and round
     the result to bf16), else in fp32; the LoRA part is computed in fp32, added to it in fp32, and
@@ -147,7 +152,7 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor | None, A_bank: Tensor | None
 
 # torch.library: the op, its fake (meta) implementation, and the torch kernel where _C is absent.
 _SCHEMA = ("lora_bank_linear(Tensor x, Tensor weight, Tensor? bias=None, Tensor? A_bank=None, "
-           "Tensor? B_bank=None, Tensor? row_pair=None) -> Tensor")
+           "Tensor? B_bank=None, Tensor? row_pair=None, str? isa=None) -> Tensor")
 _lib = torch.library.Library("modlora", "FRAGMENT")  # noqa: TOR901 (kept alive for the registrations)
 if not HAVE_C:  # _C defines the schema and the CPU kernel itself when it loads
     _lib.define(_SCHEMA)
@@ -159,18 +164,20 @@ _OP = torch.ops.modlora.lora_bank_linear.default
 
 
 @torch.library.register_fake("modlora::lora_bank_linear")
-def _lora_bank_linear_fake(x, weight, bias=None, A_bank=None, B_bank=None, row_pair=None):
+def _lora_bank_linear_fake(x, weight, bias=None, A_bank=None, B_bank=None, row_pair=None, isa=None):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 def lora_bank_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, A_bank: Tensor | None = None,
-                     B_bank: Tensor | None = None, row_pair: Tensor | None = None) -> Tensor:
+                     B_bank: Tensor | None = None, row_pair: Tensor | None = None, isa: str | None = None) -> Tensor:
     """``y = x W^T + b + (x A_bank[p]^T) B_bank[p]^T`` by the registered op; see the module docstring.
 
     Args:
         x: ``[..., K]``; rows are its leading dimensions flattened.
         row_pair: one integer per flattened row, or one per entry of dim 0 of a >2-D ``x`` (as in
             :func:`modlora.kernels.pairwise_lora_linear_ref`).
+        isa: the C++ kernel's ISA for this call (one of ``_C.supported_isas()``); None: the one set
+            by ``_C.set_isa`` / ``MODLORA_CPU_ISA`` (default: the best).
 
     Returns:
         ``[..., N]`` in x's dtype. Not differentiable: autograd goes through the torch path of
@@ -178,14 +185,15 @@ def lora_bank_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, A_ba
 
     Raises:
         ValueError, TypeError: malformed shapes or dtypes, named.
-        RuntimeError (C++ kernel) or IndexError (torch kernel): a ``row_pair`` entry outside ``[0, P)``.
+        RuntimeError (C++ kernel) or IndexError (torch kernel): a ``row_pair`` entry outside ``[0, P)``,
+            or an ``isa`` unknown or not on this CPU.
     """
     if x.dim() < 1:
         raise ValueError("lora_bank_linear: x must have a feature dimension")
     x2 = x.reshape(-1, x.shape[-1])
     rows = _rows_of(x, row_pair)
     _check(x2, weight, bias, A_bank, B_bank, rows)
-    return _OP(x2, weight, bias, A_bank, B_bank, rows).reshape(*x.shape[:-1], weight.shape[0])
+    return _OP(x2, weight, bias, A_bank, B_bank, rows, isa).reshape(*x.shape[:-1], weight.shape[0])
 
 
 def _rows_of(x: Tensor, row_pair: Tensor | None) -> Tensor | None:

@@ -1,12 +1,13 @@
 """Which CPU path runs a linear, chosen by measurement on the machine at hand.
 
-For each case (op kind, weight shape, dtype, M bucket, thread count, the C++ op's ISA) the first
-call times every available path on a representative input (M = the bucket's top, the real
-weight, caches flushed between calls as in a decode step, where the weights stream from memory)
-and keeps the fastest: ``"c"`` (the C++ op, :mod:`modlora.cpu`) or ``"torch"``. Calibration is
-short (a warm-up call, then timed calls for about ``PATH_SECONDS``, at most ``MAX_REPS``, per path)
-and bounded in total per process (``BUDGET_SECONDS``); a case met after that gets the conservative
-default and is measured by a later process.
+For each case (op kind, weight shape, dtypes, M bucket, thread count, the C++ op's ISA ceiling)
+the first call times every available path on a representative input (M = the bucket's top, the
+real weight, caches flushed between calls as in a decode step, where the weights stream from
+memory) and keeps the fastest: ``"c:<isa>"`` (the C++ op, :mod:`modlora.cpu`, at one of this CPU's
+ISAs: :func:`c_paths`) or ``"torch"``. Calibration is short (a warm-up call, then timed calls for
+about ``PATH_SECONDS``, at most ``MAX_REPS``, per path) and bounded in total per process
+(``BUDGET_SECONDS``); a case met after that gets the conservative default and is measured by a
+later process.
 
 Choices are cached on disk, one JSON file per CPU model, core count and torch/modlora/C-op
 version (``$MODLORA_CACHE_DIR``, else ``$XDG_CACHE_HOME/modlora``, else ``~/.cache/modlora``),
@@ -14,14 +15,16 @@ written atomically and merged with what another process wrote meanwhile. A file 
 read, is not this format or was written for another CPU or version is ignored (one warning) and
 replaced at the next write.
 
-Environment: ``MODLORA_DISPATCH=c`` or ``torch`` forces a path (``c`` only where the C++ op is
-available and allowed); ``MODLORA_CALIBRATE=0`` skips calibration and the cache: every case
-gets the conservative default (:func:`default_path`). Both are read at import and by
-:func:`reset`.
+Environment: ``MODLORA_DISPATCH`` forces a path: ``torch``, ``c`` (the C++ op at the ISA set by
+``MODLORA_CPU_ISA``, by default the best) or ``c:<isa>`` (one of ``_C.supported_isas()``), the C
+ones only where the C++ op is available and allowed; ``MODLORA_CALIBRATE=0`` skips calibration
+and the cache: every case gets the conservative default (:func:`default_path`). Both are read at
+import and by :func:`reset`.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -29,6 +32,7 @@ import logging
 import math
 import os
 import platform
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,17 +42,20 @@ from torch import Tensor
 
 from . import cpu
 from .fileio import atomic_write_json
+from .kernels.configs import m_bucket
 
 log = logging.getLogger("modlora")
 
-__all__ = ["PATHS", "choose", "default_path", "cache_file", "cpu_model", "fingerprint", "reset", "NATIVE_BF16"]
+__all__ = ["c_paths", "choose", "default_path", "cache_file", "cpu_model", "fingerprint", "llc_bytes", "reset",
+           "NATIVE_BF16"]
 
-PATHS = ("c", "torch")
 MAX_BUCKET = 256  # larger M is a GEMM: torch's (oneDNN/MKL) path, never the small-M kernel
 PATH_SECONDS = 0.02  # time each path about this long per case (at least one call after the warm-up)
 MAX_REPS = 10
 BUDGET_SECONDS = 10.0  # calibration time per process, all cases together
-FORMAT = 1
+FORMAT = 2
+ISAS = ("scalar", "avx2", "avx512", "avx512_bf16", "amx")  # the C++ op's ISAs, each wider than the last
+BF16_DOT_ISAS = ("avx512_bf16", "amx")  # differ from avx512 only for bf16 x and W
 
 NATIVE_BF16: bool = any(getattr(torch.cpu, probe, lambda: False)()
                         for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
@@ -72,44 +79,55 @@ def reset() -> None:
     _choices.clear()
     _measured.clear()
     forced = os.environ.get("MODLORA_DISPATCH", "").strip().lower()
-    if forced not in ("", "auto", *PATHS):
-        log.warning("MODLORA_DISPATCH=%s ignored: expected one of auto, %s", forced, ", ".join(PATHS))
+    known = ("torch", "c", *(f"c:{isa}" for isa in cpu._C.supported_isas())) if cpu.HAVE_C else ("torch", "c")
+    if forced not in ("", "auto", *known):
+        log.warning("MODLORA_DISPATCH=%s ignored: expected one of auto, %s", forced, ", ".join(known))
         forced = ""
-    _forced = forced if forced in PATHS else None
+    _forced = forced if forced in known else None
     _calibrate = os.environ.get("MODLORA_CALIBRATE", "1").strip() not in ("0", "false", "no", "off")
     _loaded = _warned = False
     _spent = 0.0
 
 
-def bucket(m: int) -> int:
-    """M rounded up to a power of two: calls with similar M share one measurement."""
-    return 1 << (max(m, 1) - 1).bit_length()
+def c_paths(x_dtype: torch.dtype, w_dtype: torch.dtype) -> tuple[str, ...]:
+    """The C++ op's paths for a case: ``"c:<isa>"`` for each ISA of this CPU up to the one set
+    (``MODLORA_CPU_ISA`` caps them; default: the best), the bf16-dot ones only for bf16 x and W,
+    and scalar only where no vector ISA is left."""
+    ceiling = ISAS.index(cpu._C.isa())
+    bf16 = x_dtype == w_dtype == torch.bfloat16
+    isas = [isa for isa in cpu._C.supported_isas()
+            if ISAS.index(isa) <= ceiling and (bf16 or isa not in BF16_DOT_ISAS)]
+    return tuple(f"c:{isa}" for isa in ([isa for isa in isas if isa != "scalar"] or isas))
 
 
-def default_path(dtype: torch.dtype, m_bucket: int) -> str:
-    """The path used without a measurement, from the CPU's features alone.
+def default_path(dtype: torch.dtype, bucket: int) -> str:
+    """The path used without a measurement, from the CPU's features alone: ``"c"`` (the C++ op at
+    the ISA set, by default the CPU's best) or ``"torch"``.
 
     The C++ op for up to 4 rows (it reads W once where torch's GEMM kernels are tuned for larger
     M), and for bf16 up to 64 rows on CPUs without bf16 arithmetic, where torch's bf16 path
     (:func:`modlora.ops._emulated_bf16`) converts W to fp32 on every call, three more passes over
     W's bytes.
     """
-    if m_bucket <= 4 or (dtype == torch.bfloat16 and not NATIVE_BF16 and m_bucket <= 64):
+    if bucket <= 4 or (dtype == torch.bfloat16 and not NATIVE_BF16 and bucket <= 64):
         return "c"
     return "torch"
 
 
 def choose(kind: str, x: Tensor, weight: Tensor, run: Run) -> str:
-    """The path (``"c"`` or ``"torch"``) for ``x`` against ``weight``; ``run(path, x2d)`` computes
-    the op by that path on a 2-D input and is called only to calibrate a case seen for the first time.
-    The caller has checked that the C++ op is allowed (CPU tensors, no autograd, C available)."""
+    """The path (``"torch"``, ``"c"`` or ``"c:<isa>"``) for ``x`` against ``weight``;
+    ``run(path, x2d)`` computes the op by that path on a 2-D input and is called only to calibrate a
+    case seen for the first time. The caller has checked that the C++ op is allowed (CPU tensors,
+    no autograd, C available)."""
     if _forced is not None:
         return _forced
-    m_bucket = bucket(x.numel() // x.shape[-1] if x.shape[-1] else 0)
-    if m_bucket > MAX_BUCKET:
+    bucket = m_bucket(x.numel() // x.shape[-1] if x.shape[-1] else 0)
+    if bucket > MAX_BUCKET:
         return "torch"
-    key = (kind, weight.shape[0], weight.shape[1], str(x.dtype).removeprefix("torch."), m_bucket,
-           torch.get_num_threads(), cpu._C.isa())
+    dtypes = str(x.dtype).removeprefix("torch.")
+    if weight.dtype != x.dtype:
+        dtypes += "+" + str(weight.dtype).removeprefix("torch.")
+    key = (kind, weight.shape[0], weight.shape[1], dtypes, bucket, torch.get_num_threads(), cpu._C.isa())
     path = _choices.get(key)
     if path is None:
         path = _decide(key, x, weight, run)
@@ -118,16 +136,16 @@ def choose(kind: str, x: Tensor, weight: Tensor, run: Run) -> str:
 
 def _decide(key: Key, x: Tensor, weight: Tensor, run: Run) -> str:
     global _spent
-    m_bucket = key[4]
+    bucket = key[4]
     if not _calibrate:
-        return _choices.setdefault(key, default_path(x.dtype, m_bucket))
+        return _choices.setdefault(key, default_path(x.dtype, bucket))
     _load()
     if key in _choices:
         return _choices[key]
     if _spent >= BUDGET_SECONDS:  # not stored on disk: a later process measures it
-        return _choices.setdefault(key, default_path(x.dtype, m_bucket))
+        return _choices.setdefault(key, default_path(x.dtype, bucket))
     start = time.perf_counter()
-    times = _measure(x, weight, run, m_bucket)
+    times = _measure(x, weight, run, bucket, (*c_paths(x.dtype, weight.dtype), "torch"))
     _spent += time.perf_counter() - start
     _choices[key] = min(times, key=times.get)
     _measured[_name(key)] = {"path": _choices[key], "ms": times}
@@ -135,18 +153,18 @@ def _decide(key: Key, x: Tensor, weight: Tensor, run: Run) -> str:
     return _choices[key]
 
 
-def _measure(x: Tensor, weight: Tensor, run: Run, m: int) -> dict[str, float]:
+def _measure(x: Tensor, weight: Tensor, run: Run, m: int, paths: tuple[str, ...]) -> dict[str, float]:
     """Best time in ms of each path on a random [m, K] input in x's dtype. The paths take turns
-    (one call each per round), so a burst of load from other processes hits both alike."""
+    (one call each per round), so a burst of load from other processes hits all alike."""
     xs = torch.randn(m, x.shape[-1], generator=torch.Generator().manual_seed(0)).to(x.dtype)
     flush = _flush_buffer(weight)
-    samples: dict[str, list[float]] = {path: [] for path in PATHS}
+    samples: dict[str, list[float]] = {path: [] for path in paths}
     with torch.no_grad():
-        for path in PATHS:
+        for path in paths:
             run(path, xs)  # warm-up: first-touch allocations, lazy packing
-        deadline = time.perf_counter() + PATH_SECONDS * len(PATHS)
+        deadline = time.perf_counter() + PATH_SECONDS * len(paths)
         for _ in range(MAX_REPS):
-            for path in PATHS:
+            for path in paths:
                 if flush is not None:
                     flush.sum()
                 t0 = time.perf_counter()
@@ -160,22 +178,44 @@ def _measure(x: Tensor, weight: Tensor, run: Run, m: int) -> dict[str, float]:
 def _flush_buffer(weight: Tensor) -> Tensor | None:
     """A buffer twice the last-level cache, read between timed calls so W comes from memory as it
     does in a decode step; None when W alone is larger than that."""
-    size = 2 * _llc_bytes()
+    size = 2 * llc_bytes()["bytes"]
     if weight.numel() * weight.element_size() >= size:
         return None
     return torch.ones(size // 4)
 
 
-def _llc_bytes() -> int:
-    """Largest CPU cache in bytes (sysfs), or 64 MiB where sysfs does not say."""
-    best = 0
-    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+@functools.cache
+def llc_bytes() -> dict:
+    """The last-level (L3) cache of the CPUs this system sees, in bytes, and where that came from.
+
+    sysfs gives the size of one L3 and the CPUs sharing it, so distinct L3s are summed. glibc's
+    sysconf (CPUID, via getconf) is the fallback only: in a VM it may report the host chip's total
+    (384 MiB on this project's 2-vCPU EPYC guest, whose sysfs shows one 32 MiB L3), which would
+    make every flush read 12x more than it needs. 512 MiB where neither says.
+    """
+    found = {}
+    instances = {}
+    for index in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/cache/index[0-9]*"):
         try:
-            text = f.read_text().strip().upper()
-            best = max(best, int(text.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(text[-1:], 0))
+            if (index / "level").read_text().strip() == "3":
+                size = (index / "size").read_text().strip()
+                scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1], 1)
+                instances[(index / "shared_cpu_list").read_text().strip()] = int(size.rstrip("KMG")) * scale
         except (OSError, ValueError):
             continue
-    return best or 64 << 20
+    if instances:
+        found["sysfs"] = sum(instances.values())
+    try:  # Python's os.sysconf does not know _SC_LEVEL3_CACHE_SIZE: ask getconf
+        size = int(subprocess.run(["getconf", "LEVEL3_CACHE_SIZE"], capture_output=True, text=True,
+                                  check=True).stdout.strip() or 0)
+        if size > 0:
+            found["sysconf"] = size
+    except (OSError, ValueError, subprocess.CalledProcessError):
+        pass
+    if not found:
+        return {"bytes": 512 << 20, "source": "default (no L3 size found in sysfs or sysconf)"}
+    source = "sysfs" if "sysfs" in found else "sysconf"
+    return {"bytes": found[source], "source": source, "found": found}
 
 
 def _name(key: Key) -> str:
@@ -193,8 +233,10 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+@functools.cache
 def fingerprint() -> dict:
-    """What a cached choice depends on besides its key: CPU model, cores, library versions."""
+    """What a cached choice depends on besides its key: CPU model, cores, library versions
+    (computed once per process; do not modify the dict)."""
     return {"format": FORMAT, "cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
             "modlora": _version(), "isas": cpu._C.supported_isas() if cpu.HAVE_C else []}
 
@@ -237,7 +279,8 @@ def _read() -> dict[str, dict]:
 
 
 def _valid(entry: object) -> bool:
-    return (isinstance(entry, dict) and entry.get("path") in PATHS and isinstance(entry.get("ms"), dict)
+    paths = ("torch", *(f"c:{isa}" for isa in fingerprint()["isas"]))
+    return (isinstance(entry, dict) and entry.get("path") in paths and isinstance(entry.get("ms"), dict)
             and all(isinstance(v, float) and math.isfinite(v) for v in entry["ms"].values()))
 
 

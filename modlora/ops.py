@@ -36,7 +36,6 @@ from .kernels.reference import (
 )
 
 _HAVE_TRITON = importlib.util.find_spec("triton") is not None
-_NATIVE_BF16 = dispatch.NATIVE_BF16
 
 
 def _autocast(x: Tensor, weight: Tensor, bias: Tensor | None, adapters: Sequence[Adapter | None]):
@@ -49,13 +48,19 @@ def _autocast(x: Tensor, weight: Tensor, bias: Tensor | None, adapters: Sequence
 
 
 def _cpu_path(kind: str, x: Tensor, weight: Tensor, run: dispatch.Run, *tensors: Tensor | float | None) -> str:
-    """``"c"`` (the C++ op) or ``"torch"``: C only on CPU, when built and enabled, with no autograd
-    graph to build (it has no backward), and where :func:`dispatch.choose` measured it faster."""
+    """``"torch"``, or the C++ op (``"c"``: at the ISA set; ``"c:<isa>"``): C only on CPU, when
+    built and enabled, with no autograd graph to build (it has no backward), and where
+    :func:`dispatch.choose` measured it faster."""
     if x.device.type != "cpu" or not cpu.c_enabled():
         return "torch"
     if _builds_graph(x, weight, *tensors):
         return "torch"
     return dispatch.choose(kind, x, weight, run)
+
+
+def _isa(path: str) -> str | None:
+    """The C++ op's ISA named by a ``"c:<isa>"`` path; None for ``"c"`` (the ISA set)."""
+    return path.partition(":")[2] or None
 
 
 def _builds_graph(*tensors: Tensor | float | None) -> bool:
@@ -67,7 +72,7 @@ def _emulated_bf16(x: Tensor, weight: Tensor) -> bool:
     emulates the bf16 GEMM 3-9x slower than converting W to fp32 and running the fp32 GEMM (2 Zen 3
     cores, M from 129 to 800); both accumulate in fp32 and round the result to bf16 once.
     Inference only: in training the fp32 copy of W would be kept for the backward pass."""
-    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.bfloat16 and not _NATIVE_BF16
+    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.bfloat16 and not dispatch.NATIVE_BF16
             and not torch.is_grad_enabled())
 
 
@@ -78,8 +83,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 
 def _linear(path: str, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    if path == "c":
-        return cpu.lora_bank_linear(x, weight, bias)
+    if path != "torch":
+        return cpu.lora_bank_linear(x, weight, bias, isa=_isa(path))
     if _emulated_bf16(x, weight):
         return linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
     return torch.nn.functional.linear(x, weight, bias)
@@ -130,8 +135,9 @@ def dual_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_in: Ad
 
 def _dual(path: str, x: Tensor, weight: Tensor, bias: Tensor | None, lora_in: Adapter | None,
           lora_out: Adapter | None, w_in: Weight, w_out: Weight, strategy: str) -> Tensor:
-    if path == "c":
-        return cpu.lora_bank_linear(x, weight, bias, *_packed([(lora_in, lora_out, w_in, w_out)], strategy, x.dtype))
+    if path != "torch":
+        return cpu.lora_bank_linear(x, weight, bias, *_packed([(lora_in, lora_out, w_in, w_out)], strategy, x.dtype),
+                                    isa=_isa(path))
     if _emulated_bf16(x, weight):
         return dual_lora_linear_ref(x.float(), weight.float(), None if bias is None else bias.float(),
                                     as_fp32(lora_in), as_fp32(lora_out), w_in, w_out, strategy).to(x.dtype)
@@ -173,8 +179,8 @@ def pairwise_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None,
 
 def _pairwise(path: str, x: Tensor, weight: Tensor, bias: Tensor | None, pairs: Sequence[tuple], row_pair: Tensor,
               strategy: str) -> Tensor:
-    if path == "c":
-        return cpu.lora_bank_linear(x, weight, bias, *_packed(pairs, strategy, x.dtype), row_pair)
+    if path != "torch":
+        return cpu.lora_bank_linear(x, weight, bias, *_packed(pairs, strategy, x.dtype), row_pair, isa=_isa(path))
     if _emulated_bf16(x, weight):
         pairs = [(as_fp32(a_in), as_fp32(a_out), w_in, w_out) for a_in, a_out, w_in, w_out in pairs]
         return pairwise_lora_linear_ref(x.float(), weight.float(), None if bias is None else bias.float(), pairs,

@@ -31,9 +31,12 @@ if not cpu.HAVE_C:
 
 from modlora import _C  # noqa: E402
 
-ISAS = _C.supported_isas()  # e.g. ['scalar', 'avx2'] or [..., 'avx512', 'avx512_bf16']
-ALL_ISAS = ["scalar", "avx2", "avx512", "avx512_bf16"]
-K, N = 130, 97  # not multiples of 8 or 16 lanes, nor of the 4-row blocks
+_C._allow_amx_emulation(True)  # the AMX driver on emulated tiles: "amx_emulated", tests only
+ISAS = _C.supported_isas()  # e.g. ['scalar', 'avx2'] or [..., 'avx512', 'avx512_bf16', 'amx']
+ALL_ISAS = ["scalar", "avx2", "avx512", "avx512_bf16", "amx"]
+TILED = ("amx", "amx_emulated")  # the AMX driver (bf16 x and W); other dtypes run avx512 / scalar
+FLUSHING = ("avx512_bf16", *TILED)  # bf16 products by instructions that read bf16 subnormals as 0
+K, N = 130, 97  # not multiples of 8 or 16 lanes, of the 4-row blocks, nor of the 32 x 16 tiles
 
 
 @contextlib.contextmanager
@@ -47,8 +50,12 @@ def forced_isa(name: str):
         _C.set_isa(before)
 
 
-@pytest.fixture(params=ISAS)
+@pytest.fixture(params=[*ALL_ISAS, "amx_emulated"])
 def isa(request):
+    """Each ISA in turn, the emulated AMX one on every CPU; one the CPU lacks skips, saying so
+    (the hardware AMX kernel runs only where the CPU has AMX and Linux grants the tile state)."""
+    if request.param not in [*ISAS, "amx_emulated"]:
+        pytest.skip(f"the CPU lacks {request.param}")
     with forced_isa(request.param) as name:
         yield name
 
@@ -168,6 +175,33 @@ def test_bank_dtypes_and_strided_weight(isa, bank_dtype, M):
     _assert_close(y, y64, mag, K + A_bank.shape[1])
 
 
+@pytest.mark.parametrize("M", [1, 2, 15, 16, 17, 33, 64, 65, 70])
+@pytest.mark.parametrize("k,n", [(130, 97), (32, 16), (31, 5), (96, 48)])
+def test_bf16_bank_across_tile_shapes(isa, M, k, n):
+    """bf16 x and W (the AMX driver's case): M over 1, 2, 4 and 5 C tiles (64 rows per pass), K and
+    N on and off the 32 x 16 tile sizes, ranks 1/8/16 unequal, bias, rows alternating between pairs."""
+    gen = torch.Generator().manual_seed(M * 131 + k + n)
+    x = torch.randn(M, k, generator=gen).to(torch.bfloat16)
+    W = (torch.randn(n, k, generator=gen) / k**0.5).to(torch.bfloat16)
+    b = torch.randn(n, generator=gen).to(torch.bfloat16)
+    pairs = [(_adapter(1, 2.0, gen, k, n), _adapter(16, 0.5, gen, k, n), 0.3, 0.7),
+             (_adapter(8, 1.0, gen, k, n), None, 1.0, 0.0)]
+    A_bank, B_bank = cpu.pack_bank(pairs, "output", torch.bfloat16)
+    row_pair = torch.randint(0, 2, (M,), generator=gen)
+    y = cpu.lora_bank_linear(x, W, b, A_bank, B_bank, row_pair)
+    y64, mag = _oracle(x, W, b, A_bank, B_bank, row_pair)
+    _assert_close(y, y64, mag, k + A_bank.shape[1])
+
+
+def test_isa_per_call_overrides_the_one_set():
+    """isa= runs that ISA for one call (the subnormal flush tells avx512_bf16 from the others)."""
+    x, W = torch.full((2, 64), 2.0**-130, dtype=torch.bfloat16), torch.full((8, 64), 2.0**100, dtype=torch.bfloat16)
+    with forced_isa("scalar"):
+        assert (cpu.lora_bank_linear(x, W, isa="amx_emulated") == 0).all()
+        assert (cpu.lora_bank_linear(x, W) == 64 * 2.0**-30).all()
+        assert _C.isa() == "scalar"
+
+
 @pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 12, 13, 16, 17, 25])
 def test_no_adapters_is_plain_linear(isa, w_dtype, M):
@@ -246,22 +280,26 @@ def test_clear_errors():
     with pytest.raises(RuntimeError, match=r"but weight is \[4, 9\]"):  # the op itself checks too
         torch.ops.modlora.lora_bank_linear(x, torch.randn(4, 9))
     with pytest.raises(RuntimeError, match="unknown ISA 'sse9', expected one of auto, scalar, avx2, avx512, "
-                       "avx512_bf16"):
+                       "avx512_bf16, amx"):
         _C.set_isa("sse9")
-    for name in ALL_ISAS[len(ISAS):]:  # known, but beyond this CPU (none on an AVX-512 BF16 machine)
+    with pytest.raises(RuntimeError, match="lora_bank_linear: unknown ISA 'sse9'"):  # per call too
+        cpu.lora_bank_linear(x, W, isa="sse9")
+    for name in set(ALL_ISAS) - set(ISAS):  # known, but beyond this CPU (amx on an AVX-512 BF16 machine)
         with pytest.raises(RuntimeError, match=f"'{name}' is not supported on this CPU"):
             _C.set_isa(name)
+        with pytest.raises(RuntimeError, match=f"'{name}' is not supported on this CPU"):
+            cpu.lora_bank_linear(x, W, isa=name)
 
 
 @pytest.mark.parametrize("M", [1, 16])
-def test_avx512_bf16_flushes_subnormal_inputs(isa, M):
-    """vdpbf16ps treats bf16 subnormals as zero: x = 2^-130 (subnormal), W = 2^100 gives 0 where
-    the exact result is K 2^-30 (a normal number), which the fp32 paths compute exactly."""
+def test_bf16_dot_products_flush_subnormal_inputs(isa, M):
+    """vdpbf16ps and tdpbf16ps treat bf16 subnormals as zero: x = 2^-130 (subnormal), W = 2^100
+    gives 0 where the exact result is K 2^-30 (a normal number), which the fp32 paths compute exactly."""
     k, n = 64, 64
     x, W = torch.full((M, k), 2.0**-130, dtype=torch.bfloat16), torch.full((n, k), 2.0**100, dtype=torch.bfloat16)
     assert x[0, 0].item() == 2.0**-130  # the input really is this subnormal
     y = cpu.lora_bank_linear(x, W)
-    assert (y == (0.0 if isa == "avx512_bf16" else k * 2.0**-30)).all()
+    assert (y == (0.0 if isa in FLUSHING else k * 2.0**-30)).all()
 
 
 @pytest.mark.skipif("avx512_bf16" not in ISAS, reason="the CPU lacks AVX-512 BF16")

@@ -1,9 +1,11 @@
-"""Dispatch by measurement (modlora.dispatch): the choice is a measured one, forced paths are
-obeyed, a bad cache is ignored with one warning and rewritten, concurrent writers leave one valid
-cache, and the model gives the same logits and beams whichever path each linear takes."""
+"""Dispatch by measurement (modlora.dispatch): the choice is a measured one among torch and the C++
+op at each ISA of this CPU, forced paths are obeyed, a bad cache is ignored with one warning and
+rewritten, concurrent writers leave one valid cache, and the model gives the same logits and beams
+whichever path (and ISA) each linear takes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -38,6 +40,14 @@ pytestmark = pytest.mark.skipif(not cpu.HAVE_C, reason="modlora._C is not built:
 K, N = 64, 40
 
 
+def _paths(dtype: torch.dtype) -> tuple[str, ...]:
+    """The measured candidates of a case with x and W in dtype."""
+    return (*dispatch.c_paths(dtype, dtype), "torch") if cpu.HAVE_C else ("torch",)
+
+
+PATHS, BF16_PATHS = _paths(torch.float32), _paths(torch.bfloat16)
+
+
 @pytest.fixture(autouse=True)
 def fresh(monkeypatch, tmp_path):
     """Each test: its own cache dir, calibration on, nothing forced; the suite's state after."""
@@ -52,12 +62,12 @@ def fresh(monkeypatch, tmp_path):
 
 @pytest.fixture
 def c_calls(monkeypatch):
-    """Counts calls of the C++ op through ops."""
+    """Calls of the C++ op through ops: (x's shape, the ISA asked for)."""
     calls = []
     real = cpu.lora_bank_linear
 
     def spy(*args, **kwargs):
-        calls.append(args[0].shape)
+        calls.append((args[0].shape, kwargs.get("isa")))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(ops.cpu, "lora_bank_linear", spy)
@@ -83,29 +93,54 @@ def _cache() -> dict:
 
 
 @torch.no_grad()
-def test_chosen_path_is_the_fastest_measured_and_cached():
-    x, w = _inputs(3)
-    assert_linear_exact(x, w)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_candidates_are_this_cpus_isas(dtype):
+    """Every vector ISA of the CPU up to the one set (scalar only without one); bf16-dot ISAs for
+    bf16 x and W only."""
+    isas = [p.removeprefix("c:") for p in _paths(dtype)[:-1]]
+    ceiling = dispatch.ISAS.index(cpu._C.isa())
+    vector = [i for i in cpu._C.supported_isas() if i != "scalar" and dispatch.ISAS.index(i) <= ceiling]
+    assert isas == ([i for i in vector if dtype == torch.bfloat16 or i not in dispatch.BF16_DOT_ISAS] or ["scalar"])
+    with forced_isa("avx2" if "avx2" in vector else "scalar") as ceiling:  # MODLORA_CPU_ISA caps them
+        assert dispatch.c_paths(dtype, dtype)[-1] == f"c:{ceiling}"
+
+
+@contextlib.contextmanager
+def forced_isa(name: str):
+    before = cpu._C.isa()
+    cpu._C.set_isa(name)
+    try:
+        yield name
+    finally:
+        cpu._C.set_isa(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_chosen_path_is_the_fastest_measured_and_cached(dtype):
+    x, w = _inputs(3, dtype)
+    ops.linear(x, w)
     data = _cache()
     assert data["fingerprint"] == dispatch.fingerprint()
     (name, entry), = data["choices"].items()
-    assert name.startswith(f"linear|{N}|{K}|float32|4|")
-    assert set(entry["ms"]) == set(dispatch.PATHS)
+    assert name.startswith(f"linear|{N}|{K}|{str(dtype)[6:]}|4|")
+    assert set(entry["ms"]) == set(_paths(dtype))
     assert entry["path"] == min(entry["ms"], key=entry["ms"].get)
 
 
-@pytest.mark.parametrize("fastest", dispatch.PATHS)
+@pytest.mark.parametrize("dtype,fastest", [(torch.float32, p) for p in PATHS]
+                         + [(torch.bfloat16, p) for p in BF16_PATHS])
 @torch.no_grad()
-def test_the_measured_winner_runs(fastest, monkeypatch, c_calls):
-    monkeypatch.setattr(dispatch, "_measure", lambda *a: {p: 1.0 if p == fastest else 2.0 for p in dispatch.PATHS})
-    x, w = _inputs(5)
+def test_the_measured_winner_runs(dtype, fastest, monkeypatch, c_calls):
+    monkeypatch.setattr(dispatch, "_measure", lambda *a: {p: 1.0 if p == fastest else 2.0 for p in a[-1]})
+    x, w = _inputs(5, dtype)
     for _ in range(2):
         ops.linear(x, w)
-    assert len(c_calls) == (2 if fastest == "c" else 0)
+    assert c_calls == ([] if fastest == "torch" else [((5, K), fastest[2:])] * 2)
     assert [e["path"] for e in _cache()["choices"].values()] == [fastest]
 
 
-@pytest.mark.parametrize("forced", dispatch.PATHS)
+@pytest.mark.parametrize("forced", ["c", *PATHS])
 @torch.no_grad()
 def test_forced_path_is_obeyed_without_measuring(forced, monkeypatch, c_calls):
     monkeypatch.setenv("MODLORA_DISPATCH", forced)
@@ -114,8 +149,16 @@ def test_forced_path_is_obeyed_without_measuring(forced, monkeypatch, c_calls):
     for m in (1, 100, 1000):
         x, w = _inputs(m)
         assert_linear_exact(x, w)
-    assert len(c_calls) == (3 if forced == "c" else 0)
+    isa = forced.partition(":")[2] or None  # "c": the ISA set (MODLORA_CPU_ISA), by default the best
+    assert [c[1] for c in c_calls] == ([] if forced == "torch" else [isa] * 3)
     assert not dispatch.cache_file().exists()
+
+
+def test_unknown_forced_path_is_ignored_with_a_warning(monkeypatch, caplog):
+    monkeypatch.setenv("MODLORA_DISPATCH", "c:sse9")
+    with caplog.at_level(logging.WARNING, logger="modlora"):
+        dispatch.reset()
+    assert "MODLORA_DISPATCH=c:sse9 ignored" in caplog.text and dispatch._forced is None
 
 
 @torch.no_grad()
@@ -125,20 +168,24 @@ def test_no_calibration_uses_the_defaults_and_no_cache(monkeypatch, c_calls):
     monkeypatch.setattr(dispatch, "_measure", lambda *a: pytest.fail("measured with MODLORA_CALIBRATE=0"))
     for m in (1, 4, 200):
         ops.linear(*_inputs(m))
-    assert c_calls == [(1, K), (4, K)]  # the default: C for up to 4 rows; 200 fp32 rows: torch
+    assert c_calls == [((1, K), None), ((4, K), None)]  # the default: C at the ISA set for up to 4 rows
     assert not dispatch.cache_file().exists()
 
 
-@pytest.mark.parametrize("content", ["{not json", "truncated", "foreign"])
+@pytest.mark.parametrize("content", ["{not json", "truncated", "foreign", "old format", "unknown path"])
 @torch.no_grad()
 def test_bad_cache_is_ignored_with_one_warning_and_rewritten(content, caplog):
     path = dispatch.cache_file()
     path.parent.mkdir(parents=True, exist_ok=True)
-    entry = {"path": "c", "ms": {"c": 1.0}}
+    entry = {"path": "torch", "ms": {"torch": 1.0}}
     good = {"fingerprint": dispatch.fingerprint(), "choices": {"linear|1|1|float32|1|1|x": entry}}
     text = {"{not json": "{not json",
             "truncated": json.dumps(good)[:40],
-            "foreign": json.dumps({**good, "fingerprint": {**good["fingerprint"], "torch": "0.0.1"}})}[content]
+            "foreign": json.dumps({**good, "fingerprint": {**good["fingerprint"], "torch": "0.0.1"}}),
+            # format 1 cached "c" (one ISA) where format 2 caches "c:<isa>"
+            "old format": json.dumps({**good, "fingerprint": {**good["fingerprint"], "format": 1}}),
+            "unknown path": json.dumps({**good, "choices": {"linear|1|1|float32|1|1|x": {**entry, "path": "c"}}}),
+            }[content]
     path.write_text(text)
     with caplog.at_level(logging.WARNING, logger="modlora"):
         for m in (1, 2):  # two cases: two reads and a write each, one warning
@@ -184,19 +231,26 @@ def _with_paths(monkeypatch, pick):
     monkeypatch.setattr(dispatch, "choose", lambda kind, x, weight, run: pick())
 
 
+def _forced_paths(dtype: torch.dtype) -> list[str]:
+    """Each C ISA of the case (and, for bf16, the AMX driver on emulated tiles), then torch."""
+    cpu._C._allow_amx_emulation(True)
+    return [*_paths(dtype), *(["c:amx_emulated"] if dtype == torch.bfloat16 else [])]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @torch.no_grad()
 def test_model_logits_agree_whichever_path_each_linear_takes(dtype, monkeypatch):
     model, _ctl = _model(dtype)
     ids = torch.randint(0, CONFIG.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
     rng = random.Random(0)
+    paths = _forced_paths(dtype)
     logits = {}
-    for name, pick in (("torch", lambda: "torch"), ("c", lambda: "c"), ("mixed", lambda: rng.choice(dispatch.PATHS))):
+    for name, pick in [(p, lambda p=p: p) for p in paths] + [("mixed", lambda: rng.choice(paths))]:
         _with_paths(monkeypatch, pick)
         cache = model.new_cache(2, 7, max_new_tokens=2, num_beams=1)
         logits[name] = torch.stack((model.prefill(ids, None, cache), model.decode_step(ids[:, 0], cache))).float()
-    _assert_logits_agree(logits["c"], logits["torch"], dtype)
-    _assert_logits_agree(logits["mixed"], logits["torch"], dtype)
+    for got in logits.values():
+        _assert_logits_agree(got, logits["torch"], dtype)
 
 
 @torch.no_grad()
@@ -204,9 +258,10 @@ def test_beam_search_is_the_same_whichever_path_each_linear_takes(monkeypatch):
     model, _ctl = _model(torch.float32)
     ids = torch.randint(0, CONFIG.vocab_size, (2, 6), generator=torch.Generator().manual_seed(1))
     rng = random.Random(1)
+    paths = _forced_paths(torch.float32)
     outs = []
-    for pick in (lambda: "torch", lambda: "c", lambda: rng.choice(dispatch.PATHS)):
+    for pick in [lambda p=p: p for p in paths] + [lambda: rng.choice(paths)]:
         _with_paths(monkeypatch, pick)
         outs.append(generate(model, ids, num_beams=3, max_new_tokens=8, eos_token_id=[CONFIG.vocab_size - 1],
                              pad_token_id=0))
-    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert all(torch.equal(out, outs[-2]) for out in outs)  # outs[-2]: torch

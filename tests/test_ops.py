@@ -148,7 +148,7 @@ def test_bf16_on_a_cpu_without_bf16_arithmetic_is_the_fp32_result_rounded_once(s
     """Rows beyond the C++ kernel's reach, bf16: the torch path runs in fp32 (ops._emulated_bf16), so
     each output is the fp32 result rounded to bf16 once (relative error <= 2^-8, bf16's unit
     roundoff, plus the fp32 sums' error); a dropped bias, adapter or pair is off by O(1)."""
-    monkeypatch.setattr(ops, "_NATIVE_BF16", False)
+    monkeypatch.setattr(dispatch, "NATIVE_BF16", False)
     g = torch.Generator().manual_seed(0)
     M, K, N, r = dispatch.MAX_BUCKET + 3, 64, 48, 4
     bf16 = lambda *shape: torch.randn(*shape, generator=g).to(torch.bfloat16)
