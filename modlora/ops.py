@@ -200,8 +200,9 @@ def grouped_linear(x: Tensor, weight: Tensor, bias: Tensor | None, parts: Sequen
 
     On the CPU with no autograd graph, one C++ call over ``weight`` whose bank stacks every part's
     pairs along the rank, each packed as if alone and with B block-diagonal (its rank block feeds
-    only its own rows: the zeros elsewhere add exactly 0), when :mod:`modlora.dispatch` measured it
-    faster than separate calls (its ``"torch"`` means separate here). Otherwise each part is the
+    only its own rows: the zeros elsewhere add exactly 0), at the ISA :mod:`modlora.dispatch`
+    measured fastest, when it measured that faster than separate calls (its ``"torch"`` means
+    separate here). Otherwise each part is the
     ungrouped op (:func:`linear`, :func:`dual_lora_linear`, :func:`pairwise_lora_linear`), exactly
     as called alone.
     """
@@ -239,13 +240,13 @@ def _part(x: Tensor, part: GroupPart, rows: Tensor | None) -> Tensor:
 
 def _grouped(path: str, x: Tensor, weight: Tensor, bias: Tensor | None, parts: Sequence[GroupPart],
              rows: Tensor | None) -> list[Tensor]:
-    if path != "c":
+    if path == "torch":
         return [_part(x, p, rows) for p in parts]
     key = tuple((tuple((a_in, a_out, float(w_in), float(w_out)) for a_in, a_out, w_in, w_out in p[2]), p[3],
                  p[0].shape[0]) for p in parts)
     versions = tuple(t._version for p in key for pair in p[0] for a in pair[:2] if a is not None for t in a[:2])
     A_bank, B_bank = _group_bank(key, x.dtype, versions)
-    y = cpu.lora_bank_linear(x, weight, bias, A_bank, B_bank, None if A_bank is None else rows)
+    y = cpu.lora_bank_linear(x, weight, bias, A_bank, B_bank, None if A_bank is None else rows, isa=_isa(path))
     return list(y.split([p[0].shape[0] for p in parts], dim=-1))
 
 

@@ -5,6 +5,8 @@ makes 4 C++ calls per layer (plus the lm_head) instead of 7."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from test_dispatch import _assert_logits_agree
@@ -213,3 +215,49 @@ def test_tensors_adjacent_in_memory_but_in_two_storages_are_not_a_group():
     assert adapted._adjacent([a, b]) is None
     whole = torch.zeros(8, 4)
     assert torch.equal(adapted._adjacent([whole[:4], whole[4:]]), whole)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_calibrated_group_takes_a_measured_path_with_the_same_logits(dtype, monkeypatch, tmp_path):
+    """Calibration on: each group's case is timed (every C++ ISA grouped, and the separate calls,
+    "torch") and cached; whichever wins, the logits are those of every linear on torch's path."""
+    monkeypatch.setenv("MODLORA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("MODLORA_CALIBRATE", "1")
+    dispatch.reset()
+    model, _ctl = _model(dtype)
+    ids = torch.randint(0, CONFIG.vocab_size, (2, 5), generator=torch.Generator().manual_seed(3))
+    try:
+        got = _logits(model, ids)
+        choices = json.loads(dispatch.cache_file().read_text())["choices"]
+        groups = {name: e for name, e in choices.items() if name.startswith("group-lora|")}
+        assert {name.split("|")[1] for name in groups} == {"160", "400"}  # q/k/v 96+32+32, gate/up 2x200
+        for entry in groups.values():
+            assert set(entry["ms"]) == {*dispatch.c_paths(dtype, dtype), "torch"}
+            assert entry["path"] == min(entry["ms"], key=entry["ms"].get)
+        monkeypatch.setenv("MODLORA_DISPATCH", "torch")
+        dispatch.reset()
+        _assert_logits_agree(got, _logits(model, ids), dtype)
+    finally:
+        monkeypatch.undo()
+        dispatch.reset()
+
+
+@torch.no_grad()
+def test_a_path_naming_an_isa_runs_the_group_as_one_call(monkeypatch):
+    calls, real = [], cpu.lora_bank_linear
+    monkeypatch.setattr(ops.cpu, "lora_bank_linear", lambda *a, **kw: calls.append(kw.get("isa")) or real(*a, **kw))
+    isa = cpu._C.supported_isas()[-1]
+    monkeypatch.setenv("MODLORA_DISPATCH", f"c:{isa}")
+    dispatch.reset()
+    try:
+        model, _ctl = _model(torch.bfloat16)
+        ids = torch.randint(0, CONFIG.vocab_size, (2, 5), generator=torch.Generator().manual_seed(4))
+        cache = model.new_cache(2, 5, max_new_tokens=2, num_beams=1)
+        model.prefill(ids, None, cache)
+        calls.clear()
+        model.decode_step(ids[:, 0], cache)
+        assert calls == [isa] * (4 * CONFIG.num_hidden_layers + 1)
+    finally:
+        monkeypatch.undo()
+        dispatch.reset()
