@@ -202,9 +202,8 @@ def grouped_linear(x: Tensor, weight: Tensor, bias: Tensor | None, parts: Sequen
     pairs along the rank, each packed as if alone and with B block-diagonal (its rank block feeds
     only its own rows: the zeros elsewhere add exactly 0), at the ISA :mod:`modlora.dispatch`
     measured fastest, when it measured that faster than separate calls (its ``"torch"`` means
-    separate here). Otherwise each part is the
-    ungrouped op (:func:`linear`, :func:`dual_lora_linear`, :func:`pairwise_lora_linear`), exactly
-    as called alone.
+    separate here). Otherwise each part is the ungrouped op (:func:`linear`,
+    :func:`dual_lora_linear`, :func:`pairwise_lora_linear`), exactly as called alone.
     """
     rows = _group_rows(parts)
     if (rows is False or x.device.type != "cpu" or not cpu.c_enabled()
