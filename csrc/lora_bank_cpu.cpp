@@ -26,6 +26,8 @@
 
 #include <array>
 #include <atomic>
+#include <cstdio>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -61,6 +63,62 @@ bool amx_granted() {
 }
 #endif
 
+// Rows [m0, m1) of bf16 x [M, K] into the AMX B-tile layout (amx_body.h), out zeroed beforehand:
+// tile (mt, ks) holds 16 pairs (rows) of 16 rows of x, pair kp of row i at [kp][i] =
+// x[16 mt + i][32 ks + 2 kp + {0, 1}]; past M and K it stays zero.
+void pack_x_pairs(const uint16_t* x, int64_t K, uint16_t* out, int64_t m0, int64_t m1) {
+  const int64_t k_steps = (K + kTileK - 1) / kTileK;
+  for (int64_t m = m0; m < m1; ++m) {
+    uint16_t* row = out + (m / kTileRows) * k_steps * kTileRows * kTileK + (m % kTileRows) * 2;
+    for (int64_t k = 0; k < K; ++k)
+      row[(k / kTileK) * kTileRows * kTileK + (k % kTileK) / 2 * kTileK + (k & 1)] = x[m * K + k];
+  }
+}
+
+int64_t x_tiles_elems(int64_t M, int64_t K) {
+  return (M + kTileRows - 1) / kTileRows * ((K + kTileK - 1) / kTileK) * kTileRows * kTileK;
+}
+
+// A tile kernel against exact integer arithmetic, on 17 x 70 x 21 (two x tiles, a K tail, a
+// partial block of W rows): small integers make every sum exact in any order, so a layout, tail or
+// operand-order mistake shows as a mismatch. The hardware AMX path runs it once before it is offered
+// (it was written on CPUs without AMX); the tests run it on the emulated tiles.
+bool tiles_self_check(RowsFn rows) {
+  constexpr int64_t M = 17, K = 70, N = 21;
+  const auto bf16 = [](int v) {  // small integers are exact in bf16: the top half of their fp32 bits
+    const float f = static_cast<float>(v);
+    uint32_t bits;
+    std::memcpy(&bits, &f, 4);
+    return static_cast<uint16_t>(bits >> 16);
+  };
+  const auto xv = [](int64_t m, int64_t k) { return static_cast<int>((m * 7 + k * 3) % 9) - 4; };
+  const auto wv = [](int64_t n, int64_t k) { return static_cast<int>((n * 5 + k) % 7) - 3; };
+  std::vector<uint16_t> x(M * K), w(N * K), xt(x_tiles_elems(M, K), 0);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) x[m * K + k] = bf16(xv(m, k));
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k) w[n * K + k] = bf16(wv(n, k));
+  pack_x_pairs(x.data(), K, xt.data(), 0, M);
+  std::vector<float> y(M * N, -1.f);
+  BankArgs a;
+  a.M = M;
+  a.N = N;
+  a.K = K;
+  a.w = w.data();
+  a.w_bf16 = true;
+  a.ldw = K;
+  a.xt = xt.data();
+  a.y = y.data();
+  rows(a, 0, N);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      int64_t want = 0;
+      for (int64_t k = 0; k < K; ++k) want += xv(m, k) * wv(n, k);
+      if (y[m * N + n] != static_cast<float>(want)) return false;
+    }
+  return true;
+}
+
 // Which ISAs this CPU runs (amx_emulated: none, until a test allows it).
 std::array<bool, kIsaCount> detect_isas() {
   std::array<bool, kIsaCount> ok{};
@@ -74,6 +132,11 @@ std::array<bool, kIsaCount> detect_isas() {
 #endif
 #if defined(__x86_64__)
   ok[kAmx] = ok[kAvx512] && amx_granted();  // the AMX file's epilogue is AVX-512 code
+  if (ok[kAmx] && !tiles_self_check(rows_amx)) {
+    ok[kAmx] = false;
+    std::fprintf(stderr, "modlora._C: the AMX kernel failed its self-check against integer arithmetic; "
+                         "AMX is not used (please report this CPU)\n");
+  }
 #endif
   return ok;
 }
@@ -163,20 +226,12 @@ void run_parallel(const Kernel& kernel, const BankArgs& a) {
   });
 }
 
-// bf16 x [M, K] in the AMX B-tile layout (amx_body.h): tile (mt, ks) holds 16 pairs (rows) of 16
-// rows of x, pair kp of row i at [kp][i] = x[16 mt + i][32 ks + 2 kp + {0, 1}], zero past M and K.
 at::Tensor pack_x_tiles(const at::Tensor& xb) {
-  const int64_t M = xb.size(0), K = xb.size(1), k_steps = (K + kTileK - 1) / kTileK;
-  at::Tensor out = at::zeros({(M + kTileRows - 1) / kTileRows, k_steps, kTileRows, kTileRows, 2}, xb.options());
+  const int64_t M = xb.size(0), K = xb.size(1);
+  at::Tensor out = at::zeros({x_tiles_elems(M, K)}, xb.options());
   const auto* x = static_cast<const uint16_t*>(xb.data_ptr());
   auto* o = static_cast<uint16_t*>(out.data_ptr());
-  at::parallel_for(0, M, grain_for(K, 1), [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      uint16_t* row = o + (m / kTileRows) * k_steps * kTileRows * kTileK + (m % kTileRows) * 2;
-      for (int64_t k = 0; k < K; ++k)
-        row[(k / kTileK) * kTileRows * kTileK + (k % kTileK) / 2 * kTileK + (k & 1)] = x[m * K + k];
-    }
-  });
+  at::parallel_for(0, M, grain_for(K, 1), [&](int64_t m0, int64_t m1) { pack_x_pairs(x, K, o, m0, m1); });
   return out;
 }
 
@@ -372,4 +427,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The ISA used when a call names none: 'scalar', 'avx2', 'avx512', 'avx512_bf16', 'amx' or 'auto'.");
   m.def("_allow_amx_emulation", [](bool on) { modlora_cpu::g_emulation = on; },
         "Tests only: accept the ISA 'amx_emulated' (the AMX driver on emulated tile instructions).");
+  m.def("_tiles_self_check",
+        [](const std::string& isa) {
+          const modlora_cpu::Kernel k = modlora_cpu::kernel_for(modlora_cpu::isa_index(isa, "_tiles_self_check"), true);
+          TORCH_CHECK(k.tiles, "_tiles_self_check: '", isa, "' has no tile kernel");
+          return modlora_cpu::tiles_self_check(k.rows);
+        },
+        "Tests only: the integer self-check the AMX path passes before it is offered, on 'amx' or 'amx_emulated'.");
 }

@@ -193,6 +193,18 @@ def test_bf16_bank_across_tile_shapes(isa, M, k, n):
     _assert_close(y, y64, mag, k + A_bank.shape[1])
 
 
+@pytest.mark.parametrize("name", TILED)
+def test_tile_self_check(name):
+    """The integer self-check that gates the hardware AMX path (it was written on CPUs without AMX) passes on
+    the emulated tiles everywhere and on the hardware where the CPU has AMX; a mutated driver fails it (a K
+    tail copy one element short returned False when tried by hand). Only tile kernels have one."""
+    if name not in [*ISAS, "amx_emulated"]:
+        pytest.skip(f"the CPU lacks {name}")
+    assert _C._tiles_self_check(name) is True
+    with pytest.raises(RuntimeError, match="has no tile kernel"):
+        _C._tiles_self_check("scalar")
+
+
 def test_isa_per_call_overrides_the_one_set():
     """isa= runs that ISA for one call (the subnormal flush tells avx512_bf16 from the others)."""
     x, W = torch.full((2, 64), 2.0**-130, dtype=torch.bfloat16), torch.full((8, 64), 2.0**100, dtype=torch.bfloat16)
