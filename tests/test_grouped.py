@@ -104,9 +104,11 @@ def _model(dtype=torch.float32, mode="pair"):
 
 
 def _unfuse(model):
-    """Break the views as a user's dtype round trip does: every parameter gets its own storage."""
-    dtype = model.lm_head.weight.dtype
-    return model.to(torch.float64).to(dtype)
+    """Every parameter in a storage of its own, values unchanged (as after a user's dtype round
+    trip, which in bf16 would also round the fp32 rotary buffer)."""
+    for param in model.parameters():
+        param.data = param.data.clone()
+    return model
 
 
 def _logits(model, ids, ctl=None):
@@ -154,6 +156,12 @@ def test_decode_step_makes_four_calls_per_layer_and_the_same_logits(dtype, mode,
     plain = model.decode_step(ids[:, 0], cache).float()
     assert len(c_calls) == 7 * CONFIG.num_hidden_layers + 1
     _assert_logits_agree(fused, plain, dtype)
+    model.fuse_projections()  # regroups the parameters as they are now
+    cache = model.new_cache(2, 5, max_new_tokens=2, num_beams=1)
+    model.prefill(ids, None, cache)
+    c_calls.clear()
+    assert torch.equal(model.decode_step(ids[:, 0], cache).float(), fused)
+    assert len(c_calls) == 4 * CONFIG.num_hidden_layers + 1
 
 
 @torch.no_grad()
@@ -164,7 +172,9 @@ def test_broken_views_still_give_the_right_logits():
     model, _ctl = _model()
     ids = torch.randint(0, CONFIG.vocab_size, (2, 5), generator=torch.Generator().manual_seed(2))
     want = _logits(model, ids)
-    _unfuse(model)
+    model.to(torch.float64).to(torch.float32)
+    mlp = model.model.layers[0].mlp
+    assert adapted._adjacent([mlp.gate_proj.weight, mlp.up_proj.weight]) is None  # the round trip broke the views
     _assert_logits_agree(_logits(model, ids), want, torch.float32)
     other, _ctl2 = _model()
     other.load_state_dict(random_model(CONFIG, seed=5).state_dict(), assign=True)
