@@ -87,6 +87,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="examples per micro-batch (default: the config's)")
     p.add_argument("--grad-accum", type=cli_type("train", "grad_accum"),
                    help="micro-batches per optimizer step (default: the config's)")
+    p.add_argument("--activation-checkpointing", type=cli_type("train", "activation_checkpointing"), nargs="?",
+                   const=True, metavar="true|false",
+                   help="recompute each layer in the backward pass: same gradients, less memory (default: the "
+                        "config's, false)")
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -113,7 +117,7 @@ def _config(args: argparse.Namespace) -> PipelineConfig:
     if getattr(args, "strategies", None):
         cfg.eval.strategies = args.strategies
     train = cfg.weights if args.command == "learn-weights" else cfg.train
-    for attr in ("epochs", "lr", "batch_size", "grad_accum"):
+    for attr in ("epochs", "lr", "batch_size", "grad_accum", "activation_checkpointing"):
         if getattr(args, attr, None) is not None:
             setattr(train, attr, getattr(args, attr))
     return cfg
@@ -138,6 +142,8 @@ def _stage(args: argparse.Namespace) -> int:
             if stage in counts:
                 ctx.check_jobs(stage, counts[stage][0], training=counts[stage][1])
         started = time.perf_counter()
+        if args.command not in ("run", "table"):
+            pipe.pretrain()  # every stage starts from the pre-trained base (when the config has one)
         if args.command == "train-adapters":
             pipe.train_adapters()
             output = pipe.pool.listing() if ctx.is_writer else ""

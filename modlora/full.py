@@ -26,7 +26,7 @@ from .loading import save_pretrained
 from .model import Qwen2ForCausalLM
 from .prompt import training_example
 from .tokenizer import Tokenizer
-from .train import TrainConfig, train
+from .train import Example, TrainConfig, train
 
 Direction = tuple[str, str]
 
@@ -45,26 +45,52 @@ def train_full(model: Qwen2ForCausalLM, tokenizer: Tokenizer, data: dict[Directi
     Returns whether the schedule finished (False when ``stop_after`` cut it short). The model's
     parameters are frozen again afterwards.
     """
-    if any(p.dtype != torch.float32 for p in model.parameters()):
-        raise ValueError("full fine-tuning keeps fp32 master weights: load the model with dtype float32 "
-                         "(bf16 compute comes from autocast on CUDA)")
     examples = [training_example(tokenizer, src, tgt, s, t)
                 for (src, tgt), pairs in data.items() for s, t in pairs]
+    return _train_all(model, examples, cfg, work_dir, save_dir, "full", tokenizer.pad_id,
+                      f"full fine-tuning: {len(examples)} examples from {', '.join(f'{s}->{t}' for s, t in data)}",
+                      stop_after, log)
+
+
+def pretrain(model: Qwen2ForCausalLM, tokenizer: Tokenizer, texts: Sequence[str], cfg: TrainConfig,
+             work_dir: str | Path, save_dir: str | Path, *, stop_after: int | None = None,
+             log: Log = log_stderr) -> bool:
+    """Plain language modelling of every parameter on ``texts`` (each sentence one example, every
+    token after the first trained), as :func:`train_full` resumes and saves.
+
+    The demo's random base learns its languages' tokens this way, not the translation format (no
+    chat prompt): a random tied output layer is what keeps adapters from learning (README, demo).
+    """
+    examples = [lm_example(tokenizer, text) for text in texts]
+    return _train_all(model, examples, cfg, work_dir, save_dir, "pretrain", tokenizer.pad_id,
+                      f"pre-training: {len(examples)} sentences, plain language modelling", stop_after, log)
+
+
+def lm_example(tokenizer: Tokenizer, text: str) -> tuple[list[int], list[int]]:
+    """``text`` as a training example: its tokens then ``<|endoftext|>``, all but the first trained."""
+    ids = tokenizer.encode(text) + [tokenizer.endoftext_id]
+    return ids, [0] + [1] * (len(ids) - 1)
+
+
+def _train_all(model: Qwen2ForCausalLM, examples: Sequence[Example], cfg: TrainConfig, work_dir: str | Path,
+               save_dir: str | Path, desc: str, pad_id: int, what: str, stop_after: int | None, log: Log) -> bool:
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        raise ValueError(f"{desc}: full-parameter training keeps fp32 master weights: load the model with dtype "
+                         "float32 (bf16 compute comes from autocast on CUDA)")
     params = list(model.parameters())
     n = sum(p.numel() for p in params)
-    log(f"full fine-tuning: {n:,} trainable parameters (100%; weights, gradients and AdamW "
-        f"{peak_memory_bytes(n) / 2**30:.2f} GiB), {len(examples)} examples from "
-        f"{', '.join(f'{s}->{t}' for s, t in data)}")
+    log(f"{what}; {n:,} trainable parameters (100%; weights, gradients and AdamW "
+        f"{peak_memory_bytes(n) / 2**30:.2f} GiB)")
     try:
-        result = train(model, params, examples, cfg, work_dir, pad_id=tokenizer.pad_id, desc="full",
-                       stop_after=stop_after, log=log)
+        result = train(model, params, examples, cfg, work_dir, pad_id=pad_id, desc=desc, stop_after=stop_after,
+                       log=log)
     finally:
         for p in params:
             p.requires_grad_(False)
     if result["done"] and distributed.current().writes_job_files:  # data parallel: rank 0 writes
         model.config = dataclasses.replace(model.config, dtype="float32")  # the file holds the fp32 master weights
         save_pretrained(model, save_dir)
-        log(f"full fine-tuning: saved {save_dir}")
+        log(f"{desc}: saved {save_dir}")
     return result["done"]
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .adapted import AdaptedLinear, FastLinear, fuse, grouped
 from .config import Qwen2Config
@@ -215,7 +216,8 @@ class Qwen2Model(nn.Module):
             x = layer(x, cos, sin, mask[:, None], cache)
         return self.norm(x)
 
-    def forward_packed(self, input_ids: Tensor, attention_mask: Tensor, prefix: int = 0) -> Tensor:
+    def forward_packed(self, input_ids: Tensor, attention_mask: Tensor, prefix: int = 0, *,
+                       checkpoint_layers: bool = False) -> Tensor:
         """Final hidden states [N, C] of the N non-padding tokens after the first ``prefix`` columns, row-major.
 
         The same function as :meth:`forward` on those positions, with less work:
@@ -226,7 +228,9 @@ class Qwen2Model(nn.Module):
           one row, and their keys and values are broadcast to all rows (causal attention never lets a
           prefix see what follows it).
 
-        Gradients reach the adapters through every part.
+        Gradients reach the adapters through every part. With ``checkpoint_layers`` (under autograd)
+        each decoder layer keeps only its input for the backward pass and recomputes the rest there
+        (activation checkpointing: the same gradients, less memory, one more forward).
         """
         p = prefix
         b, t = input_ids.shape
@@ -239,6 +243,7 @@ class Qwen2Model(nn.Module):
         own = torch.ones(s, s, dtype=torch.bool, device=dev).tril() & valid[:, None, :]
         own |= torch.eye(s, dtype=torch.bool, device=dev)  # a padding query sees itself: no all-masked row
         mask = torch.cat((torch.ones(b, s, p, dtype=torch.bool, device=dev), own), dim=-1)[:, None]  # [B, 1, s, p+s]
+        xp = None
         if p:
             xp = self.embed_tokens(input_ids[:1, :p])  # [1, p, C]
             cos_p, sin_p = self.rotary_emb(torch.arange(p, device=dev)[None], xp.dtype)
@@ -249,7 +254,7 @@ class Qwen2Model(nn.Module):
             flat = z[0].transpose(0, 1).new_zeros(b * s, h, d).index_copy(0, where, z[0].transpose(0, 1))
             return flat.view(b, s, h, d).transpose(1, 2)
 
-        for layer in self.layers:
+        def block(layer: Qwen2DecoderLayer, x: Tensor, xp: Tensor | None) -> tuple[Tensor, Tensor | None]:
             a = layer.self_attn
             q, k, v = (padded(z) for z in a.qkv(layer.input_layernorm(x), cos, sin))
             if p:
@@ -262,7 +267,12 @@ class Qwen2Model(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=a.gqa)  # [B, H, s, D]
             out = out.transpose(1, 2).reshape(b * s, -1)[where][None]  # [1, N, H * D]
             x = x + a.o_proj(out)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            return x + layer.mlp(layer.post_attention_layernorm(x)), xp
+
+        recompute = checkpoint_layers and torch.is_grad_enabled()
+        for layer in self.layers:
+            x, xp = (checkpoint(block, layer, x, xp, use_reentrant=False) if recompute  # restores the RNG too
+                     else block(layer, x, xp))
         return self.norm(x)[0]
 
     def decode(self, tokens: Tensor, cache: KVCache) -> Tensor:

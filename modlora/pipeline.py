@@ -3,6 +3,8 @@
 Stages, each skipping what an earlier run already finished (every output is written atomically,
 training resumes from its checkpoint):
 
+0. ``pretrain`` (only with ``data.pretrain_limit``, for a random base): plain language modelling of
+   the whole base on monolingual lines the adapters never see, into ``out_dir/pretrain/model/``.
 1. ``train_adapters``: ``in[X]`` on X->pivot and ``out[X]`` on pivot->X for every language X
    (the pivot's own pair on pivot->pivot), into ``out_dir/pool/{X}/{in|out}/``.
    ``train_full``: the full-parameter fine-tuning baseline on the union of that data, into
@@ -46,7 +48,7 @@ from .evaluate import (
 )
 from .figures import figure2_data, write_figure2
 from .fileio import atomic_write_json, atomic_write_text, read_json
-from .full import train_full, union_directions
+from .full import pretrain, train_full, union_directions
 from .generation import SearchParams
 from .kernels.reference import STRATEGIES
 from .loading import load_pretrained, random_model
@@ -80,6 +82,9 @@ class DataConfig:
     train_limit: int | None = None  # first N lines of each split (None: all)
     weights_limit: int | None = None  # lines used to learn merge weights (None: train_limit)
     eval_limit: int | None = None
+    # Lines of train_split per language after the training slice (disjoint from it) on which a random
+    # base first learns plain language modelling (stage ``pretrain``); None: no pre-training.
+    pretrain_limit: int | None = None
 
 
 @dataclass
@@ -93,6 +98,10 @@ class EvalSettings:
     full: bool = True  # train and evaluate the full-parameter fine-tuning baseline
 
 
+def _default_pretraining() -> TrainConfig:
+    return TrainConfig(lr=1e-2, grad_accum=1)
+
+
 def _default_weight_training() -> TrainConfig:
     # theta starts at (1, 1); the paper's adapter lr (2e-5) would barely move it in two epochs.
     return TrainConfig(lr=1e-2, warmup_ratio=0.0)
@@ -104,6 +113,7 @@ class PipelineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    pretrain: TrainConfig = field(default_factory=_default_pretraining)
     train: TrainConfig = field(default_factory=TrainConfig)
     weights: TrainConfig = field(default_factory=_default_weight_training)
     eval: EvalSettings = field(default_factory=EvalSettings)
@@ -114,7 +124,7 @@ class PipelineConfig:
         errors name ``where`` (the file) and the key."""
         raw = validate.check_settings(raw, where)
         default = cls()
-        sections = {"model", "data", "lora", "train", "weights", "eval"}
+        sections = {"model", "data", "lora", "pretrain", "train", "weights", "eval"}
 
         def build(name: str, values: dict):
             values = {k: tuple(v) if k == "target_modules" else v for k, v in values.items()}
@@ -142,8 +152,9 @@ class PipelineConfig:
 DEMO: dict = {
     "out_dir": "runs/default",
     "model": {"preset": "tiny", "seed": 0},
-    "data": {"train_limit": 16, "weights_limit": 4, "eval_limit": 3},
-    "train": {"epochs": 2, "lr": 1e-2, "batch_size": 8, "grad_accum": 1},
+    "data": {"train_limit": 8, "weights_limit": 4, "eval_limit": 3, "pretrain_limit": 16},
+    "pretrain": {"epochs": 6, "lr": 1e-2, "batch_size": 8, "grad_accum": 1},
+    "train": {"epochs": 8, "lr": 1e-2, "batch_size": 4, "grad_accum": 1},
     "weights": {"epochs": 1, "lr": 1e-2, "batch_size": 4, "grad_accum": 1},
     "eval": {"num_beams": 5, "max_new_tokens": 12, "batch_size": 60},
 }
@@ -174,6 +185,9 @@ class Pipeline:
         if d.pivot not in d.langs or len(set(d.langs)) < 2:
             raise ValueError(f"data.langs {d.langs} must hold the pivot language {d.pivot!r} and at least one other: "
                              f"adapters are trained on X->{d.pivot} and {d.pivot}->X")
+        if d.pretrain_limit and (config.model.path or d.train_limit is None):
+            raise ValueError("data.pretrain_limit pre-trains a random base on the training split's lines after "
+                             "data.train_limit: it needs a preset base (no model.path) and a train_limit")
         self.config = config
         self.out = Path(config.out_dir)
         self.log = log
@@ -190,7 +204,12 @@ class Pipeline:
     def _load_base(self, dtype: torch.dtype) -> Qwen2ForCausalLM:
         mc = self.config.model
         device, _ = self._device_dtype()
-        if mc.path:
+        if self.config.data.pretrain_limit:
+            if not (self.pretrain_dir() / "config.json").is_file():
+                raise FileNotFoundError(f"{self.pretrain_dir()} is missing: run the pretrain stage first")
+            model = load_pretrained(self.pretrain_dir(), dtype=dtype, device=device)
+            self.log(f"base model: preset {mc.preset!r} pre-trained in {self.pretrain_dir()} ({dtype}, {device})")
+        elif mc.path:
             model = load_pretrained(mc.path, dtype=dtype, device=device)
             self.log(f"base model: {mc.path} ({dtype}, {device})")
         else:
@@ -203,6 +222,9 @@ class Pipeline:
         if self._model is None:
             self._model = self._load_base(self._device_dtype()[1])
         return self._model
+
+    def pretrain_dir(self) -> Path:
+        return self.out / "pretrain" / "model"
 
     def full_model_dir(self) -> Path:
         return self.out / "full" / "model"
@@ -256,6 +278,24 @@ class Pipeline:
         if cfg.eval.full:
             counts["train-full"] = (1, True)
         return counts
+
+    def pretrain(self) -> None:
+        """Stage 0 (a random base with ``data.pretrain_limit`` only): plain language modelling of the
+        whole base on monolingual text the adapters never train on, so that its tied output layer
+        knows the languages' tokens; every later stage starts from the saved result."""
+        cfg, ctx = self.config, distributed.current()
+        d, save_dir = cfg.data, self.pretrain_dir()
+        if not d.pretrain_limit:
+            return
+        if (save_dir / "config.json").is_file():  # written last
+            self.log(f"pre-training: done (in {save_dir})")
+        elif ctx.data_parallel or ctx.rank == 0:
+            mono = load_split(d.train_split, d.langs, d.root, slice(d.train_limit, d.train_limit + d.pretrain_limit))
+            mc = cfg.model
+            model = random_model(mc.preset, seed=mc.seed, dtype=torch.float32, device=self._device_dtype()[0])
+            pretrain(model, self.tokenizer, [text for lang in d.langs for text in mono[lang]], cfg.pretrain,
+                     self.out / "train" / "pretrain", save_dir, log=self.log)
+        ctx.barrier()
 
     def train_adapters(self) -> None:
         """Stage 1: the 2n English-centric adapters."""
@@ -466,6 +506,7 @@ class Pipeline:
                 self.log(f"warning: {previous} differs from this config; finished stages are reused as they are "
                          "(delete them, or use another --out, to redo them)")
             atomic_write_json(previous, self.config.to_dict())
+        self.pretrain()
         self.train_adapters()
         self.train_full()
         self.learn_weights()

@@ -87,6 +87,10 @@ class Rule:
         """A command-line value: parsed as the rule's kind (a list: comma-separated), then checked."""
         if self.kind is list:
             return self([x.strip() for x in text.split(",") if x.strip()])
+        if self.kind is bool:
+            if text.lower() not in ("true", "false"):
+                raise InputError(f"must be true or false, got {text[:40]!r}")
+            return text.lower() == "true"
         if self.kind in (int, float):
             try:
                 value = self.kind(text)
@@ -169,6 +173,7 @@ _TRAIN = {
     "batch_size": POSITIVE, "grad_accum": POSITIVE, "warmup_ratio": Rule(float, low=0, high=1),
     "weight_decay": Rule(float, low=0), "max_grad_norm": Rule(float, low=0), "seed": Rule(int, low=0),
     "ce_chunk_tokens": POSITIVE, "share_prefix": Rule(bool), "checkpoint_every": POSITIVE, "max_steps": POSITIVE_OPT,
+    "activation_checkpointing": Rule(bool),
 }
 # Every pipeline setting, by TOML section ("" for the top level). The CLI options use the same rules.
 SETTINGS: dict[str, dict[str, Rule]] = {
@@ -179,11 +184,12 @@ SETTINGS: dict[str, dict[str, Rule]] = {
               "device": Rule(str, optional=True, check=_device)},
     "data": {"root": Rule(str, optional=True), "langs": Rule(list, check=_each(NAME, "language")),
              "pivot": NAME, "train_split": NAME, "eval_split": NAME, "train_limit": POSITIVE_OPT,
-             "weights_limit": POSITIVE_OPT, "eval_limit": POSITIVE_OPT},
+             "weights_limit": POSITIVE_OPT, "eval_limit": POSITIVE_OPT, "pretrain_limit": POSITIVE_OPT},
     "lora": {"rank": POSITIVE_OPT,
              "alpha": Rule(float, low=0, low_open=True, optional=True),
              "target_modules": Rule(list, check=_each(Rule(str, check=_choice(*TARGETS)), "module")),
              "dropout": Rule(float, low=0, high=1, high_open=True), "use_rslora": Rule(bool)},
+    "pretrain": _TRAIN,
     "train": _TRAIN,
     "weights": _TRAIN,
     "eval": {"num_beams": POSITIVE, "max_new_tokens": POSITIVE, "batch_size": POSITIVE,

@@ -45,7 +45,7 @@ def test_stages_and_translate_on_a_small_run(tmp_path, capsys):
     assert main(["train-adapters", *common, *train]) == 0
     assert "fr       in   r=2" in capsys.readouterr().out
     assert json.loads((tmp_path / "pool" / "fr" / "in" / "adapter_config.json").read_text())["lora_dropout"] == 0.1
-    assert main(["train-full", *common, "--epochs", "1", "--batch-size", "2"]) == 0
+    assert main(["train-full", *common, "--epochs", "1", "--batch-size", "2", "--activation-checkpointing"]) == 0
     assert (tmp_path / "full" / "model" / "config.json").is_file()
     assert main(["learn-weights", *common, "--epochs", "1", "--strategies", "output"]) == 0
     assert (tmp_path / "weights" / "output" / "fr-en" / "weights.json").is_file()
@@ -118,3 +118,14 @@ def test_invalid_numbers_are_refused_by_the_parser(capsys, option, value, messag
     with pytest.raises(SystemExit) as e:
         main(["translate", "--src", "fr", "--tgt", "de", option, value])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_activation_checkpointing_option_takes_true_or_false(capsys):
+    from modlora.cli import _config, build_parser
+
+    for argv, expected in (([], False), (["--activation-checkpointing"], True),
+                           (["--activation-checkpointing", "FALSE"], False)):
+        assert _config(build_parser().parse_args(["train-full", *argv])).train.activation_checkpointing is expected
+    with pytest.raises(SystemExit) as e:
+        main(["train-full", "--activation-checkpointing", "yes"])
+    assert e.value.code == 2 and "must be true or false, got 'yes'" in capsys.readouterr().err

@@ -9,7 +9,7 @@ from modlora.full import train_full, union_directions
 from modlora.kernels import linear_cross_entropy
 from modlora.loading import load_pretrained, random_model
 from modlora.model import Qwen2ForCausalLM
-from modlora.train import TrainConfig, collate, completion_loss
+from modlora.train import TrainConfig, collate, completion_loss, train
 
 PAD = 0
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -119,3 +119,51 @@ def test_bf16_weights_are_refused():
     model = _tiny().to(torch.bfloat16)
     with pytest.raises(ValueError, match="fp32 master weights"):
         train_full(model, _Tok(), {}, TrainConfig(), "unused", "unused")
+
+
+def _saved_activation_bytes(model: Qwen2ForCausalLM, batch, checkpoint_layers: bool) -> tuple[int, list]:
+    """Bytes of the tensors autograd keeps from the forward pass for the backward (parameters and
+    their views excluded: they are alive anyway), and the gradients of every parameter."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss_sum, n = completion_loss(model, *batch, chunk=7, checkpoint_layers=checkpoint_layers)
+    grads = torch.autograd.grad(loss_sum / n, list(model.parameters()))
+    return sum(kept.values()), grads
+
+
+def test_activation_checkpointing_gives_equal_gradients_and_keeps_less():
+    model = _tiny()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    batch = collate(_examples(4, seed=1), PAD)  # shared prefix: the prefix path is checkpointed too
+    kept, grads = _saved_activation_bytes(model, batch, checkpoint_layers=False)
+    kept_ckpt, grads_ckpt = _saved_activation_bytes(model, batch, checkpoint_layers=True)
+    for name, a, b in zip(dict(model.named_parameters()), grads, grads_ckpt, strict=True):
+        assert torch.equal(a, b), name  # the same ops recomputed in the same order: bit for bit
+    # Kept: each layer's input and what follows the layers (norm, loss) instead of every layer's
+    # intermediates (q, k, v, attention, MLP); measured 2.7x less on this 2-layer model.
+    assert kept_ckpt < kept / 2, (kept_ckpt, kept)
+
+
+def test_activation_checkpointing_does_not_change_training_or_resume(tmp_path):
+    examples = _examples(6, seed=2)
+    finals = []
+    for i, flag in enumerate((False, True)):
+        model = _tiny()
+        cfg = TrainConfig(epochs=1, lr=1e-2, batch_size=2, grad_accum=1, activation_checkpointing=flag)
+        train(model, list(model.parameters()), examples, cfg, tmp_path / "run", pad_id=PAD, log=lambda _: None,
+              stop_after=1 + i)  # the second run resumes the first one's checkpoint with checkpointing on
+        finals.append(model)
+    reference = _tiny()
+    train(reference, list(reference.parameters()), examples, TrainConfig(epochs=1, lr=1e-2, batch_size=2,
+          grad_accum=1), tmp_path / "ref", pad_id=PAD, log=lambda _: None)
+    for name, value in reference.state_dict().items():
+        assert torch.equal(value, finals[1].state_dict()[name]), name

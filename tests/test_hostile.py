@@ -525,6 +525,7 @@ def test_evaluation_cell_file_is_checked(tmp_path, cell, message):
 
 def test_table_prints_a_read_only_finished_run(tmp_path, capsys, monkeypatch):
     finished_run(tmp_path)
+    save_pretrained(random_model("tiny"), tmp_path / "pretrain" / "model")  # the demo (no --config) pre-trains
 
     def denied(path, *_):
         raise PermissionError(13, "Permission denied", str(path))

@@ -5,8 +5,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from modlora.pipeline import DEMO, PAPER, Pipeline, PipelineConfig, default_config
+from modlora.prompt import training_example
+from modlora.train import collate, completion_loss, train_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,3 +71,39 @@ def test_shipped_configs_equal_the_builtin_defaults():
 def test_unknown_config_key_is_named():
     with pytest.raises(ValueError, match=r"unknown key \[train\] lr_typo"):
         PipelineConfig.from_dict({"train": {"lr_typo": 1}})
+
+
+def _slice_loss(pipe: Pipeline, examples) -> float:
+    ids, attn, mask = collate(examples, pipe.tokenizer.pad_id)
+    with torch.no_grad():
+        total, n = completion_loss(pipe.model, ids, attn, mask)
+    return float(total) / n
+
+
+def test_demo_recipe_adapters_learn_on_the_pretrained_base(tmp_path):
+    """The demo's recipe (DEMO's settings): out[fr] lowers its loss on its en->fr training slice by
+    over 1 nat from the pre-trained base (measured 1.78), and by under 0.7 from the random base
+    (measured 0.48), whose frozen output layer caps every logit near +-1.3 (README, demo)."""
+    drops = {}
+    for pretrain_limit in (DEMO["data"]["pretrain_limit"], None):
+        cfg = PipelineConfig.from_dict({**DEMO, "out_dir": str(tmp_path / str(pretrain_limit)),
+                                        "data": {**DEMO["data"],
+                                                 "pretrain_limit": pretrain_limit}})
+        pipe = Pipeline(cfg, log=lambda _: None)
+        pipe.pretrain()
+        data = pipe._split("dev", cfg.data.train_limit)
+        pairs = list(zip(data["en"], data["fr"], strict=True))
+        examples = [training_example(pipe.tokenizer, "en", "fr", s, t) for s, t in pairs]
+        before = _slice_loss(pipe, examples)
+        adapter = train_adapter(pipe.adapters, pipe.tokenizer, "fr", "out", "en", "fr", pairs, cfg.lora, cfg.train,
+                                tmp_path / f"out-{pretrain_limit}", log=lambda _: None)
+        pipe.adapters.set_adapters(lora_out=adapter, w_out=1.0)
+        drops[pretrain_limit] = before - _slice_loss(pipe, examples)
+        pipe.adapters.clear()
+    assert drops[DEMO["data"]["pretrain_limit"]] > 1.0 and drops[None] < 0.7, drops
+
+
+def test_pretraining_needs_a_random_base_and_a_training_slice():
+    for data, model in (({"train_limit": 4, "pretrain_limit": 4}, {"path": "X"}), ({"pretrain_limit": 4}, {})):
+        with pytest.raises(ValueError, match="pretrain_limit pre-trains a random base"):
+            Pipeline(PipelineConfig.from_dict({"data": data, "model": model}))
