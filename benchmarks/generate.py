@@ -7,11 +7,13 @@ Both sides decode exactly ``max_new_tokens`` steps (``min_new_tokens = max_new_t
 stops either early). ms/step: the median gap between consecutive decode steps within a run;
 prefill: the time to the first step.
 On CPU, a decode step is also compared with the time to read the model's weights once (every
-linear and the lm_head, at the bandwidth of a memory-read probe measured in the same run).
+linear and the lm_head, at the bandwidth of a memory-read probe measured in the same run), and the
+calls of the C++ op in one decode step are counted (torch profiler).
 
     python benchmarks/generate.py            # batch 1 and 32, fp32 and bf16, 16 new tokens
     python benchmarks/generate.py --quick    # batch 1 and 4, 6 new tokens
     python benchmarks/generate.py --dtypes bf16 --batches 1   # re-measure some cases only
+    python benchmarks/generate.py --threads 1                 # both sides on one thread (a shared box)
 
 The JSON is rewritten after every case (atomically), so an interrupted run keeps what it measured;
 cases of an earlier file that this run does not measure are kept, each row with its own commit and
@@ -100,6 +102,17 @@ def weight_bytes(model: Qwen2ForCausalLM) -> int:
     return sum(w.numel() * w.element_size() for w in weights)
 
 
+def c_calls_per_step(model: Qwen2ForCausalLM, ids: torch.Tensor, mask: torch.Tensor, num_beams: int = 5) -> int:
+    """Calls of the C++ op (``modlora::lora_bank_linear``) in one decode step after a prefill."""
+    cache = model.new_cache(ids.shape[0], ids.shape[1], 2, num_beams)
+    with torch.no_grad():
+        logits = model.prefill(ids, mask, cache)
+        tokens = logits.argmax(-1).repeat_interleave(num_beams)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            model.decode_step(tokens, cache)
+    return sum(e.count for e in prof.key_averages() if e.key == "modlora::lora_bank_linear")
+
+
 class StepClock:
     """Timestamps of the decode steps of one run. ms/step is the median gap between consecutive
     steps inside a run: subtracting a 1-step run from an N-step run drowns the steps in the
@@ -136,8 +149,7 @@ def runners(ours, peft, ids, mask, tok: Tokenizer, clock: StepClock):
     processors = transformers.LogitsProcessorList([Tick()])
 
     def ours_run(n: int):
-        return generate(ours, ids, mask, max_new_tokens=n, min_new_tokens=n, eos_token_id=tok.eos_ids,
-                        pad_token_id=tok.pad_id, **kw)
+        return generate(ours, ids, mask, max_new_tokens=n, min_new_tokens=n, eos_token_id=tok.eos_ids, **kw)
 
     def hf_run(n: int):
         with torch.no_grad():
@@ -173,13 +185,17 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     parser.add_argument("--max-new-tokens", type=int, help="decode steps (default 16; quick 6)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, help="torch threads on both sides (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     batches = args.batches or ([1, 4] if args.quick else [1, 32])
     steps = args.max_new_tokens or (6 if args.quick else 16)
     if len(args.dtypes) > 1:
         # One process per dtype: run after the fp32 models, the bf16 decode steps measured twice as
         # slow as in a fresh process on the 2-core CPU box.
         same = ["--batches", *map(str, batches), "--max-new-tokens", str(steps), "--device", args.device]
+        same += ["--threads", str(args.threads)] if args.threads else []
         for dname in args.dtypes:
             subprocess.run([sys.executable, __file__, *same, "--dtypes", dname] + ["--quick"] * args.quick,
                            check=True)
@@ -220,6 +236,8 @@ def main() -> None:
             if read_ms is not None:
                 row["probe_GBs"], row["weight_read_ms"] = probe["GBs"], read_ms
                 row["step_over_weight_read"] = row["modlora"]["ms_per_step"] / read_ms
+                row["modlora"]["c_calls_per_step"] = c_calls_per_step(ours, ids, mask)
+            row["threads"] = torch.get_num_threads()
             row["load_average_1min"] = os.getloadavg()[0]  # other jobs on the box skew CPU timings
             row["tokens_match"] = bool(torch.equal(tokens["modlora"], tokens["transformers_peft"]))
             row["speedup"] = row["modlora"]["sentences_per_s"] / row["transformers_peft"]["sentences_per_s"]
@@ -229,7 +247,8 @@ def main() -> None:
                   f" | transformers+PEFT {h['sentences_per_s']:.3f} sent/s {h['ms_per_step']:.1f} ms/step"
                   f" | {row['speedup']:.2f}x sentences/s, {row['step_speedup']:.2f}x per step,"
                   f" tokens match: {row['tokens_match']}"
-                  + (f" | step = {row['step_over_weight_read']:.2f}x weight read" if read_ms else ""), flush=True)
+                  + (f" | step = {row['step_over_weight_read']:.2f}x weight read ({read_ms:.1f} ms),"
+                     f" {m['c_calls_per_step']} C++ calls per step" if read_ms else ""), flush=True)
             rows = save(name, env, row, rows)
     print(f"wrote {RESULTS / name}.json")
 

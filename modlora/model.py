@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .adapted import AdaptedLinear, FastLinear
+from .adapted import AdaptedLinear, FastLinear, fuse, grouped
 from .config import Qwen2Config
 
 
@@ -119,9 +119,10 @@ class Qwen2Attention(nn.Module):
     def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Rotated q [B, H, T, D], k and v [B, Hkv, T, D] of x [B, T, C]."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = grouped(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: KVCache | None = None) -> Tensor:
@@ -164,7 +165,8 @@ class Qwen2MLP(nn.Module):
         self.down_proj = AdaptedLinear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = grouped(x, (self.gate_proj, self.up_proj))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Qwen2DecoderLayer(nn.Module):
@@ -300,6 +302,15 @@ class Qwen2ForCausalLM(nn.Module):
         self.lm_head = FastLinear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.fuse_projections()
+
+    def fuse_projections(self) -> None:
+        """Put q/k/v and gate/up of every layer into one weight buffer each (:func:`modlora.adapted.fuse`),
+        so decoding runs each group as one op. The loaders call it again once the weights are in place."""
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            fuse((attn.q_proj, attn.k_proj, attn.v_proj))
+            fuse((mlp.gate_proj, mlp.up_proj))
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Logits [B, T, V] of input_ids [B, T] (attention_mask [B, T], 0 on padding).

@@ -4,7 +4,9 @@
   backward; ``modlora.kernels.pairwise_lora_linear`` for per-row pairs, forward);
 - CPU inference: the C++ op of :mod:`modlora.cpu` (one pass over W at memory bandwidth, adapters
   packed once per (pair, weights) into its bank layout) or torch, whichever :mod:`modlora.dispatch`
-  measured faster for the case (op kind, shape, dtype, number of rows; :func:`_cpu_path`);
+  measured faster for the case (op kind, shape, dtype, number of rows; :func:`_cpu_path`); linears
+  that read the same x and whose weights are adjacent in memory (q/k/v, gate/up) as one C++ call
+  (:func:`grouped_linear`);
 - anything else: the plain-torch reference (``modlora.kernels.reference``), which is also the
   oracle every backend is tested against; in fp32 for bf16 inference on CPUs without bf16
   arithmetic (see :func:`_emulated_bf16`).
@@ -17,6 +19,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 from collections.abc import Sequence
+from itertools import accumulate
 
 import torch
 from torch import Tensor
@@ -183,3 +186,80 @@ def _pairwise(path: str, x: Tensor, weight: Tensor, bias: Tensor | None, pairs: 
         return pairwise_lora_linear_ref(x.float(), weight.float(), None if bias is None else bias.float(), pairs,
                                         row_pair, strategy).to(x.dtype)
     return pairwise_lora_linear_ref(x, weight, bias, pairs, row_pair, strategy)
+
+
+GroupPart = tuple[Tensor, Tensor | None, tuple, str, Tensor | None]
+"""One linear of a group: ``(weight, bias, pairs, strategy, row_pair)``; ``pairs`` holds
+``(lora_in, lora_out, w_in, w_out)`` tuples (empty: no adapters), ``row_pair`` is None (pair 0 for
+every row) or the [B] pair index per entry of dim 0 of x."""
+
+
+def grouped_linear(x: Tensor, weight: Tensor, bias: Tensor | None, parts: Sequence[GroupPart]) -> list[Tensor]:
+    """The outputs [..., N_s] of linears that read the same ``x``, whose weights (and biases) are the
+    consecutive row blocks of ``weight`` [N, K] (and ``bias`` [N], or None when no part has one).
+
+    On the CPU with no autograd graph, one C++ call over ``weight`` whose bank stacks every part's
+    pairs along the rank, each packed as if alone and with B block-diagonal (its rank block feeds
+    only its own rows: the zeros elsewhere add exactly 0), at the ISA :mod:`modlora.dispatch`
+    measured fastest, when it measured that faster than separate calls (its ``"torch"`` means
+    separate here). Otherwise each part is the ungrouped op (:func:`linear`,
+    :func:`dual_lora_linear`, :func:`pairwise_lora_linear`), exactly as called alone.
+    """
+    rows = _group_rows(parts)
+    if (rows is False or x.device.type != "cpu" or not cpu.c_enabled()
+            or torch.is_grad_enabled() and _builds_graph(x, weight, bias, *(
+                t for p in parts for pair in p[2] for t in (*_adapter_tensors(*pair[:2]), *pair[2:])))):
+        return [_part(x, p, p[4]) for p in parts]
+    kind = "group-" + ("pairs" if rows is not None else "lora" if any(p[2] for p in parts) else "linear")
+    pairs = max(len(p[2]) for p in parts)
+    # Calibration inputs are [m, K]: their rows cycle through the pairs.
+    calib_rows = lambda xs: None if rows is None else torch.arange(xs.shape[0]) % pairs
+    run = lambda path, xs: _grouped(path, xs, weight, bias, parts, calib_rows(xs))
+    return _grouped(dispatch.choose(kind, x, weight, run), x, weight, bias, parts, rows)
+
+
+def _group_rows(parts: Sequence[GroupPart]) -> Tensor | None | bool:
+    """The row_pair shared by every part with adapters (None: one pair for all rows), or False when
+    the parts cannot share one bank (different row routings or numbers of pairs)."""
+    routed = {(id(p[4]), len(p[2])) for p in parts if p[2]}
+    if len(routed) > 1:
+        return False
+    rows = next((p[4] for p in parts if p[2]), None)
+    return rows if rows is not None or all(len(p[2]) <= 1 for p in parts) else False
+
+
+def _part(x: Tensor, part: GroupPart, rows: Tensor | None) -> Tensor:
+    weight, bias, pairs, strategy, row_pair = part
+    if not pairs:
+        return linear(x, weight, bias)
+    if row_pair is None:
+        return dual_lora_linear(x, weight, bias, *pairs[0], strategy)
+    return pairwise_lora_linear(x, weight, bias, pairs, rows, strategy)
+
+
+def _grouped(path: str, x: Tensor, weight: Tensor, bias: Tensor | None, parts: Sequence[GroupPart],
+             rows: Tensor | None) -> list[Tensor]:
+    if path == "torch":
+        return [_part(x, p, rows) for p in parts]
+    key = tuple((tuple((a_in, a_out, float(w_in), float(w_out)) for a_in, a_out, w_in, w_out in p[2]), p[3],
+                 p[0].shape[0]) for p in parts)
+    versions = tuple(t._version for p in key for pair in p[0] for a in pair[:2] if a is not None for t in a[:2])
+    A_bank, B_bank = _group_bank(key, x.dtype, versions)
+    y = cpu.lora_bank_linear(x, weight, bias, A_bank, B_bank, None if A_bank is None else rows, isa=_isa(path))
+    return list(y.split([p[0].shape[0] for p in parts], dim=-1))
+
+
+@functools.lru_cache(maxsize=256)  # one entry per group and pair set: 48 per pair on Qwen2.5-0.5B
+def _group_bank(key: tuple, dtype: torch.dtype, versions: tuple) -> tuple[Tensor | None, Tensor | None]:
+    """One bank for a group: each part's :func:`cpu.pack_bank`, stacked along the rank, B block-diagonal."""
+    banks = [cpu.pack_bank(pairs, strategy, dtype) if pairs else (None, None) for pairs, strategy, _ in key]
+    present = [(A, B) for A, B in banks if A is not None]
+    if not present:
+        return None, None
+    n, r = [n for *_, n in key], [0 if A is None else A.shape[1] for A, _ in banks]
+    A_bank = torch.cat([A for A, _ in present], dim=1)  # [P, R, K]
+    B_bank = A_bank.new_zeros(A_bank.shape[0], sum(n), sum(r))
+    for (_, B), n0, r0 in zip(banks, accumulate([0, *n]), accumulate([0, *r]), strict=False):
+        if B is not None:
+            B_bank[:, n0:n0 + B.shape[1], r0:r0 + B.shape[2]] = B
+    return A_bank, B_bank

@@ -9,6 +9,7 @@ from hf_reference import SMALL, hf_model, save_hf
 from safetensors.torch import load_file, save_file
 
 import modlora.adapters.controller as controller_mod
+from modlora import ops
 from modlora.adapters import AdapterController, AdapterError, LearnedWeights, LoraAdapter, export_pair
 from modlora.config import Qwen2Config
 from modlora.loading import load_pretrained, random_model
@@ -89,7 +90,9 @@ def test_single_adapter_matches_peft(hf, ours, rslora, monkeypatch, ctl):
     a = adapter(ours, rank=4, alpha=8, seed=1, use_rslora=rslora)
     calls = []
     real = controller_mod.dual_lora_linear
-    monkeypatch.setattr(controller_mod, "dual_lora_linear", lambda *args: calls.append(args) or real(*args))
+    spy = lambda *args: calls.append(args) or real(*args)
+    monkeypatch.setattr(controller_mod, "dual_lora_linear", spy)
+    monkeypatch.setattr(ops, "dual_lora_linear", spy)  # q/k/v and gate/up run as separate calls of a group
     ctl.set_adapters(lora_in=a, w_in=1.0)
     x = ids()
     with torch.no_grad():

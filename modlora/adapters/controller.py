@@ -62,6 +62,13 @@ class _PairBinding:
         return dual_lora_linear(x, weight, bias, _cast(self.lora_in, x.dtype), _cast(self.lora_out, x.dtype),
                                 w_in, w_out, self.strategy, self.dropout if training else None)
 
+    def bank_pairs(self, x: Tensor, training: bool) -> tuple[tuple, str, None] | None:
+        """This binding as a part of a grouped op (:func:`modlora.adapted.grouped`); None under LoRA dropout."""
+        if training and any(self.dropout):
+            return None
+        pair = (_cast(self.lora_in, x.dtype), _cast(self.lora_out, x.dtype), *self.weights(self.layer))
+        return (pair,), self.strategy, None
+
 
 class _RowsBinding:
     """One linear, one pair per batch row: ``ops.pairwise_lora_linear`` routed by the controller."""
@@ -81,8 +88,18 @@ class _RowsBinding:
         if rows.shape[0] != x.shape[0]:
             raise AdapterError(f"route_rows() was given {rows.shape[0]} rows but the batch has {x.shape[0]}; "
                                "before decoding beams call route_rows(row_pair.repeat_interleave(num_beams))")
-        pairs = [(_cast(a, x.dtype), _cast(b, x.dtype), *fn(self.layer)) for a, b, fn in self.pairs]
-        return pairwise_lora_linear(x, weight, bias, pairs, rows, self.strategy)
+        return pairwise_lora_linear(x, weight, bias, self._pairs(x), rows, self.strategy)
+
+    def bank_pairs(self, x: Tensor, training: bool) -> tuple[tuple, str, Tensor] | None:
+        """This binding as a part of a grouped op (:func:`modlora.adapted.grouped`); None where
+        :meth:`__call__` would raise (it then runs alone, and raises)."""
+        rows = self.controller.row_pair
+        if (training and self.dropout) or rows is None or rows.shape[0] != x.shape[0]:
+            return None
+        return self._pairs(x), self.strategy, rows
+
+    def _pairs(self, x: Tensor) -> tuple:
+        return tuple((_cast(a, x.dtype), _cast(b, x.dtype), *fn(self.layer)) for a, b, fn in self.pairs)
 
 
 class AdapterController:
