@@ -525,7 +525,7 @@ def test_evaluation_cell_file_is_checked(tmp_path, cell, message):
 
 def test_table_prints_a_read_only_finished_run(tmp_path, capsys, monkeypatch):
     finished_run(tmp_path)
-    save_pretrained(random_model("tiny"), tmp_path / "pretrain" / "model")  # the demo (no --config) pre-trains
+    pretrained_base(tmp_path)
 
     def denied(path, *_):
         raise PermissionError(13, "Permission denied", str(path))
@@ -551,13 +551,21 @@ TRAIN = ["train-adapters", "--langs", "en,fr", "--train-limit", "4", "--epochs",
          "--rank", "2"]
 
 
+def pretrained_base(out: Path) -> Path:
+    """``out`` with its pre-training stage done: the built-in demo config (no --config) pre-trains its random
+    base before any other stage, which is not what these tests are about (and costs ~30 s each)."""
+    save_pretrained(random_model("tiny"), out / "pretrain" / "model")
+    return out
+
+
 def test_pickle_checkpoint_is_refused_never_loaded(tmp_path, capsys, monkeypatch):
     marker = tmp_path / "payload-ran"
     monkeypatch.setenv("MODLORA_PAYLOAD", str(marker))
     for job in ("en-in", "en-out", "fr-in", "fr-out"):
         (tmp_path / "run" / "train" / job).mkdir(parents=True)
         (tmp_path / "run" / "train" / job / "checkpoint.pt").write_bytes(pickle.dumps(_Payload()))
-    assert_error(run([*TRAIN, "--out", tmp_path / "run"], capsys), "checkpoint.pt is an old pickle checkpoint",
+    assert_error(run([*TRAIN, "--out", pretrained_base(tmp_path / "run")], capsys),
+                 "checkpoint.pt is an old pickle checkpoint",
                  "delete it")
     assert not marker.exists()
 
@@ -567,14 +575,16 @@ def test_unreadable_checkpoint(tmp_path, capsys, content):
     for job in ("en-in", "en-out", "fr-in", "fr-out"):
         (tmp_path / "train" / job).mkdir(parents=True)
         (tmp_path / "train" / job / checkpoint.FILE).write_bytes(content)
-    assert_error(run([*TRAIN, "--out", tmp_path], capsys), "is not a readable modlora checkpoint", "delete it")
+    assert_error(run([*TRAIN, "--out", pretrained_base(tmp_path)], capsys), "is not a readable modlora checkpoint",
+                 "delete it")
 
 
 def test_diverging_training_stops_and_saves_nothing(tmp_path, capsys):
     """A huge (but finite) alpha: the loss or gradient overflows; the run stops, no adapter is finished."""
     toml = tmp_path / "c.toml"
     toml.write_text("[lora]\nalpha = 1e38\n[train]\nlr = 1.0\n")
-    assert_error(run([*TRAIN, "--config", toml, "--out", tmp_path / "run"], capsys), "training diverged at step")
+    assert_error(run([*TRAIN, "--config", toml, "--out", pretrained_base(tmp_path / "run")], capsys),
+                 "training diverged at step")
     assert not list((tmp_path / "run" / "pool").glob("*/*/adapter_model.safetensors"))
 
 
