@@ -1,6 +1,6 @@
 // AVX2 + FMA: 8 fp32 lanes, bf16 -> fp32 by zero extension and a 16-bit shift.
 // Only called when __builtin_cpu_supports("avx2") && ("fma") (see lora_bank_cpu.cpp).
-// x86 only: on other CPUs this file compiles to nothing and the scalar kernel serves (rows_for).
+// x86 only: on other CPUs this file compiles to nothing and the scalar kernel serves (kernel_for).
 #if defined(__x86_64__) || defined(__i386__)
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")

@@ -1,6 +1,6 @@
 // AVX-512F: 16 fp32 lanes, bf16 -> fp32 by zero extension and a shift.
 // Only called when __builtin_cpu_supports("avx512f") && ("avx512bw") (see lora_bank_cpu.cpp).
-// x86 only: on other CPUs this file compiles to nothing and the scalar kernel serves (rows_for).
+// x86 only: on other CPUs this file compiles to nothing and the scalar kernel serves (kernel_for).
 #if defined(__x86_64__) || defined(__i386__)
 // GCC 12 warns about deliberately undefined lanes inside its own avx512fintrin.h.
 #pragma GCC diagnostic ignored "-Wuninitialized"

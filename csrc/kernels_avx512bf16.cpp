@@ -1,8 +1,8 @@
 // AVX-512 BF16: when x and W are both bf16, the main product uses vdpbf16ps (32 bf16 products per
 // instruction, exact products, fp32 accumulation), so W is never converted. The driver calls this
-// only for bf16 x and bf16 W on CPUs with avx512_bf16 (rows_for in lora_bank_cpu.cpp); every other
+// only for bf16 x and bf16 W on CPUs with avx512_bf16 (kernel_for in lora_bank_cpu.cpp); every other
 // case runs rows_avx512.
-// x86 only: on other CPUs this file compiles to nothing and the scalar kernel serves (rows_for).
+// x86 only: on other CPUs this file compiles to nothing and the scalar kernel serves (kernel_for).
 #if defined(__x86_64__) || defined(__i386__)
 // GCC 12 warns about deliberately undefined lanes inside its own avx512fintrin.h.
 #pragma GCC diagnostic ignored "-Wuninitialized"

@@ -79,12 +79,12 @@ int64_t x_tiles_elems(int64_t M, int64_t K) {
   return (M + kTileRows - 1) / kTileRows * ((K + kTileK - 1) / kTileK) * kTileRows * kTileK;
 }
 
-// A tile kernel against exact integer arithmetic, on 17 x 70 x 21 (two x tiles, a K tail, a
-// partial block of W rows): small integers make every sum exact in any order, so a layout, tail or
+// A tile kernel against exact integer arithmetic, on 70 x 70 x 21 (x tiles over all four C tiles
+// and a second pass, a K tail, a partial block of W rows): small integers make every sum exact in any order, so a layout, tail or
 // operand-order mistake shows as a mismatch. The hardware AMX path runs it once before it is offered
 // (it was written on CPUs without AMX); the tests run it on the emulated tiles.
 bool tiles_self_check(RowsFn rows) {
-  constexpr int64_t M = 17, K = 70, N = 21;
+  constexpr int64_t M = 70, K = 70, N = 21;
   const auto bf16 = [](int v) {  // small integers are exact in bf16: the top half of their fp32 bits
     const float f = static_cast<float>(v);
     uint32_t bits;

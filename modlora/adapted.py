@@ -68,8 +68,10 @@ def grouped(x: Tensor, linears: Sequence[AdaptedLinear]) -> list[Tensor]:
     weight = _adjacent([lin.weight for lin in linears])
     biases = [lin.bias for lin in linears]
     bias = None if all(b is None for b in biases) else _adjacent(biases)
+    if weight is None or (bias is None and any(b is not None for b in biases)):
+        return [lin(x) for lin in linears]
     parts = [lin.group_part(x) for lin in linears]
-    if weight is None or (bias is None and biases[0] is not None) or any(p is None for p in parts):
+    if any(p is None for p in parts):
         return [lin(x) for lin in linears]
     return ops.grouped_linear(x, weight, bias, parts)
 
@@ -82,7 +84,8 @@ def _adjacent(tensors: Sequence[Tensor | None]) -> Tensor | None:
         return None
     ptr, rows = first.data_ptr(), 0
     for t in tensors:
-        if t is None or t.data_ptr() != ptr or t.dtype != first.dtype or not t.is_contiguous():
+        if (t is None or t.data_ptr() != ptr or t.dtype != first.dtype or t.device != first.device
+                or t.shape[1:] != first.shape[1:] or not t.is_contiguous()):
             return None
         ptr += t.numel() * t.element_size()
         rows += t.shape[0]

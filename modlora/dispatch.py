@@ -144,9 +144,9 @@ def _decide(key: Key, x: Tensor, weight: Tensor, run: Run) -> str:
         return _choices[key]
     if _spent >= BUDGET_SECONDS:  # not stored on disk: a later process measures it
         return _choices.setdefault(key, default_path(x.dtype, bucket))
-    start = time.perf_counter()
+    spent, start = _spent, time.perf_counter()
     times = _measure(x, weight, run, bucket, (*c_paths(x.dtype, weight.dtype), "torch"))
-    _spent += time.perf_counter() - start
+    _spent = spent + time.perf_counter() - start  # a group's parts calibrated inside counted once
     _choices[key] = min(times, key=times.get)
     _measured[_name(key)] = {"path": _choices[key], "ms": times}
     _save()
@@ -298,8 +298,8 @@ def _load() -> None:
 def _parse(name: str) -> Key | None:
     parts = name.split("|")
     try:
-        kind, n, k, dtype, m_bucket, threads, isa = parts
-        return kind, int(n), int(k), dtype, int(m_bucket), int(threads), isa
+        kind, n, k, dtype, bucket, threads, isa = parts
+        return kind, int(n), int(k), dtype, int(bucket), int(threads), isa
     except ValueError:
         return None
 

@@ -227,6 +227,23 @@ def test_tensors_adjacent_in_memory_but_in_two_storages_are_not_a_group():
     assert torch.equal(adapted._adjacent([whole[:4], whole[4:]]), whole)
 
 
+def test_blocks_of_another_width_are_not_a_group():
+    whole = torch.zeros(24)
+    assert adapted._adjacent([whole[:8].view(2, 4), whole[8:].view(2, 8)]) is None
+
+
+@torch.no_grad()
+def test_a_group_where_only_some_linears_have_a_bias_keeps_every_bias():
+    torch.manual_seed(0)
+    linears = [adapted.AdaptedLinear(8, 4, bias=b) for b in (False, True, True)]
+    for lin in linears[1:]:
+        lin.bias.normal_()
+    adapted.fuse(linears)
+    x = torch.randn(3, 8)
+    for got, lin in zip(adapted.grouped(x, linears), linears, strict=True):
+        assert torch.equal(got, lin(x))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @torch.no_grad()
 def test_calibrated_group_takes_a_measured_path_with_the_same_logits(dtype, monkeypatch, tmp_path):
