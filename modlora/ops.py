@@ -97,10 +97,15 @@ def _bank(pairs: tuple, strategy: str, dtype: torch.dtype, versions: tuple) -> t
     return cpu.pack_bank(pairs, strategy, dtype)
 
 
+def _pairs_key(pairs: Sequence[tuple]) -> tuple[tuple, tuple]:
+    """The pairs as a cache key (weights as floats) and their adapter tensors' in-place version counters."""
+    key = tuple((a_in, a_out, float(w_in), float(w_out)) for a_in, a_out, w_in, w_out in pairs)
+    return key, tuple(t._version for p in key for a in p[:2] if a is not None for t in a[:2])
+
+
 def _packed(pairs: Sequence[tuple], strategy: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    pairs = tuple((a_in, a_out, float(w_in), float(w_out)) for a_in, a_out, w_in, w_out in pairs)
-    versions = tuple(t._version for p in pairs for a in p[:2] if a is not None for t in a[:2])
-    return _bank(pairs, strategy, dtype, versions)
+    key, versions = _pairs_key(pairs)
+    return _bank(key, strategy, dtype, versions)
 
 
 def _adapter_tensors(*adapters: Adapter | None) -> list[Tensor]:
@@ -206,16 +211,15 @@ def grouped_linear(x: Tensor, weight: Tensor, bias: Tensor | None, parts: Sequen
     :func:`dual_lora_linear`, :func:`pairwise_lora_linear`), exactly as called alone.
     """
     rows = _group_rows(parts)
-    if (rows is False or x.device.type != "cpu" or not cpu.c_enabled()
-            or torch.is_grad_enabled() and _builds_graph(x, weight, bias, *(
-                t for p in parts for pair in p[2] for t in (*_adapter_tensors(*pair[:2]), *pair[2:])))):
+    if rows is False:
         return [_part(x, p, p[4]) for p in parts]
     kind = "group-" + ("pairs" if rows is not None else "lora" if any(p[2] for p in parts) else "linear")
     pairs = max(len(p[2]) for p in parts)
     # Calibration inputs are [m, K]: their rows cycle through the pairs.
     calib_rows = lambda xs: None if rows is None else torch.arange(xs.shape[0]) % pairs
     run = lambda path, xs: _grouped(path, xs, weight, bias, parts, calib_rows(xs))
-    return _grouped(dispatch.choose(kind, x, weight, run), x, weight, bias, parts, rows)
+    tensors = (t for p in parts for pair in p[2] for t in (*_adapter_tensors(*pair[:2]), *pair[2:]))
+    return _grouped(_cpu_path(kind, x, weight, run, bias, *tensors), x, weight, bias, parts, rows)
 
 
 def _group_rows(parts: Sequence[GroupPart]) -> Tensor | None | bool:
@@ -241,10 +245,9 @@ def _grouped(path: str, x: Tensor, weight: Tensor, bias: Tensor | None, parts: S
              rows: Tensor | None) -> list[Tensor]:
     if path == "torch":
         return [_part(x, p, rows) for p in parts]
-    key = tuple((tuple((a_in, a_out, float(w_in), float(w_out)) for a_in, a_out, w_in, w_out in p[2]), p[3],
-                 p[0].shape[0]) for p in parts)
-    versions = tuple(t._version for p in key for pair in p[0] for a in pair[:2] if a is not None for t in a[:2])
-    A_bank, B_bank = _group_bank(key, x.dtype, versions)
+    keys = [_pairs_key(p[2]) for p in parts]
+    key = tuple((pairs, p[3], p[0].shape[0]) for (pairs, _), p in zip(keys, parts, strict=True))
+    A_bank, B_bank = _group_bank(key, x.dtype, tuple(v for _, versions in keys for v in versions))
     y = cpu.lora_bank_linear(x, weight, bias, A_bank, B_bank, None if A_bank is None else rows, isa=_isa(path))
     return list(y.split([p[0].shape[0] for p in parts], dim=-1))
 
