@@ -4,6 +4,7 @@ transformers, exact resume, the output embedding's gradient in the chunked loss.
 import pytest
 import torch
 from hf_reference import hf_model, save_hf
+from test_train import _random_examples
 
 from modlora.full import train_full, union_directions
 from modlora.kernels import linear_cross_entropy
@@ -13,17 +14,6 @@ from modlora.train import TrainConfig, collate, completion_loss, train
 
 PAD = 0
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _examples(n: int, seed: int, vocab: int = 1000, shared: int = 4) -> list[tuple[list[int], list[int]]]:
-    g = torch.Generator().manual_seed(seed)
-    prefix = torch.randint(1, vocab, (shared,), generator=g).tolist()
-    out = []
-    for _ in range(n):
-        length = int(torch.randint(2 * shared + 6, 2 * shared + 16, (1,), generator=g))
-        ids = prefix + torch.randint(1, vocab, (length - shared,), generator=g).tolist()
-        out.append((ids, [0] * (length // 2) + [1] * (length - length // 2)))
-    return out
 
 
 def test_chunked_loss_gives_the_output_embedding_its_gradient():
@@ -47,7 +37,7 @@ def test_one_step_gradients_of_every_parameter_match_transformers(tmp_path, tie)
     ours = load_pretrained(save_hf(hf, tmp_path), dtype=torch.float32)
     for p in ours.parameters():
         p.requires_grad_(True)
-    ids, attn, mask = collate(_examples(4, seed=0), PAD)
+    ids, attn, mask = collate(_random_examples(4, seed=0, shared=4), PAD)
     loss_sum, n = completion_loss(ours, ids, attn, mask, chunk=7)  # shared prefix, several loss chunks
     (loss_sum / n).backward()
     expected = hf(input_ids=ids, attention_mask=attn, labels=ids.masked_fill(mask == 0, -100)).loss
@@ -78,7 +68,7 @@ def _run(tmp, data, monkeypatch, stop_after=None):
     import modlora.full
 
     model = _tiny()
-    examples = {str(i): ex for i, ex in enumerate(_examples(11, seed=3))}
+    examples = {str(i): ex for i, ex in enumerate(_random_examples(11, seed=3, shared=4))}
     monkeypatch.setattr(modlora.full, "training_example", lambda tok, src, tgt, s, t: examples[s])
     cfg = TrainConfig(epochs=2, lr=1e-2, batch_size=2, grad_accum=2, warmup_ratio=0.2, checkpoint_every=2)
     done = train_full(model, _Tok(), data, cfg, tmp / "work", tmp / "model", stop_after=stop_after, log=lambda _: None)
@@ -143,7 +133,7 @@ def test_activation_checkpointing_gives_equal_gradients_and_keeps_less():
     model = _tiny()
     for p in model.parameters():
         p.requires_grad_(True)
-    batch = collate(_examples(4, seed=1), PAD)  # shared prefix: the prefix path is checkpointed too
+    batch = collate(_random_examples(4, seed=1, shared=4), PAD)  # shared prefix: the prefix path is checkpointed too
     kept, grads = _saved_activation_bytes(model, batch, checkpoint_layers=False)
     kept_ckpt, grads_ckpt = _saved_activation_bytes(model, batch, checkpoint_layers=True)
     for name, a, b in zip(dict(model.named_parameters()), grads, grads_ckpt, strict=True):
@@ -154,7 +144,7 @@ def test_activation_checkpointing_gives_equal_gradients_and_keeps_less():
 
 
 def test_activation_checkpointing_does_not_change_training_or_resume(tmp_path):
-    examples = _examples(6, seed=2)
+    examples = _random_examples(6, seed=2, shared=4)
     finals = []
     for i, flag in enumerate((False, True)):
         model = _tiny()
