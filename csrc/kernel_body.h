@@ -71,6 +71,7 @@ struct DotTypes {
   using V = VT;
   using X = XT;
   using W = WT;
+  static constexpr int kMaxMB = VT::kMaxMB;  // rows of x per register block (a policy may take fewer)
   static const XT* x(const BankArgs& a) {
     if constexpr (sizeof(XT) == sizeof(uint16_t))
       return a.xb;
@@ -139,7 +140,7 @@ using BlockFn = void (*)(const typename Dot::W* const*, const typename Dot::W*, 
 // The block kernel for mb rows of x and NB rows of W (mb is known only at run time).
 template <typename Dot, int NB>
 BlockFn<Dot> pick_block(int mb) {
-  constexpr int kMax = NB == 4 ? Dot::V::kSmallM : Dot::V::kMaxMB;
+  constexpr int kMax = NB == 4 ? Dot::V::kSmallM : Dot::kMaxMB;
   switch (mb) {
 #define MODLORA_CASE(n)                                                \
   case n:                                                              \
@@ -204,7 +205,7 @@ void rows_blocked(const BankArgs& a, int64_t n0, int64_t n1) {
   using V = typename Dot::V;
   const auto* W = static_cast<const typename Dot::W*>(a.w);
   // Rows of x per register block: as even as possible, at most kMaxMB.
-  const int64_t chunks = (a.M + V::kMaxMB - 1) / V::kMaxMB;
+  const int64_t chunks = (a.M + Dot::kMaxMB - 1) / Dot::kMaxMB;
   const int mb_full = static_cast<int>((a.M + chunks - 1) / chunks);
   Tile acc;
   for (int64_t n = n0; n < n1; n += NB) {

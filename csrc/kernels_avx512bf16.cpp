@@ -20,6 +20,32 @@ inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
 
 // Dot-product policy for kernel_body.h: x and W bf16, 32 elements per step, masked K tail.
 struct Bf16Dot : DotTypes<Avx512, uint16_t, uint16_t> {
+  // 8 rows x 2 W rows: 16 accumulators. At 11-12 rows (22-24 accumulators, the FMA policy's 12)
+  // GCC 12 spills accumulators inside the K loop here (objdump of block<12, 2>).
+  static constexpr int kMaxMB = 8;
+
+  // One K step at k: acc[i][j] += x[i, k:k+32] . w[j][k:k+32]. The loop's steps load whole vectors
+  // (kTail false): a masked load in the loop stops GCC 12 from keeping acc in registers (it stores
+  // every accumulator to the stack at every step, 2-3x slower), so only the last step masks.
+  template <int MB, int NB, bool kTail>
+  static void step(__m512 (&acc)[MB][NB], const uint16_t* const* w, const uint16_t* x, int64_t ldx, int64_t k,
+                   __mmask32 mask) {
+    const auto load = [mask](const uint16_t* p) {
+      if constexpr (kTail)
+        return _mm512_maskz_loadu_epi16(mask, p);
+      else
+        return _mm512_loadu_si512(p);
+    };
+    __m512i wv[NB];
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) wv[j] = load(w[j] + k);
+#pragma GCC unroll 16
+    for (int i = 0; i < MB; ++i) {
+      const __m512i xv = load(x + i * ldx + k);
+#pragma GCC unroll 4
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], as_bh(xv), as_bh(wv[j]));
+    }
+  }
 
   // pf: the next block of W rows, prefetched as in FmaDot::block (kernel_body.h).
   template <int MB, int NB>
@@ -27,21 +53,13 @@ struct Bf16Dot : DotTypes<Avx512, uint16_t, uint16_t> {
                     float (*out)[4]) {
     __m512 acc[MB][NB];
     clear<Avx512>(acc);
-    for (int64_t k = 0; k < K; k += 32) {
-      const int64_t left = K - k;
-      const __mmask32 mask = left >= 32 ? ~__mmask32(0) : ((__mmask32(1) << left) - 1);
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
 #pragma GCC unroll 4
       for (int b = 0; b < NB * 64; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(pf + NB * k) + b);
-      __m512i wv[NB];
-#pragma GCC unroll 4
-      for (int j = 0; j < NB; ++j) wv[j] = _mm512_maskz_loadu_epi16(mask, w[j] + k);
-#pragma GCC unroll 16
-      for (int i = 0; i < MB; ++i) {
-        const __m512i xv = _mm512_maskz_loadu_epi16(mask, x + i * ldx + k);
-#pragma GCC unroll 4
-        for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], as_bh(xv), as_bh(wv[j]));
-      }
+      step<MB, NB, false>(acc, w, x, ldx, k, 0);
     }
+    if (k < K) step<MB, NB, true>(acc, w, x, ldx, k, (__mmask32(1) << (K - k)) - 1);
     reduce<Avx512>(acc, out);
   }
 };
