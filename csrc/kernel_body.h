@@ -10,6 +10,7 @@
 //                 register), kMaxMB (rows of x per register block), kSmallM; VecBase below gives
 //                 the members that need no intrinsics;
 //   Dot::X, Dot::W  element types of x and W (float or uint16_t = raw bf16);
+//   Dot::kMaxMB, Dot::kSmallM  the traits' register blocking unless the policy sets its own;
 //   Dot::block<MB, NB>(w, pf, x, ldx, K, out)   out[i][j] = sum_k x[i, k] * w[j][k], i < MB, j < NB.
 // FmaDot<V, WT> below is the policy for fp32 x (W converted to fp32 as it is loaded).
 //
@@ -71,7 +72,8 @@ struct DotTypes {
   using V = VT;
   using X = XT;
   using W = WT;
-  static constexpr int kMaxMB = VT::kMaxMB;  // rows of x per register block (a policy may take fewer)
+  // Rows of x per register block, and the most rows that take 4 W rows per block (a policy may change them).
+  static constexpr int kMaxMB = VT::kMaxMB, kSmallM = VT::kSmallM;
   static const XT* x(const BankArgs& a) {
     if constexpr (sizeof(XT) == sizeof(uint16_t))
       return a.xb;
@@ -140,7 +142,7 @@ using BlockFn = void (*)(const typename Dot::W* const*, const typename Dot::W*, 
 // The block kernel for mb rows of x and NB rows of W (mb is known only at run time).
 template <typename Dot, int NB>
 BlockFn<Dot> pick_block(int mb) {
-  constexpr int kMax = NB == 4 ? Dot::V::kSmallM : Dot::kMaxMB;
+  constexpr int kMax = NB == 4 ? Dot::kSmallM : Dot::kMaxMB;
   switch (mb) {
 #define MODLORA_CASE(n)                                                \
   case n:                                                              \
@@ -228,7 +230,7 @@ void rows_blocked(const BankArgs& a, int64_t n0, int64_t n1) {
 // The row driver: few rows of x take 4 W rows per block (more independent accumulators), else 2.
 template <typename Dot>
 void rows_impl(const BankArgs& a, int64_t n0, int64_t n1) {
-  if (a.M <= Dot::V::kSmallM)
+  if (a.M <= Dot::kSmallM)
     rows_blocked<Dot, 4>(a, n0, n1);
   else
     rows_blocked<Dot, 2>(a, n0, n1);

@@ -20,9 +20,10 @@ inline __m512bh as_bh(__m512i v) { return (__m512bh)v; }
 
 // Dot-product policy for kernel_body.h: x and W bf16, 32 elements per step, masked K tail.
 struct Bf16Dot : DotTypes<Avx512, uint16_t, uint16_t> {
-  // 8 rows x 2 W rows: 16 accumulators. At 11-12 rows (22-24 accumulators, the FMA policy's 12)
+  // Up to 5 rows (beam 5) take 4 W rows per block (20 accumulators), more rows 2 W rows and at most 8
+  // rows per block (16 accumulators). At 11-12 rows (22-24 accumulators, the FMA policy's 12)
   // GCC 12 spills accumulators inside the K loop here (objdump of block<12, 2>).
-  static constexpr int kMaxMB = 8;
+  static constexpr int kMaxMB = 8, kSmallM = 5;
 
   // One K step at k: acc[i][j] += x[i, k:k+32] . w[j][k:k+32]. The loop's steps load whole vectors
   // (kTail false): a masked load in the loop stops GCC 12 from keeping acc in registers (it stores
