@@ -72,9 +72,9 @@ void tile_epilogue(const BankArgs& a, int64_t t0, int nt, int64_t n, int nb, con
       for (int i = 0; i < mb; ++i)
         for (int j = 0; j < jb; ++j) acc[i][j] = c[t][j0 + j][i];
       if (a.b_bf16)
-        epilogue<V, uint16_t>(a, m0, mb, n + j0, jb, acc);
+        epilogue<V, uint16_t>(a, m0, mb, n + j0, jb, acc, 0);
       else
-        epilogue<V, float>(a, m0, mb, n + j0, jb, acc);
+        epilogue<V, float>(a, m0, mb, n + j0, jb, acc, 0);
     }
   }
 }

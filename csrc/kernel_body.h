@@ -11,14 +11,16 @@
 //                 the members that need no intrinsics;
 //   Dot::X, Dot::W  element types of x and W (float or uint16_t = raw bf16);
 //   Dot::kMaxMB, Dot::kSmallM  the traits' register blocking unless the policy sets its own;
-//   Dot::block<MB, NB>(w, pf, x, ldx, K, out)   out[i][j] = sum_k x[i, k] * w[j][k], i < MB, j < NB.
+//   Dot::block<MB, NB>(w, pf, x, ldx, K, e, out)   out[i][j] = sum_k x[i, k] * w[j][k] plus the
+//                 block's LoRA expand e folded in (Expand, fold below), i < MB, j < NB.
 // FmaDot<V, WT> below is the policy for fp32 x (W converted to fp32 as it is loaded).
 //
 // Work split: the caller gives each thread a contiguous range of output columns n (= rows of W).
 // For NB rows of W at a time and MB rows of x at a time, MB*NB accumulators stay in registers for
 // the whole K loop; W is loaded once per (K step, W row). M > MB re-reads the same NB rows of W
-// from L1/L2, not from memory. The epilogue adds the bias and u[m] . B_bank[p_m][n, :] and writes
-// y once.
+// from L1/L2, not from memory. The LoRA expand u[m] . B_bank[p_m][n, :] joins the accumulators
+// before their horizontal sums (fold); the epilogue adds the bias (and the expand's last R mod
+// lanes ranks) and writes y once.
 #pragma once
 #include <cstdint>
 
@@ -91,6 +93,39 @@ inline void clear(typename V::vec (&acc)[MB][NB]) {
     for (int j = 0; j < NB; ++j) acc[i][j] = V::zero();
 }
 
+// A block's LoRA expand, folded into its accumulators before the horizontal sums: lane l of
+// acc[i][j] gains the sum over r < r_vec, r = l (mod lanes), of u[i, r] B_bank[p_i][n + j, r], so
+// the one sum per output adds the expand too. (A dot and a horizontal sum per output of its own
+// cost about a third of the block's work at M = 5, K = 896, R = 32.) The epilogue adds r >= r_vec.
+struct Expand {
+  const float* u = nullptr;  // u of the block's first row of x (row stride R); null: no adapters
+  const char* b[16] = {};    // per row of the block: B_bank[p_m] row n, as bytes (row_bytes per row)
+  int64_t R = 0, r_vec = 0, row_bytes = 0;
+  bool b_bf16 = false;
+};
+
+template <typename V, typename BT, typename Vec, int MB, int NB>
+inline void fold_typed(Vec (&acc)[MB][NB], const Expand& e) {
+  for (int64_t r = 0; r < e.r_vec; r += V::kLanes)
+#pragma GCC unroll 16
+    for (int i = 0; i < MB; ++i) {
+      typename V::vec uv = V::load(e.u + i * e.R + r);
+      V::pin(uv);
+#pragma GCC unroll 4
+      for (int j = 0; j < NB; ++j)
+        acc[i][j] = V::fma(uv, V::load(reinterpret_cast<const BT*>(e.b[i] + j * e.row_bytes) + r), acc[i][j]);
+    }
+}
+
+template <typename V, typename Vec, int MB, int NB>
+inline void fold(Vec (&acc)[MB][NB], const Expand& e) {
+  if (e.u == nullptr) return;
+  if (e.b_bf16)
+    fold_typed<V, uint16_t>(acc, e);
+  else
+    fold_typed<V, float>(acc, e);
+}
+
 template <typename V, int MB, int NB>
 inline void reduce(const typename V::vec (&acc)[MB][NB], float (*out)[4]) {
   for (int i = 0; i < MB; ++i)
@@ -107,7 +142,8 @@ struct FmaDot : DotTypes<VT, float, WT> {
   using V = VT;
 
   template <int MB, int NB>
-  static void block(const WT* const* w, const WT* pf, const float* x, int64_t ldx, int64_t K, float (*out)[4]) {
+  static void block(const WT* const* w, const WT* pf, const float* x, int64_t ldx, int64_t K, const Expand& e,
+                    float (*out)[4]) {
     constexpr int kStepBytes = NB * V::kLanes * static_cast<int>(sizeof(WT));
     typename V::vec acc[MB][NB];
     clear<V>(acc);
@@ -126,6 +162,7 @@ struct FmaDot : DotTypes<VT, float, WT> {
         for (int j = 0; j < NB; ++j) acc[i][j] = V::fma(xv, wv[j], acc[i][j]);
       }
     }
+    fold<V>(acc, e);
     reduce<V>(acc, out);
     for (; k < K; ++k)  // K tail (< kLanes elements)
       for (int j = 0; j < NB; ++j) {
@@ -137,7 +174,7 @@ struct FmaDot : DotTypes<VT, float, WT> {
 
 template <typename Dot>
 using BlockFn = void (*)(const typename Dot::W* const*, const typename Dot::W*, const typename Dot::X*, int64_t,
-                         int64_t, float (*)[4]);
+                         int64_t, const Expand&, float (*)[4]);
 
 // The block kernel for mb rows of x and NB rows of W (mb is known only at run time).
 template <typename Dot, int NB>
@@ -165,18 +202,19 @@ inline float rank_dot(const float* u, const BT* b, int64_t R) {
   return s;
 }
 
-// Epilogue for rows [m0, m0 + mb) and columns [n, n + nb): bias, LoRA expand, store.
+// Epilogue for rows [m0, m0 + mb) and columns [n, n + nb): bias, the LoRA expand's ranks from r0
+// (those not folded into acc), store.
 template <typename V, typename BT>
-void epilogue(const BankArgs& a, int64_t m0, int mb, int64_t n, int nb, const Tile& acc) {
+void epilogue(const BankArgs& a, int64_t m0, int mb, int64_t n, int nb, const Tile& acc, int64_t r0) {
   const BT* bank = static_cast<const BT*>(a.bank_b);
   for (int i = 0; i < mb; ++i) {
     const int64_t m = m0 + i;
-    const float* um = a.R > 0 ? a.u + m * a.R : nullptr;
+    const float* um = r0 < a.R ? a.u + m * a.R : nullptr;
     const BT* bp = um ? bank + ((a.pair ? a.pair[m] : 0) * a.N) * a.R : nullptr;
     for (int j = 0; j < nb; ++j) {
       float v = acc[i][j];
       if (a.bias) v += a.bias[n + j];
-      if (um) v += rank_dot<V>(um, bp + (n + j) * a.R, a.R);
+      if (um) v += rank_dot<V>(um + r0, bp + (n + j) * a.R + r0, a.R - r0);
       if (a.y_bf16)
         static_cast<uint16_t*>(a.y)[m * a.N + n + j] = f32_to_bf16(v);
       else
@@ -188,17 +226,35 @@ void epilogue(const BankArgs& a, int64_t m0, int mb, int64_t n, int nb, const Ti
 // Dot products of rows [m0, m0 + mb) of x with the nb (<= NB) W rows `wrows` into acc.
 template <typename Dot, int NB>
 void dot_rows(const typename Dot::W* const* wrows, const typename Dot::W* pf, const typename Dot::X* x, int64_t K,
-              int mb, int nb, Tile& acc) {
+              int mb, int nb, const Expand& e, Tile& acc) {
   if (nb == NB) {
-    pick_block<Dot, NB>(mb)(wrows, pf, x, K, K, acc);
+    pick_block<Dot, NB>(mb)(wrows, pf, x, K, K, e, acc);
     return;
   }
   const BlockFn<Dot> one_row = pick_block<Dot, 1>(mb);  // last, partial block of W rows
+  Expand ej = e;
   for (int j = 0; j < nb; ++j) {
     Tile one;
-    one_row(wrows + j, wrows[j], x, K, K, one);
+    one_row(wrows + j, wrows[j], x, K, K, ej, one);
+    for (int i = 0; i < mb; ++i) ej.b[i] += e.row_bytes;
     for (int i = 0; i < mb; ++i) acc[i][j] = one[i][0];
   }
+}
+
+// The LoRA expand of rows [m0, m0 + mb) for columns from n, to fold into their block.
+template <typename V>
+Expand expand_of(const BankArgs& a, int64_t m0, int mb, int64_t n) {
+  Expand e;
+  if (a.R == 0) return e;
+  const int64_t elem = a.b_bf16 ? 2 : 4;
+  e.u = a.u + m0 * a.R;
+  e.R = a.R;
+  e.r_vec = a.R - a.R % V::kLanes;
+  e.row_bytes = a.R * elem;
+  e.b_bf16 = a.b_bf16;
+  for (int i = 0; i < mb; ++i)
+    e.b[i] = static_cast<const char*>(a.bank_b) + ((a.pair ? a.pair[m0 + i] : 0) * a.N + n) * e.row_bytes;
+  return e;
 }
 
 // Output columns [n0, n1) for all M rows, NB rows of W per block.
@@ -218,11 +274,12 @@ void rows_blocked(const BankArgs& a, int64_t n0, int64_t n1) {
     const typename Dot::W* pf = W + (n + 2 * NB <= n1 ? n + NB : n) * a.ldw;
     for (int64_t m0 = 0; m0 < a.M; m0 += mb_full) {
       const int mb = static_cast<int>(a.M - m0 < mb_full ? a.M - m0 : mb_full);
-      dot_rows<Dot, NB>(wrows, pf, Dot::x(a) + m0 * a.K, a.K, mb, nb, acc);
+      const Expand e = expand_of<V>(a, m0, mb, n);
+      dot_rows<Dot, NB>(wrows, pf, Dot::x(a) + m0 * a.K, a.K, mb, nb, e, acc);
       if (a.b_bf16)
-        epilogue<V, uint16_t>(a, m0, mb, n, nb, acc);
+        epilogue<V, uint16_t>(a, m0, mb, n, nb, acc, e.r_vec);
       else
-        epilogue<V, float>(a, m0, mb, n, nb, acc);
+        epilogue<V, float>(a, m0, mb, n, nb, acc, e.r_vec);
     }
   }
 }

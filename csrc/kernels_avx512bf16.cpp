@@ -51,7 +51,7 @@ struct Bf16Dot : DotTypes<Avx512, uint16_t, uint16_t> {
   // pf: the next block of W rows, prefetched as in FmaDot::block (kernel_body.h).
   template <int MB, int NB>
   static void block(const uint16_t* const* w, const uint16_t* pf, const uint16_t* x, int64_t ldx, int64_t K,
-                    float (*out)[4]) {
+                    const Expand& e, float (*out)[4]) {
     __m512 acc[MB][NB];
     clear<Avx512>(acc);
     int64_t k = 0;
@@ -61,6 +61,7 @@ struct Bf16Dot : DotTypes<Avx512, uint16_t, uint16_t> {
       step<MB, NB, false>(acc, w, x, ldx, k, 0);
     }
     if (k < K) step<MB, NB, true>(acc, w, x, ldx, k, (__mmask32(1) << (K - k)) - 1);
+    fold<Avx512>(acc, e);
     reduce<Avx512>(acc, out);
   }
 };
