@@ -60,6 +60,7 @@ template <typename Vec>
 struct VecBase {
   using vec = Vec;
   static constexpr int kLanes = sizeof(Vec) / sizeof(float);
+  static constexpr bool kHsum4 = false;  // a transposing hsum4(const vec (&)[4], float*) (Avx512)
   static vec zero() { return vec{}; }
   static vec load(const float* p) {
     vec v;
@@ -128,8 +129,13 @@ inline void fold(Vec (&acc)[MB][NB], const Expand& e) {
 
 template <typename V, int MB, int NB>
 inline void reduce(const typename V::vec (&acc)[MB][NB], float (*out)[4]) {
-  for (int i = 0; i < MB; ++i)
+  for (int i = 0; i < MB; ++i) {
+    if constexpr (NB == 4 && V::kHsum4) {
+      V::hsum4(acc[i], out[i]);
+      continue;
+    }
     for (int j = 0; j < NB; ++j) out[i][j] = V::hsum(acc[i][j]);
+  }
 }
 
 // FMA policy: x fp32, W of type WT loaded and converted to fp32 per K step.

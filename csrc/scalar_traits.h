@@ -11,6 +11,7 @@ struct Scalar {
     float v[8];
   };
   static constexpr int kLanes = 8, kMaxMB = 4, kSmallM = 2;
+  static constexpr bool kHsum4 = false;
   static vec zero() { return vec{}; }
   static vec load(const float* p) {
     vec r;
