@@ -65,6 +65,7 @@ Run = Callable[[str, Tensor], Tensor]
 Key = tuple[str, int, int, str, int, int, str]
 
 _choices: dict[Key, str] = {}
+_exact: dict[tuple, str] = {}  # the same choices by exact rows, dtypes and shape: one dict lookup per call
 _measured: dict[str, dict] = {}  # this process's measurements, as cache entries
 _forced: str | None = None
 _calibrate = True
@@ -77,6 +78,7 @@ def reset() -> None:
     """Forget every choice made in this process and re-read the environment variables."""
     global _forced, _calibrate, _loaded, _warned, _spent
     _choices.clear()
+    _exact.clear()
     _measured.clear()
     forced = os.environ.get("MODLORA_DISPATCH", "").strip().lower()
     known = ("torch", "c", *(f"c:{isa}" for isa in cpu._C.supported_isas())) if cpu.HAVE_C else ("torch", "c")
@@ -121,7 +123,15 @@ def choose(kind: str, x: Tensor, weight: Tensor, run: Run) -> str:
     no autograd, C available)."""
     if _forced is not None:
         return _forced
-    bucket = m_bucket(x.numel() // x.shape[-1] if x.shape[-1] else 0)
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    exact = (kind, weight.shape, x.dtype, weight.dtype, rows, torch.get_num_threads(), cpu._C.isa())
+    path = _exact.get(exact)
+    if path is None:
+        path = _exact[exact] = _choose_bucket(kind, x, weight, run, m_bucket(rows))
+    return path
+
+
+def _choose_bucket(kind: str, x: Tensor, weight: Tensor, run: Run, bucket: int) -> str:
     if bucket > MAX_BUCKET:
         return "torch"
     dtypes = str(x.dtype).removeprefix("torch.")

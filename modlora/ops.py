@@ -99,8 +99,13 @@ def _bank(pairs: tuple, strategy: str, dtype: torch.dtype, versions: tuple) -> t
 
 def _pairs_key(pairs: Sequence[tuple]) -> tuple[tuple, tuple]:
     """The pairs as a cache key (weights as floats) and their adapter tensors' in-place version counters."""
-    key = tuple((a_in, a_out, float(w_in), float(w_out)) for a_in, a_out, w_in, w_out in pairs)
-    return key, tuple(t._version for p in key for a in p[:2] if a is not None for t in a[:2])
+    key, versions = [], []
+    for a_in, a_out, w_in, w_out in pairs:  # plain loops: this runs on every adapted call
+        key.append((a_in, a_out, float(w_in), float(w_out)))
+        for a in (a_in, a_out):
+            if a is not None:
+                versions += (a[0]._version, a[1]._version)
+    return tuple(key), tuple(versions)
 
 
 def _packed(pairs: Sequence[tuple], strategy: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
