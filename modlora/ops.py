@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from collections.abc import Sequence
-from itertools import accumulate
+from collections.abc import Iterable, Iterator, Sequence
+from itertools import accumulate, chain
 
 import torch
 from torch import Tensor
@@ -47,13 +47,15 @@ def _autocast(x: Tensor, weight: Tensor, bias: Tensor | None, adapters: Sequence
     return x.to(dt), weight.to(dt), None if bias is None else bias.to(dt), [cast(a) for a in adapters]
 
 
-def _cpu_path(kind: str, x: Tensor, weight: Tensor, run: dispatch.Run, *tensors: Tensor | float | None) -> str:
+def _cpu_path(kind: str, x: Tensor, weight: Tensor, run: dispatch.Run,
+              tensors: Iterable[Tensor | float | None] = ()) -> str:
     """``"torch"``, or the C++ op (``"c"``: at the ISA set; ``"c:<isa>"``): C only on CPU, when
     built and enabled, with no autograd graph to build (it has no backward), and where
-    :func:`dispatch.choose` measured it faster."""
+    :func:`dispatch.choose` measured it faster. ``tensors``, the call's other inputs, are read only
+    when autograd is on (a generator costs nothing in inference)."""
     if x.device.type != "cpu" or not cpu.c_enabled():
         return "torch"
-    if _builds_graph(x, weight, *tensors):
+    if torch.is_grad_enabled() and _builds_graph(x, weight, *tensors):
         return "torch"
     return dispatch.choose(kind, x, weight, run)
 
@@ -79,7 +81,7 @@ def _emulated_bf16(x: Tensor, weight: Tensor) -> bool:
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``x W^T + b`` (the un-adapted linears and the ``lm_head``)."""
     run = lambda path, x: _linear(path, x, weight, bias)
-    return run(_cpu_path("linear", x, weight, run, bias), x)
+    return run(_cpu_path("linear", x, weight, run, (bias,)), x)
 
 
 def _linear(path: str, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -113,8 +115,8 @@ def _packed(pairs: Sequence[tuple], strategy: str, dtype: torch.dtype) -> tuple[
     return _bank(key, strategy, dtype, versions)
 
 
-def _adapter_tensors(*adapters: Adapter | None) -> list[Tensor]:
-    return [t for a in adapters if a is not None for t in a[:2]]
+def _adapter_tensors(*adapters: Adapter | None) -> Iterator[Tensor]:
+    return (t for a in adapters if a is not None for t in a[:2])
 
 
 def dual_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_in: Adapter | None,
@@ -140,7 +142,7 @@ def dual_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_in: Ad
         x, weight, bias, (lora_in, lora_out) = _autocast(x, weight, bias, (lora_in, lora_out))
         return kernels.dual_lora_linear(x, weight, bias, lora_in, lora_out, w_in, w_out, strategy)
     run = lambda path, x: _dual(path, x, weight, bias, lora_in, lora_out, w_in, w_out, strategy)
-    return run(_cpu_path("lora", x, weight, run, bias, w_in, w_out, *_adapter_tensors(lora_in, lora_out)), x)
+    return run(_cpu_path("lora", x, weight, run, chain((bias, w_in, w_out), _adapter_tensors(lora_in, lora_out))), x)
 
 
 def _dual(path: str, x: Tensor, weight: Tensor, bias: Tensor | None, lora_in: Adapter | None,
@@ -176,14 +178,14 @@ def pairwise_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None,
         row_pair: [B] integer pair index per entry of dim 0 of x.
     """
     weights = [w for p in pairs for w in p[2:]]
-    tensors = _adapter_tensors(*(a for p in pairs for a in p[:2]))
+    tensors = list(_adapter_tensors(*(a for p in pairs for a in p[:2])))
     if x.is_cuda and _HAVE_TRITON and not _builds_graph(x, weight, bias, *weights, *tensors):
         x, weight, bias, flat = _autocast(x, weight, bias, [a for p in pairs for a in p[:2]])
         pairs = [(flat[2 * i], flat[2 * i + 1], *p[2:]) for i, p in enumerate(pairs)]
         return kernels.pairwise_lora_linear(x, weight, bias, pairs, row_pair, strategy)  # forward only
     # Calibration inputs are [m, K]: their rows cycle through the pairs.
     run = lambda path, xs: _pairwise(path, xs, weight, bias, pairs, torch.arange(xs.shape[0]) % len(pairs), strategy)
-    return _pairwise(_cpu_path("pairs", x, weight, run, bias, *weights, *tensors), x, weight, bias, pairs, row_pair,
+    return _pairwise(_cpu_path("pairs", x, weight, run, (bias, *weights, *tensors)), x, weight, bias, pairs, row_pair,
                      strategy)
 
 
@@ -224,7 +226,7 @@ def grouped_linear(x: Tensor, weight: Tensor, bias: Tensor | None, parts: Sequen
     calib_rows = lambda xs: None if rows is None else torch.arange(xs.shape[0]) % pairs
     run = lambda path, xs: _grouped(path, xs, weight, bias, parts, calib_rows(xs))
     tensors = (t for p in parts for pair in p[2] for t in (*_adapter_tensors(*pair[:2]), *pair[2:]))
-    return _grouped(_cpu_path(kind, x, weight, run, bias, *tensors), x, weight, bias, parts, rows)
+    return _grouped(_cpu_path(kind, x, weight, run, chain((bias,), tensors)), x, weight, bias, parts, rows)
 
 
 def _group_rows(parts: Sequence[GroupPart]) -> Tensor | None | bool:
