@@ -245,10 +245,21 @@ def cpu_model() -> str:
 
 @functools.cache
 def fingerprint() -> dict:
-    """What a cached choice depends on besides its key: CPU model, cores, library versions
-    (computed once per process; do not modify the dict)."""
+    """What a cached choice depends on besides its key: CPU model, cores, library versions and the
+    build of the C++ op (computed once per process; do not modify the dict)."""
     return {"format": FORMAT, "cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
-            "modlora": _version(), "isas": cpu._C.supported_isas() if cpu.HAVE_C else []}
+            "modlora": _version(), "isas": cpu._C.supported_isas() if cpu.HAVE_C else [], "c_build": _c_build()}
+
+
+def _c_build() -> str | None:
+    """A digest of the built C++ extension: a rebuilt op (other code, so other speeds) is measured
+    afresh, not judged by what an older build measured under the same version number."""
+    if not cpu.HAVE_C:
+        return None
+    try:
+        return hashlib.sha256(Path(cpu._C.__file__).read_bytes()).hexdigest()[:16]
+    except (OSError, AttributeError, TypeError):  # no file behind the module: versions decide alone
+        return None
 
 
 def _version() -> str | None:

@@ -197,6 +197,22 @@ def test_bad_cache_is_ignored_with_one_warning_and_rewritten(content, caplog):
     assert sorted(name.split("|")[4] for name in data["choices"]) == ["1", "2"]  # the old entry is gone
 
 
+@pytest.mark.skipif(not cpu.HAVE_C, reason="needs the C++ extension built")
+def test_a_rebuilt_extension_calibrates_afresh(tmp_path, monkeypatch):
+    """Choices measured with one build of the C++ op are not reused by another build of the same
+    version: its speed may differ (this project's own kernel changes did)."""
+    before = dispatch.cache_file()
+    rebuilt = tmp_path / "_C.so"
+    rebuilt.write_bytes(b"another build")
+    monkeypatch.setattr(cpu._C, "__file__", str(rebuilt))
+    dispatch.fingerprint.cache_clear()
+    try:
+        assert dispatch.fingerprint()["c_build"] is not None
+        assert dispatch.cache_file() != before
+    finally:
+        dispatch.fingerprint.cache_clear()
+
+
 _WORKER = """
 import torch
 from modlora import ops
