@@ -254,10 +254,11 @@ def main() -> None:
 
 
 def save(name: str, env: dict, row: dict, rows: list[dict]) -> list[dict]:
-    """Rows with `row` added or replacing the same (dtype, batch) case; writes the JSON and the plot."""
+    """Rows with `row` added or replacing the same (dtype, batch, threads) case; writes the JSON and the plot."""
     row.update(commit=env["commit"], dirty=env["dirty"], time=env["time"])
-    rows = sorted([r for r in rows if (r["dtype"], r["batch"]) != (row["dtype"], row["batch"])] + [row],
-                  key=lambda r: (list(DTYPES).index(r["dtype"]), r["batch"]))
+    case = lambda r: (r["dtype"], r["batch"], r.get("threads"))
+    rows = sorted([r for r in rows if case(r) != case(row)] + [row],
+                  key=lambda r: (list(DTYPES).index(r["dtype"]), r["batch"], r.get("threads") or 0))
     write_json(name, {"benchmark": "generate", "environment": env, "results": rows})
     plot(rows, RESULTS / f"{name}.png")
     return rows
@@ -274,7 +275,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['dtype']}\nbatch {r['batch']}" for r in rows]
+    labels = [f"{r['dtype']}\nbatch {r['batch']}\n{r.get('threads', '?')} thr" for r in rows]
     x = range(len(rows))
     fig, ax = plt.subplots(figsize=(1.8 * len(rows) + 2, 4))
     for k, (side, color) in enumerate((("modlora", "tab:blue"), ("transformers_peft", "tab:gray"))):
