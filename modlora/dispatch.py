@@ -9,9 +9,9 @@ about ``PATH_SECONDS``, at most ``MAX_REPS``, per path) and bounded in total per
 (``BUDGET_SECONDS``); a case met after that gets the conservative default and is measured by a
 later process.
 
-Choices are cached on disk, one JSON file per CPU model, core count and torch/modlora/C-op
-version (``$MODLORA_CACHE_DIR``, else ``$XDG_CACHE_HOME/modlora``, else ``~/.cache/modlora``),
-written atomically and merged with what another process wrote meanwhile. A file that cannot be
+Choices are cached on disk, one JSON file per CPU model, core count, torch/modlora version and
+build of the C++ op (a digest of its file): ``$MODLORA_CACHE_DIR``, else ``$XDG_CACHE_HOME/modlora``,
+else ``~/.cache/modlora``; written atomically and merged with what another process wrote meanwhile. A file that cannot be
 read, is not this format or was written for another CPU or version is ignored (one warning) and
 replaced at the next write.
 
