@@ -11,9 +11,9 @@ later process.
 
 Choices are cached on disk, one JSON file per CPU model, core count, torch/modlora version and
 build of the C++ op (a digest of its file): ``$MODLORA_CACHE_DIR``, else ``$XDG_CACHE_HOME/modlora``,
-else ``~/.cache/modlora``; written atomically and merged with what another process wrote meanwhile. A file that cannot be
-read, is not this format or was written for another CPU or version is ignored (one warning) and
-replaced at the next write.
+else ``~/.cache/modlora``; written atomically and merged with what another process wrote
+meanwhile. A file that cannot be read, is not this format or was written for another CPU or
+version is ignored (one warning) and replaced at the next write.
 
 Environment: ``MODLORA_DISPATCH`` forces a path: ``torch``, ``c`` (the C++ op at the ISA set by
 ``MODLORA_CPU_ISA``, by default the best) or ``c:<isa>`` (one of ``_C.supported_isas()``), the C
