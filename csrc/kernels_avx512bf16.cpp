@@ -25,14 +25,18 @@ struct Bf16Dot : DotTypes<Avx512, uint16_t, uint16_t> {
   // GCC 12 spills accumulators inside the K loop here (objdump of block<12, 2>).
   static constexpr int kMaxMB = 8, kSmallM = 5;
 
-  // One K step at k: acc[i][j] += x[i, k:k+32] . w[j][k:k+32]. The loop's steps load whole vectors
-  // (kTail false): a masked load in the loop stops GCC 12 from keeping acc in registers (it stores
-  // every accumulator to the stack at every step, 2-3x slower), so only the last step masks.
-  template <int MB, int NB, bool kTail>
+  // One K step at k: acc[i][j] += x[i, k:k+32] . w[j][k:k+32], by masked loads (kMasked) or whole
+  // vectors. A masked load in the loop stops GCC 12 from keeping acc in registers (it stores every
+  // accumulator to the stack at every step, 2-3x slower where compute bounds the block), so from 3
+  // rows of x on only the last step masks. At 1-2 rows W's stream bounds the block, and there
+  // masked loads (mask all ones in the loop) read W faster on Zen 5 than whole-vector loads: q/o at
+  // M = 1 50-59 vs 67-98 us, gate/up 201-294 vs 278-427 us (cold W, A/B in alternating processes;
+  // the cause is not known).
+  template <int MB, int NB, bool kMasked>
   static void step(__m512 (&acc)[MB][NB], const uint16_t* const* w, const uint16_t* x, int64_t ldx, int64_t k,
                    __mmask32 mask) {
     const auto load = [mask](const uint16_t* p) {
-      if constexpr (kTail)
+      if constexpr (kMasked)
         return _mm512_maskz_loadu_epi16(mask, p);
       else
         return _mm512_loadu_si512(p);
@@ -54,11 +58,13 @@ struct Bf16Dot : DotTypes<Avx512, uint16_t, uint16_t> {
                     const Expand& e, float (*out)[4]) {
     __m512 acc[MB][NB];
     clear<Avx512>(acc);
+    __mmask32 all = ~__mmask32(0);
+    asm("" : "+r"(all));  // opaque: GCC turns a load under a known all-ones mask into a plain one
     int64_t k = 0;
     for (; k + 32 <= K; k += 32) {
 #pragma GCC unroll 4
       for (int b = 0; b < NB * 64; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(pf + NB * k) + b);
-      step<MB, NB, false>(acc, w, x, ldx, k, 0);
+      step<MB, NB, (MB <= 2)>(acc, w, x, ldx, k, all);
     }
     if (k < K) step<MB, NB, true>(acc, w, x, ldx, k, (__mmask32(1) << (K - k)) - 1);
     fold<Avx512>(acc, e);
