@@ -80,8 +80,8 @@ int64_t x_tiles_elems(int64_t M, int64_t K) {
 }
 
 // A tile kernel against exact integer arithmetic, on 70 x 70 x 21 (x tiles over all four C tiles
-// and a second pass, a K tail, a partial block of W rows): small integers make every sum exact in any order, so a layout, tail or
-// operand-order mistake shows as a mismatch. The hardware AMX path runs it once before it is offered
+// and a second pass, a K tail, a partial block of W rows): small integers make every sum exact in
+// any order, so a layout, tail or operand-order mistake shows as a mismatch. The hardware AMX path runs it once before it is offered
 // (it was written on CPUs without AMX); the tests run it on the emulated tiles.
 bool tiles_self_check(RowsFn rows) {
   constexpr int64_t M = 70, K = 70, N = 21;

@@ -127,17 +127,20 @@ def choose(kind: str, x: Tensor, weight: Tensor, run: Run) -> str:
     exact = (kind, weight.shape, x.dtype, weight.dtype, rows, torch.get_num_threads(), cpu._C.isa())
     path = _exact.get(exact)
     if path is None:
-        path = _exact[exact] = _choose_bucket(kind, x, weight, run, m_bucket(rows))
+        path = _exact[exact] = _choose_bucket(exact, x, weight, run)
     return path
 
 
-def _choose_bucket(kind: str, x: Tensor, weight: Tensor, run: Run, bucket: int) -> str:
+def _choose_bucket(exact: tuple, x: Tensor, weight: Tensor, run: Run) -> str:
+    """The choice for ``choose``'s exact case: that of its bucket (rows rounded up to a power of two)."""
+    kind, shape, x_dtype, w_dtype, rows, threads, isa = exact
+    bucket = m_bucket(rows)
     if bucket > MAX_BUCKET:
         return "torch"
-    dtypes = str(x.dtype).removeprefix("torch.")
-    if weight.dtype != x.dtype:
-        dtypes += "+" + str(weight.dtype).removeprefix("torch.")
-    key = (kind, weight.shape[0], weight.shape[1], dtypes, bucket, torch.get_num_threads(), cpu._C.isa())
+    dtypes = str(x_dtype).removeprefix("torch.")
+    if w_dtype != x_dtype:
+        dtypes += "+" + str(w_dtype).removeprefix("torch.")
+    key = (kind, shape[0], shape[1], dtypes, bucket, threads, isa)
     path = _choices.get(key)
     if path is None:
         path = _decide(key, x, weight, run)

@@ -55,7 +55,7 @@ def _cpu_path(kind: str, x: Tensor, weight: Tensor, run: dispatch.Run,
     when autograd is on (a generator costs nothing in inference)."""
     if x.device.type != "cpu" or not cpu.c_enabled():
         return "torch"
-    if torch.is_grad_enabled() and _builds_graph(x, weight, *tensors):
+    if _builds_graph(chain((x, weight), tensors)):
         return "torch"
     return dispatch.choose(kind, x, weight, run)
 
@@ -65,7 +65,8 @@ def _isa(path: str) -> str | None:
     return path.partition(":")[2] or None
 
 
-def _builds_graph(*tensors: Tensor | float | None) -> bool:
+def _builds_graph(tensors: Iterable[Tensor | float | None]) -> bool:
+    """Whether autograd would record the op; ``tensors`` is iterated only when autograd is on."""
     return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
 
 
@@ -179,7 +180,7 @@ def pairwise_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None,
     """
     weights = [w for p in pairs for w in p[2:]]
     tensors = list(_adapter_tensors(*(a for p in pairs for a in p[:2])))
-    if x.is_cuda and _HAVE_TRITON and not _builds_graph(x, weight, bias, *weights, *tensors):
+    if x.is_cuda and _HAVE_TRITON and not _builds_graph((x, weight, bias, *weights, *tensors)):
         x, weight, bias, flat = _autocast(x, weight, bias, [a for p in pairs for a in p[:2]])
         pairs = [(flat[2 * i], flat[2 * i + 1], *p[2:]) for i, p in enumerate(pairs)]
         return kernels.pairwise_lora_linear(x, weight, bias, pairs, row_pair, strategy)  # forward only
