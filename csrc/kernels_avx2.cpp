@@ -7,6 +7,7 @@
 
 #include <immintrin.h>
 
+#include "attention_body.h"
 #include "kernel_body.h"
 
 namespace modlora_cpu {
@@ -34,6 +35,7 @@ struct Avx2 : VecBase<f32x8> {
 }  // namespace
 
 void rows_avx2(const BankArgs& a, int64_t n0, int64_t n1) { rows_fma<Avx2>(a, n0, n1); }
+void attention_avx2(const AttnArgs& a, int64_t task) { attention_any<4>(a, task); }
 
 }  // namespace modlora_cpu
 

@@ -39,6 +39,7 @@
 #include <unistd.h>
 #endif
 
+#include "decode_attention.h"
 #include "lora_bank.h"
 
 namespace modlora_cpu {
@@ -401,6 +402,22 @@ at::Tensor lora_bank_linear_cpu(const at::Tensor& x, const at::Tensor& weight, c
   return out;
 }
 
+AttnFn attention_kernel() {
+#if defined(__x86_64__) || defined(__i386__)
+  switch (g_isa.load(std::memory_order_relaxed)) {
+    case kAvx512:
+    case kAvx512Bf16:
+    case kAmx:
+      return attention_avx512;
+    case kAvx2:
+      return attention_avx2;
+    default:
+      break;
+  }
+#endif
+  return attention_scalar;
+}
+
 namespace {
 
 void set_isa(const std::string& name) { g_isa = isa_index(name, "modlora._C.set_isa"); }
@@ -417,7 +434,7 @@ TORCH_LIBRARY_FRAGMENT(modlora, m) {
 TORCH_LIBRARY_IMPL(modlora, CPU, m) { m.impl("lora_bank_linear", &modlora_cpu::lora_bank_linear_cpu); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "modlora C++ ops: the CPU LoRA-bank linear (torch.ops.modlora.lora_bank_linear)";
+  m.doc() = "modlora C++ ops: the CPU LoRA-bank linear and decode attention (torch.ops.modlora.*)";
   m.def("isa", []() { return std::string(modlora_cpu::kIsaNames[modlora_cpu::g_isa.load()]); },
         "The vector ISA the CPU op uses now.");
   m.def("best_isa", []() { return std::string(modlora_cpu::kIsaNames[modlora_cpu::kBestIsa]); },

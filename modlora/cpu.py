@@ -41,7 +41,8 @@ from modlora.kernels.reference import Adapter, Weight, as_fp32, merge_pair
 
 log = logging.getLogger("modlora")
 
-__all__ = ["HAVE_C", "c_enabled", "set_c_enabled", "pack_bank", "lora_bank_linear", "lora_bank_linear_torch"]
+__all__ = ["HAVE_C", "c_enabled", "set_c_enabled", "pack_bank", "lora_bank_linear", "lora_bank_linear_torch",
+           "has_decode_attention", "decode_attention"]
 
 _C = None
 if os.environ.get("MODLORA_DISABLE_C", "") not in ("", "0"):
@@ -194,6 +195,32 @@ def lora_bank_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, A_ba
     rows = _rows_of(x, row_pair)
     _check(x2, weight, bias, A_bank, B_bank, rows)
     return _OP(x2, weight, bias, A_bank, B_bank, rows, isa).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def has_decode_attention(q: Tensor, cache: Tensor) -> bool:
+    """Whether :func:`decode_attention` serves these tensors: ``_C`` built and enabled, CPU, q and the
+    cache both float32 or both bfloat16, and no gradient to carry (the op has no autograd)."""
+    return (_use_c and q.device.type == "cpu" and q.dtype in _FLOATS and q.dtype == cache.dtype
+            and not (q.requires_grad and torch.is_grad_enabled()))
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, prompt_k: Tensor,
+                     prompt_v: Tensor, prompt_mask: Tensor, gen_k: Tensor, gen_v: Tensor, step: int,
+                     num_beams: int) -> Tensor:
+    """One decode step of one layer's attention in one C++ call (csrc/decode_attention.h).
+
+    Rows are ``B * num_beams`` (sentence-major), one new token each. q ``[rows, H*D]`` and k, v
+    ``[rows, Hkv*D]`` are the projections before RoPE; cos, sin ``[rows, D]``; prompt_k/v
+    ``[B, Hkv, P, D]`` and prompt_mask ``[B, P]`` (False on padding) are shared by a sentence's
+    beams; gen_k/v ``[rows, Hkv, T, D]`` receive the rotated k and v at ``step``, and each row attends
+    to its positions ``0..step``. Math in fp32; the cache and the result ``[rows, H*D]`` in q's dtype.
+    Only where :func:`has_decode_attention` holds.
+
+    Raises:
+        RuntimeError: shapes, dtypes or layouts that do not fit together, named.
+    """
+    return torch.ops.modlora.decode_attention(q, k, v, cos, sin, prompt_k, prompt_v, prompt_mask, gen_k, gen_v,
+                                              step, num_beams)
 
 
 def _rows_of(x: Tensor, row_pair: Tensor | None) -> Tensor | None:

@@ -9,11 +9,13 @@ Four ways to run it:
 - ``model.prefill(input_ids, attention_mask, cache)`` then ``model.decode_step(tokens, cache)``:
   generation on a static :class:`KVCache`. The prompt is stored once per sentence and shared by
   its beams; only the generated positions are per beam, so reordering beams copies
-  ``t`` positions per layer, not the whole cache.
+  ``t`` positions per layer, not the whole cache. On the CPU a decode step's attention is one C++
+  call per layer (:func:`modlora.cpu.decode_attention`) where ``modlora._C`` is built.
 
 Left padding works everywhere: position ids come from the attention mask, as transformers'
 ``generate`` computes them. This module is a leaf: it knows its linear layers
-(:mod:`modlora.adapted`), not adapters (:mod:`modlora.adapters`) nor files (:mod:`modlora.loading`).
+(:mod:`modlora.adapted`) and the CPU ops (:mod:`modlora.cpu`), not adapters
+(:mod:`modlora.adapters`) nor files (:mod:`modlora.loading`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from . import cpu
 from .adapted import AdaptedLinear, FastLinear, fuse, grouped
 from .config import Qwen2Config
 
@@ -118,8 +121,11 @@ class Qwen2Attention(nn.Module):
 
     def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Rotated q [B, H, T, D], k and v [B, Hkv, T, D] of x [B, T, C]."""
-        b, t, _ = x.shape
-        q, k, v = grouped(x, (self.q_proj, self.k_proj, self.v_proj))
+        return self.heads(*grouped(x, (self.q_proj, self.k_proj, self.v_proj)), cos, sin)
+
+    def heads(self, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The projections [B, T, H*D] (k, v: Hkv*D) split into heads, q and k rotated."""
+        b, t, _ = q.shape
         q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
@@ -136,9 +142,20 @@ class Qwen2Attention(nn.Module):
 
     def decode(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache) -> Tensor:
         """One new token per row, x [B*beams, 1, C]: attends to its sentence's prompt and its own beam."""
-        rows = x.shape[0]
+        q, k, v = grouped(x, (self.q_proj, self.k_proj, self.v_proj))
+        layer = self.layer_idx
+        if cpu.has_decode_attention(q, cache.gen_k):
+            out = cpu.decode_attention(q[:, 0], k[:, 0], v[:, 0], cos[:, 0], sin[:, 0], cache.prompt_k[layer],
+                                       cache.prompt_v[layer], cache.prompt_mask, cache.gen_k[layer],
+                                       cache.gen_v[layer], cache.step, cache.num_beams)
+        else:
+            out = self.decode_torch(*self.heads(q, k, v, cos, sin), cache)
+        return self.o_proj(out[:, None])
+
+    def decode_torch(self, q: Tensor, k: Tensor, v: Tensor, cache: KVCache) -> Tensor:
+        """:meth:`decode`'s attention in torch ops, from rotated heads; [B*beams, H*D]."""
+        rows = q.shape[0]
         beams, groups, t = cache.num_beams, self.n_heads // self.n_kv, cache.step
-        q, k, v = self.qkv(x, cos, sin)
         gen_k, gen_v = cache.gen_k[self.layer_idx], cache.gen_v[self.layer_idx]
         gen_k[:, :, t] = k[:, :, 0]
         gen_v[:, :, t] = v[:, :, 0]
@@ -154,7 +171,7 @@ class Qwen2Attention(nn.Module):
         probs = torch.softmax(torch.cat((s_prompt, q @ g_k.transpose(-1, -2)), dim=-1), dim=-1)
         n_prompt = s_prompt.shape[-1]
         out = probs[..., :n_prompt] @ p_v + probs[..., n_prompt:] @ g_v  # [B, beams, Hkv, G, D]
-        return self.o_proj(out.to(x.dtype).reshape(rows, 1, -1))
+        return out.to(k.dtype).reshape(rows, -1)
 
 
 class Qwen2MLP(nn.Module):

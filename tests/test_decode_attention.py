@@ -1,0 +1,157 @@
+"""The C++ decode attention (modlora::decode_attention) against a float64 oracle, under each ISA the
+CPU has, and the model's decode step with it against the model's torch path.
+
+Oracle: the same attention in float64 from the very same inputs, written per row and head as the
+definition reads (RoPE rotate-half, the sentence's unpadded prompt keys then the row's own generated
+keys 0..step, softmax, weighted values). The cache holds keys in its dtype, so the oracle reads the
+keys back from the cache the op wrote, and checks that write separately (the rotated k rounded once).
+Left then: fp32 accumulation (fp32 bound 1e-5) and, in bf16, the output's last rounding (2^-8
+relative). A wrong mask, GQA head, RoPE sign, beam, block tail or step is off by O(1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from modlora import cpu
+from modlora.config import Qwen2Config
+from modlora.loading import random_model
+
+if not cpu.HAVE_C:
+    pytest.skip("modlora._C is not built (pip install --no-build-isolation -e .)", allow_module_level=True)
+
+from modlora import _C  # noqa: E402
+
+ISAS = [isa for isa in ("scalar", "avx2", "avx512") if isa in _C.supported_isas()]
+TOL = {torch.float32: {"rtol": 1e-5, "atol": 1e-6}, torch.bfloat16: {"rtol": 2**-8, "atol": 1e-5}}
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    before = _C.isa()
+    _C.set_isa(request.param)
+    yield request.param
+    _C.set_isa(before)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [rows, heads, D], cos/sin [rows, D], all float64."""
+    half = x.shape[-1] // 2
+    return x * cos[:, None] + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin[:, None]
+
+
+def oracle(args: dict, gen_k: torch.Tensor, gen_v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotated new keys [rows, Hkv, D] and the output [rows, H*D], float64, reading the cache after the step."""
+    f = {name: t.double() if t.is_floating_point() else t for name, t in args.items() if torch.is_tensor(t)}
+    step, beams = args["step"], args["num_beams"]
+    rows, (_, hkv, _, d) = f["q"].shape[0], f["prompt_k"].shape
+    heads = f["q"].shape[1] // d
+    q = rope(f["q"].view(rows, heads, d), f["cos"], f["sin"]) / math.sqrt(d)
+    k_new = rope(f["k"].view(rows, hkv, d), f["cos"], f["sin"])
+    out = torch.zeros(rows, heads, d, dtype=torch.float64)
+    for r in range(rows):
+        b = r // beams
+        for head in range(heads):
+            h = head // (heads // hkv)
+            keep = f["prompt_mask"][b]
+            keys = torch.cat((f["prompt_k"][b, h][keep], gen_k[r, h, : step + 1].double()))
+            values = torch.cat((f["prompt_v"][b, h][keep], gen_v[r, h, : step + 1].double()))
+            out[r, head] = torch.softmax(keys @ q[r, head], dim=0) @ values
+    return k_new, out.view(rows, heads * d)
+
+
+def make_args(batch, beams, heads, kv_heads, d, prompt, step, dtype, seed=0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    rows = batch * beams
+    rnd = lambda *shape: torch.randn(*shape, generator=gen).to(dtype)
+    angles = torch.rand(rows, d // 2, generator=gen, dtype=torch.float64) * 6.3
+    emb = torch.cat((angles, angles), dim=-1)
+    mask = torch.ones(batch, prompt, dtype=torch.bool)
+    for b in range(1, batch):  # left padding, and one sentence with no prompt token left at all
+        mask[b, : min(prompt, 3 * b)] = False
+    qkv = rnd(rows, (heads + 2 * kv_heads) * d)  # q, k, v as column slices of one projection, as the model has them
+    return {"q": qkv[:, : heads * d], "k": qkv[:, heads * d: (heads + kv_heads) * d],
+            "v": qkv[:, (heads + kv_heads) * d:], "cos": emb.cos().to(dtype), "sin": emb.sin().to(dtype),
+            "prompt_k": rnd(batch, kv_heads, prompt, d), "prompt_v": rnd(batch, kv_heads, prompt, d),
+            "prompt_mask": mask, "gen_k": rnd(rows, kv_heads, step + 3, d), "gen_v": rnd(rows, kv_heads, step + 3, d),
+            "step": step, "num_beams": beams}
+
+
+CASES = {  # batch, beams, H, Hkv, D, P, step
+    "qwen2.5-0.5b": (1, 5, 14, 2, 64, 65, 10),
+    "first-step-d24": (2, 3, 6, 2, 24, 5, 0),
+    "greedy-mha": (3, 1, 4, 4, 16, 17, 8),
+    "gqa8-tails": (2, 4, 8, 1, 32, 33, 17),
+    "group-over-3-lane-groups": (1, 2, 34, 2, 16, 9, 4),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_float64_oracle(isa, case, dtype):
+    args = make_args(*CASES[case], dtype)
+    before_k, before_v = args["gen_k"].clone(), args["gen_v"].clone()
+    out = cpu.decode_attention(**args)
+    step = args["step"]
+    k_new, want = oracle(args, args["gen_k"], args["gen_v"])
+    torch.testing.assert_close(out.double(), want, **TOL[dtype])
+    torch.testing.assert_close(args["gen_k"][:, :, step].double(), k_new,
+                               rtol=2**-8 if dtype == torch.bfloat16 else 1e-6, atol=1e-6)
+    rows, hkv, d = args["gen_v"].shape[0], args["gen_v"].shape[1], args["gen_v"].shape[3]
+    assert torch.equal(args["gen_v"][:, :, step], args["v"].reshape(rows, hkv, d))
+    others = [t for t in range(args["gen_k"].shape[2]) if t != step]
+    assert torch.equal(args["gen_k"][:, :, others], before_k[:, :, others])
+    assert torch.equal(args["gen_v"][:, :, others], before_v[:, :, others])
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda a: a.update(k=a["k"].double()), "dtype"),
+    (lambda a: a.update(step=a["gen_k"].shape[2]), "outside the cache"),
+    (lambda a: a.update(prompt_mask=a["prompt_mask"][:, 1:]), "prompt_mask must be bool"),
+    (lambda a: a.update(q=a["q"][:, 1:]), "q must be"),
+    (lambda a: a.update(gen_v=a["gen_v"][:, :, :-1]), "gen_v must be"),
+    (lambda a: a.update(num_beams=2), "q must be"),
+], ids=["dtype", "step", "mask", "q-width", "cache-length", "beams"])
+def test_bad_arguments_are_named(change, message):
+    args = make_args(*CASES["first-step-d24"], torch.float32)
+    change(args)
+    with pytest.raises(RuntimeError, match=message):
+        cpu.decode_attention(**args)
+
+
+def test_served_only_without_gradients_and_for_one_dtype():
+    q = torch.zeros(2, 8, requires_grad=True)
+    cache = torch.zeros(1, dtype=torch.float32)
+    assert cpu.has_decode_attention(q.detach(), cache)
+    assert not cpu.has_decode_attention(q, cache)
+    with torch.no_grad():
+        assert cpu.has_decode_attention(q, cache)
+    assert not cpu.has_decode_attention(q.detach(), cache.bfloat16())
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_decode_steps_equal_the_torch_path(monkeypatch, dtype):
+    """Logits of prefill + 6 decode steps (beams reordered in between, left padding) with the C++
+    attention and with the model's torch attention."""
+    model = random_model(Qwen2Config.preset("tiny"), seed=0, dtype=dtype)
+    ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    logits = {}
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(cpu, "has_decode_attention", lambda q, cache: False)
+        cache = model.new_cache(2, 9, 8, num_beams=3)
+        model.prefill(ids, mask, cache)
+        steps = []
+        for t in range(6):
+            steps.append(model.decode_step(torch.arange(6) * 11 + t, cache).float())
+            cache.reorder(torch.tensor([1, 1, 0, 5, 3, 4]))
+        logits[fused] = torch.stack(steps)
+    # bf16: the two paths round RoPE differently (torch: per op in bf16), a few bf16 ulps of the logits
+    bound = {torch.float32: 1e-5, torch.bfloat16: 4 * 2**-8 * logits[False].abs().max().item()}[dtype]
+    assert (logits[True] - logits[False]).abs().max().item() <= bound
