@@ -42,7 +42,7 @@ from modlora.kernels.reference import Adapter, Weight, as_fp32, merge_pair
 log = logging.getLogger("modlora")
 
 __all__ = ["HAVE_C", "c_enabled", "set_c_enabled", "pack_bank", "lora_bank_linear", "lora_bank_linear_torch",
-           "has_decode_attention", "decode_attention"]
+           "c_serves", "decode_attention", "rms_norm"]
 
 _C = None
 if os.environ.get("MODLORA_DISABLE_C", "") not in ("", "0"):
@@ -197,11 +197,18 @@ def lora_bank_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, A_ba
     return _OP(x2, weight, bias, A_bank, B_bank, rows, isa).reshape(*x.shape[:-1], weight.shape[0])
 
 
-def has_decode_attention(q: Tensor, cache: Tensor) -> bool:
-    """Whether :func:`decode_attention` serves these tensors: ``_C`` built and enabled, CPU, q and the
-    cache both float32 or both bfloat16, and no gradient to carry (the op has no autograd)."""
-    return (_use_c and q.device.type == "cpu" and q.dtype in _FLOATS and q.dtype == cache.dtype
-            and not (q.requires_grad and torch.is_grad_enabled()))
+def c_serves(x: Tensor, other: Tensor) -> bool:
+    """Whether the C++ inference ops (:func:`decode_attention`, :func:`rms_norm`) serve ``x`` with
+    ``other`` (the cache, the weight): ``_C`` built and enabled, CPU, both float32 or both bfloat16,
+    and no autograd graph to record (these ops have none)."""
+    return (_use_c and x.device.type == "cpu" and x.dtype in _FLOATS and x.dtype == other.dtype
+            and not (torch.is_grad_enabled() and (x.requires_grad or other.requires_grad)))
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """``weight * (x / sqrt(mean(x^2, -1) + eps)).to(x.dtype)`` in one C++ call (csrc/rms_norm_cpu.cpp):
+    HF's Qwen2 RMSNorm, fp32 statistics, rounded where it rounds. Only where :func:`c_serves` holds."""
+    return torch.ops.modlora.rms_norm(x, weight, eps)
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, prompt_k: Tensor,
@@ -214,7 +221,7 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, 
     ``[B, Hkv, P, D]`` and prompt_mask ``[B, P]`` (False on padding) are shared by a sentence's
     beams; gen_k/v ``[rows, Hkv, T, D]`` receive the rotated k and v at ``step``, and each row attends
     to its positions ``0..step``. Math in fp32; the cache and the result ``[rows, H*D]`` in q's dtype.
-    Only where :func:`has_decode_attention` holds.
+    Only where :func:`c_serves` holds.
 
     Raises:
         RuntimeError: shapes, dtypes or layouts that do not fit together, named.

@@ -40,6 +40,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
+        if cpu.c_serves(x, self.weight):
+            return cpu.rms_norm(x, self.weight, self.eps)
         # fp32 statistics, as HF: bf16 variance loses the small-norm tokens.
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -144,7 +146,7 @@ class Qwen2Attention(nn.Module):
         """One new token per row, x [B*beams, 1, C]: attends to its sentence's prompt and its own beam."""
         q, k, v = grouped(x, (self.q_proj, self.k_proj, self.v_proj))
         layer = self.layer_idx
-        if cpu.has_decode_attention(q, cache.gen_k):
+        if cpu.c_serves(q, cache.gen_k):
             out = cpu.decode_attention(q[:, 0], k[:, 0], v[:, 0], cos[:, 0], sin[:, 0], cache.prompt_k[layer],
                                        cache.prompt_v[layer], cache.prompt_mask, cache.gen_k[layer],
                                        cache.gen_v[layer], cache.step, cache.num_beams)

@@ -1,5 +1,6 @@
-"""The C++ decode attention (modlora::decode_attention) against a float64 oracle, under each ISA the
-CPU has, and the model's decode step with it against the model's torch path.
+"""The C++ inference ops of a decode step (modlora::decode_attention under each ISA the CPU has,
+modlora::rms_norm) against float64 oracles, and the model's decode step with them against the
+model's torch path.
 
 Oracle: the same attention in float64 from the very same inputs, written per row and head as the
 definition reads (RoPE rotate-half, the sentence's unpadded prompt keys then the row's own generated
@@ -19,6 +20,7 @@ import torch
 from modlora import cpu
 from modlora.config import Qwen2Config
 from modlora.loading import random_model
+from modlora.model import RMSNorm
 
 if not cpu.HAVE_C:
     pytest.skip("modlora._C is not built (pip install --no-build-isolation -e .)", allow_module_level=True)
@@ -125,11 +127,12 @@ def test_bad_arguments_are_named(change, message):
 def test_served_only_without_gradients_and_for_one_dtype():
     q = torch.zeros(2, 8, requires_grad=True)
     cache = torch.zeros(1, dtype=torch.float32)
-    assert cpu.has_decode_attention(q.detach(), cache)
-    assert not cpu.has_decode_attention(q, cache)
+    assert cpu.c_serves(q.detach(), cache)
+    assert not cpu.c_serves(q, cache)
+    assert not cpu.c_serves(cache, q)
     with torch.no_grad():
-        assert cpu.has_decode_attention(q, cache)
-    assert not cpu.has_decode_attention(q.detach(), cache.bfloat16())
+        assert cpu.c_serves(q, cache)
+    assert not cpu.c_serves(q.detach(), cache.bfloat16())
 
 
 @torch.no_grad()
@@ -144,7 +147,7 @@ def test_decode_steps_equal_the_torch_path(monkeypatch, dtype):
     logits = {}
     for fused in (True, False):
         if not fused:
-            monkeypatch.setattr(cpu, "has_decode_attention", lambda q, cache: False)
+            monkeypatch.setattr(cpu, "c_serves", lambda x, other: False)
         cache = model.new_cache(2, 9, 8, num_beams=3)
         model.prefill(ids, mask, cache)
         steps = []
@@ -155,3 +158,37 @@ def test_decode_steps_equal_the_torch_path(monkeypatch, dtype):
     # bf16: the two paths round RoPE differently (torch: per op in bf16), a few bf16 ulps of the logits
     bound = {torch.float32: 1e-5, torch.bfloat16: 4 * 2**-8 * logits[False].abs().max().item()}[dtype]
     assert (logits[True] - logits[False]).abs().max().item() <= bound
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape,scale", [((5, 896), 1.0), ((2, 3, 37), 1e3), ((4, 64), 1e-3), ((0, 16), 1.0)])
+def test_rms_norm_matches_float64_and_the_torch_module(shape, scale, dtype):
+    """Oracle: float64 statistics, then the two roundings to the dtype that HF's RMSNorm makes
+    (normalised x, then times the weight): at most an ulp of each apart (2^-8 relative in bf16)."""
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(*shape, generator=gen) * scale).to(dtype)
+    weight = (torch.rand(shape[-1], generator=gen) + 0.5).to(dtype)
+    got = cpu.rms_norm(x, weight, 1e-6)
+    xd = x.double()
+    normed = (xd / torch.sqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+    want = (weight.double() * normed.double()).to(dtype)
+    tol = {"rtol": 2**-7, "atol": 0} if dtype == torch.bfloat16 else {"rtol": 1e-6, "atol": 0}
+    torch.testing.assert_close(got, want, **tol)
+    module = RMSNorm(shape[-1], 1e-6).to(dtype)
+    module.weight.data.copy_(weight)
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu, "c_serves", lambda x, other: False)
+        ref = module(x)
+    torch.testing.assert_close(got, ref, **tol)
+    if dtype == torch.bfloat16 and x.numel():  # only a summation order apart: a rounding skipped changes ~25%
+        assert (got != ref).float().mean().item() <= 0.01
+
+
+@pytest.mark.parametrize("weight,eps,message", [
+    (torch.ones(15), 1e-6, "weight must be"),
+    (torch.ones(16, dtype=torch.bfloat16), 1e-6, "dtype"),
+    (torch.ones(16), float("nan"), "eps must be finite"),
+], ids=["shape", "dtype", "eps"])
+def test_rms_norm_bad_arguments_are_named(weight, eps, message):
+    with pytest.raises(RuntimeError, match=message):
+        cpu.rms_norm(torch.ones(3, 16), weight, eps)
