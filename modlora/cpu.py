@@ -197,6 +197,16 @@ def lora_bank_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, A_ba
     return _OP(x2, weight, bias, A_bank, B_bank, rows, isa).reshape(*x.shape[:-1], weight.shape[0])
 
 
+if HAVE_C:  # fake (meta) implementations of _C's inference ops: shapes only, for torch.compile and opcheck
+    @torch.library.register_fake("modlora::rms_norm")
+    def _rms_norm_fake(x, weight, eps):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("modlora::decode_attention")
+    def _decode_attention_fake(q, k, v, cos, sin, prompt_k, prompt_v, prompt_mask, gen_k, gen_v, step, num_beams):
+        return q.new_empty(q.shape)
+
+
 def c_serves(x: Tensor, other: Tensor) -> bool:
     """Whether the C++ inference ops (:func:`decode_attention`, :func:`rms_norm`) serve ``x`` with
     ``other`` (the cache, the weight): ``_C`` built and enabled, CPU, both float32 or both bfloat16,

@@ -9,8 +9,9 @@ Four ways to run it:
 - ``model.prefill(input_ids, attention_mask, cache)`` then ``model.decode_step(tokens, cache)``:
   generation on a static :class:`KVCache`. The prompt is stored once per sentence and shared by
   its beams; only the generated positions are per beam, so reordering beams copies
-  ``t`` positions per layer, not the whole cache. On the CPU a decode step's attention is one C++
-  call per layer (:func:`modlora.cpu.decode_attention`) where ``modlora._C`` is built.
+  ``t`` positions per layer, not the whole cache. On the CPU, where ``modlora._C`` is built, a
+  decode step's attention and every RMSNorm without autograd are one C++ call each
+  (:func:`modlora.cpu.decode_attention`, :func:`modlora.cpu.rms_norm`).
 
 Left padding works everywhere: position ids come from the attention mask, as transformers'
 ``generate`` computes them. This module is a leaf: it knows its linear layers

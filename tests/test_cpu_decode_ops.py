@@ -192,3 +192,14 @@ def test_rms_norm_matches_float64_and_the_torch_module(shape, scale, dtype):
 def test_rms_norm_bad_arguments_are_named(weight, eps, message):
     with pytest.raises(RuntimeError, match=message):
         cpu.rms_norm(torch.ones(3, 16), weight, eps)
+
+
+def test_opcheck_and_compile():
+    """Schemas (the cache writes declared as mutations), fake implementations, torch.compile tracing."""
+    args = make_args(*CASES["gqa8-tails"], torch.float32)
+    order = ("q", "k", "v", "cos", "sin", "prompt_k", "prompt_v", "prompt_mask", "gen_k", "gen_v", "step", "num_beams")
+    torch.library.opcheck(torch.ops.modlora.decode_attention.default, tuple(args[name] for name in order))
+    x, weight = torch.randn(3, 5, 16), torch.rand(16) + 0.5
+    torch.library.opcheck(torch.ops.modlora.rms_norm.default, (x, weight, 1e-6))
+    fn = torch.compile(lambda x: torch.ops.modlora.rms_norm(x, weight, 1e-6) * 2, fullgraph=True, backend="eager")
+    torch.testing.assert_close(fn(x), cpu.rms_norm(x, weight, 1e-6) * 2, rtol=0, atol=0)
