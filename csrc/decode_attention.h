@@ -21,26 +21,30 @@ struct AttnArgs {
   const bool* prompt_mask = nullptr;                     // [B, P], false on padding
   void *gen_k = nullptr, *gen_v = nullptr;               // [rows, Hkv, T, D] contiguous
   void* out = nullptr;                                   // [rows, H*D] contiguous
-  float* scratch = nullptr;                              // per task: scratch_floats(*this)
+  float* scratch = nullptr;                              // task t's at scratch + t * scratch_per_task
+  int64_t scratch_per_task = 0;                          // scratch_shape(*this, kMaxLanes).floats()
 };
 
 // Internal linkage (each file its own copy): inline code shared with the ISA files must not be
 // merged by the linker across target regions (see lora_bank.h).
 namespace {
 
-// The fp32 scratch of one task (one sentence, one kv head): its queries transposed in groups of 16
-// (qt [nqv, Dp, 16]: dimension d of queries 16 v .. 16 v + 15), their scores transposed (st [L, nqv * 16]:
-// the prompt's P keys, then the step + 1 generated ones), their outputs (o [nqv * 16, Dp]), and the
-// keys or values being read, widened to fp32 (kv [max(P, step + 1), Dp]). Dp: D padded to 16.
+// The fp32 scratch of one task (one sentence, one kv head), for vectors of `lanes` floats: its queries
+// transposed in groups of `lanes` (qt [nqv, Dp, lanes]: dimension d of the group's queries), their
+// scores transposed (st [L, lds]: the prompt's P keys, then the step + 1 generated ones; lds = nqv *
+// lanes), their outputs (o [lds, Dp]), and the keys or values being read, widened to fp32
+// (kv [max(P, step + 1), Dp]). Dp: D padded to whole vectors. Grows with `lanes`.
 struct ScratchShape {
-  int64_t Dp, nqv, L, rows;  // padded head dim, groups of 16 queries, score columns, rows of kv
-  int64_t floats() const { return nqv * 16 * (2 * Dp + L) + rows * Dp; }
+  int64_t Dp, nqv, lds, L, rows;  // padded head dim, query groups, score row stride, score rows, rows of kv
+  int64_t floats() const { return lds * (2 * Dp + L) + rows * Dp; }
 };
 
-inline ScratchShape scratch_shape(const AttnArgs& a) {
-  const int64_t queries = a.beams * (a.H / a.Hkv), L = a.P + a.step + 1;
-  return {(a.D + 15) / 16 * 16, (queries + 15) / 16, L, a.P > a.step + 1 ? a.P : a.step + 1};
+inline ScratchShape scratch_shape(const AttnArgs& a, int64_t lanes) {
+  const int64_t queries = a.beams * (a.H / a.Hkv), nqv = (queries + lanes - 1) / lanes;
+  return {(a.D + lanes - 1) / lanes * lanes, nqv, nqv * lanes, a.P + a.step + 1, a.P > a.step + 1 ? a.P : a.step + 1};
 }
+
+constexpr int64_t kMaxLanes = 16;  // the widest vectors (AVX-512): the binding sizes scratch for them
 
 }  // namespace
 

@@ -86,7 +86,8 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   a.gen_v = gen_v.data_ptr();
   a.out = out.data_ptr();
   const int64_t tasks = B * Hkv;
-  at::Tensor scratch = at::empty({tasks * scratch_shape(a).floats()}, q.options().dtype(at::kFloat));
+  a.scratch_per_task = scratch_shape(a, kMaxLanes).floats();
+  at::Tensor scratch = at::empty({tasks * a.scratch_per_task}, q.options().dtype(at::kFloat));
   a.scratch = scratch.data_ptr<float>();
   const AttnFn task = attention_kernel();
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {

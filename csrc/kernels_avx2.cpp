@@ -35,7 +35,7 @@ struct Avx2 : VecBase<f32x8> {
 }  // namespace
 
 void rows_avx2(const BankArgs& a, int64_t n0, int64_t n1) { rows_fma<Avx2>(a, n0, n1); }
-void attention_avx2(const AttnArgs& a, int64_t task) { attention_any<4>(a, task); }
+void attention_avx2(const AttnArgs& a, int64_t task) { attention_any<8, 8>(a, task); }
 
 }  // namespace modlora_cpu
 

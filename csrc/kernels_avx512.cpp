@@ -14,7 +14,7 @@
 
 namespace modlora_cpu {
 void rows_avx512(const BankArgs& a, int64_t n0, int64_t n1) { rows_fma<Avx512>(a, n0, n1); }
-void attention_avx512(const AttnArgs& a, int64_t task) { attention_any<8>(a, task); }
+void attention_avx512(const AttnArgs& a, int64_t task) { attention_any<16, 8>(a, task); }
 }  // namespace modlora_cpu
 
 #pragma GCC pop_options
