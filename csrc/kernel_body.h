@@ -95,12 +95,13 @@ inline void clear(typename V::vec (&acc)[MB][NB]) {
 }
 
 // A block's LoRA expand, folded into its accumulators before the horizontal sums: lane l of
-// acc[i][j] gains the sum over r < r_vec, r = l (mod lanes), of u[i, r] B_bank[p_i][n + j, r], so
-// the one sum per output adds the expand too. (A dot and a horizontal sum per output of its own
-// cost about a third of the block's work at M = 5, K = 896, R = 32.) The epilogue adds r >= r_vec.
+// acc[i][j] gains the sum over r < r_vec, r = l (mod lanes), of u[i, lo + r] B_bank[p_i][n + j, lo + r]
+// ([lo, hi): the block's rank range, rank_range below), so the one sum per output adds the expand
+// too. (A dot and a horizontal sum per output of its own cost about a third of the block's work at
+// M = 5, K = 896, R = 32.) The epilogue adds the ranks from lo + r_vec to hi.
 struct Expand {
-  const float* u = nullptr;  // u of the block's first row of x (row stride R); null: no adapters
-  const char* b[16] = {};    // per row of the block: B_bank[p_m] row n, as bytes (row_bytes per row)
+  const float* u = nullptr;  // u[m0, lo] of the block's first row of x (row stride R); null: nothing to fold
+  const char* b[16] = {};    // per row of the block: B_bank[p_m][n, lo], as bytes (row_bytes per row)
   int64_t R = 0, r_vec = 0, row_bytes = 0;
   bool b_bf16 = false;
 };
@@ -198,6 +199,19 @@ BlockFn<Dot> pick_block(int mb) {
   return nullptr;
 }
 
+// The ranks [lo, hi) that output columns [n, n + nb) read; false when they span two parts (then
+// each column's own range applies, in the epilogue).
+inline bool rank_range(const BankArgs& a, int64_t n, int64_t nb, int64_t& lo, int64_t& hi) {
+  lo = 0;
+  hi = a.R;
+  if (a.parts == nullptr) return true;
+  int64_t q = 0;
+  while (q + 1 < a.n_parts && a.parts[3 * q] <= n) ++q;
+  lo = a.parts[3 * q + 1];
+  hi = a.parts[3 * q + 2];
+  return n + nb <= a.parts[3 * q];
+}
+
 template <typename V, typename BT>
 inline float rank_dot(const float* u, const BT* b, int64_t R) {
   typename V::vec acc = V::zero();
@@ -208,19 +222,24 @@ inline float rank_dot(const float* u, const BT* b, int64_t R) {
   return s;
 }
 
-// Epilogue for rows [m0, m0 + mb) and columns [n, n + nb): bias, the LoRA expand's ranks from r0
-// (those not folded into acc), store.
+// Epilogue for rows [m0, m0 + mb) and columns [n, n + nb): bias, the LoRA expand's ranks past the
+// first `folded` of each column's range (those not folded into acc), store.
 template <typename V, typename BT>
-void epilogue(const BankArgs& a, int64_t m0, int mb, int64_t n, int nb, const Tile& acc, int64_t r0) {
+void epilogue(const BankArgs& a, int64_t m0, int mb, int64_t n, int nb, const Tile& acc, int64_t folded) {
   const BT* bank = static_cast<const BT*>(a.bank_b);
+  int64_t r0[16], r1[16];
+  for (int j = 0; j < nb; ++j) {
+    rank_range(a, n + j, 1, r0[j], r1[j]);
+    r0[j] += folded;
+  }
   for (int i = 0; i < mb; ++i) {
     const int64_t m = m0 + i;
-    const float* um = r0 < a.R ? a.u + m * a.R : nullptr;
+    const float* um = a.R ? a.u + m * a.R : nullptr;
     const BT* bp = um ? bank + ((a.pair ? a.pair[m] : 0) * a.N) * a.R : nullptr;
     for (int j = 0; j < nb; ++j) {
       float v = acc[i][j];
       if (a.bias) v += a.bias[n + j];
-      if (um) v += rank_dot<V>(um + r0, bp + (n + j) * a.R + r0, a.R - r0);
+      if (um && r0[j] < r1[j]) v += rank_dot<V>(um + r0[j], bp + (n + j) * a.R + r0[j], r1[j] - r0[j]);
       if (a.y_bf16)
         static_cast<uint16_t*>(a.y)[m * a.N + n + j] = f32_to_bf16(v);
       else
@@ -247,19 +266,21 @@ void dot_rows(const typename Dot::W* const* wrows, const typename Dot::W* pf, co
   }
 }
 
-// The LoRA expand of rows [m0, m0 + mb) for columns from n, to fold into their block.
+// The LoRA expand of rows [m0, m0 + mb) for columns [n, n + nb), to fold into their block: the
+// whole vectors of the columns' rank range, none when the columns span two parts.
 template <typename V>
-Expand expand_of(const BankArgs& a, int64_t m0, int mb, int64_t n) {
+Expand expand_of(const BankArgs& a, int64_t m0, int mb, int64_t n, int nb) {
   Expand e;
-  if (a.R == 0) return e;
+  int64_t lo, hi;
+  if (a.R == 0 || !rank_range(a, n, nb, lo, hi)) return e;
   const int64_t elem = a.b_bf16 ? 2 : 4;
-  e.u = a.u + m0 * a.R;
+  e.u = a.u + m0 * a.R + lo;
   e.R = a.R;
-  e.r_vec = a.R - a.R % V::kLanes;
+  e.r_vec = (hi - lo) - (hi - lo) % V::kLanes;
   e.row_bytes = a.R * elem;
   e.b_bf16 = a.b_bf16;
   for (int i = 0; i < mb; ++i)
-    e.b[i] = static_cast<const char*>(a.bank_b) + ((a.pair ? a.pair[m0 + i] : 0) * a.N + n) * e.row_bytes;
+    e.b[i] = static_cast<const char*>(a.bank_b) + ((a.pair ? a.pair[m0 + i] : 0) * a.N + n) * e.row_bytes + lo * elem;
   return e;
 }
 
@@ -280,7 +301,7 @@ void rows_blocked(const BankArgs& a, int64_t n0, int64_t n1) {
     const typename Dot::W* pf = W + (n + 2 * NB <= n1 ? n + NB : n) * a.ldw;
     for (int64_t m0 = 0; m0 < a.M; m0 += mb_full) {
       const int mb = static_cast<int>(a.M - m0 < mb_full ? a.M - m0 : mb_full);
-      const Expand e = expand_of<V>(a, m0, mb, n);
+      const Expand e = expand_of<V>(a, m0, mb, n, nb);
       dot_rows<Dot, NB>(wrows, pf, Dot::x(a) + m0 * a.K, a.K, mb, nb, e, acc);
       if (a.b_bf16)
         epilogue<V, uint16_t>(a, m0, mb, n, nb, acc, e.r_vec);

@@ -24,6 +24,11 @@ struct BankArgs {
   const void* bank_b = nullptr; // B_bank [P, N, R] contiguous; fp32 or bf16
   bool b_bf16 = false;
   const int64_t* pair = nullptr;  // [M] pair of each row, null: all rows use pair 0
+  // Rank ranges per block of output columns, null: every column reads ranks [0, R). Part q is
+  // parts[3q .. 3q + 2] = (n_end, r_lo, r_hi): columns [previous n_end, n_end) read only ranks
+  // [r_lo, r_hi) of B_bank (a grouped call's block-diagonal B: the other ranks are its zeros).
+  const int64_t* parts = nullptr;
+  int64_t n_parts = 0;
   const float* bias = nullptr;  // [N] fp32 or null
   void* y = nullptr;            // y [M, N], row stride N; fp32 or bf16
   bool y_bf16 = false;

@@ -11,6 +11,9 @@
 //            kernels/reference.py merge_pair): "output" folds w*scale into A's rows, "ab" folds
 //            sqrt(w*scale) into both A and B; the kernel applies no coefficient.
 //   row_pair [M]        int64 in [0, P), or None
+//   rank_parts [Q, 3]   int64 (n_end, r_lo, r_hi) per part of the output columns, or None: columns
+//                       [previous n_end, n_end) read only ranks [r_lo, r_hi) of B_bank (a grouped
+//                       call's block-diagonal B skips its zeros, in work and in bytes read)
 //   isa                 the ISA for this call ("avx2", "amx", ...), or None: the one set by set_isa
 //
 // Two phases, each parallel over threads (at::parallel_for, OpenMP in torch's CPU builds):
@@ -352,12 +355,33 @@ at::Tensor shrink(RowsFn rows, const at::Tensor& xf, const Bank& bank) {
   return at::empty_like(us).index_copy_(0, order, us);
 }
 
+// rank_parts [Q, 3] int64 (n_end, r_lo, r_hi) per part of the output columns, checked: n_end rising
+// to N, 0 <= r_lo <= r_hi <= R.
+at::Tensor checked_parts(const at::Tensor& parts, int64_t N, int64_t R) {
+  TORCH_CHECK(parts.scalar_type() == at::kLong && parts.dim() == 2 && parts.size(1) == 3 && parts.size(0) >= 1,
+              "lora_bank_linear: rank_parts must be int64 [Q, 3] (n_end, r_lo, r_hi), got ", parts.scalar_type(),
+              " ", parts.sizes());
+  at::Tensor c = parts.contiguous();
+  const int64_t* p = c.data_ptr<int64_t>();
+  int64_t prev = 0;
+  for (int64_t q = 0; q < c.size(0); ++q) {
+    TORCH_CHECK(p[3 * q] > prev && p[3 * q] <= N, "lora_bank_linear: rank_parts n_end must rise to N = ", N,
+                ", got ", p[3 * q], " after ", prev);
+    TORCH_CHECK(p[3 * q + 1] >= 0 && p[3 * q + 1] <= p[3 * q + 2] && p[3 * q + 2] <= R, "lora_bank_linear: rank_parts[",
+                q, "] ranks [", p[3 * q + 1], ", ", p[3 * q + 2], ") are not inside [0, R = ", R, ")");
+    prev = p[3 * q];
+  }
+  TORCH_CHECK(prev == N, "lora_bank_linear: rank_parts must end at N = ", N, ", got ", prev);
+  return c;
+}
+
 }  // namespace
 
 at::Tensor lora_bank_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                                 const c10::optional<at::Tensor>& A_bank, const c10::optional<at::Tensor>& B_bank,
                                 const c10::optional<at::Tensor>& row_pair,
-                                const std::optional<c10::string_view>& isa_name) {
+                                const std::optional<c10::string_view>& isa_name,
+                                const c10::optional<at::Tensor>& rank_parts) {
   check_x_weight(x, weight);
   const bool has_a = A_bank.has_value() && A_bank->defined();
   const bool has_b = B_bank.has_value() && B_bank->defined();
@@ -388,8 +412,14 @@ at::Tensor lora_bank_linear_cpu(const at::Tensor& x, const at::Tensor& weight, c
   a.y_bf16 = out.scalar_type() == at::kBFloat16;
 
   Bank bank;
-  at::Tensor u;
+  at::Tensor u, parts;
   if (has_a) bank = checked_bank(*A_bank, *B_bank, row_pair, M, N, K);
+  if (rank_parts.has_value() && rank_parts->defined()) {
+    TORCH_CHECK(has_a, "lora_bank_linear: rank_parts given without an adapter bank");
+    parts = checked_parts(*rank_parts, N, bank.R);
+    a.parts = parts.data_ptr<int64_t>();
+    a.n_parts = parts.size(0);
+  }
   if (bank.R > 0 && bank.P > 0) {
     u = shrink(kernel_for(isa, false).rows, xf, bank);
     a.R = bank.R;
@@ -428,7 +458,7 @@ void set_isa(const std::string& name) { g_isa = isa_index(name, "modlora._C.set_
 TORCH_LIBRARY_FRAGMENT(modlora, m) {
   m.def(
       "lora_bank_linear(Tensor x, Tensor weight, Tensor? bias=None, Tensor? A_bank=None, Tensor? B_bank=None, "
-      "Tensor? row_pair=None, str? isa=None) -> Tensor");
+      "Tensor? row_pair=None, str? isa=None, Tensor? rank_parts=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(modlora, CPU, m) { m.impl("lora_bank_linear", &modlora_cpu::lora_bank_linear_cpu); }

@@ -78,9 +78,9 @@ def set_c_enabled(enabled: bool) -> None:
 
 def lora_bank_linear_torch(x: Tensor, weight: Tensor, bias: Tensor | None = None, A_bank: Tensor | None = None,
                            B_bank: Tensor | None = None, row_pair: Tensor | None = None,
-                           isa: str | None = None) -> Tensor:
+                           isa: str | None = None, rank_parts: Tensor | None = None) -> Tensor:
     """The op in plain torch on 2-D ``x`` (any device, any M, differentiable); result in x's dtype.
-    ``isa`` (the C++ kernel's) is ignored.
+    ``isa`` (the C++ kernel's) is ignored; ``rank_parts`` zeroes the ranks each part does not read.
 
     ``x W^T + b`` runs in W's dtype when x has it (torch's GEMMs accumulate bf16 in fp32 and round
     the result to bf16), else in fp32; the LoRA part is computed in fp32, added to it in fp32, and
@@ -101,7 +101,7 @@ def lora_bank_linear_torch(x: Tensor, weight: Tensor, bias: Tensor | None = None
     if A_bank is None or A_bank.shape[1] == 0:
         return y.to(x.dtype)
     xf, y = x.float(), y.float()
-    A, B = A_bank.float(), B_bank.float()
+    A, B = A_bank.float(), B_bank.float() * _rank_mask(rank_parts, B_bank.shape[1], B_bank.shape[2], x.device)
     if row_pair is None:
         return y.addmm_(xf @ A[0].t(), B[0].t()).to(x.dtype)
     for p in torch.unique(row_pair).tolist():
@@ -110,11 +110,23 @@ def lora_bank_linear_torch(x: Tensor, weight: Tensor, bias: Tensor | None = None
     return y.to(x.dtype)
 
 
+def _rank_mask(rank_parts: Tensor | None, N: int, R: int, device: torch.device) -> Tensor | float:
+    """[N, R] 1 where column n reads rank r under ``rank_parts`` (n_end, r_lo, r_hi per part); 1.0 without it."""
+    if rank_parts is None:
+        return 1.0
+    _check_parts(rank_parts, N, R)
+    mask, n0 = torch.zeros(N, R, device=device), 0
+    for n_end, r_lo, r_hi in rank_parts.tolist():
+        mask[n0:n_end, r_lo:r_hi] = 1.0
+        n0 = n_end
+    return mask
+
+
 _FLOATS = (torch.float32, torch.bfloat16)
 
 
 def _check(x: Tensor, weight: Tensor, bias: Tensor | None, A_bank: Tensor | None, B_bank: Tensor | None,
-           row_pair: Tensor | None) -> None:
+           row_pair: Tensor | None, rank_parts: Tensor | None = None) -> None:
     """Clear errors for malformed arguments (``x`` already 2-D, ``row_pair`` per row).
 
     The range of ``row_pair`` is checked where it is read (C++ kernel, torch path): no sync here.
@@ -133,8 +145,8 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor | None, A_bank: Tensor | None
     if (A_bank is None) != (B_bank is None):
         raise ValueError("lora_bank_linear: A_bank and B_bank must both be given or both be None")
     if A_bank is None:
-        if row_pair is not None:
-            raise ValueError("lora_bank_linear: row_pair given without an adapter bank")
+        if row_pair is not None or rank_parts is not None:
+            raise ValueError("lora_bank_linear: row_pair or rank_parts given without an adapter bank")
         return
     if A_bank.dim() != 3 or A_bank.shape[2] != K:
         raise ValueError(f"lora_bank_linear: A_bank must be [P, R, K={K}], got {tuple(A_bank.shape)}")
@@ -151,9 +163,24 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor | None, A_bank: Tensor | None
                          f"([{M}]), got {row_pair.dtype} {tuple(row_pair.shape)}")
 
 
+def _check_parts(rank_parts: Tensor, N: int, R: int) -> None:
+    """The torch kernel's check of ``rank_parts`` (the C++ kernel makes the same one)."""
+    if rank_parts.dtype != torch.int64 or rank_parts.dim() != 2 or rank_parts.shape[1] != 3 or not len(rank_parts):
+        raise ValueError(f"lora_bank_linear: rank_parts must be int64 [Q, 3] (n_end, r_lo, r_hi), got "
+                         f"{rank_parts.dtype} {tuple(rank_parts.shape)}")
+    prev = 0
+    for n_end, r_lo, r_hi in rank_parts.tolist():
+        if not prev < n_end <= N or not 0 <= r_lo <= r_hi <= R:
+            raise ValueError(f"lora_bank_linear: rank_parts row ({n_end}, {r_lo}, {r_hi}) must have n_end in "
+                             f"({prev}, {N}] and 0 <= r_lo <= r_hi <= R = {R}")
+        prev = n_end
+    if prev != N:
+        raise ValueError(f"lora_bank_linear: rank_parts must end at N = {N}, got {prev}")
+
+
 # torch.library: the op, its fake (meta) implementation, and the torch kernel where _C is absent.
 _SCHEMA = ("lora_bank_linear(Tensor x, Tensor weight, Tensor? bias=None, Tensor? A_bank=None, "
-           "Tensor? B_bank=None, Tensor? row_pair=None, str? isa=None) -> Tensor")
+           "Tensor? B_bank=None, Tensor? row_pair=None, str? isa=None, Tensor? rank_parts=None) -> Tensor")
 _lib = torch.library.Library("modlora", "FRAGMENT")  # noqa: TOR901 (kept alive for the registrations)
 if not HAVE_C:  # _C defines the schema and the CPU kernel itself when it loads
     _lib.define(_SCHEMA)
@@ -165,12 +192,13 @@ _OP = torch.ops.modlora.lora_bank_linear.default
 
 
 @torch.library.register_fake("modlora::lora_bank_linear")
-def _lora_bank_linear_fake(x, weight, bias=None, A_bank=None, B_bank=None, row_pair=None, isa=None):
+def _lora_bank_linear_fake(x, weight, bias=None, A_bank=None, B_bank=None, row_pair=None, isa=None, rank_parts=None):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 def lora_bank_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, A_bank: Tensor | None = None,
-                     B_bank: Tensor | None = None, row_pair: Tensor | None = None, isa: str | None = None) -> Tensor:
+                     B_bank: Tensor | None = None, row_pair: Tensor | None = None, isa: str | None = None,
+                     rank_parts: Tensor | None = None) -> Tensor:
     """``y = x W^T + b + (x A_bank[p]^T) B_bank[p]^T`` by the registered op; see the module docstring.
 
     Args:
@@ -179,6 +207,9 @@ def lora_bank_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, A_ba
             :func:`modlora.kernels.pairwise_lora_linear_ref`).
         isa: the C++ kernel's ISA for this call (one of ``_C.supported_isas()``); None: the one set
             by ``_C.set_isa`` / ``MODLORA_CPU_ISA`` (default: the best).
+        rank_parts: int64 ``[Q, 3]`` rows ``(n_end, r_lo, r_hi)``, or None: output columns
+            ``[previous n_end, n_end)`` read only ranks ``[r_lo, r_hi)`` of ``B_bank`` (for a
+            grouped call's block-diagonal B, whose other ranks are zeros: the kernel skips them).
 
     Returns:
         ``[..., N]`` in x's dtype. Not differentiable: autograd goes through the torch path of
@@ -187,14 +218,15 @@ def lora_bank_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, A_ba
     Raises:
         ValueError, TypeError: malformed shapes or dtypes, named.
         RuntimeError (C++ kernel) or IndexError (torch kernel): a ``row_pair`` entry outside ``[0, P)``,
-            or an ``isa`` unknown or not on this CPU.
+            or an ``isa`` unknown or not on this CPU; RuntimeError (C++) or ValueError (torch):
+            ``rank_parts`` not rising to N or ranks outside ``[0, R]``.
     """
     if x.dim() < 1:
         raise ValueError("lora_bank_linear: x must have a feature dimension")
     x2 = x.reshape(-1, x.shape[-1])
     rows = _rows_of(x, row_pair)
-    _check(x2, weight, bias, A_bank, B_bank, rows)
-    return _OP(x2, weight, bias, A_bank, B_bank, rows, isa).reshape(*x.shape[:-1], weight.shape[0])
+    _check(x2, weight, bias, A_bank, B_bank, rows, rank_parts)
+    return _OP(x2, weight, bias, A_bank, B_bank, rows, isa, rank_parts).reshape(*x.shape[:-1], weight.shape[0])
 
 
 if HAVE_C:  # fake (meta) implementations of _C's inference ops: shapes only, for torch.compile and opcheck

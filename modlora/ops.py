@@ -255,22 +255,27 @@ def _grouped(path: str, x: Tensor, weight: Tensor, bias: Tensor | None, parts: S
         return [_part(x, p, rows) for p in parts]
     keys = [_pairs_key(p[2]) for p in parts]
     key = tuple((pairs, p[3], p[0].shape[0]) for (pairs, _), p in zip(keys, parts, strict=True))
-    A_bank, B_bank = _group_bank(key, x.dtype, tuple(v for _, versions in keys for v in versions))
-    y = cpu.lora_bank_linear(x, weight, bias, A_bank, B_bank, None if A_bank is None else rows, isa=_isa(path))
+    A_bank, B_bank, rank_parts = _group_bank(key, x.dtype, tuple(v for _, versions in keys for v in versions))
+    y = cpu.lora_bank_linear(x, weight, bias, A_bank, B_bank, None if A_bank is None else rows, isa=_isa(path),
+                             rank_parts=rank_parts)
     return list(y.split([p[0].shape[0] for p in parts], dim=-1))
 
 
 @functools.lru_cache(maxsize=256)  # one entry per group and pair set: 48 per pair on Qwen2.5-0.5B
-def _group_bank(key: tuple, dtype: torch.dtype, versions: tuple) -> tuple[Tensor | None, Tensor | None]:
-    """One bank for a group: each part's :func:`cpu.pack_bank`, stacked along the rank, B block-diagonal."""
+def _group_bank(key: tuple, dtype: torch.dtype, versions: tuple) -> tuple[Tensor | None, Tensor | None,
+                                                                            Tensor | None]:
+    """One bank for a group: each part's :func:`cpu.pack_bank`, stacked along the rank, B block-diagonal,
+    and the rank range each part's rows read (``rank_parts``: the kernel skips the zeros)."""
     banks = [cpu.pack_bank(pairs, strategy, dtype) if pairs else (None, None) for pairs, strategy, _ in key]
     present = [(A, B) for A, B in banks if A is not None]
     if not present:
-        return None, None
+        return None, None, None
     n, r = [n for *_, n in key], [0 if A is None else A.shape[1] for A, _ in banks]
     A_bank = torch.cat([A for A, _ in present], dim=1)  # [P, R, K]
     B_bank = A_bank.new_zeros(A_bank.shape[0], sum(n), sum(r))
     for (_, B), n0, r0 in zip(banks, accumulate([0, *n]), accumulate([0, *r]), strict=False):
         if B is not None:
             B_bank[:, n0:n0 + B.shape[1], r0:r0 + B.shape[2]] = B
-    return A_bank, B_bank
+    starts = list(accumulate([0, *r]))
+    rank_parts = torch.tensor([[n_end, r0, r0 + rp] for n_end, r0, rp in zip(accumulate(n), starts, r, strict=False)])
+    return A_bank, B_bank, rank_parts

@@ -194,6 +194,55 @@ def test_bf16_bank_across_tile_shapes(isa, M, k, n):
     _assert_close(y, y64, mag, k + A_bank.shape[1])
 
 
+@pytest.mark.parametrize("M", [1, 5, 17])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("parts", [
+    [(32, 0, 16), (64, 16, 32), (97, 32, 48)],   # part boundaries on 4-row blocks and 16 lanes
+    [(22, 0, 20), (61, 20, 41), (97, 41, 41)],   # off them (blocks span two parts), and a part with no ranks
+    [(97, 3, 40)],                               # one part, a range inside R
+], ids=["aligned", "unaligned", "one"])
+def test_rank_parts_read_only_their_ranks(isa, M, dtype, parts):
+    """rank_parts: columns of part q add only ranks [r_lo, r_hi) of B. B is dense here (not the
+    block-diagonal of a grouped call), so a kernel that reads any other rank, or shifts a range,
+    misses by O(|delta|)."""
+    gen = torch.Generator().manual_seed(M * 5 + len(parts))
+    R = 48
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    W = (torch.randn(N, K, generator=gen) / K**0.5).to(dtype)
+    b = torch.randn(N, generator=gen).to(dtype)
+    A_bank = (torch.randn(2, R, K, generator=gen) / K**0.5).to(dtype)
+    B_bank = torch.randn(2, N, R, generator=gen).to(dtype)
+    row_pair = torch.arange(M) % 2
+    rank_parts = torch.tensor(parts)
+    y = cpu.lora_bank_linear(x, W, b, A_bank, B_bank, row_pair, rank_parts=rank_parts)
+    mask = torch.zeros(N, R)
+    n0 = 0
+    for n_end, r_lo, r_hi in parts:
+        mask[n0:n_end, r_lo:r_hi] = 1
+        n0 = n_end
+    y64, mag = _oracle(x, W, b, A_bank, B_bank * mask.to(dtype), row_pair)
+    _assert_close(y, y64, mag, K + R)
+    y_torch = cpu.lora_bank_linear_torch(x, W, b, A_bank, B_bank, row_pair, rank_parts=rank_parts)
+    _assert_close(y_torch, y64, mag, K + R, extra=2.0**-8 if dtype == torch.bfloat16 else 0.0)
+
+
+@pytest.mark.parametrize("parts,message", [
+    ([(50, 0, 8), (40, 8, 16)], "rise|n_end"),
+    ([(50, 0, 8)], "end at N"),
+    ([(97, 8, 4)], "ranks|r_lo"),
+    ([(97, 0, 49)], "ranks|R = 48"),
+], ids=["falling", "short", "reversed", "past-R"])
+def test_rank_parts_errors_are_named(parts, message):
+    x, W = torch.randn(2, K), torch.randn(N, K)
+    A, B = torch.randn(1, 48, K), torch.randn(1, N, 48)
+    with pytest.raises(RuntimeError, match=message):
+        cpu.lora_bank_linear(x, W, None, A, B, rank_parts=torch.tensor(parts))
+    with pytest.raises(ValueError, match=message):
+        cpu.lora_bank_linear_torch(x, W, None, A, B, rank_parts=torch.tensor(parts))
+    with pytest.raises(ValueError, match="without an adapter bank"):
+        cpu.lora_bank_linear(x, W, rank_parts=torch.tensor([(N, 0, 0)]))
+
+
 @pytest.mark.parametrize("name", TILED)
 def test_tile_self_check(name):
     """The integer self-check that gates the hardware AMX path (it was written on CPUs without AMX) passes on
