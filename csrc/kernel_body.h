@@ -227,11 +227,6 @@ inline float rank_dot(const float* u, const BT* b, int64_t R) {
 template <typename V, typename BT>
 void epilogue(const BankArgs& a, int64_t m0, int mb, int64_t n, int nb, const Tile& acc, int64_t folded) {
   const BT* bank = static_cast<const BT*>(a.bank_b);
-  int64_t r0[16], r1[16];
-  for (int j = 0; j < nb; ++j) {
-    rank_range(a, n + j, 1, r0[j], r1[j]);
-    r0[j] += folded;
-  }
   for (int i = 0; i < mb; ++i) {
     const int64_t m = m0 + i;
     const float* um = a.R ? a.u + m * a.R : nullptr;
@@ -239,7 +234,10 @@ void epilogue(const BankArgs& a, int64_t m0, int mb, int64_t n, int nb, const Ti
     for (int j = 0; j < nb; ++j) {
       float v = acc[i][j];
       if (a.bias) v += a.bias[n + j];
-      if (um && r0[j] < r1[j]) v += rank_dot<V>(um + r0[j], bp + (n + j) * a.R + r0[j], r1[j] - r0[j]);
+      int64_t lo = 0, hi = a.R;
+      if (um && a.parts) rank_range(a, n + j, 1, lo, hi);
+      lo += folded;
+      if (um && lo < hi) v += rank_dot<V>(um + lo, bp + (n + j) * a.R + lo, hi - lo);
       if (a.y_bf16)
         static_cast<uint16_t*>(a.y)[m * a.N + n + j] = f32_to_bf16(v);
       else
