@@ -81,12 +81,14 @@ inline Scratch scratch_of(const AttnArgs& a, int64_t task, int64_t lanes) {
   return w;
 }
 
-// n rows of D elements into w.kv as fp32 (row stride Dp).
+// n rows of D elements into w.kv as fp32 (row stride Dp, zeros past D: whole vectors read them).
 template <typename T>
 void widen(const Scratch& w, const T* src, int64_t n, int64_t D) {
-  for (int64_t r = 0; r < n; ++r)
+  for (int64_t r = 0; r < n; ++r) {
 #pragma omp simd
     for (int64_t d = 0; d < D; ++d) w.kv[r * w.Dp + d] = to_f32(src[r * D + d]);
+    for (int64_t d = D; d < w.Dp; ++d) w.kv[r * w.Dp + d] = 0.f;
+  }
 }
 
 // Score columns [c0, c0 + n) = keys w.kv[0, n) against queries [i0, i1), in the lanes of their
