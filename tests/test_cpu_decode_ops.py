@@ -12,6 +12,7 @@ relative). A wrong mask, GQA head, RoPE sign, beam, block tail or step is off by
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -135,29 +136,38 @@ def test_served_only_without_gradients_and_for_one_dtype():
     assert not cpu.c_serves(q.detach(), cache.bfloat16())
 
 
-@torch.no_grad()
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_decode_steps_equal_the_torch_path(monkeypatch, dtype):
-    """Logits of prefill + 6 decode steps (beams reordered in between, left padding) with the C++
-    attention and with the model's torch attention."""
-    model = random_model(Qwen2Config.preset("tiny"), seed=0, dtype=dtype)
+def _decode_logits(model, use_c: bool) -> torch.Tensor:
+    """Logits of prefill + 6 decode steps (beams reordered in between, left padding), with the C++
+    decode ops or with the model's torch code."""
     ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
-    logits = {}
-    for fused in (True, False):
-        if not fused:
-            monkeypatch.setattr(cpu, "c_serves", lambda x, other: False)
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        if not use_c:
+            mp.setattr(cpu, "c_serves", lambda x, other: False)
         cache = model.new_cache(2, 9, 8, num_beams=3)
         model.prefill(ids, mask, cache)
         steps = []
         for t in range(6):
             steps.append(model.decode_step(torch.arange(6) * 11 + t, cache).float())
             cache.reorder(torch.tensor([1, 1, 0, 5, 3, 4]))
-        logits[fused] = torch.stack(steps)
-    # bf16: the two paths round RoPE differently (torch: per op in bf16), a few bf16 ulps of the logits
-    bound = {torch.float32: 1e-5, torch.bfloat16: 4 * 2**-8 * logits[False].abs().max().item()}[dtype]
-    assert (logits[True] - logits[False]).abs().max().item() <= bound
+    return torch.stack(steps)
+
+
+def test_decode_steps_equal_the_torch_path_fp32():
+    model = random_model(Qwen2Config.preset("tiny"), seed=0, dtype=torch.float32)
+    assert (_decode_logits(model, True) - _decode_logits(model, False)).abs().max().item() <= 1e-5
+
+
+def test_decode_steps_in_bf16_are_as_close_to_fp32_as_the_torch_path():
+    """bf16: the two paths round differently (torch rounds RoPE per op), so neither is the other's
+    reference; both are held to the same model run in fp32. Measured: mean errors 0.00057 for each
+    path; a wrong GQA head in the C++ op (which the fp32 test catches) gives 0.0014-0.0017, 2.5x."""
+    model = random_model(Qwen2Config.preset("tiny"), seed=0, dtype=torch.bfloat16)
+    ref = _decode_logits(copy.deepcopy(model).float(), False)
+    err_c = (_decode_logits(model, True) - ref).abs().mean().item()
+    err_torch = (_decode_logits(model, False) - ref).abs().mean().item()
+    assert err_c <= 1.25 * err_torch
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
