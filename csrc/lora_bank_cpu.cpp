@@ -85,8 +85,9 @@ int64_t x_tiles_elems(int64_t M, int64_t K) {
 
 // A tile kernel against exact integer arithmetic, on 70 x 70 x 21 (x tiles over all four C tiles
 // and a second pass, a K tail, a partial block of W rows): small integers make every sum exact in
-// any order, so a layout, tail or operand-order mistake shows as a mismatch. The hardware AMX path runs it once before it is offered
-// (it was written on CPUs without AMX); the tests run it on the emulated tiles.
+// any order, so a layout, tail or operand-order mistake shows as a mismatch. The hardware AMX path
+// runs it once before it is offered (it was written on CPUs without AMX); the tests run it on the
+// emulated tiles.
 bool tiles_self_check(RowsFn rows) {
   constexpr int64_t M = 70, K = 70, N = 21;
   const auto bf16 = [](int v) {  // small integers are exact in bf16: the top half of their fp32 bits
@@ -464,7 +465,7 @@ TORCH_LIBRARY_FRAGMENT(modlora, m) {
 TORCH_LIBRARY_IMPL(modlora, CPU, m) { m.impl("lora_bank_linear", &modlora_cpu::lora_bank_linear_cpu); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "modlora C++ ops: the CPU LoRA-bank linear and decode attention (torch.ops.modlora.*)";
+  m.doc() = "modlora C++ ops: the CPU LoRA-bank linear, decode attention and RMSNorm (torch.ops.modlora.*)";
   m.def("isa", []() { return std::string(modlora_cpu::kIsaNames[modlora_cpu::g_isa.load()]); },
         "The vector ISA the CPU op uses now.");
   m.def("best_isa", []() { return std::string(modlora_cpu::kIsaNames[modlora_cpu::kBestIsa]); },

@@ -271,11 +271,11 @@ def _group_bank(key: tuple, dtype: torch.dtype, versions: tuple) -> tuple[Tensor
     if not present:
         return None, None, None
     n, r = [n for *_, n in key], [0 if A is None else A.shape[1] for A, _ in banks]
+    n_at, r_at = list(accumulate([0, *n])), list(accumulate([0, *r]))  # each part's first row and rank
     A_bank = torch.cat([A for A, _ in present], dim=1)  # [P, R, K]
-    B_bank = A_bank.new_zeros(A_bank.shape[0], sum(n), sum(r))
-    for (_, B), n0, r0 in zip(banks, accumulate([0, *n]), accumulate([0, *r]), strict=False):
+    B_bank = A_bank.new_zeros(A_bank.shape[0], n_at[-1], r_at[-1])
+    for (_, B), n0, r0 in zip(banks, n_at, r_at, strict=False):
         if B is not None:
             B_bank[:, n0:n0 + B.shape[1], r0:r0 + B.shape[2]] = B
-    starts = list(accumulate([0, *r]))
-    rank_parts = torch.tensor([[n_end, r0, r0 + rp] for n_end, r0, rp in zip(accumulate(n), starts, r, strict=False)])
+    rank_parts = torch.tensor([[n_at[q + 1], r_at[q], r_at[q + 1]] for q in range(len(key))])
     return A_bank, B_bank, rank_parts
