@@ -140,6 +140,17 @@ def test_the_measured_winner_runs(dtype, fastest, monkeypatch, c_calls):
     assert [e["path"] for e in _cache()["choices"].values()] == [fastest]
 
 
+@torch.no_grad()
+def test_a_case_is_measured_at_the_rows_of_the_call_that_met_it(monkeypatch):
+    """Beam 5 is measured at 5 rows, not at its bucket's 8: the kernel and the winner can differ."""
+    rows = []
+    monkeypatch.setattr(dispatch, "_measure", lambda x, w, run, m, paths: rows.append(m) or {p: 1.0 for p in paths})
+    for m in (5, 6, 3):  # 5 and 6 share bucket 8: one measurement
+        ops.linear(*_inputs(m))
+    assert rows == [5, 3]
+    assert {name.split("|")[4]: e["rows"] for name, e in _cache()["choices"].items()} == {"8": 5, "4": 3}
+
+
 @pytest.mark.parametrize("forced", ["c", *PATHS])
 @torch.no_grad()
 def test_forced_path_is_obeyed_without_measuring(forced, monkeypatch, c_calls):
