@@ -135,9 +135,9 @@ def runners(ours, peft, ids, mask, tok: Tokenizer, clock: StepClock):
     kw = dict(num_beams=5, pad_token_id=tok.pad_id)
     decode_step = type(ours).decode_step.__get__(ours)
 
-    def ticking_decode_step(tokens, cache):
+    def ticking_decode_step(*args, **kwargs):
         clock.tick()
-        return decode_step(tokens, cache)
+        return decode_step(*args, **kwargs)
 
     ours.decode_step = ticking_decode_step  # on this instance only: the benchmark's probe
 

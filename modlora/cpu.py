@@ -42,7 +42,7 @@ from modlora.kernels.reference import Adapter, Weight, as_fp32, merge_pair
 log = logging.getLogger("modlora")
 
 __all__ = ["HAVE_C", "c_enabled", "set_c_enabled", "pack_bank", "lora_bank_linear", "lora_bank_linear_torch",
-           "c_serves", "decode_attention", "rms_norm"]
+           "c_serves", "decode_attention", "rms_norm", "BoundSites"]
 
 _C = None
 if os.environ.get("MODLORA_DISABLE_C", "") not in ("", "0"):
@@ -226,7 +226,81 @@ def lora_bank_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, A_ba
     x2 = x.reshape(-1, x.shape[-1])
     rows = _rows_of(x, row_pair)
     _check(x2, weight, bias, A_bank, B_bank, rows, rank_parts)
-    return _OP(x2, weight, bias, A_bank, B_bank, rows, isa, rank_parts).reshape(*x.shape[:-1], weight.shape[0])
+    args = (weight, bias, A_bank, B_bank, rows, isa, rank_parts)
+    y = _OP(x2, *args)
+    if _recording is not None:
+        _recording.append((x2, y, args))
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+_recording: list | None = None  # lora_bank_linear's calls (x, y, other arguments) while BoundSites records
+
+
+class BoundSites:
+    """Runs the linear sites of decode steps (``site(fn, x)``: ``fn(x)``, ``fn`` a linear or a group
+    of them; :meth:`modlora.model.Qwen2ForCausalLM.decode_step`), each, from its second run on, as
+    the one op call its first run made, the arguments bound: the Python between a layer and the op
+    (adapter bindings, dispatch, bank lookup, checks) runs once per site, not once per step.
+
+    For one generation only: what the first run decided (the path, the ISA, the adapter bank, the
+    rows' pairs) holds while the model, its adapters and the dispatch choices do not change. A site
+    whose first run was not exactly one op call on its own input, returning that call's output or
+    its column blocks in order (the torch path, a group run as separate calls, CUDA), keeps
+    running ``fn``.
+    """
+
+    def __init__(self) -> None:
+        self._bound: dict[object, object] = {}
+
+    @property
+    def bound(self) -> int:
+        """How many sites run as a bound op call."""
+        return sum(1 for run in self._bound.values() if isinstance(run, _BoundCall))
+
+    def __call__(self, fn, x: Tensor):
+        run = self._bound.get(fn)
+        if run is not None:
+            return run(x)
+        global _recording
+        _recording = []
+        try:
+            out = fn(x)
+        finally:
+            calls, _recording = _recording, None
+        self._bound[fn] = _BoundCall.of(calls, x, out) or fn
+        return out
+
+
+class _BoundCall:
+    """One recorded lora_bank_linear call, replayed on a new x of the same shape."""
+
+    def __init__(self, args: tuple, sizes: list[int] | None) -> None:
+        self.args, self.sizes = args, sizes
+
+    @classmethod
+    def of(cls, calls: list, x: Tensor, out) -> _BoundCall | None:
+        """The call ``calls`` hold if they are one call on ``x`` whose output ``out`` is (a tensor)
+        or splits along the last dimension (a list); else None."""
+        if len(calls) != 1:
+            return None
+        x2, y, args = calls[0]
+        if x2.data_ptr() != x.data_ptr() or x2.numel() != x.numel():
+            return None
+        blocks = [out] if isinstance(out, Tensor) else list(out)
+        offset = 0
+        for b in blocks:
+            view = y[:, offset:offset + b.shape[-1]].reshape(b.shape)
+            if b.data_ptr() != view.data_ptr() or b.stride() != view.stride():
+                return None
+            offset += b.shape[-1]
+        if offset != y.shape[1]:
+            return None
+        return cls(args, None if isinstance(out, Tensor) else [b.shape[-1] for b in blocks])
+
+    def __call__(self, x: Tensor):
+        y = _OP(x.reshape(-1, x.shape[-1]), *self.args)
+        y = y.view(*x.shape[:-1], y.shape[1])
+        return y if self.sizes is None else list(y.split(self.sizes, dim=-1))
 
 
 if HAVE_C:  # fake (meta) implementations of _C's inference ops: shapes only, for torch.compile and opcheck

@@ -23,6 +23,7 @@ on the last step (the cache is not read again).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,9 +33,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .adapters import AdapterController
+from .cpu import BoundSites
 from .model import KVCache, Qwen2ForCausalLM
 from .prompt import translation_prompt_ids
 from .tokenizer import Tokenizer
+
+DecodeStep = Callable[[Tensor, KVCache], Tensor]  # tokens [rows], cache -> logits [rows, V]
 
 _NEG = -1.0e9  # transformers' "impossible" score; the same constant keeps ties and orderings identical
 
@@ -109,7 +113,9 @@ def generate(model: Qwen2ForCausalLM, input_ids: Tensor, attention_mask: Tensor 
     if row_pair is not None:
         adapters.route_rows(row_pair.to(device).repeat_interleave(params.num_beams))
     search_fn = _greedy if params.num_beams == 1 else _beam_search
-    tokens, scores, lengths = search_fn(model, cache, logits, eos, pad_token_id, params)
+    # Each linear's op call is bound at the first decode step and reused for the rest of this call.
+    step = functools.partial(model.decode_step, site=BoundSites())
+    tokens, scores, lengths = search_fn(step, cache, logits, eos, pad_token_id, params)
     generated = tokens[:, : int(lengths.max())]
     out = torch.cat((input_ids.repeat_interleave(params.num_return_sequences, 0), generated), dim=1)
     return (out, scores) if return_scores else out
@@ -122,7 +128,7 @@ def _log_probs(logits: Tensor, step: int, min_new_tokens: int, eos: Tensor) -> T
     return log_probs
 
 
-def _greedy(model: Qwen2ForCausalLM, cache: KVCache, logits: Tensor, eos: Tensor, pad_id: int,
+def _greedy(decode_step: DecodeStep, cache: KVCache, logits: Tensor, eos: Tensor, pad_id: int,
             params: SearchParams) -> tuple[Tensor, Tensor, Tensor]:
     """Tokens [B, max_new], scores [B] and lengths [B] of greedy decoding from the prefill's logits [B, V]."""
     max_new_tokens, min_new_tokens = params.max_new_tokens, params.min_new_tokens
@@ -144,11 +150,11 @@ def _greedy(model: Qwen2ForCausalLM, cache: KVCache, logits: Tensor, eos: Tensor
         running &= ~torch.isin(token, eos)
         if step + 1 == max_new_tokens or not running.any():  # the one host sync per step
             break
-        logits = model.decode_step(token, cache)
+        logits = decode_step(token, cache)
     return tokens, total / lengths.float() ** params.length_penalty, lengths
 
 
-def _beam_search(model: Qwen2ForCausalLM, cache: KVCache, logits: Tensor, eos: Tensor, pad_id: int,
+def _beam_search(decode_step: DecodeStep, cache: KVCache, logits: Tensor, eos: Tensor, pad_id: int,
                  params: SearchParams) -> tuple[Tensor, Tensor, Tensor]:
     """Tokens [B * n, max_new], scores [B * n] and lengths [B, n] of the n = num_return_sequences best
     hypotheses per sentence, from the prefill's logits [B, V]."""
@@ -206,7 +212,7 @@ def _beam_search(model: Qwen2ForCausalLM, cache: KVCache, logits: Tensor, eos: T
         if not go_on:  # the one host sync per step
             break
         cache.reorder(beam_idx)
-        logits = model.decode_step(run_tokens[:, :, step].flatten(), cache)
+        logits = decode_step(run_tokens[:, :, step].flatten(), cache)
     n = params.num_return_sequences
     return fin_tokens[:, :n].flatten(0, 1), fin_scores[:, :n].flatten(), fin_lengths[:, :n]
 

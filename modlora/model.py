@@ -22,7 +22,9 @@ Left padding works everywhere: position ids come from the attention mask, as tra
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +34,15 @@ from torch.utils.checkpoint import checkpoint
 from . import cpu
 from .adapted import AdaptedLinear, FastLinear, fuse, grouped
 from .config import Qwen2Config
+
+Site = Callable[[Callable[[Tensor], Any], Tensor], Any]
+"""How a decode step runs its linear sites: ``site(fn, x)`` returns ``fn(x)``, ``fn`` one linear or
+a group of them (:class:`modlora.cpu.BoundSites` binds each to its one C++ call)."""
+
+
+def run_site(fn: Callable[[Tensor], Any], x: Tensor) -> Any:
+    """The plain :data:`Site`: ``fn(x)``."""
+    return fn(x)
 
 
 class RMSNorm(nn.Module):
@@ -122,9 +133,13 @@ class Qwen2Attention(nn.Module):
     def gqa(self) -> bool:
         return self.n_kv != self.n_heads
 
+    def project(self, x: Tensor) -> list[Tensor]:
+        """q [..., H*D], k and v [..., Hkv*D] of x [..., C], as one op while they are fused."""
+        return grouped(x, (self.q_proj, self.k_proj, self.v_proj))
+
     def qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Rotated q [B, H, T, D], k and v [B, Hkv, T, D] of x [B, T, C]."""
-        return self.heads(*grouped(x, (self.q_proj, self.k_proj, self.v_proj)), cos, sin)
+        return self.heads(*self.project(x), cos, sin)
 
     def heads(self, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The projections [B, T, H*D] (k, v: Hkv*D) split into heads, q and k rotated."""
@@ -143,17 +158,19 @@ class Qwen2Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.gqa)
         return self.o_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 
-    def decode(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache) -> Tensor:
-        """One new token per row, x [B*beams, 1, C]: attends to its sentence's prompt and its own beam."""
-        q, k, v = grouped(x, (self.q_proj, self.k_proj, self.v_proj))
+    def decode(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, site: Site = run_site) -> Tensor:
+        """One new token per row, x [B*beams, C], cos/sin [B*beams, D]: attends to its sentence's
+        prompt and its own beam."""
+        q, k, v = site(self.project, x)
         layer = self.layer_idx
         if cpu.c_serves(q, cache.gen_k):
-            out = cpu.decode_attention(q[:, 0], k[:, 0], v[:, 0], cos[:, 0], sin[:, 0], cache.prompt_k[layer],
-                                       cache.prompt_v[layer], cache.prompt_mask, cache.gen_k[layer],
-                                       cache.gen_v[layer], cache.step, cache.num_beams)
+            out = cpu.decode_attention(q, k, v, cos, sin, cache.prompt_k[layer], cache.prompt_v[layer],
+                                       cache.prompt_mask, cache.gen_k[layer], cache.gen_v[layer], cache.step,
+                                       cache.num_beams)
         else:
-            out = self.decode_torch(*self.heads(q, k, v, cos, sin), cache)
-        return self.o_proj(out[:, None])
+            out = self.decode_torch(*self.heads(q[:, None], k[:, None], v[:, None], cos[:, None], sin[:, None]),
+                                    cache)
+        return site(self.o_proj, out)
 
     def decode_torch(self, q: Tensor, k: Tensor, v: Tensor, cache: KVCache) -> Tensor:
         """:meth:`decode`'s attention in torch ops, from rotated heads; [B*beams, H*D]."""
@@ -184,9 +201,13 @@ class Qwen2MLP(nn.Module):
         self.up_proj = AdaptedLinear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = AdaptedLinear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        gate, up = grouped(x, (self.gate_proj, self.up_proj))
-        return self.down_proj(F.silu(gate) * up)
+    def gate_up(self, x: Tensor) -> list[Tensor]:
+        """gate and up of x, as one op while they are fused."""
+        return grouped(x, (self.gate_proj, self.up_proj))
+
+    def forward(self, x: Tensor, site: Site = run_site) -> Tensor:
+        gate, up = site(self.gate_up, x)
+        return site(self.down_proj, F.silu(gate) * up)
 
 
 class Qwen2DecoderLayer(nn.Module):
@@ -197,12 +218,14 @@ class Qwen2DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None = None,
-                decode: bool = False) -> Tensor:
-        h = self.input_layernorm(x)
-        h = self.self_attn.decode(h, cos, sin, cache) if decode else self.self_attn(h, cos, sin, mask, cache)
-        x = x + h
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor, cache: KVCache | None = None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def decode(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache, site: Site = run_site) -> Tensor:
+        """:meth:`forward` for one new token per row, x [B*beams, C] (:meth:`Qwen2Attention.decode`)."""
+        x = x + self.self_attn.decode(self.input_layernorm(x), cos, sin, cache, site)
+        return x + self.mlp(self.post_attention_layernorm(x), site)
 
 
 class Qwen2Model(nn.Module):
@@ -295,15 +318,15 @@ class Qwen2Model(nn.Module):
                      else block(layer, x, xp))
         return self.norm(x)[0]
 
-    def decode(self, tokens: Tensor, cache: KVCache) -> Tensor:
-        """Hidden state [B*beams, 1, C] of one new token per row; advances the cache by one position."""
+    def decode(self, tokens: Tensor, cache: KVCache, site: Site = run_site) -> Tensor:
+        """Hidden state [B*beams, C] of one new token per row; advances the cache by one position."""
         if cache.step >= cache.capacity:
             raise RuntimeError(f"KV cache is full: {cache.capacity} generated positions were allocated")
-        positions = (cache.prompt_lengths.repeat_interleave(cache.num_beams) + cache.step)[:, None]
-        x = self.embed_tokens(tokens[:, None])
+        positions = cache.prompt_lengths.repeat_interleave(cache.num_beams) + cache.step
+        x = self.embed_tokens(tokens)
         cos, sin = self.rotary_emb(positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, None, cache, decode=True)
+            x = layer.decode(x, cos, sin, cache, site)
         cache.step += 1
         return self.norm(x)
 
@@ -361,9 +384,9 @@ class Qwen2ForCausalLM(nn.Module):
         h = self.model(input_ids, attention_mask, cache)
         return self.lm_head(h[:, -1])
 
-    def decode_step(self, tokens: Tensor, cache: KVCache) -> Tensor:
-        """Logits [B*beams, V] for one new token per row."""
-        return self.lm_head(self.model.decode(tokens, cache)[:, 0])
+    def decode_step(self, tokens: Tensor, cache: KVCache, site: Site = run_site) -> Tensor:
+        """Logits [B*beams, V] for one new token per row; ``site`` runs each linear (or fused group)."""
+        return site(self.lm_head, self.model.decode(tokens, cache, site))
 
     def adapted_linears(self) -> dict[str, AdaptedLinear]:
         """Every adapted linear by its HF module name (e.g. ``model.layers.0.self_attn.q_proj``)."""
