@@ -53,7 +53,7 @@ MAX_BUCKET = 256  # larger M is a GEMM: torch's (oneDNN/MKL) path, never the sma
 PATH_SECONDS = 0.02  # time each path about this long per case (at least one call after the warm-up)
 MAX_REPS = 10
 BUDGET_SECONDS = 10.0  # calibration time per process, all cases together
-FORMAT = 2
+FORMAT = 3  # 3: cases measured at the rows of their first call (2: at the bucket's top)
 ISAS = ("scalar", "avx2", "avx512", "avx512_bf16", "amx")  # the C++ op's ISAs, each wider than the last
 BF16_DOT_ISAS = ("avx512_bf16", "amx")  # differ from avx512 only for bf16 x and W
 

@@ -11,7 +11,9 @@ Four ways to run it:
   its beams; only the generated positions are per beam, so reordering beams copies
   ``t`` positions per layer, not the whole cache. On the CPU, where ``modlora._C`` is built, a
   decode step's attention and every RMSNorm without autograd are one C++ call each
-  (:func:`modlora.cpu.decode_attention`, :func:`modlora.cpu.rms_norm`).
+  (:func:`modlora.cpu.decode_attention`, :func:`modlora.cpu.rms_norm`). A decode step runs each
+  linear (or fused group) through a ``site`` (:data:`Site`); ``generate`` passes a
+  :class:`modlora.cpu.BoundSites`, which replays each one's C++ call from the second step on.
 
 Left padding works everywhere: position ids come from the attention mask, as transformers'
 ``generate`` computes them. This module is a leaf: it knows its linear layers
