@@ -277,6 +277,25 @@ def test_no_adapters_is_plain_linear(isa, w_dtype, M):
     _assert_close(y, y64, mag, k)
 
 
+@pytest.mark.parametrize("M", [1, 5, 7])
+def test_bf16_output_is_the_fp32_result_rounded_to_nearest_even(isa, M):
+    """With fp32 W every ISA sums a bf16 x exactly as its fp32 copy, so the bf16 output must be the
+    fp32 output rounded as torch rounds: ties to even, NaN stays NaN, overflow to inf. Row 0 (x = 0)
+    is the bias alone, whose entries are ties, NaNs, +-inf and the largest float."""
+    gen = torch.Generator().manual_seed(M)
+    high = torch.randint(0x3F00, 0x4300, (N,), generator=gen, dtype=torch.int32)
+    bias = ((high << 16) | 0x8000).view(torch.float32).clone()
+    bias[:4] = torch.tensor([float("nan"), float("inf"), -float("inf"), torch.finfo(torch.float32).max])
+    bias[4] = torch.tensor(0x7FFFFFFF, dtype=torch.int32).view(torch.float32)  # a NaN that rounding would wrap to -0
+    x = torch.randn(M, K, generator=gen).to(torch.bfloat16)
+    x[0] = 0
+    W = torch.randn(N, K, generator=gen)
+    got = cpu.lora_bank_linear(x, W, bias).float()
+    want = cpu.lora_bank_linear(x.float(), W, bias).to(torch.bfloat16).float()
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(got[0, 5:], bias[5:].to(torch.bfloat16).float())
+
+
 def test_tiny_and_degenerate_shapes(isa):
     gen = torch.Generator().manual_seed(0)
     for m, k, n, r in [(1, 1, 1, 1), (3, 5, 2, 3), (2, 17, 5, 1), (1, 33, 4, 40)]:
