@@ -122,7 +122,9 @@ def generate(model: Qwen2ForCausalLM, input_ids: Tensor, attention_mask: Tensor 
 
 
 def _log_probs(logits: Tensor, step: int, min_new_tokens: int, eos: Tensor) -> Tensor:
-    log_probs = F.log_softmax(logits.float(), dim=-1)
+    # fp32 as transformers' log_softmax(logits.float()), with no fp32 copy of the logits: at 5 x
+    # 151,936 a second live 3 MB buffer made glibc map fresh pages every step (2.6 vs 0.4 ms).
+    log_probs = F.log_softmax(logits, dim=-1, dtype=torch.float32)
     if step < min_new_tokens:
         log_probs[:, eos] = float("-inf")
     return log_probs
@@ -177,7 +179,11 @@ def _beam_search(decode_step: DecodeStep, cache: KVCache, logits: Tensor, eos: T
     improvable = torch.ones(batch, 1, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         # Step 0 has one row of logits per sentence; broadcasting against the beam scores expands it.
-        log_probs = _log_probs(logits, step, min_new_tokens, eos).view(batch, -1, vocab) + run_scores[:, :, None]
+        log_probs = _log_probs(logits, step, min_new_tokens, eos).view(batch, -1, vocab)
+        if log_probs.shape[1] == beams:
+            log_probs += run_scores[:, :, None]  # in place, for the same reason
+        else:
+            log_probs = log_probs + run_scores[:, :, None]
         cand_scores, cand_idx = torch.topk(log_probs.view(batch, -1), keep)
         parent = torch.div(cand_idx, vocab, rounding_mode="floor")
         cand_tokens = run_tokens.gather(1, parent[:, :, None].expand(-1, -1, max_new_tokens))

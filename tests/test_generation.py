@@ -7,7 +7,7 @@ import torch
 from hf_reference import hf_model, save_hf
 
 from modlora.adapters import AdapterController, LoraAdapter
-from modlora.generation import SearchParams, generate, translate
+from modlora.generation import SearchParams, _log_probs, generate, translate
 from modlora.loading import load_pretrained
 from modlora.model import Qwen2ForCausalLM
 
@@ -254,3 +254,15 @@ def test_mixed_directions_equal_each_direction_alone(models, prompts, strategy):
     assert not torch.equal(alone[0], alone[1])
     for row, pair in enumerate(row_pair.tolist()):
         assert torch.equal(mixed[row], alone[pair][row])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_log_probs_are_transformers_fp32_log_softmax_bit_for_bit(dtype):
+    """Computed without an fp32 copy of the logits, yet equal to log_softmax(logits.float()), as
+    transformers scores beams (Qwen2.5's vocabulary, logits at several scales)."""
+    g = torch.Generator().manual_seed(0)
+    for scale in (0.1, 3.0, 40.0):
+        logits = (torch.randn(5, 151936, generator=g) * scale).to(dtype)
+        assert torch.equal(_log_probs(logits, 3, 0, torch.tensor([7])), torch.log_softmax(logits.float(), -1))
+    masked = _log_probs(logits, 0, 1, torch.tensor([7, 9]))
+    assert masked[:, [7, 9]].eq(float("-inf")).all() and torch.isfinite(masked[:, :7]).all()
