@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -228,12 +229,14 @@ def lora_bank_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, A_ba
     _check(x2, weight, bias, A_bank, B_bank, rows, rank_parts)
     args = (weight, bias, A_bank, B_bank, rows, isa, rank_parts)
     y = _OP(x2, *args)
-    if _recording is not None:
-        _recording.append((x2, y, args))
+    calls = getattr(_recording, "calls", None)
+    if calls is not None:
+        calls.append((x2, y, args))
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-_recording: list | None = None  # lora_bank_linear's calls (x, y, other arguments) while BoundSites records
+# lora_bank_linear's calls (x, y, other arguments) in this thread while a BoundSites records.
+_recording = threading.local()
 
 
 class BoundSites:
@@ -261,12 +264,11 @@ class BoundSites:
         run = self._bound.get(fn)
         if run is not None:
             return run(x)
-        global _recording
-        _recording = []
+        _recording.calls = calls = []
         try:
             out = fn(x)
         finally:
-            calls, _recording = _recording, None
+            _recording.calls = None
         self._bound[fn] = _BoundCall.of(calls, x, out) or fn
         return out
 

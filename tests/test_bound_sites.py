@@ -4,6 +4,8 @@ own input, and leave every other site to its Python."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from test_grouped import _model
@@ -62,6 +64,22 @@ def test_a_site_that_is_not_one_plain_call_keeps_running_its_python(site):
     got, want = sites(fn, x2), fn(x2)
     assert torch.equal(torch.stack(list(got)) if isinstance(got, list) else got,
                        torch.stack(list(want)) if isinstance(want, list) else want)
+
+
+@torch.no_grad()
+def test_calls_of_another_thread_do_not_enter_a_sites_record():
+    W, b, A, B = _weights(torch.Generator().manual_seed(0))
+    op = lambda x: cpu.lora_bank_linear(x, W, b, A, B)
+
+    def fn(x):  # while this site records, another thread calls the op
+        other = threading.Thread(target=op, args=(torch.randn(2, 16),))
+        other.start()
+        other.join()
+        return op(x)
+
+    sites = BoundSites()
+    sites(fn, torch.randn(3, 16))
+    assert sites.bound == 1
 
 
 def _steps(model, ids, site, steps: int = 3) -> torch.Tensor:
