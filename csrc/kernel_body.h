@@ -237,15 +237,33 @@ inline Rest rest_of(const BankArgs& a, int64_t n, int64_t nb, int64_t folded) {
   return rest;
 }
 
+// A row of a block's outputs as one vector (GCC's vector_size takes no template parameter).
+typedef float f32x2 __attribute__((vector_size(8)));
+typedef uint32_t u32x2 __attribute__((vector_size(8)));
 typedef float f32x4 __attribute__((vector_size(16)));
 typedef uint32_t u32x4 __attribute__((vector_size(16)));
+template <int NB>
+struct RowVec;
+template <>
+struct RowVec<2> {
+  using f = f32x2;
+  using u = u32x2;
+};
+template <>
+struct RowVec<4> {
+  using f = f32x4;
+  using u = u32x4;
+};
 
-// y[m, n .. n + 4) = v + bias, rounded as f32_to_bf16 does when y is bf16.
-inline void store4(const BankArgs& a, int64_t m, int64_t n, const float* v) {
-  f32x4 y;
+// y[m, n .. n + NB) = v + bias, rounded as f32_to_bf16 does when y is bf16, as one NB-float vector.
+template <int NB>
+inline void store_row(const BankArgs& a, int64_t m, int64_t n, const float* v) {
+  using fv = typename RowVec<NB>::f;
+  using uv = typename RowVec<NB>::u;
+  fv y;
   __builtin_memcpy(&y, v, sizeof y);
   if (a.bias) {
-    f32x4 b;
+    fv b;
     __builtin_memcpy(&b, a.bias + n, sizeof b);
     y += b;
   }
@@ -253,22 +271,28 @@ inline void store4(const BankArgs& a, int64_t m, int64_t n, const float* v) {
     __builtin_memcpy(static_cast<float*>(a.y) + m * a.N + n, &y, sizeof y);
     return;
   }
-  u32x4 bits;
+  uv bits;
   __builtin_memcpy(&bits, &y, sizeof bits);
-  const u32x4 rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-  const u32x4 h = (bits & 0x7fffffffu) > 0x7f800000u ? (bits >> 16) | 0x40u : rounded;
-  const uint16_t out[4] = {static_cast<uint16_t>(h[0]), static_cast<uint16_t>(h[1]), static_cast<uint16_t>(h[2]),
-                           static_cast<uint16_t>(h[3])};
+  const uv rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  const uv h = (bits & 0x7fffffffu) > 0x7f800000u ? (bits >> 16) | 0x40u : rounded;
+  uint16_t out[NB];
+  for (int j = 0; j < NB; ++j) out[j] = static_cast<uint16_t>(h[j]);
   __builtin_memcpy(static_cast<uint16_t*>(a.y) + m * a.N + n, out, sizeof out);
 }
 
 // Epilogue for rows [m0, m0 + mb) and columns [n, n + nb): bias, the LoRA expand's ranks `rest`,
-// store. A block of 4 columns with nothing left to add stores 4 outputs at a time: one by one,
-// with the checks per output, the epilogue took a third of a call's compute (M = 5, K = 896).
+// store. A whole block (4 or 2 columns) with nothing left to add stores a row's outputs at once:
+// one by one, with the checks per output, the epilogue took a third of a call's compute (M = 5,
+// K = 896).
 template <typename V, typename BT>
 void epilogue(const BankArgs& a, int64_t m0, int mb, int64_t n, int nb, const Tile& acc, const Rest& rest) {
-  if (nb == 4 && !rest.per_column && rest.lo >= rest.hi) {
-    for (int i = 0; i < mb; ++i) store4(a, m0 + i, n, acc[i]);
+  if ((nb == 4 || nb == 2) && !rest.per_column && rest.lo >= rest.hi) {
+    for (int i = 0; i < mb; ++i) {
+      if (nb == 4)
+        store_row<4>(a, m0 + i, n, acc[i]);
+      else
+        store_row<2>(a, m0 + i, n, acc[i]);
+    }
     return;
   }
   const BT* bank = static_cast<const BT*>(a.bank_b);
