@@ -71,7 +71,7 @@ void tile_epilogue(const BankArgs& a, int64_t t0, int nt, int64_t n, int nb, con
       Tile acc;
       for (int i = 0; i < mb; ++i)
         for (int j = 0; j < jb; ++j) acc[i][j] = c[t][j0 + j][i];
-      const Rest rest = rest_of(a, n + j0, jb, 0);
+      const Rest rest = rest_of(a, n + j0, jb);
       if (a.b_bf16)
         epilogue<V, uint16_t>(a, m0, mb, n + j0, jb, acc, rest);
       else

@@ -222,18 +222,17 @@ inline float rank_dot(const float* u, const BT* b, int64_t R) {
   return s;
 }
 
-// The ranks the epilogue adds to columns [n, n + nb): [lo, hi) of their part past the first
-// `folded`, or, when they span parts (nothing folded then), each column's own range.
+// Ranks of columns [n, n + nb) still to add: [lo, hi) of their part (the driver moves lo past
+// what the block folded), or, when they span parts, each column's own range (nothing folded).
 struct Rest {
   int64_t lo = 0, hi = 0;
   bool per_column = false;
 };
 
-inline Rest rest_of(const BankArgs& a, int64_t n, int64_t nb, int64_t folded) {
+inline Rest rest_of(const BankArgs& a, int64_t n, int64_t nb) {
   Rest rest;
   if (a.R == 0) return rest;
   rest.per_column = !rank_range(a, n, nb, rest.lo, rest.hi);
-  rest.lo += folded;
   return rest;
 }
 
@@ -287,12 +286,7 @@ inline void store_row(const BankArgs& a, int64_t m, int64_t n, const float* v) {
 template <typename V, typename BT>
 void epilogue(const BankArgs& a, int64_t m0, int mb, int64_t n, int nb, const Tile& acc, const Rest& rest) {
   if ((nb == 4 || nb == 2) && !rest.per_column && rest.lo >= rest.hi) {
-    for (int i = 0; i < mb; ++i) {
-      if (nb == 4)
-        store_row<4>(a, m0 + i, n, acc[i]);
-      else
-        store_row<2>(a, m0 + i, n, acc[i]);
-    }
+    for (int i = 0; i < mb; ++i) (nb == 4 ? store_row<4> : store_row<2>)(a, m0 + i, n, acc[i]);
     return;
   }
   const BT* bank = static_cast<const BT*>(a.bank_b);
@@ -332,13 +326,13 @@ void dot_rows(const typename Dot::W* const* wrows, const typename Dot::W* pf, co
   }
 }
 
-// The LoRA expand of rows [m0, m0 + mb) for columns [n, n + nb), to fold into their block: the
-// whole vectors of the columns' rank range, none when the columns span two parts.
+// The LoRA expand of rows [m0, m0 + mb) for the columns from n whose ranks are `ranks`, to fold
+// into their block: the whole vectors of that range, none when the columns span two parts.
 template <typename V>
-Expand expand_of(const BankArgs& a, int64_t m0, int mb, int64_t n, int nb) {
+Expand expand_of(const BankArgs& a, int64_t m0, int mb, int64_t n, const Rest& ranks) {
   Expand e;
-  int64_t lo, hi;
-  if (a.R == 0 || !rank_range(a, n, nb, lo, hi)) return e;
+  if (a.R == 0 || ranks.per_column) return e;
+  const int64_t lo = ranks.lo, hi = ranks.hi;
   const int64_t elem = a.b_bf16 ? 2 : 4;
   e.u = a.u + m0 * a.R + lo;
   e.R = a.R;
@@ -365,11 +359,13 @@ void rows_blocked(const BankArgs& a, int64_t n0, int64_t n1) {
     for (int j = 0; j < nb; ++j) wrows[j] = W + (n + j) * a.ldw;
     // The last full block prefetches itself: the range stays inside this thread's rows [n0, n1).
     const typename Dot::W* pf = W + (n + 2 * NB <= n1 ? n + NB : n) * a.ldw;
+    const Rest ranks = rest_of(a, n, nb);
     for (int64_t m0 = 0; m0 < a.M; m0 += mb_full) {
       const int mb = static_cast<int>(a.M - m0 < mb_full ? a.M - m0 : mb_full);
-      const Expand e = expand_of<V>(a, m0, mb, n, nb);
+      const Expand e = expand_of<V>(a, m0, mb, n, ranks);
       dot_rows<Dot, NB>(wrows, pf, Dot::x(a) + m0 * a.K, a.K, mb, nb, e, acc);
-      const Rest rest = rest_of(a, n, nb, e.r_vec);
+      Rest rest = ranks;
+      rest.lo += e.r_vec;
       if (a.b_bf16)
         epilogue<V, uint16_t>(a, m0, mb, n, nb, acc, rest);
       else
