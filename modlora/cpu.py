@@ -222,21 +222,28 @@ def lora_bank_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, A_ba
             or an ``isa`` unknown or not on this CPU; RuntimeError (C++) or ValueError (torch):
             ``rank_parts`` not rising to N or ranks outside ``[0, R]``.
     """
+    flat = x.dim() == 2  # the decode path's case: no reshapes (a few us each on a slow core)
     if x.dim() < 1:
         raise ValueError("lora_bank_linear: x must have a feature dimension")
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x if flat else x.reshape(-1, x.shape[-1])
     rows = _rows_of(x, row_pair)
     _check(x2, weight, bias, A_bank, B_bank, rows, rank_parts)
     args = (weight, bias, A_bank, B_bank, rows, isa, rank_parts)
     y = _OP(x2, *args)
-    calls = getattr(_recording, "calls", None)
+    calls = _recording.calls
     if calls is not None:
         calls.append((x2, y, args))
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    return y if flat else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-# lora_bank_linear's calls (x, y, other arguments) in this thread while a BoundSites records.
-_recording = threading.local()
+class _Recording(threading.local):
+    """lora_bank_linear's calls (x, y, other arguments) in this thread while a BoundSites records;
+    None otherwise (a class default: a missing thread-local attribute would raise and catch on every call)."""
+
+    calls: list | None = None
+
+
+_recording = _Recording()
 
 
 class BoundSites:
