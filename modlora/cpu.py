@@ -30,10 +30,11 @@ In bf16 the two kernels round differently (the C++ op once, at the end; the torc
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -246,17 +247,28 @@ class _Recording(threading.local):
 _recording = _Recording()
 
 
+@contextlib.contextmanager
+def unrecorded() -> Iterator[None]:
+    """Op calls made inside stay out of a BoundSites record (dispatch's calibration runs the op on
+    inputs of its own while a site records)."""
+    calls, _recording.calls = _recording.calls, None
+    try:
+        yield
+    finally:
+        _recording.calls = calls
+
+
 class BoundSites:
     """Runs the linear sites of decode steps (``site(fn, x)``: ``fn(x)``, ``fn`` a linear or a group
     of them; :meth:`modlora.model.Qwen2ForCausalLM.decode_step`), each, from its second run on, as
-    the one op call its first run made, the arguments bound: the Python between a layer and the op
+    the op calls its first run made, the arguments bound: the Python between a layer and the op
     (adapter bindings, dispatch, bank lookup, checks) runs once per site, not once per step.
 
     For one generation only: what the first run decided (the path, the ISA, the adapter bank, the
-    rows' pairs) holds while the model, its adapters and the dispatch choices do not change. A site
-    whose first run was not exactly one op call on its own input, returning that call's output or
-    its column blocks in order (the torch path, a group run as separate calls, CUDA), keeps
-    running ``fn``.
+    rows' pairs, a group run as one call or as one per part) holds while the model, its adapters and
+    the dispatch choices do not change. A site whose first run was not op calls on its own input
+    whose outputs, or their column blocks, it returned in call order (the torch path, CUDA, an output
+    computed from them), keeps running ``fn``.
     """
 
     def __init__(self) -> None:
@@ -264,8 +276,8 @@ class BoundSites:
 
     @property
     def bound(self) -> int:
-        """How many sites run as a bound op call."""
-        return sum(1 for run in self._bound.values() if isinstance(run, _BoundCall))
+        """How many sites run as bound op calls."""
+        return sum(1 for run in self._bound.values() if isinstance(run, _BoundCalls))
 
     def __call__(self, fn, x: Tensor):
         run = self._bound.get(fn)
@@ -276,40 +288,62 @@ class BoundSites:
             out = fn(x)
         finally:
             _recording.calls = None
-        self._bound[fn] = _BoundCall.of(calls, x, out) or fn
+        self._bound[fn] = _BoundCalls.of(calls, x, out) or fn
         return out
 
 
-class _BoundCall:
-    """One recorded lora_bank_linear call, replayed on a new x of the same shape."""
+class _BoundCalls:
+    """The lora_bank_linear calls of a site's first run, replayed on a new x of the same shape."""
 
-    def __init__(self, args: tuple, sizes: list[int] | None) -> None:
-        self.args, self.sizes = args, sizes
+    def __init__(self, args: list[tuple], widths: list[list[int] | None], single: bool) -> None:
+        self.args, self.widths, self.single = args, widths, single
 
     @classmethod
-    def of(cls, calls: list, x: Tensor, out) -> _BoundCall | None:
-        """The call ``calls`` hold if they are one call on ``x`` whose output ``out`` is (a tensor)
-        or splits along the last dimension (a list); else None."""
-        if len(calls) != 1:
+    def of(cls, calls: list, x: Tensor, out) -> _BoundCalls | None:
+        """The calls ``calls`` hold if each was on ``x`` and ``out`` is their one output (a tensor)
+        or all their outputs' column blocks in call order (a list); else None."""
+        if not calls or any(x2.data_ptr() != x.data_ptr() or x2.numel() != x.numel() for x2, _, _ in calls):
             return None
-        x2, y, args = calls[0]
-        if x2.data_ptr() != x.data_ptr() or x2.numel() != x.numel():
-            return None
-        blocks = [out] if isinstance(out, Tensor) else list(out)
-        offset = 0
-        for b in blocks:
-            view = y[:, offset:offset + b.shape[-1]].reshape(b.shape)
-            if b.data_ptr() != view.data_ptr() or b.stride() != view.stride():
+        blocks = iter([out] if isinstance(out, Tensor) else list(out))
+        widths = []
+        for _, y, _ in calls:
+            call_widths = _column_blocks(y, blocks)
+            if call_widths is None:
                 return None
-            offset += b.shape[-1]
-        if offset != y.shape[1]:
+            widths.append(None if len(call_widths) == 1 else call_widths)
+        if next(blocks, None) is not None:
             return None
-        return cls(args, None if isinstance(out, Tensor) else [b.shape[-1] for b in blocks])
+        return cls([args for _, _, args in calls], widths, isinstance(out, Tensor))
 
     def __call__(self, x: Tensor):
-        y = _OP(x.reshape(-1, x.shape[-1]), *self.args)
-        y = y.view(*x.shape[:-1], y.shape[1])
-        return y if self.sizes is None else list(y.split(self.sizes, dim=-1))
+        flat = x.dim() == 2
+        x2 = x if flat else x.reshape(-1, x.shape[-1])
+        out = []
+        for args, widths in zip(self.args, self.widths, strict=True):
+            y = _OP(x2, *args)
+            if not flat:
+                y = y.view(*x.shape[:-1], y.shape[1])
+            out += [y] if widths is None else y.split(widths, dim=-1)
+        return out[0] if self.single else out
+
+
+def _column_blocks(y: Tensor, blocks) -> list[int] | None:
+    """The widths of the next blocks (taken from the iterator ``blocks``) if they are views of ``y``'s
+    columns, left to right, that cover it; else None."""
+    widths, offset = [], 0
+    while offset < y.shape[1]:
+        b = next(blocks, None)
+        if not isinstance(b, Tensor) or not 0 < b.shape[-1] <= y.shape[1] - offset:
+            return None
+        view = y[:, offset:offset + b.shape[-1]]
+        if b.numel() != view.numel():
+            return None
+        view = view.reshape(b.shape)
+        if b.data_ptr() != view.data_ptr() or b.stride() != view.stride():
+            return None
+        widths.append(b.shape[-1])
+        offset += b.shape[-1]
+    return widths
 
 
 if HAVE_C:  # fake (meta) implementations of _C's inference ops: shapes only, for torch.compile and opcheck

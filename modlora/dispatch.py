@@ -175,7 +175,7 @@ def _measure(x: Tensor, weight: Tensor, run: Run, m: int, paths: tuple[str, ...]
     xs = torch.randn(m, x.shape[-1], generator=torch.Generator().manual_seed(0)).to(x.dtype)
     flush = _flush_buffer(weight)
     samples: dict[str, list[float]] = {path: [] for path in paths}
-    with torch.no_grad():
+    with torch.no_grad(), cpu.unrecorded():
         for path in paths:
             run(path, xs)  # warm-up: first-touch allocations, lazy packing
         deadline = time.perf_counter() + PATH_SECONDS * len(paths)
