@@ -223,10 +223,9 @@ def lora_bank_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, A_ba
             or an ``isa`` unknown or not on this CPU; RuntimeError (C++) or ValueError (torch):
             ``rank_parts`` not rising to N or ranks outside ``[0, R]``.
     """
-    flat = x.dim() == 2  # the decode path's case: no reshapes (a few us each on a slow core)
     if x.dim() < 1:
         raise ValueError("lora_bank_linear: x must have a feature dimension")
-    x2 = x if flat else x.reshape(-1, x.shape[-1])
+    x2 = _as_rows(x)
     rows = _rows_of(x, row_pair)
     _check(x2, weight, bias, A_bank, B_bank, rows, rank_parts)
     args = (weight, bias, A_bank, B_bank, rows, isa, rank_parts)
@@ -234,7 +233,17 @@ def lora_bank_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, A_ba
     calls = _recording.calls
     if calls is not None:
         calls.append((x2, y, args))
-    return y if flat else y.reshape(*x.shape[:-1], weight.shape[0])
+    return _shaped_as(y, x)
+
+
+def _as_rows(x: Tensor) -> Tensor:
+    """x [..., K] as [rows, K]; the decode path's 2-D x as it is (a reshape costs a few us on a slow core)."""
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+
+
+def _shaped_as(y: Tensor, x: Tensor) -> Tensor:
+    """The op's output [rows, N] for x [..., K] as [..., N]."""
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[1])
 
 
 class _Recording(threading.local):
@@ -316,13 +325,10 @@ class _BoundCalls:
         return cls([args for _, _, args in calls], widths, isinstance(out, Tensor))
 
     def __call__(self, x: Tensor):
-        flat = x.dim() == 2
-        x2 = x if flat else x.reshape(-1, x.shape[-1])
+        x2 = _as_rows(x)
         out = []
         for args, widths in zip(self.args, self.widths, strict=True):
-            y = _OP(x2, *args)
-            if not flat:
-                y = y.view(*x.shape[:-1], y.shape[1])
+            y = _shaped_as(_OP(x2, *args), x)
             out += [y] if widths is None else y.split(widths, dim=-1)
         return out[0] if self.single else out
 

@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # The suite runs with the dispatcher's defaults (no timing-dependent choices, nothing written to the
-# user's cache); tests/test_dispatch.py turns calibration on with a cache of its own.
+# user's cache); tests that calibrate use the `calibrating` fixture (a cache of their own).
 os.environ.setdefault("MODLORA_CALIBRATE", "0")
 
 # Test helpers (tests/hf_reference.py) import as plain modules.
@@ -26,3 +26,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def calibrating(monkeypatch, tmp_path):
+    """modlora.dispatch calibrating into a cache dir of the test's own, nothing forced; the suite's
+    state after."""
+    from modlora import dispatch
+
+    monkeypatch.setenv("MODLORA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("MODLORA_CALIBRATE", "1")
+    monkeypatch.delenv("MODLORA_DISPATCH", raising=False)
+    dispatch.reset()
+    yield
+    monkeypatch.undo()
+    dispatch.reset()

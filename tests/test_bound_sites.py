@@ -68,26 +68,19 @@ def test_a_group_run_as_one_call_per_part_is_bound_with_every_call(monkeypatch):
     assert [t.shape for t in got] == [t.shape for t in want] and all(map(torch.equal, got, want))
 
 
+@pytest.mark.usefixtures("calibrating")
 @torch.no_grad()
-def test_a_site_that_calibrates_on_its_first_run_is_bound(monkeypatch, tmp_path):
+def test_a_site_that_calibrates_on_its_first_run_is_bound(monkeypatch):
     """Dispatch's calibration runs the op on inputs of its own inside the site's first run: those
     calls are not the site's."""
-    monkeypatch.setenv("MODLORA_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("MODLORA_CALIBRATE", "1")
-    monkeypatch.delenv("MODLORA_DISPATCH", raising=False)
     measure = dispatch._measure
     measured = []
     monkeypatch.setattr(dispatch, "_measure", lambda *a: measured.append(a[-1]) or  # runs every path, C wins
                         {p: 1.0 if p.startswith("c") else 2.0 for p in measure(*a)})
-    dispatch.reset()
-    try:
-        W, b, _, _ = _weights(torch.Generator().manual_seed(0))
-        sites = BoundSites()
-        sites(lambda x: ops.linear(x, W, b), torch.randn(3, 16))
-        assert measured and sites.bound == 1
-    finally:
-        monkeypatch.undo()
-        dispatch.reset()
+    W, b, _, _ = _weights(torch.Generator().manual_seed(0))
+    sites = BoundSites()
+    sites(lambda x: ops.linear(x, W, b), torch.randn(3, 16))
+    assert measured and sites.bound == 1
 
 
 @pytest.mark.parametrize("site", ["call dropped", "output repeated", "output changed", "input changed",

@@ -36,7 +36,9 @@ def _assert_logits_agree(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtyp
     else:
         torch.testing.assert_close(got, ref, rtol=0, atol=4 * 2.0 ** -8 * float(ref.abs().max()))
 
-pytestmark = pytest.mark.skipif(not cpu.HAVE_C, reason="modlora._C is not built: torch is the only path")
+# Each test: its own cache dir, calibration on, nothing forced (conftest.calibrating).
+pytestmark = [pytest.mark.skipif(not cpu.HAVE_C, reason="modlora._C is not built: torch is the only path"),
+              pytest.mark.usefixtures("calibrating")]
 K, N = 64, 40
 
 
@@ -46,18 +48,6 @@ def _paths(dtype: torch.dtype) -> tuple[str, ...]:
 
 
 PATHS, BF16_PATHS = _paths(torch.float32), _paths(torch.bfloat16)
-
-
-@pytest.fixture(autouse=True)
-def fresh(monkeypatch, tmp_path):
-    """Each test: its own cache dir, calibration on, nothing forced; the suite's state after."""
-    monkeypatch.setenv("MODLORA_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("MODLORA_CALIBRATE", "1")
-    monkeypatch.delenv("MODLORA_DISPATCH", raising=False)
-    dispatch.reset()
-    yield
-    monkeypatch.undo()
-    dispatch.reset()
 
 
 @pytest.fixture
@@ -97,10 +87,10 @@ def _choices(dtype: torch.dtype) -> dict[str, dict]:
     a bf16 case runs the fp32 case (ops._emulated_bf16), which has its own entry: that one must be
     the only other, and only there."""
     name = str(dtype).removeprefix("torch.")
-    choices = _cache()["choices"]
-    others = {n.split("|")[3] for n in choices} - {name}
+    dtypes = {n: dispatch._parse(n)[3] for n in _cache()["choices"]}
+    others = set(dtypes.values()) - {name}
     assert others <= ({"float32"} if dtype == torch.bfloat16 and not dispatch.NATIVE_BF16 else set()), others
-    return {n: e for n, e in choices.items() if n.split("|")[3] == name}
+    return {n: e for n, e in _cache()["choices"].items() if dtypes[n] == name}
 
 
 @torch.no_grad()

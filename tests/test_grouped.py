@@ -245,29 +245,23 @@ def test_a_group_where_only_some_linears_have_a_bias_keeps_every_bias():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.usefixtures("calibrating")
 @torch.no_grad()
-def test_calibrated_group_takes_a_measured_path_with_the_same_logits(dtype, monkeypatch, tmp_path):
+def test_calibrated_group_takes_a_measured_path_with_the_same_logits(dtype, monkeypatch):
     """Calibration on: each group's case is timed (every C++ ISA grouped, and the separate calls,
     "torch") and cached; whichever wins, the logits are those of every linear on torch's path."""
-    monkeypatch.setenv("MODLORA_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("MODLORA_CALIBRATE", "1")
-    dispatch.reset()
     model, _ctl = _model(dtype)
     ids = torch.randint(0, CONFIG.vocab_size, (2, 5), generator=torch.Generator().manual_seed(3))
-    try:
-        got = _logits(model, ids)
-        choices = json.loads(dispatch.cache_file().read_text())["choices"]
-        groups = {name: e for name, e in choices.items() if name.startswith("group-lora|")}
-        assert {name.split("|")[1] for name in groups} == {"160", "400"}  # q/k/v 96+32+32, gate/up 2x200
-        for entry in groups.values():
-            assert set(entry["ms"]) == {*dispatch.c_paths(dtype, dtype), "torch"}
-            assert entry["path"] == min(entry["ms"], key=entry["ms"].get)
-        monkeypatch.setenv("MODLORA_DISPATCH", "torch")
-        dispatch.reset()
-        _assert_logits_agree(got, _logits(model, ids), dtype)
-    finally:
-        monkeypatch.undo()
-        dispatch.reset()
+    got = _logits(model, ids)
+    choices = json.loads(dispatch.cache_file().read_text())["choices"]
+    groups = {name: e for name, e in choices.items() if name.startswith("group-lora|")}
+    assert {name.split("|")[1] for name in groups} == {"160", "400"}  # q/k/v 96+32+32, gate/up 2x200
+    for entry in groups.values():
+        assert set(entry["ms"]) == {*dispatch.c_paths(dtype, dtype), "torch"}
+        assert entry["path"] == min(entry["ms"], key=entry["ms"].get)
+    monkeypatch.setenv("MODLORA_DISPATCH", "torch")
+    dispatch.reset()
+    _assert_logits_agree(got, _logits(model, ids), dtype)
 
 
 @torch.no_grad()
