@@ -175,6 +175,21 @@ def test_bank_dtypes_and_strided_weight(isa, bank_dtype, M):
     _assert_close(y, y64, mag, K + A_bank.shape[1])
 
 
+@pytest.mark.parametrize("bank_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("beams", [5, 6])
+def test_bank_sentences_of_beams(isa, bank_dtype, beams):
+    """Rows in runs of one pair (the beams of a sentence): a block whose rows share a pair folds its
+    expand with each B vector read once for all rows; the next block's rows read another pair."""
+    gen = torch.Generator().manual_seed(beams)
+    x = torch.randn(3 * beams, K, generator=gen).to(torch.bfloat16)
+    W = (torch.randn(N, K, generator=gen) / K**0.5).to(torch.bfloat16)
+    A_bank, B_bank = cpu.pack_bank(_pairs("output", gen), "output", bank_dtype)
+    row_pair = torch.tensor([2, 0, 1]).repeat_interleave(beams)
+    y = cpu.lora_bank_linear(x, W, None, A_bank, B_bank, row_pair)
+    y64, mag = _oracle(x, W, None, A_bank, B_bank, row_pair)
+    _assert_close(y, y64, mag, K + A_bank.shape[1])
+
+
 @pytest.mark.parametrize("M", [1, 2, 15, 16, 17, 33, 64, 65, 70])
 @pytest.mark.parametrize("k,n", [(130, 97), (32, 16), (31, 5), (96, 48), (70, 23)])
 def test_bf16_bank_across_tile_shapes(isa, M, k, n):
