@@ -366,9 +366,9 @@ Expand expand_of(const BankArgs& a, int64_t m0, int mb, int64_t n, const Rest& r
 }
 
 // Prefetch the LoRA expand's B rows of output columns [n, n + nb) (their rank range, for every pair
-// the rows use), a block ahead of the epilogue or fold that reads them. W is prefetched in the K
-// loop, but B is a second, interleaved stream the hardware prefetcher does not follow: without
-// this each block waited for its B lines from memory (+12% at M = 5 on 4864 x 896 even at R = 8).
+// the rows use), a block ahead of the epilogue or fold that reads them. The K loop prefetches only
+// W; B is a second stream, interleaved with W's block by block (measured with the shared-pair fold
+// and the inlined stores: docs/design.md, Kernels, "C++ bank").
 inline void prefetch_bank_rows(const BankArgs& a, int64_t n, int64_t nb) {
   if (a.R == 0 || nb <= 0) return;
   int64_t lo, hi;
