@@ -106,6 +106,20 @@ struct Expand {
   bool b_bf16 = false;
 };
 
+// One K (or rank) step of a block: acc[i][j] += rows[i * ld ..] * cols[j] over MB rows, each row's
+// vector loaded once and kept in a register for the NB products.
+template <typename V, int MB, int NB>
+__attribute__((always_inline)) inline void outer_step(typename V::vec (&acc)[MB][NB], const typename V::vec (&cols)[NB],
+                                                      const float* rows, int64_t ld) {
+#pragma GCC unroll 16
+  for (int i = 0; i < MB; ++i) {
+    typename V::vec v = V::load(rows + i * ld);
+    V::pin(v);
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) acc[i][j] = V::fma(v, cols[j], acc[i][j]);
+  }
+}
+
 template <typename V, typename BT, typename Vec, int MB, int NB>
 inline void fold_typed(Vec (&acc)[MB][NB], const Expand& e) {
   bool shared = true;  // every row reads the same pair's B (no per-row pairs, or one sentence's beams)
@@ -115,13 +129,7 @@ inline void fold_typed(Vec (&acc)[MB][NB], const Expand& e) {
       typename V::vec bv[NB];
 #pragma GCC unroll 4
       for (int j = 0; j < NB; ++j) bv[j] = V::load(reinterpret_cast<const BT*>(e.b[0] + j * e.row_bytes) + r);
-#pragma GCC unroll 16
-      for (int i = 0; i < MB; ++i) {
-        typename V::vec uv = V::load(e.u + i * e.R + r);
-        V::pin(uv);
-#pragma GCC unroll 4
-        for (int j = 0; j < NB; ++j) acc[i][j] = V::fma(uv, bv[j], acc[i][j]);
-      }
+      outer_step<V>(acc, bv, e.u + r, e.R);
     }
     return;
   }
@@ -178,13 +186,7 @@ struct FmaDot : DotTypes<VT, float, WT> {
       typename V::vec wv[NB];
 #pragma GCC unroll 4
       for (int j = 0; j < NB; ++j) wv[j] = V::load(w[j] + k);
-#pragma GCC unroll 16
-      for (int i = 0; i < MB; ++i) {
-        typename V::vec xv = V::load(x + i * ldx + k);
-        V::pin(xv);
-#pragma GCC unroll 4
-        for (int j = 0; j < NB; ++j) acc[i][j] = V::fma(xv, wv[j], acc[i][j]);
-      }
+      outer_step<V>(acc, wv, x + k, ldx);
     }
     fold<V>(acc, e);
     reduce<V>(acc, out);

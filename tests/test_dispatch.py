@@ -87,10 +87,11 @@ def _choices(dtype: torch.dtype) -> dict[str, dict]:
     a bf16 case runs the fp32 case (ops._emulated_bf16), which has its own entry: that one must be
     the only other, and only there."""
     name = str(dtype).removeprefix("torch.")
-    dtypes = {n: dispatch._parse(n)[3] for n in _cache()["choices"]}
+    choices = _cache()["choices"]
+    dtypes = {n: dispatch._parse(n)[3] for n in choices}
     others = set(dtypes.values()) - {name}
     assert others <= ({"float32"} if dtype == torch.bfloat16 and not dispatch.NATIVE_BF16 else set()), others
-    return {n: e for n, e in _cache()["choices"].items() if dtypes[n] == name}
+    return {n: e for n, e in choices.items() if dtypes[n] == name}
 
 
 @torch.no_grad()
