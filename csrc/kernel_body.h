@@ -98,12 +98,19 @@ inline void clear(typename V::vec (&acc)[MB][NB]) {
 // acc[i][j] gains the sum over r < r_vec, r = l (mod lanes), of u[i, lo + r] B_bank[p_i][n + j, lo + r]
 // ([lo, hi): the block's rank range, rank_range below), so the one sum per output adds the expand
 // too. (A dot and a horizontal sum per output of its own cost about a third of the block's work at
-// M = 5, K = 896, R = 32.) The epilogue adds the ranks from lo + r_vec to hi.
+// M = 5, K = 896, R = 32.) The epilogue adds the ranks from lo + r_vec to hi. A row's B row is
+// found from its pair (row()): a per-row pointer array, zeroed for every block, took 5% of a
+// 4864 x 896 call at M = 5 (perf: `rep stos` in expand_of), adapters or not.
 struct Expand {
-  const float* u = nullptr;  // u[m0, lo] of the block's first row of x (row stride R); null: nothing to fold
-  const char* b[16] = {};    // per row of the block: B_bank[p_m][n, lo], as bytes (row_bytes per row)
+  const float* u = nullptr;       // u[m0, lo] of the block's first row of x (row stride R); null: nothing to fold
+  const char* b = nullptr;        // B_bank[0][n, lo] as bytes: pair 0's B row of the block's first column
+  const int64_t* pair = nullptr;  // the pairs of the block's rows; null: pair 0 for every row
+  int64_t pair_bytes = 0;         // from one pair's B to the next (N * R elements)
   int64_t R = 0, r_vec = 0, row_bytes = 0;
   bool b_bf16 = false;
+  bool shared = true;  // every row reads the same pair's B (no per-row pairs, or one sentence's beams)
+
+  const char* row(int i) const { return pair ? b + pair[i] * pair_bytes : b; }
 };
 
 // One K (or rank) step of a block: acc[i][j] += rows[i * ld ..] * cols[j] over MB rows, each row's
@@ -122,17 +129,18 @@ __attribute__((always_inline)) inline void outer_step(typename V::vec (&acc)[MB]
 
 template <typename V, typename BT, typename Vec, int MB, int NB>
 inline void fold_typed(Vec (&acc)[MB][NB], const Expand& e) {
-  bool shared = true;  // every row reads the same pair's B (no per-row pairs, or one sentence's beams)
-  for (int i = 1; i < MB; ++i) shared = shared && e.b[i] == e.b[0];
-  if (shared) {  // as the K loop: each B vector loaded and converted once, for all rows
+  if (e.shared) {  // as the K loop: each B vector loaded and converted once, for all rows
+    const char* b = e.row(0);
     for (int64_t r = 0; r < e.r_vec; r += V::kLanes) {
       typename V::vec bv[NB];
 #pragma GCC unroll 4
-      for (int j = 0; j < NB; ++j) bv[j] = V::load(reinterpret_cast<const BT*>(e.b[0] + j * e.row_bytes) + r);
+      for (int j = 0; j < NB; ++j) bv[j] = V::load(reinterpret_cast<const BT*>(b + j * e.row_bytes) + r);
       outer_step<V>(acc, bv, e.u + r, e.R);
     }
     return;
   }
+  const char* b[MB];
+  for (int i = 0; i < MB; ++i) b[i] = e.row(i);
   for (int64_t r = 0; r < e.r_vec; r += V::kLanes)
 #pragma GCC unroll 16
     for (int i = 0; i < MB; ++i) {
@@ -140,7 +148,7 @@ inline void fold_typed(Vec (&acc)[MB][NB], const Expand& e) {
       V::pin(uv);
 #pragma GCC unroll 4
       for (int j = 0; j < NB; ++j)
-        acc[i][j] = V::fma(uv, V::load(reinterpret_cast<const BT*>(e.b[i] + j * e.row_bytes) + r), acc[i][j]);
+        acc[i][j] = V::fma(uv, V::load(reinterpret_cast<const BT*>(b[i] + j * e.row_bytes) + r), acc[i][j]);
     }
 }
 
@@ -258,19 +266,23 @@ inline Rest rest_of(const BankArgs& a, int64_t n, int64_t nb) {
 // A row of a block's outputs as one vector (GCC's vector_size takes no template parameter).
 typedef float f32x2 __attribute__((vector_size(8)));
 typedef uint32_t u32x2 __attribute__((vector_size(8)));
+typedef uint16_t u16x2 __attribute__((vector_size(4)));
 typedef float f32x4 __attribute__((vector_size(16)));
 typedef uint32_t u32x4 __attribute__((vector_size(16)));
+typedef uint16_t u16x4 __attribute__((vector_size(8)));
 template <int NB>
 struct RowVec;
 template <>
 struct RowVec<2> {
   using f = f32x2;
   using u = u32x2;
+  using h = u16x2;
 };
 template <>
 struct RowVec<4> {
   using f = f32x4;
   using u = u32x4;
+  using h = u16x4;
 };
 
 // y[m, n .. n + NB) = v + bias, rounded as f32_to_bf16 does when y is bf16, as one NB-float vector.
@@ -293,9 +305,8 @@ inline void store_row(const BankArgs& a, int64_t m, int64_t n, const float* v) {
   __builtin_memcpy(&bits, &y, sizeof bits);
   const uv rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
   const uv h = (bits & 0x7fffffffu) > 0x7f800000u ? (bits >> 16) | 0x40u : rounded;
-  uint16_t out[NB];
-  for (int j = 0; j < NB; ++j) out[j] = static_cast<uint16_t>(h[j]);
-  __builtin_memcpy(static_cast<uint16_t*>(a.y) + m * a.N + n, out, sizeof out);
+  const typename RowVec<NB>::h out = __builtin_convertvector(h, typename RowVec<NB>::h);
+  __builtin_memcpy(static_cast<uint16_t*>(a.y) + m * a.N + n, &out, sizeof out);
 }
 
 // Epilogue for rows [m0, m0 + mb) and columns [n, n + nb): bias, the LoRA expand's ranks `rest`,
@@ -344,7 +355,7 @@ void dot_rows(const typename Dot::W* const* wrows, const typename Dot::W* pf, co
   for (int j = 0; j < nb; ++j) {
     Tile one;
     one_row(wrows + j, wrows[j], x, K, K, ej, one);
-    for (int i = 0; i < mb; ++i) ej.b[i] += e.row_bytes;
+    ej.b += e.row_bytes;
     for (int i = 0; i < mb; ++i) acc[i][j] = one[i][0];
   }
 }
@@ -362,8 +373,12 @@ Expand expand_of(const BankArgs& a, int64_t m0, int mb, int64_t n, const Rest& r
   e.r_vec = (hi - lo) - (hi - lo) % V::kLanes;
   e.row_bytes = a.R * elem;
   e.b_bf16 = a.b_bf16;
-  for (int i = 0; i < mb; ++i)
-    e.b[i] = static_cast<const char*>(a.bank_b) + ((a.pair ? a.pair[m0 + i] : 0) * a.N + n) * e.row_bytes + lo * elem;
+  e.b = static_cast<const char*>(a.bank_b) + (n * a.R + lo) * elem;
+  if (a.pair) {
+    e.pair = a.pair + m0;
+    e.pair_bytes = a.N * e.row_bytes;
+    for (int i = 1; i < mb; ++i) e.shared = e.shared && e.pair[i] == e.pair[0];
+  }
   return e;
 }
 
