@@ -70,13 +70,15 @@ def _builds_graph(tensors: Iterable[Tensor | float | None]) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
 
 
-def _emulated_bf16(x: Tensor, weight: Tensor) -> bool:
+def _emulated_bf16(x: Tensor, weight: Tensor, tensors: Iterable[Tensor | float | None] = ()) -> bool:
     """bf16 inference on a CPU without bf16 arithmetic (no AVX-512 BF16, no AMX). There oneDNN
     emulates the bf16 GEMM 3-9x slower than converting W to fp32 and running the fp32 GEMM (2 Zen 3
     cores, M from 129 to 800); both accumulate in fp32 and round the result to bf16 once.
-    Inference only: in training the fp32 copy of W would be kept for the backward pass."""
+    Only where no autograd graph is recorded (``tensors``: the call's other inputs, read only when
+    autograd is on), as dispatch calibrates it: in training the fp32 copy of W would be kept for
+    the backward pass."""
     return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.bfloat16 and not dispatch.NATIVE_BF16
-            and not torch.is_grad_enabled())
+            and not _builds_graph(chain((x, weight), tensors)))
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -88,7 +90,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 def _linear(path: str, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     if path != "torch":
         return cpu.lora_bank_linear(x, weight, bias, isa=_isa(path))
-    if _emulated_bf16(x, weight):
+    if _emulated_bf16(x, weight, (bias,)):
         return linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
     return torch.nn.functional.linear(x, weight, bias)
 
@@ -118,6 +120,11 @@ def _packed(pairs: Sequence[tuple], strategy: str, dtype: torch.dtype) -> tuple[
 
 def _adapter_tensors(*adapters: Adapter | None) -> Iterator[Tensor]:
     return (t for a in adapters if a is not None for t in a[:2])
+
+
+def _pair_inputs(pairs: Iterable[tuple]) -> Iterator[Tensor | float]:
+    """The adapter tensors and weights of ``(lora_in, lora_out, w_in, w_out)`` pairs."""
+    return (t for p in pairs for t in (*_adapter_tensors(*p[:2]), *p[2:]))
 
 
 def dual_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_in: Adapter | None,
@@ -151,7 +158,7 @@ def _dual(path: str, x: Tensor, weight: Tensor, bias: Tensor | None, lora_in: Ad
     if path != "torch":
         return cpu.lora_bank_linear(x, weight, bias, *_packed([(lora_in, lora_out, w_in, w_out)], strategy, x.dtype),
                                     isa=_isa(path))
-    if _emulated_bf16(x, weight):
+    if _emulated_bf16(x, weight, chain((bias, w_in, w_out), _adapter_tensors(lora_in, lora_out))):
         return dual_lora_linear_ref(x.float(), weight.float(), None if bias is None else bias.float(),
                                     as_fp32(lora_in), as_fp32(lora_out), w_in, w_out, strategy).to(x.dtype)
     return dual_lora_linear_ref(x, weight, bias, lora_in, lora_out, w_in, w_out, strategy)
@@ -178,23 +185,21 @@ def pairwise_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None,
         pairs: ``(lora_in, lora_out, w_in, w_out)`` per pair.
         row_pair: [B] integer pair index per entry of dim 0 of x.
     """
-    weights = [w for p in pairs for w in p[2:]]
-    tensors = list(_adapter_tensors(*(a for p in pairs for a in p[:2])))
-    if x.is_cuda and _HAVE_TRITON and not _builds_graph((x, weight, bias, *weights, *tensors)):
+    if x.is_cuda and _HAVE_TRITON and not _builds_graph(chain((x, weight, bias), _pair_inputs(pairs))):
         x, weight, bias, flat = _autocast(x, weight, bias, [a for p in pairs for a in p[:2]])
         pairs = [(flat[2 * i], flat[2 * i + 1], *p[2:]) for i, p in enumerate(pairs)]
         return kernels.pairwise_lora_linear(x, weight, bias, pairs, row_pair, strategy)  # forward only
     # Calibration inputs are [m, K]: their rows cycle through the pairs.
     run = lambda path, xs: _pairwise(path, xs, weight, bias, pairs, torch.arange(xs.shape[0]) % len(pairs), strategy)
-    return _pairwise(_cpu_path("pairs", x, weight, run, (bias, *weights, *tensors)), x, weight, bias, pairs, row_pair,
-                     strategy)
+    return _pairwise(_cpu_path("pairs", x, weight, run, chain((bias,), _pair_inputs(pairs))), x, weight, bias, pairs,
+                     row_pair, strategy)
 
 
 def _pairwise(path: str, x: Tensor, weight: Tensor, bias: Tensor | None, pairs: Sequence[tuple], row_pair: Tensor,
               strategy: str) -> Tensor:
     if path != "torch":
         return cpu.lora_bank_linear(x, weight, bias, *_packed(pairs, strategy, x.dtype), row_pair, isa=_isa(path))
-    if _emulated_bf16(x, weight):
+    if _emulated_bf16(x, weight, chain((bias,), _pair_inputs(pairs))):
         pairs = [(as_fp32(a_in), as_fp32(a_out), w_in, w_out) for a_in, a_out, w_in, w_out in pairs]
         return pairwise_lora_linear_ref(x.float(), weight.float(), None if bias is None else bias.float(), pairs,
                                         row_pair, strategy).to(x.dtype)
@@ -226,8 +231,8 @@ def grouped_linear(x: Tensor, weight: Tensor, bias: Tensor | None, parts: Sequen
     # Calibration inputs are [m, K]: their rows cycle through the pairs.
     calib_rows = lambda xs: None if rows is None else torch.arange(xs.shape[0]) % pairs
     run = lambda path, xs: _grouped(path, xs, weight, bias, parts, calib_rows(xs))
-    tensors = (t for p in parts for pair in p[2] for t in (*_adapter_tensors(*pair[:2]), *pair[2:]))
-    return _grouped(_cpu_path(kind, x, weight, run, chain((bias,), tensors)), x, weight, bias, parts, rows)
+    tensors = chain((bias,), *(_pair_inputs(p[2]) for p in parts))
+    return _grouped(_cpu_path(kind, x, weight, run, tensors), x, weight, bias, parts, rows)
 
 
 def _group_rows(parts: Sequence[GroupPart]) -> Tensor | None | bool:

@@ -168,6 +168,23 @@ def test_bf16_on_a_cpu_without_bf16_arithmetic_is_the_fp32_result_rounded_once(s
         assert_bounded(got, exact, mag, n=K + 2 * r + 10, u_out=2.0**-8)
 
 
+def test_bf16_emulation_follows_the_autograd_graph_not_the_grad_mode(monkeypatch):
+    """The fp32 detour serves every call that records no graph, as dispatch calibrates it (with
+    grad mode on and nothing requiring grad it is the same call); a graph keeps bf16 (an fp32 copy
+    of W would be saved for the backward pass)."""
+    monkeypatch.setattr(dispatch, "NATIVE_BF16", False)
+    x, weight = torch.ones(3, 8, dtype=torch.bfloat16), torch.ones(4, 8, dtype=torch.bfloat16)
+    A = torch.ones(2, 8, dtype=torch.bfloat16, requires_grad=True)
+    with torch.enable_grad():
+        assert ops._emulated_bf16(x, weight, (None,))
+        assert not ops._emulated_bf16(x.requires_grad_(), weight)
+        assert not ops._emulated_bf16(x.detach(), weight, (None, 0.5, A))
+    with torch.no_grad():
+        assert ops._emulated_bf16(x, weight, (A,))
+    monkeypatch.setattr(dispatch, "NATIVE_BF16", True)
+    assert not ops._emulated_bf16(x.detach(), weight)
+
+
 def assert_kernel_bounded(got, x, weight, bias, pairs, row_pair, strategy):
     """A Triton kernel's output (dtype of ``x``) against float64 of its inputs: each row's pair as
     ``pair_parts`` applies it (an "ab" pair merged in the dtype, as the kernels do), fp32 sums of
