@@ -250,12 +250,27 @@ void check_x_weight(const at::Tensor& x, const at::Tensor& weight) {
               "] but weight is ", weight.sizes(), " (expected [N, ", x.size(1), "])");
 }
 
-// The bias as contiguous fp32 [N], or undefined.
-at::Tensor float_bias(const c10::optional<at::Tensor>& bias, int64_t N) {
-  if (!(bias.has_value() && bias->defined())) return {};
+// A contiguous fp32 or bf16 tensor's elements as fp32: its own data, or a copy in `copy`. A plain
+// loop, not aten's to() (dispatch, allocation): with it for x, the bias and u a call's fixed cost
+// was 7-20 us, now 4-5 (8 x 64 W, 5 rows, bias and bank, one Zen 3 core).
+const float* as_f32(const at::Tensor& t, std::vector<float>& copy) {
+  if (t.scalar_type() == at::kFloat) return t.data_ptr<float>();
+  const auto* h = static_cast<const uint16_t*>(t.data_ptr());
+  copy.resize(t.numel());
+  for (size_t i = 0; i < copy.size(); ++i) {
+    const uint32_t bits = static_cast<uint32_t>(h[i]) << 16;
+    std::memcpy(&copy[i], &bits, sizeof bits);
+  }
+  return copy.data();
+}
+
+// The bias as fp32 [N] (its data, or a copy in `copy`), or null.
+const float* float_bias(const c10::optional<at::Tensor>& bias, int64_t N, at::Tensor& keep, std::vector<float>& copy) {
+  if (!(bias.has_value() && bias->defined())) return nullptr;
   TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "lora_bank_linear: bias must be [N] = [", N, "], got ",
               bias->sizes());
-  return bias->to(at::kFloat).contiguous();
+  keep = is_f32_or_bf16(*bias) ? bias->contiguous() : bias->to(at::kFloat).contiguous();
+  return as_f32(keep, copy);
 }
 
 // The adapter bank, checked: A [P, R, K], B [P, N, R], pair [M] (pp null: every row uses pair 0).
@@ -318,14 +333,19 @@ PairGroups group_by_pair(const int64_t* pp, int64_t M, int64_t P) {
   return g;
 }
 
-// Shrink: u[m] = A_bank[p_m] x[m] as fp32 [M, R]. Rows are grouped by pair so that each A_p is
-// streamed once; the tasks are (pair, 4 rank rows), each a small-M linear of the FMA kernel.
-at::Tensor shrink(RowsFn rows, const at::Tensor& xf, const Bank& bank) {
-  const int64_t M = xf.size(0), K = xf.size(1), R = bank.R;
+// Shrink: u[m] = A_bank[p_m] x[m] as fp32 [M, R] (x: fp32 [M, K]). Rows are grouped by pair so
+// that each A_p is streamed once; the tasks are (pair, 4 rank rows), each a small-M linear of the
+// FMA kernel.
+std::vector<float> shrink(RowsFn rows, const float* x, int64_t M, int64_t K, const Bank& bank) {
+  const int64_t R = bank.R;
   PairGroups g = group_by_pair(bank.pp, M, bank.P);
-  const at::Tensor order = torch::from_blob(g.order.data(), {M}, at::kLong);
-  const at::Tensor xs = g.identity ? xf : xf.index_select(0, order);
-  at::Tensor us = at::empty({M, R}, xf.options());
+  std::vector<float> grouped;  // x's rows in pair order, unless they are in it already
+  if (!g.identity) {
+    grouped.resize(M * K);
+    for (int64_t i = 0; i < M; ++i) std::memcpy(&grouped[i * K], x + g.order[i] * K, K * sizeof(float));
+  }
+  const float* xs = g.identity ? x : grouped.data();
+  std::vector<float> us(M * R);
   struct Task {
     int64_t p, r0, r1;
   };
@@ -333,8 +353,6 @@ at::Tensor shrink(RowsFn rows, const at::Tensor& xf, const Bank& bank) {
   for (int64_t p = 0; p < bank.P; ++p)
     if (g.start[p + 1] > g.start[p])
       for (int64_t r0 = 0; r0 < R; r0 += 4) tasks.push_back({p, r0, std::min(R, r0 + 4)});
-  const float* xs_ptr = xs.data_ptr<float>();
-  float* us_ptr = us.data_ptr<float>();
   const auto* a_base = static_cast<const char*>(bank.A.data_ptr());
   const int64_t a_elem = bank.A.element_size();
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), grain_for(K, 4), [&](int64_t i0, int64_t i1) {
@@ -347,13 +365,15 @@ at::Tensor shrink(RowsFn rows, const at::Tensor& xf, const Bank& bank) {
       s.w = a_base + t.p * R * K * a_elem;
       s.w_bf16 = bank.A.scalar_type() == at::kBFloat16;
       s.ldw = K;
-      s.xf = xs_ptr + g.start[t.p] * K;
-      s.y = us_ptr + g.start[t.p] * R;
+      s.xf = xs + g.start[t.p] * K;
+      s.y = us.data() + g.start[t.p] * R;
       rows(s, t.r0, t.r1);
     }
   });
   if (g.identity) return us;
-  return at::empty_like(us).index_copy_(0, order, us);
+  std::vector<float> u(M * R);  // back to the rows' order
+  for (int64_t i = 0; i < M; ++i) std::memcpy(&u[g.order[i] * R], &us[i * R], R * sizeof(float));
+  return u;
 }
 
 // rank_parts [Q, 3] int64 (n_end, r_lo, r_hi) per part of the output columns, checked: n_end rising
@@ -393,8 +413,9 @@ at::Tensor lora_bank_linear_cpu(const at::Tensor& x, const at::Tensor& weight, c
 
   const at::Tensor w = weight.stride(1) == 1 && weight.stride(0) >= K ? weight : weight.contiguous();
   const at::Tensor xc = x.contiguous();
-  const at::Tensor xf = x.scalar_type() == at::kFloat ? xc : xc.to(at::kFloat);
-  const at::Tensor bf = float_bias(bias, N);
+  std::vector<float> x_copy, bias_copy;
+  at::Tensor bias_kept;
+  const float* xf = as_f32(xc, x_copy);
   const int isa = isa_name.has_value() ? isa_index(*isa_name, "lora_bank_linear") : g_isa.load(std::memory_order_relaxed);
   const Kernel kernel = kernel_for(isa, w.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kBFloat16);
   const at::Tensor xt = kernel.tiles ? pack_x_tiles(xc) : at::Tensor();
@@ -405,15 +426,16 @@ at::Tensor lora_bank_linear_cpu(const at::Tensor& x, const at::Tensor& weight, c
   a.w = w.data_ptr();
   a.w_bf16 = w.scalar_type() == at::kBFloat16;
   a.ldw = w.stride(0);
-  a.xf = xf.data_ptr<float>();
+  a.xf = xf;
   a.xb = kernel.bf16_x ? static_cast<const uint16_t*>(xc.data_ptr()) : nullptr;
   a.xt = kernel.tiles ? static_cast<const uint16_t*>(xt.data_ptr()) : nullptr;
-  a.bias = bf.defined() ? bf.data_ptr<float>() : nullptr;
+  a.bias = float_bias(bias, N, bias_kept, bias_copy);
   a.y = out.data_ptr();
   a.y_bf16 = out.scalar_type() == at::kBFloat16;
 
   Bank bank;
-  at::Tensor u, parts;
+  std::vector<float> u;
+  at::Tensor parts;
   if (has_a) bank = checked_bank(*A_bank, *B_bank, row_pair, M, N, K);
   if (rank_parts.has_value() && rank_parts->defined()) {
     TORCH_CHECK(has_a, "lora_bank_linear: rank_parts given without an adapter bank");
@@ -422,9 +444,9 @@ at::Tensor lora_bank_linear_cpu(const at::Tensor& x, const at::Tensor& weight, c
     a.n_parts = parts.size(0);
   }
   if (bank.R > 0 && bank.P > 0) {
-    u = shrink(kernel_for(isa, false).rows, xf, bank);
+    u = shrink(kernel_for(isa, false).rows, xf, M, K, bank);
     a.R = bank.R;
-    a.u = u.data_ptr<float>();
+    a.u = u.data();
     a.bank_b = bank.B.data_ptr();
     a.b_bf16 = bank.B.scalar_type() == at::kBFloat16;
     a.pair = bank.pp;

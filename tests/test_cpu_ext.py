@@ -311,6 +311,17 @@ def test_bf16_output_is_the_fp32_result_rounded_to_nearest_even(isa, M):
     assert torch.equal(got[0, 5:], bias[5:].to(torch.bfloat16).float())
 
 
+@pytest.mark.parametrize("bias_dtype", [torch.float16, torch.float64, torch.bfloat16, torch.float32])
+def test_bias_of_any_float_dtype_and_stride(bias_dtype):
+    """The C++ op reads fp32 and bf16 biases in place and converts others, strided ones too: each
+    output is x W^T plus the bias's fp32 value (a dropped or misread bias is off by O(1))."""
+    gen = torch.Generator().manual_seed(1)
+    x, W = torch.randn(5, K, generator=gen).to(torch.bfloat16), torch.randn(N, K, generator=gen).to(torch.bfloat16)
+    bias = torch.randn(N, 2, generator=gen).to(bias_dtype)[:, 1]  # every other element
+    y64, mag = _oracle(x, W, bias.float(), None, None, None)
+    _assert_close(cpu.lora_bank_linear(x, W, bias), y64, mag, K)
+
+
 def test_tiny_and_degenerate_shapes(isa):
     gen = torch.Generator().manual_seed(0)
     for m, k, n, r in [(1, 1, 1, 1), (3, 5, 2, 3), (2, 17, 5, 1), (1, 33, 4, 40)]:
