@@ -12,7 +12,7 @@
 #include <cstdint>
 
 #include "decode_attention.h"
-#include "kernel_body.h"  // bf16_to_f32, f32_to_bf16, to_f32
+#include "bf16.h"
 
 namespace modlora_cpu {
 namespace {

@@ -42,6 +42,7 @@
 #include <unistd.h>
 #endif
 
+#include "bf16.h"
 #include "decode_attention.h"
 #include "lora_bank.h"
 
@@ -257,10 +258,7 @@ const float* as_f32(const at::Tensor& t, std::vector<float>& copy) {
   if (t.scalar_type() == at::kFloat) return t.data_ptr<float>();
   const auto* h = static_cast<const uint16_t*>(t.data_ptr());
   copy.resize(t.numel());
-  for (size_t i = 0; i < copy.size(); ++i) {
-    const uint32_t bits = static_cast<uint32_t>(h[i]) << 16;
-    std::memcpy(&copy[i], &bits, sizeof bits);
-  }
+  for (size_t i = 0; i < copy.size(); ++i) copy[i] = bf16_to_f32(h[i]);
   return copy.data();
 }
 

@@ -150,7 +150,7 @@ def dual_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_in: Ad
         x, weight, bias, (lora_in, lora_out) = _autocast(x, weight, bias, (lora_in, lora_out))
         return kernels.dual_lora_linear(x, weight, bias, lora_in, lora_out, w_in, w_out, strategy)
     run = lambda path, x: _dual(path, x, weight, bias, lora_in, lora_out, w_in, w_out, strategy)
-    return run(_cpu_path("lora", x, weight, run, chain((bias, w_in, w_out), _adapter_tensors(lora_in, lora_out))), x)
+    return run(_cpu_path("lora", x, weight, run, chain((bias,), _pair_inputs([(lora_in, lora_out, w_in, w_out)]))), x)
 
 
 def _dual(path: str, x: Tensor, weight: Tensor, bias: Tensor | None, lora_in: Adapter | None,
@@ -158,7 +158,7 @@ def _dual(path: str, x: Tensor, weight: Tensor, bias: Tensor | None, lora_in: Ad
     if path != "torch":
         return cpu.lora_bank_linear(x, weight, bias, *_packed([(lora_in, lora_out, w_in, w_out)], strategy, x.dtype),
                                     isa=_isa(path))
-    if _emulated_bf16(x, weight, chain((bias, w_in, w_out), _adapter_tensors(lora_in, lora_out))):
+    if _emulated_bf16(x, weight, chain((bias,), _pair_inputs([(lora_in, lora_out, w_in, w_out)]))):
         return dual_lora_linear_ref(x.float(), weight.float(), None if bias is None else bias.float(),
                                     as_fp32(lora_in), as_fp32(lora_out), w_in, w_out, strategy).to(x.dtype)
     return dual_lora_linear_ref(x, weight, bias, lora_in, lora_out, w_in, w_out, strategy)
