@@ -42,6 +42,7 @@ def environment(device: torch.device | str = "cpu") -> dict:
         "device": device.type,
         "device_name": name,
         "cpu_model": dispatch.cpu_model(),
+        "cpu_signature": dispatch.cpu_signature(),
         "cpu_isas": cpu._C.supported_isas() if cpu.HAVE_C else [],
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_threads": torch.get_num_threads(),
@@ -54,10 +55,14 @@ def environment(device: torch.device | str = "cpu") -> dict:
 
 
 def cpu_tag() -> str:
-    """The CPU model and best ISA as a file-name part, e.g. ``amd-epyc-avx512-bf16``: each kind of
-    machine keeps its results (VMs often report only the vendor's family name)."""
+    """The CPU's model, family and model numbers and best ISA as a file-name part, e.g.
+    ``amd-epyc-f25-m17-avx512-bf16``: each kind of machine keeps its results (VMs often report only
+    the vendor's family name, the same for several generations)."""
     isa = cpu._C.best_isa() if cpu.HAVE_C else torch.backends.cpu.get_cpu_capability()
-    return "".join(ch if ch.isalnum() else "-" for ch in f"{dispatch.cpu_model()} {isa}".lower()).strip("-")
+    signature = dispatch.cpu_signature()
+    generation = "f{} m{}".format(*signature.split()[1].split("/")[:2]) if signature else ""
+    name = f"{dispatch.cpu_model()} {generation} {isa}".lower()
+    return "-".join("".join(ch if ch.isalnum() else " " for ch in name).split())
 
 
 def write_json(name: str, payload: dict, directory: Path = RESULTS) -> Path:

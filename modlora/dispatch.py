@@ -46,8 +46,8 @@ from .kernels.configs import m_bucket
 
 log = logging.getLogger("modlora")
 
-__all__ = ["c_paths", "choose", "default_path", "cache_file", "cpu_model", "fingerprint", "llc_bytes", "reset",
-           "NATIVE_BF16"]
+__all__ = ["c_paths", "choose", "default_path", "cache_file", "cpu_model", "cpu_signature", "fingerprint",
+           "llc_bytes", "reset", "NATIVE_BF16"]
 
 MAX_BUCKET = 256  # larger M is a GEMM: torch's (oneDNN/MKL) path, never the small-M kernel
 PATH_SECONDS = 0.02  # time each path about this long per case (at least one call after the warm-up)
@@ -238,22 +238,39 @@ def _name(key: Key) -> str:
     return "|".join(map(str, key))
 
 
+@functools.cache
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo ({} where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    first = text.split("\n\n", 1)[0]
+    return {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in first.splitlines())}
+
+
 def cpu_model() -> str:
     """The CPU's model name (/proc/cpuinfo), else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
+
+
+def cpu_signature() -> str | None:
+    """Vendor, family, model and stepping, e.g. ``AuthenticAMD 25/17/1``, or None where
+    /proc/cpuinfo has no such fields. VMs often name CPUs of different generations alike
+    ("AMD EPYC" for Zen 3, 4 and 5), which this tells apart."""
+    info = _cpuinfo()
+    fields = [info.get(key) for key in ("cpu family", "model", "stepping")]
+    if None in fields:
+        return None
+    return f"{info.get('vendor_id', '?')} {'/'.join(fields)}"
 
 
 @functools.cache
 def fingerprint() -> dict:
-    """What a cached choice depends on besides its key: CPU model, cores, library versions and the
-    build of the C++ op (computed once per process; do not modify the dict)."""
-    return {"format": FORMAT, "cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+    """What a cached choice depends on besides its key: CPU model and signature, cores, library
+    versions and the build of the C++ op (computed once per process; do not modify the dict)."""
+    return {"format": FORMAT, "cpu": cpu_model(), "cpu_signature": cpu_signature(), "cores": os.cpu_count(),
+            "torch": torch.__version__,
             "modlora": _version(), "isas": cpu._C.supported_isas() if cpu.HAVE_C else [], "c_build": _c_build()}
 
 

@@ -14,6 +14,12 @@ if not torch.cuda.is_available():
 # user's cache); tests that calibrate use the `calibrating` fixture (a cache of their own).
 os.environ.setdefault("MODLORA_CALIBRATE", "0")
 
+# `python -m pytest` puts the working directory first on sys.path. From the repository root, its
+# kernels/ folder (installed as modlora.kernels) would then shadow Hugging Face's `kernels` package,
+# which transformers >= 5.25 imports; the suite imports modlora from its installation instead.
+_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _ROOT]
+
 # Test helpers (tests/hf_reference.py) import as plain modules.
 sys.path.insert(0, str(Path(__file__).parent))
 

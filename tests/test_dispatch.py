@@ -12,6 +12,7 @@ import os
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,6 +224,28 @@ def test_a_rebuilt_extension_calibrates_afresh(tmp_path, monkeypatch):
         assert dispatch.cache_file() != before
     finally:
         dispatch.fingerprint.cache_clear()
+
+
+def test_cpus_of_one_name_but_another_generation_keep_their_own_caches(monkeypatch):
+    """VMs name Zen 3, 4 and 5 alike ("AMD EPYC"): the family and model numbers tell them apart."""
+    def cache_for(family: str, model: str) -> Path:
+        info = {"vendor_id": "AuthenticAMD", "model name": "AMD EPYC", "cpu family": family,
+                "model": model, "stepping": "1"}
+        monkeypatch.setattr(dispatch, "_cpuinfo", lambda: info)
+        dispatch.fingerprint.cache_clear()
+        return dispatch.cache_file()
+
+    try:
+        zen3, zen4, zen4_again = cache_for("25", "1"), cache_for("25", "17"), cache_for("25", "17")
+        assert dispatch.cpu_signature() == "AuthenticAMD 25/17/1"
+        assert zen3 != zen4 and zen4 == zen4_again
+    finally:
+        dispatch.fingerprint.cache_clear()
+
+
+def test_cpu_signature_without_cpuinfo_fields_is_none(monkeypatch):
+    monkeypatch.setattr(dispatch, "_cpuinfo", lambda: {"model name": "Some ARM"})
+    assert dispatch.cpu_signature() is None and dispatch.cpu_model() == "Some ARM"
 
 
 _WORKER = """
