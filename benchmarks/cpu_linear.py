@@ -62,15 +62,23 @@ def make(n: int, k: int, dtype: torch.dtype, gen: torch.Generator) -> list[torch
     return [w] + [w.clone() for _ in range(copies - 1)]
 
 
-def cycling(fn, weights):
-    """A callable that runs fn on the next copy of W at each call (cold weights)."""
-    state = {"i": 0}
+class Rotation:
+    """The copies of one W, handed out in turn to every provider of a shape: a copy comes back only
+    after all the others (three L3s of traffic), so each call reads W from memory. (A rotation per
+    provider restarted at the first copy and, at a dozen calls, reused the copies the previous
+    provider had just pulled into L3: the small shapes were timed warm.)"""
 
-    def run():
-        state["i"] = (state["i"] + 1) % len(weights)
-        return fn(weights[state["i"]])
+    def __init__(self, weights: list[torch.Tensor]) -> None:
+        self.weights, self.i = weights, 0
 
-    return run
+    def next(self) -> torch.Tensor:
+        self.i = (self.i + 1) % len(self.weights)
+        return self.weights[self.i]
+
+
+def cycling(fn, rotation: Rotation):
+    """A callable that runs fn on the rotation's next copy of W at each call (cold weights)."""
+    return lambda: fn(rotation.next())
 
 
 def adapters(n: int, k: int, gen: torch.Generator):
@@ -85,6 +93,7 @@ def run_shape(name: str, n: int, k: int, reps: int, gen: torch.Generator) -> lis
     rows = []
     op = torch.ops.modlora.lora_bank_linear if cpu.HAVE_C else None
     w_bf16 = make(n, k, torch.bfloat16, gen)
+    rotation = Rotation(w_bf16)
     lm_head = name == "lm_head"
     b = None if lm_head or name != "q/o" else torch.randn(n, generator=gen).to(torch.bfloat16)
     pair = adapters(n, k, gen)
@@ -104,19 +113,19 @@ def run_shape(name: str, n: int, k: int, reps: int, gen: torch.Generator) -> lis
                 y = y + F.linear(F.linear(x, a), bb) * c
             return y
 
-        prov = {"torch_bf16": cycling(lambda w, x=x: F.linear(x, w, b), w_bf16)}
+        prov = {"torch_bf16": cycling(lambda w, x=x: F.linear(x, w, b), rotation)}
         if not lm_head:
-            prov["unfused_lora_bf16"] = cycling(unfused, w_bf16)
+            prov["unfused_lora_bf16"] = cycling(unfused, rotation)
         for isa in ISAS:
-            prov[f"c@{isa}"] = cycling(lambda w, x=x, isa=isa: op(x, w, b, None, None, None, isa), w_bf16)
+            prov[f"c@{isa}"] = cycling(lambda w, x=x, isa=isa: op(x, w, b, None, None, None, isa), rotation)
         if cpu.HAVE_C and not lm_head:
-            prov["c_lora_bf16"] = cycling(lambda w, x=x: op(x, w, b, A1, B1, None), w_bf16)
-            prov["c_lora_rows_bf16"] = cycling(lambda w, x=x, rp=rp: op(x, w, b, A2, B2, rp), w_bf16)
+            prov["c_lora_bf16"] = cycling(lambda w, x=x: op(x, w, b, A1, B1, None), rotation)
+            prov["c_lora_rows_bf16"] = cycling(lambda w, x=x, rp=rp: op(x, w, b, A2, B2, rp), rotation)
         # What the model runs: modlora.ops, its path chosen by modlora.dispatch (calibrated at the
         # first call, in the warm-up).
-        prov["ops_bf16"] = cycling(lambda w, x=x: ops.linear(x, w, b), w_bf16)
+        prov["ops_bf16"] = cycling(lambda w, x=x: ops.linear(x, w, b), rotation)
         if not lm_head:
-            prov["ops_lora_bf16"] = cycling(lambda w, x=x: ops.dual_lora_linear(x, w, b, *pair_bf16), w_bf16)
+            prov["ops_lora_bf16"] = cycling(lambda w, x=x: ops.dual_lora_linear(x, w, b, *pair_bf16), rotation)
         for pname, fn in prov.items():
             t = bench(fn, warmup=3, reps=reps)
             row = {"shape": name, "N": n, "K": k, "M": m, "provider": pname, **t,
