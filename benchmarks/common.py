@@ -59,8 +59,8 @@ def cpu_tag() -> str:
     ``amd-epyc-f25-m17-avx512-bf16``: each kind of machine keeps its results (VMs often report only
     the vendor's family name, the same for several generations)."""
     isa = cpu._C.best_isa() if cpu.HAVE_C else torch.backends.cpu.get_cpu_capability()
-    signature = dispatch.cpu_signature()
-    generation = "f{} m{}".format(*signature.split()[1].split("/")[:2]) if signature else ""
+    ids = dispatch.cpu_ids()
+    generation = f"f{ids[1]} m{ids[2]}" if ids else ""
     name = f"{dispatch.cpu_model()} {generation} {isa}".lower()
     return "-".join("".join(ch if ch.isalnum() else " " for ch in name).split())
 

@@ -29,11 +29,13 @@ Providers, all bf16 (bias and adapters as in the model: two rank-16 adapters, "o
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -62,23 +64,10 @@ def make(n: int, k: int, dtype: torch.dtype, gen: torch.Generator) -> list[torch
     return [w] + [w.clone() for _ in range(copies - 1)]
 
 
-class Rotation:
-    """The copies of one W, handed out in turn to every provider of a shape: a copy comes back only
-    after all the others (three L3s of traffic), so each call reads W from memory. (A rotation per
-    provider restarted at the first copy and, at a dozen calls, reused the copies the previous
-    provider had just pulled into L3: the small shapes were timed warm.)"""
-
-    def __init__(self, weights: list[torch.Tensor]) -> None:
-        self.weights, self.i = weights, 0
-
-    def next(self) -> torch.Tensor:
-        self.i = (self.i + 1) % len(self.weights)
-        return self.weights[self.i]
-
-
-def cycling(fn, rotation: Rotation):
-    """A callable that runs fn on the rotation's next copy of W at each call (cold weights)."""
-    return lambda: fn(rotation.next())
+def cycling(fn, copies: Iterator[torch.Tensor]):
+    """A callable that runs fn on the next copy of W at each call. Every provider of a shape draws
+    from one cycle, so a copy comes back only after all the others (three L3s): W is read cold."""
+    return lambda: fn(next(copies))
 
 
 def adapters(n: int, k: int, gen: torch.Generator):
@@ -93,7 +82,7 @@ def run_shape(name: str, n: int, k: int, reps: int, gen: torch.Generator) -> lis
     rows = []
     op = torch.ops.modlora.lora_bank_linear if cpu.HAVE_C else None
     w_bf16 = make(n, k, torch.bfloat16, gen)
-    rotation = Rotation(w_bf16)
+    rotation = itertools.cycle(w_bf16)
     lm_head = name == "lm_head"
     b = None if lm_head or name != "q/o" else torch.randn(n, generator=gen).to(torch.bfloat16)
     pair = adapters(n, k, gen)

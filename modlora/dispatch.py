@@ -46,8 +46,8 @@ from .kernels.configs import m_bucket
 
 log = logging.getLogger("modlora")
 
-__all__ = ["c_paths", "choose", "default_path", "cache_file", "cpu_model", "cpu_signature", "fingerprint",
-           "llc_bytes", "reset", "NATIVE_BF16"]
+__all__ = ["c_paths", "choose", "default_path", "cache_file", "cpu_ids", "cpu_model", "cpu_signature", "fingerprint",
+           "llc_bytes", "parse_cpuinfo", "reset", "NATIVE_BF16"]
 
 MAX_BUCKET = 256  # larger M is a GEMM: torch's (oneDNN/MKL) path, never the small-M kernel
 PATH_SECONDS = 0.02  # time each path about this long per case (at least one call after the warm-up)
@@ -238,15 +238,20 @@ def _name(key: Key) -> str:
     return "|".join(map(str, key))
 
 
+def parse_cpuinfo(text: str) -> dict[str, str]:
+    """The first processor's fields of a /proc/cpuinfo text (``key<tabs>: value`` lines)."""
+    first = text.split("\n\n", 1)[0]
+    return {key.strip(): value.strip() for key, sep, value in (line.partition(":") for line in first.splitlines())
+            if sep}
+
+
 @functools.cache
 def _cpuinfo() -> dict[str, str]:
-    """The first processor's fields in /proc/cpuinfo ({} where there is none)."""
+    """This machine's /proc/cpuinfo fields ({} where there is none)."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        return parse_cpuinfo(Path("/proc/cpuinfo").read_text())
     except OSError:
         return {}
-    first = text.split("\n\n", 1)[0]
-    return {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in first.splitlines())}
 
 
 def cpu_model() -> str:
@@ -254,15 +259,21 @@ def cpu_model() -> str:
     return _cpuinfo().get("model name") or platform.processor() or platform.machine()
 
 
-def cpu_signature() -> str | None:
-    """Vendor, family, model and stepping, e.g. ``AuthenticAMD 25/17/1``, or None where
-    /proc/cpuinfo has no such fields. VMs often name CPUs of different generations alike
-    ("AMD EPYC" for Zen 3, 4 and 5), which this tells apart."""
+def cpu_ids() -> tuple[str, str, str, str] | None:
+    """Vendor, family, model and stepping from /proc/cpuinfo, or None where it has no such fields.
+    VMs often name CPUs of different generations alike ("AMD EPYC" for Zen 3, 4 and 5): these tell
+    them apart."""
     info = _cpuinfo()
     fields = [info.get(key) for key in ("cpu family", "model", "stepping")]
     if None in fields:
         return None
-    return f"{info.get('vendor_id', '?')} {'/'.join(fields)}"
+    return (info.get("vendor_id") or "?", *fields)
+
+
+def cpu_signature() -> str | None:
+    """:func:`cpu_ids` as one string, e.g. ``AuthenticAMD 25/17/1``."""
+    ids = cpu_ids()
+    return None if ids is None else f"{ids[0]} {'/'.join(ids[1:])}"
 
 
 @functools.cache
@@ -270,8 +281,8 @@ def fingerprint() -> dict:
     """What a cached choice depends on besides its key: CPU model and signature, cores, library
     versions and the build of the C++ op (computed once per process; do not modify the dict)."""
     return {"format": FORMAT, "cpu": cpu_model(), "cpu_signature": cpu_signature(), "cores": os.cpu_count(),
-            "torch": torch.__version__,
-            "modlora": _version(), "isas": cpu._C.supported_isas() if cpu.HAVE_C else [], "c_build": _c_build()}
+            "torch": torch.__version__, "modlora": _version(), "isas": cpu._C.supported_isas() if cpu.HAVE_C else [],
+            "c_build": _c_build()}
 
 
 def _c_build() -> str | None:

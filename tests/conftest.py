@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -18,7 +19,11 @@ os.environ.setdefault("MODLORA_CALIBRATE", "0")
 # kernels/ folder (installed as modlora.kernels) would then shadow Hugging Face's `kernels` package,
 # which transformers >= 5.25 imports; the suite imports modlora from its installation instead.
 _ROOT = Path(__file__).resolve().parent.parent
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _ROOT]
+sys.path[:] = [entry for entry in sys.path if Path(entry).resolve() != _ROOT]
+_modlora = importlib.util.find_spec("modlora")
+if _modlora is None or not Path(_modlora.origin).resolve().is_relative_to(_ROOT / "modlora"):
+    raise pytest.UsageError(f"the tests run against this working tree ({_ROOT}), installed with `pip install -e .`; "
+                            f"modlora imports from {_modlora and _modlora.origin}")
 
 # Test helpers (tests/hf_reference.py) import as plain modules.
 sys.path.insert(0, str(Path(__file__).parent))

@@ -243,6 +243,15 @@ def test_cpus_of_one_name_but_another_generation_keep_their_own_caches(monkeypat
         dispatch.fingerprint.cache_clear()
 
 
+def test_cpuinfo_is_parsed_from_its_first_processor():
+    text = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+            "model name\t: AMD EPYC 9004\nstepping\t: 1\nflags\t\t: fpu avx512f\nempty\t:\nno colon\n\n"
+            "processor\t: 1\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 207\n")
+    info = dispatch.parse_cpuinfo(text)
+    assert info["model name"] == "AMD EPYC 9004" and info["model"] == "17" and info["cpu family"] == "25"
+    assert info["vendor_id"] == "AuthenticAMD" and info["empty"] == "" and "no colon" not in info
+
+
 def test_cpu_signature_without_cpuinfo_fields_is_none(monkeypatch):
     monkeypatch.setattr(dispatch, "_cpuinfo", lambda: {"model name": "Some ARM"})
     assert dispatch.cpu_signature() is None and dispatch.cpu_model() == "Some ARM"

@@ -2,6 +2,7 @@
 top-level ``kernels`` package (that name belongs to another project on PyPI). Built where no C++
 compiler can be found, it installs without modlora._C and says so in one log line."""
 
+import importlib.util
 import os
 import site
 import subprocess
@@ -43,3 +44,11 @@ def test_wheel_installs_modlora_and_its_kernels(tmp_path):
     assert out[3] == "False"
     log = [line for line in run.stderr.splitlines() if "modlora._C" in line]
     assert len(log) == 1 and "uses the torch path" in log[0], run.stderr
+
+
+def test_the_source_tree_does_not_shadow_another_kernels_package():
+    """transformers >= 5.25 imports Hugging Face's `kernels`: under `python -m pytest` from the
+    repository root, the root's kernels/ folder (modlora.kernels) answered for it and every test
+    that loads transformers failed (tests/conftest.py keeps the root off sys.path)."""
+    spec = importlib.util.find_spec("kernels")
+    assert spec is None or not Path(spec.origin).resolve().is_relative_to(ROOT / "kernels")
