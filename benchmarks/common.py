@@ -14,6 +14,7 @@ import torch
 
 from modlora import cpu, dispatch
 from modlora.fileio import atomic_write_json
+from modlora.memory import weight_buffer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -68,6 +69,13 @@ def cpu_tag() -> str:
 def write_json(name: str, payload: dict, directory: Path = RESULTS) -> Path:
     """Write ``directory/name.json`` atomically (a reader never sees a half-written file)."""
     return atomic_write_json(directory / f"{name}.json", payload)
+
+
+def in_weight_memory(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` where the model keeps its weights (:func:`modlora.memory.weight_buffer`: huge
+    pages on a Linux CPU), so that every provider and the memory probe read the memory a model reads."""
+    out = weight_buffer(t.numel(), t.dtype, t.device).view(t.shape)
+    return out.copy_(t)
 
 
 def memory_probe(buf_f32: torch.Tensor, reps: int = 5) -> dict:

@@ -4,13 +4,15 @@
     python benchmarks/cpu_linear.py --quick      # fewer reps (smoke test)
 
 Per shape and M, the weight is read from memory, not cache: each call uses the next of enough
-copies of W to exceed three times the L3 cache (modlora.dispatch.llc_bytes, recorded in the
-JSON as "llc"), as in a decode step, where the model's ~1 GB of weights
-stream through once. "GB/s" is bytes of W / time (the adapters' bytes are not counted, so a
-fused op that pays for them shows as lower GB/s). Next to it: a memory-read probe (every byte of a
-buffer of 512 MiB or three L3s read once by all threads, torch's `.sum()` and `.amax()` over fp32),
-re-measured before every shape because other processes may share the machine; the load average is
-recorded. Times are medians (and 20% quantiles, less hit by preemption on a shared machine).
+copies of W to exceed three times the L3 cache (modlora.dispatch.llc_bytes, recorded in the JSON
+as "llc"), as in a decode step, where the model's ~1 GB of weights stream through once. W's
+copies and the probe's buffer lie where the model keeps its weights (modlora.memory.weight_buffer:
+huge pages on a Linux CPU), the same memory for every provider. "GB/s" is bytes of W / time (the
+adapters' bytes are not counted, so a fused op that pays for them shows as lower GB/s). Next to
+it: a memory-read probe (every byte of a buffer of 512 MiB or three L3s read once by all threads,
+torch's `.sum()` and `.amax()` over fp32), re-measured before every shape because other processes
+may share the machine; the load average is recorded. Times are medians (and 20% quantiles, less
+hit by preemption on a shared machine).
 Also measures what the model
 runs (`ops_*`: modlora.ops, the path picked by modlora.dispatch, calibrated afresh in a temporary
 cache dir; each row names the path, and the choices go into the JSON). The JSON names the CPU
@@ -42,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench, cpu_tag, environment, memory_probe, write_json  # noqa: E402
+from common import bench, cpu_tag, environment, in_weight_memory, memory_probe, write_json  # noqa: E402
 
 from modlora import cpu, dispatch, ops  # noqa: E402
 
@@ -61,7 +63,7 @@ ISAS = [isa for isa in cpu._C.supported_isas() if isa != "scalar"] if cpu.HAVE_C
 def make(n: int, k: int, dtype: torch.dtype, gen: torch.Generator) -> list[torch.Tensor]:
     w = (torch.randn(n, k, generator=gen) * k**-0.5).to(dtype)
     copies = max(1, math.ceil(LLC_MULTIPLE * LLC["bytes"] / (w.numel() * w.element_size())))
-    return [w] + [w.clone() for _ in range(copies - 1)]
+    return [in_weight_memory(w) for _ in range(copies)]
 
 
 def cycling(fn, copies: Iterator[torch.Tensor]):
@@ -164,7 +166,7 @@ def main() -> None:
     dispatch.BUDGET_SECONDS = math.inf
     reps = 5 if args.quick else 12
     gen = torch.Generator().manual_seed(0)
-    buf = torch.rand(max(128 << 20, LLC_MULTIPLE * LLC["bytes"] // 4), generator=gen)  # fp32, >= 512 MiB
+    buf = in_weight_memory(torch.rand(max(128 << 20, LLC_MULTIPLE * LLC["bytes"] // 4), generator=gen))  # >= 512 MiB
     rows, probes = [], {}
     for name, (n, k) in SHAPES.items():
         probes[name] = memory_probe(buf, reps)

@@ -7,7 +7,8 @@ Both sides decode exactly ``max_new_tokens`` steps (``min_new_tokens = max_new_t
 stops either early). ms/step: the median gap between consecutive decode steps within a run;
 prefill: the time to the first step.
 On CPU, a decode step is also compared with the time to read the model's weights once (every
-linear and the lm_head, at the bandwidth of a memory-read probe measured in the same run), and the
+linear and the lm_head, at the bandwidth of a memory-read probe measured in the same run, its
+buffer in the weights' kind of memory: modlora.memory), and the
 calls of the C++ op in one decode step are counted (torch profiler).
 
     python benchmarks/generate.py            # batch 1 and 32, fp32 and bf16, 16 new tokens
@@ -36,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, cpu_tag, environment, memory_probe, write_json  # noqa: E402
+from common import RESULTS, cpu_tag, environment, in_weight_memory, memory_probe, write_json  # noqa: E402
 
 from modlora.adapters import AdapterController, LoraAdapter  # noqa: E402
 from modlora.config import Qwen2Config  # noqa: E402
@@ -218,7 +219,7 @@ def main() -> None:
         peft = hf_peft(ours, pair, dtype).to(args.device)
         read_ms = None
         if args.device == "cpu":
-            probe = memory_probe(torch.ones(128 << 20))  # 512 MiB, well beyond the caches
+            probe = memory_probe(in_weight_memory(torch.ones(128 << 20)))  # 512 MiB, the weights' kind of memory
             read_ms = weight_bytes(ours) / probe["GBs"] / 1e6
         for batch in batches:
             enc = tok.pad(prompts[:batch])

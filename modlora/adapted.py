@@ -9,8 +9,9 @@ binding is not a submodule, so the state dict stays exactly the base checkpoint'
 also describe itself to :func:`grouped` by a method ``bank_pairs(x, training) -> (pairs, strategy,
 row_pair) | None`` (None: run it alone).
 
-Linears that read the same input (q/k/v, gate/up) can share one weight buffer (:func:`fuse`): their
-parameters stay separate ``nn.Parameter``s with their HF names, as adjacent views of it, and
+The model's weights live in buffers laid out by :func:`pack` (huge pages on a Linux CPU,
+:mod:`modlora.memory`): parameters stay separate ``nn.Parameter``s with their HF names, as views of
+them. Linears that read the same input (q/k/v, gate/up) are packed as adjacent row blocks, and
 :func:`grouped` runs them as one op while they still are.
 """
 
@@ -21,7 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import ops
+from . import memory, ops
 
 LoraBinding = Callable[[Tensor, Tensor, Tensor | None, bool], Tensor]
 
@@ -48,22 +49,44 @@ class AdaptedLinear(FastLinear):
         return None if spec is None else (self.weight, self.bias, *spec)
 
 
-def fuse(linears: Sequence[nn.Linear]) -> None:
-    """Move the weights (and biases) of ``linears`` into one buffer each, as consecutive row blocks;
-    every parameter becomes a view of it. Names, shapes and values are unchanged; one group's copy
-    exists only while it is made."""
-    for name in ("weight", "bias"):
-        tensors = [getattr(lin, name) for lin in linears]
-        if any(t is None for t in tensors):
-            continue
-        buffer = torch.cat([t.detach() for t in tensors])
-        for lin, t, view in zip(linears, tensors, buffer.split([t.shape[0] for t in tensors]), strict=True):
-            setattr(lin, name, nn.Parameter(view, requires_grad=t.requires_grad))
+Allocate = Callable[[int, torch.dtype, torch.device], Tensor]
+"""``(numel, dtype, device) -> 1-D tensor``: where :func:`pack` puts weights."""
+
+
+def pack(groups: Sequence[Sequence[nn.Module]], allocate: Allocate = memory.weight_buffer) -> None:
+    """Move the weights of ``groups`` (modules with a ``weight`` and perhaps a ``bias``) into one
+    buffer from ``allocate`` (one per dtype and device should they differ), group after
+    group, each group's weights as consecutive row blocks; a group whose modules all have a bias
+    gets its biases likewise into one small buffer. Every parameter becomes a view of its buffer:
+    names, shapes, values and ``requires_grad`` are unchanged, and each old tensor is freed as its
+    view replaces it (one layer's copy at a time, not the model's). Meta tensors (a model built to be
+    loaded into) have no memory to lay out: they stay as they are."""
+    groups = [group for group in groups if not any(m.weight.is_meta for m in group)]
+    modules = [m for group in groups for m in group]
+    for key in dict.fromkeys((m.weight.dtype, m.weight.device) for m in modules):
+        _into_buffer([m for m in modules if (m.weight.dtype, m.weight.device) == key], "weight", allocate)
+    for group in groups:
+        biases = [getattr(m, "bias", None) for m in group]
+        if all(b is not None for b in biases) and len({(b.dtype, b.device) for b in biases}) == 1:
+            _into_buffer(group, "bias", lambda n, dtype, device: torch.empty(n, dtype=dtype, device=device))
+
+
+def _into_buffer(modules: Sequence[nn.Module], name: str, allocate: Allocate) -> None:
+    """Parameter ``name`` of every module (one dtype and device) as consecutive slices of one new buffer."""
+    tensors = [getattr(m, name) for m in modules]
+    buffer = allocate(sum(t.numel() for t in tensors), tensors[0].dtype, tensors[0].device)
+    start = 0
+    for module, t in zip(modules, tensors, strict=True):
+        view = buffer[start:start + t.numel()].view(t.shape)
+        with torch.no_grad():
+            view.copy_(t)
+        start += t.numel()
+        setattr(module, name, nn.Parameter(view, requires_grad=t.requires_grad))
 
 
 def grouped(x: Tensor, linears: Sequence[AdaptedLinear]) -> list[Tensor]:
     """``[lin(x) for lin in linears]``, as one op while their parameters are still the adjacent
-    views :func:`fuse` made (``model.to(dtype)`` or assigning a parameter undoes that: then, and
+    views :func:`pack` made (``model.to(dtype)`` or assigning a parameter undoes that: then, and
     for a binding that cannot be grouped, each runs alone)."""
     weight = _adjacent([lin.weight for lin in linears])
     biases = [lin.bias for lin in linears]

@@ -124,7 +124,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | str | None 
         handles.clear()
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.fuse_projections()
+    model.pack_weights()
     return model.eval()
 
 
@@ -159,7 +159,7 @@ def random_model(config: Qwen2Config | str, *, seed: int = 0, dtype: torch.dtype
         _set_parameter(model, name, value.to(device=device, dtype=dtype or config.torch_dtype))
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.fuse_projections()
+    model.pack_weights()
     return model.eval()
 
 

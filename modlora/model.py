@@ -34,8 +34,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from . import cpu
-from .adapted import AdaptedLinear, FastLinear, fuse, grouped
+from .adapted import AdaptedLinear, Allocate, FastLinear, grouped, pack
 from .config import Qwen2Config
+from .memory import weight_buffer
 
 Site = Callable[[Callable[[Tensor], Any], Tensor], Any]
 """How a decode step runs its linear sites: ``site(fn, x)`` returns ``fn(x)``, ``fn`` one linear or
@@ -347,15 +348,23 @@ class Qwen2ForCausalLM(nn.Module):
         self.lm_head = FastLinear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.fuse_projections()
+        self.pack_weights()
 
-    def fuse_projections(self) -> None:
-        """Put q/k/v and gate/up of every layer into one weight buffer each (:func:`modlora.adapted.fuse`),
-        so decoding runs each group as one op. The loaders call it again once the weights are in place."""
+    def pack_weights(self, allocate: Allocate = weight_buffer) -> None:
+        """Lay the weights out for decoding (:func:`modlora.adapted.pack`): each layer's linears in
+        one buffer from ``allocate`` (by default huge pages on a Linux CPU, :mod:`modlora.memory`),
+        q/k/v and gate/up as adjacent blocks so that each group runs as one op; the embedding (with
+        it a tied lm_head) and an untied lm_head in buffers of their own. The loaders call it again
+        once the weights are in place; after ``model.to(...)`` call it to lay them out again."""
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            fuse((attn.q_proj, attn.k_proj, attn.v_proj))
-            fuse((mlp.gate_proj, mlp.up_proj))
+            pack([(attn.q_proj, attn.k_proj, attn.v_proj), (attn.o_proj,), (mlp.gate_proj, mlp.up_proj),
+                  (mlp.down_proj,)], allocate)
+        pack([(self.model.embed_tokens,)], allocate)
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        else:
+            pack([(self.lm_head,)], allocate)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Logits [B, T, V] of input_ids [B, T] (attention_mask [B, T], 0 on padding).

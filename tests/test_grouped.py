@@ -1,4 +1,4 @@
-"""q/k/v and gate/up as one op (modlora.adapted.fuse/grouped, modlora.ops.grouped_linear): each
+"""q/k/v and gate/up as one op (modlora.adapted.pack/grouped, modlora.ops.grouped_linear): each
 part's output lies within its float64 bound, the state dict and saved files are the unfused
 model's, a model whose views were broken still computes the same function, and a decode step
 makes 4 C++ calls per layer (plus the lm_head) instead of 7."""
@@ -156,7 +156,7 @@ def test_decode_step_makes_four_calls_per_layer_and_the_same_logits(dtype, mode,
     plain = model.decode_step(ids[:, 0], cache).float()
     assert len(c_calls) == 7 * CONFIG.num_hidden_layers + 1
     _assert_logits_agree(fused, plain, dtype)
-    model.fuse_projections()  # regroups the parameters as they are now
+    model.pack_weights()  # regroups the parameters as they are now
     cache = model.new_cache(2, 5, max_new_tokens=2, num_beams=1)
     model.prefill(ids, None, cache)
     c_calls.clear()
@@ -238,7 +238,7 @@ def test_a_group_where_only_some_linears_have_a_bias_keeps_every_bias():
     linears = [adapted.AdaptedLinear(8, 4, bias=b) for b in (False, True, True)]
     for lin in linears[1:]:
         lin.bias.normal_()
-    adapted.fuse(linears)
+    adapted.pack([linears])
     x = torch.randn(3, 8)
     for got, lin in zip(adapted.grouped(x, linears), linears, strict=True):
         assert torch.equal(got, lin(x))
