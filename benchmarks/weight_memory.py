@@ -27,6 +27,7 @@ from generate import adapters  # noqa: E402
 
 from modlora.adapters import AdapterController  # noqa: E402
 from modlora.config import Qwen2Config  # noqa: E402
+from modlora.cpu import BoundSites  # noqa: E402
 from modlora.loading import random_model  # noqa: E402
 from modlora.model import Qwen2ForCausalLM  # noqa: E402
 
@@ -47,13 +48,14 @@ def model(dtype: torch.dtype, huge_pages: bool) -> Qwen2ForCausalLM:
 
 @torch.no_grad()
 def step_times(m: Qwen2ForCausalLM, ids: torch.Tensor, steps: int) -> list[float]:
-    """ms of each decode step after the first two, beam 5, after a prefill of ``ids``."""
+    """ms of each decode step after the first two, beam 5, after a prefill of ``ids``; the linears
+    run as in ``generate`` (each site's op calls bound on its first run: modlora.cpu.BoundSites)."""
     cache = m.new_cache(1, ids.shape[1], steps + 2, num_beams=5)
     tokens = m.prefill(ids, torch.ones_like(ids), cache).argmax(-1).repeat_interleave(5)
-    times = []
+    site, times = BoundSites(), []
     for _ in range(steps + 2):
         start = time.perf_counter()
-        m.decode_step(tokens, cache)
+        m.decode_step(tokens, cache, site)
         times.append((time.perf_counter() - start) * 1e3)
     return times[2:]
 
