@@ -7,9 +7,9 @@ Both sides decode exactly ``max_new_tokens`` steps (``min_new_tokens = max_new_t
 stops either early). ms/step: the median gap between consecutive decode steps within a run;
 prefill: the time to the first step.
 On CPU, a decode step is also compared with the time to read the model's weights once (every
-linear and the lm_head, at the bandwidth of a memory-read probe measured in the same run, its
-buffer in the weights' kind of memory: modlora.memory), and the
-calls of the C++ op in one decode step are counted (torch profiler).
+linear and the lm_head, at the median bandwidth of a memory-read probe run before and after each
+side's timing, its buffer in the weights' kind of memory: modlora.memory), and the calls of the C++
+op in one decode step are counted (torch profiler).
 
     python benchmarks/generate.py            # batch 1 and 32, fp32 and bf16, 16 new tokens
     python benchmarks/generate.py --quick    # batch 1 and 4, 6 new tokens
@@ -211,16 +211,16 @@ def main() -> None:
     name += "-quick" if args.quick else ""
     env = environment(args.device)
     rows = earlier_rows(name)
+    # 512 MiB in the weights' kind of memory, probed around every timed run: a shared VM's bandwidth
+    # can jump (here from ~35 to ~60 GB/s for seconds at a time), so one probe may miss the runs'.
+    probe_buffer = in_weight_memory(torch.ones(128 << 20)) if args.device == "cpu" else None
+    probe = lambda: [memory_probe(probe_buffer)["GBs"]] if probe_buffer is not None else []
     for dname in args.dtypes:
         dtype = DTYPES[dname]
         ours = random_model(Qwen2Config.preset("qwen2.5-0.5b"), seed=0, dtype=dtype, device=args.device)
         pair = adapters(ours)
         AdapterController(ours).set_adapters(*pair, w_in=1.0, w_out=1.0, strategy="output")
         peft = hf_peft(ours, pair, dtype).to(args.device)
-        read_ms = None
-        if args.device == "cpu":
-            probe = memory_probe(in_weight_memory(torch.ones(128 << 20)))  # 512 MiB, the weights' kind of memory
-            read_ms = weight_bytes(ours) / probe["GBs"] / 1e6
         for batch in batches:
             enc = tok.pad(prompts[:batch])
             ids, mask = enc["input_ids"].to(args.device), enc["attention_mask"].to(args.device)
@@ -229,13 +229,16 @@ def main() -> None:
 
             row = {"dtype": dname, "batch": batch, "num_beams": 5, "new_tokens": steps,
                    "prompt_tokens": int(mask.sum()), "padded_prompt_len": ids.shape[1]}
-            tokens = {}
+            tokens, probes = {}, probe()
             for side, run in (("modlora", ours_run), ("transformers_peft", hf_run)):
                 r, warmup = (reps, 1) if batch == 1 else (1, 0)
                 tokens[side], t = timed(run, steps, clock, warmup, r)
                 row[side] = {**t, "sentences_per_s": batch / (t["ms"] / 1e3), "repetitions": r}
-            if read_ms is not None:
-                row["probe_GBs"], row["weight_read_ms"] = probe["GBs"], read_ms
+                probes += probe()
+            read_ms = None
+            if probes:
+                row["probe_GBs"], row["probe_GBs_each"] = statistics.median(probes), probes
+                row["weight_read_ms"] = read_ms = weight_bytes(ours) / row["probe_GBs"] / 1e6
                 row["step_over_weight_read"] = row["modlora"]["ms_per_step"] / read_ms
                 row["modlora"]["c_calls_per_step"] = c_calls_per_step(ours, ids, mask)
             row["threads"] = torch.get_num_threads()
