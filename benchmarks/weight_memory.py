@@ -82,7 +82,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = torch.bfloat16
+    env, dtype = environment("cpu"), torch.bfloat16
     kb = {"before": anon_huge_kb()}
     models = {"ordinary": model(dtype, False)}
     kb["ordinary"] = anon_huge_kb()
@@ -106,7 +106,7 @@ def main() -> None:
               f"probe {r['probe_GBs']:.1f} GB/s")
     print(f"huge pages: {speedup:.3f}x per step; AnonHugePages kB {kb}")
     name = f"weight_memory-{cpu_tag()}-{torch.get_num_threads()}t"
-    payload = {"benchmark": "weight_memory", "environment": environment("cpu"), "dtype": "bf16", "num_beams": 5,
+    payload = {"benchmark": "weight_memory", "environment": env, "dtype": "bf16", "num_beams": 5,
                "batch": 1, "prompt_tokens": PROMPT, "rounds": args.rounds, "anon_huge_pages_kB": kb,
                "thp_mode": thp_mode(), "results": rows, "speedup": speedup}
     write_json(name, payload)
