@@ -4,9 +4,9 @@ A decode step streams every weight once. In 4 KiB pages that walk crosses a page
 entry, every 64 cache lines; in 2 MiB pages, 512 times less often. torch's allocator (``malloc``)
 gets huge pages only where the system's THP mode is ``always`` or the process started with
 ``THP_MEM_ALLOC_ENABLE=1``; under ``madvise``, a common default, only memory that asks gets them:
-:func:`weight_buffer` asks, for the weights alone. Measured on a 2-vCPU Zen 4 VM (bf16
-Qwen2.5-0.5B, beam 5, two adapters; two models in one process, steps alternating): a decode step
-5% faster on 2 threads (median 61.0 -> 57.7 ms) and on 1 (100.7 -> 95.3 ms).
+:func:`weight_buffer` asks, for the weights alone. Measured on a 2-vCPU Zen 4 VM
+(``benchmarks/weight_memory.py``: bf16 Qwen2.5-0.5B, beam 5, two adapters): a decode step 5-10%
+faster on 1 and 2 threads.
 """
 
 from __future__ import annotations
