@@ -355,7 +355,8 @@ class Qwen2ForCausalLM(nn.Module):
         one buffer from ``allocate`` (by default huge pages on a Linux CPU, :mod:`modlora.memory`),
         q/k/v and gate/up as adjacent blocks so that each group runs as one op; the embedding (with
         it a tied lm_head) and an untied lm_head in buffers of their own. The loaders call it again
-        once the weights are in place; after ``model.to(...)`` call it to lay them out again."""
+        once the weights are in place; after ``model.to(...)`` call it to lay them out again. The
+        parameters become new ``nn.Parameter`` objects: call it before an optimizer takes them."""
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             pack([(attn.q_proj, attn.k_proj, attn.v_proj), (attn.o_proj,), (mlp.gate_proj, mlp.up_proj),
