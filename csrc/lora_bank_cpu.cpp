@@ -431,12 +431,20 @@ at::Tensor lora_bank_linear_cpu(const at::Tensor& x, const at::Tensor& weight, c
 
   const at::Tensor w = weight.stride(1) == 1 && weight.stride(0) >= K ? weight : weight.contiguous();
   const at::Tensor xc = x.contiguous();
-  std::vector<float> x_copy, bias_copy;
-  at::Tensor bias_kept;
-  const float* xf = as_f32(xc, x_copy);
   const int isa = isa_name.has_value() ? isa_index(*isa_name, "lora_bank_linear") : g_isa.load(std::memory_order_relaxed);
-  const Kernel kernel = kernel_for(isa, w.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kBFloat16);
+  const bool bf16_x = x.scalar_type() == at::kBFloat16;
+  const Kernel kernel = kernel_for(isa, w.scalar_type() == at::kBFloat16 && bf16_x);
+  Bank bank;
+  if (has_a) bank = checked_bank(*A_bank, *B_bank, row_pair, M, N, K);
+  const bool shrinks = bank.R > 0 && bank.P > 0;
+  const Kernel shrinker = shrink_kernel_for(isa, bf16_x && shrinks && bank.A.scalar_type() == at::kBFloat16);
+  // An fp32 copy of x only for a kernel that reads one: the bf16-dot and tile kernels read x as it is.
+  std::vector<float> x_copy, bias_copy;
+  const bool reads_f32 = !(kernel.bf16_x || kernel.tiles) || (shrinks && !shrinker.bf16_x);
+  const float* xf = reads_f32 ? as_f32(xc, x_copy) : nullptr;
+  const uint16_t* xb = bf16_x ? static_cast<const uint16_t*>(xc.data_ptr()) : nullptr;
   const at::Tensor xt = kernel.tiles ? pack_x_tiles(xc) : at::Tensor();
+  at::Tensor bias_kept;
   BankArgs a;
   a.M = M;
   a.N = N;
@@ -445,26 +453,22 @@ at::Tensor lora_bank_linear_cpu(const at::Tensor& x, const at::Tensor& weight, c
   a.w_bf16 = w.scalar_type() == at::kBFloat16;
   a.ldw = w.stride(0);
   a.xf = xf;
-  a.xb = kernel.bf16_x ? static_cast<const uint16_t*>(xc.data_ptr()) : nullptr;
+  a.xb = kernel.bf16_x ? xb : nullptr;
   a.xt = kernel.tiles ? static_cast<const uint16_t*>(xt.data_ptr()) : nullptr;
   a.bias = float_bias(bias, N, bias_kept, bias_copy);
   a.y = out.data_ptr();
   a.y_bf16 = out.scalar_type() == at::kBFloat16;
 
-  Bank bank;
   std::vector<float> u;
   at::Tensor parts;
-  if (has_a) bank = checked_bank(*A_bank, *B_bank, row_pair, M, N, K);
   if (rank_parts.has_value() && rank_parts->defined()) {
     TORCH_CHECK(has_a, "lora_bank_linear: rank_parts given without an adapter bank");
     parts = checked_parts(*rank_parts, N, bank.R);
     a.parts = parts.data_ptr<int64_t>();
     a.n_parts = parts.size(0);
   }
-  if (bank.R > 0 && bank.P > 0) {
-    const bool bf16 = x.scalar_type() == at::kBFloat16 && bank.A.scalar_type() == at::kBFloat16;
-    const uint16_t* xb = bf16 ? static_cast<const uint16_t*>(xc.data_ptr()) : nullptr;
-    u = shrink(shrink_kernel_for(isa, bf16), xf, xb, M, K, bank);
+  if (shrinks) {
+    u = shrink(shrinker, xf, xb, M, K, bank);
     a.R = bank.R;
     a.u = u.data();
     a.bank_b = bank.B.data_ptr();
