@@ -29,19 +29,16 @@ from modlora.adapters import AdapterController  # noqa: E402
 from modlora.config import Qwen2Config  # noqa: E402
 from modlora.cpu import BoundSites  # noqa: E402
 from modlora.loading import random_model  # noqa: E402
+from modlora.memory import ordinary_buffer  # noqa: E402
 from modlora.model import Qwen2ForCausalLM  # noqa: E402
 
 PROMPT = 40
 
 
-def ordinary(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return torch.empty(numel, dtype=dtype, device=device)
-
-
 def model(dtype: torch.dtype, huge_pages: bool) -> Qwen2ForCausalLM:
     m = random_model(Qwen2Config.preset("qwen2.5-0.5b"), seed=0, dtype=dtype)
     if not huge_pages:
-        m.pack_weights(ordinary)
+        m.pack_weights(ordinary_buffer)
     AdapterController(m).set_adapters(*adapters(m), w_in=1.0, w_out=1.0, strategy="output")
     return m
 

@@ -68,7 +68,7 @@ def pack(groups: Sequence[Sequence[nn.Module]], allocate: Allocate = memory.weig
     for group in groups:
         biases = [getattr(m, "bias", None) for m in group]
         if all(b is not None for b in biases) and len({(b.dtype, b.device) for b in biases}) == 1:
-            _into_buffer(group, "bias", lambda n, dtype, device: torch.empty(n, dtype=dtype, device=device))
+            _into_buffer(group, "bias", memory.ordinary_buffer)
 
 
 def _into_buffer(modules: Sequence[nn.Module], name: str, allocate: Allocate) -> None:

@@ -21,6 +21,12 @@ HUGE_PAGE = 2 << 20
 """Bytes of an x86-64 (and arm64 4K-granule) transparent huge page."""
 
 
+def ordinary_buffer(numel: int, dtype: torch.dtype, device: torch.device | str | None = None) -> Tensor:
+    """An uninitialised 1-D tensor from torch's allocator (the biases' buffers; the baseline of
+    ``benchmarks/weight_memory.py``)."""
+    return torch.empty(numel, dtype=dtype, device=device)
+
+
 def weight_buffer(numel: int, dtype: torch.dtype, device: torch.device | str | None = None) -> Tensor:
     """An uninitialised 1-D tensor of ``numel`` elements to hold weights.
 
@@ -29,11 +35,11 @@ def weight_buffer(numel: int, dtype: torch.dtype, device: torch.device | str | N
     ``/sys/kernel/mm/transparent_hugepage/enabled`` is ``always`` or ``madvise``; with ``never``
     it is ordinary memory). The mapping is released when the last tensor viewing it is freed.
     Untouched padding (up to 2 MiB of address space, to align the start) costs no memory.
-    Any other device or OS: ``torch.empty``.
+    Any other device or OS: :func:`ordinary_buffer`.
     """
     device = torch.device(device or "cpu")
     if device.type != "cpu" or not sys.platform.startswith("linux") or numel == 0:
-        return torch.empty(numel, dtype=dtype, device=device)
+        return ordinary_buffer(numel, dtype, device)
     nbytes = numel * dtype.itemsize
     region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     raw = torch.frombuffer(region, dtype=torch.uint8)  # holds `region` until the last view is freed
