@@ -33,6 +33,21 @@ namespace {
 // Accumulator tile of one block: up to 16 rows of x by 4 rows of W.
 using Tile = float[16][4];
 
+// One line of the next block of W, prefetched into L1 (prefetcht0) or, kL2, into L2 only
+// (prefetcht1). On one Zen 4 core, W cold, bf16: 4864 x 896 at 5 rows of x 640 -> 370 us with
+// kL2, at 1 row 330 -> 530 us; 896 x 4864 at 2 rows 580 -> 330 us. The L1 prefetch is early by a
+// whole block (28 K steps at K = 896, 152 at 4864) and, as the rows of x grow, its lines are
+// evicted before they are read; at 1 row the light loop wants its lines in L1. Which wins depends
+// on the CPU, K and the rows, so the op takes it per call (BankArgs::prefetch_l2) and
+// modlora.dispatch measures both.
+template <bool kL2>
+__attribute__((always_inline)) inline void prefetch_w(const void* p) {
+  if constexpr (kL2)
+    __builtin_prefetch(p, 0, 2);
+  else
+    __builtin_prefetch(p, 0, 3);
+}
+
 // Vector types of the ISA traits (the intrinsics' __m256/__m512 less their may_alias attribute,
 // which a template argument cannot carry; loads go through memcpy, which needs no exemption).
 typedef float f32x8 __attribute__((vector_size(32)));
@@ -164,7 +179,7 @@ template <typename VT, typename WT>
 struct FmaDot : DotTypes<VT, float, WT> {
   using V = VT;
 
-  template <int MB, int NB>
+  template <int MB, int NB, bool kL2>
   static void block(const WT* const* w, const WT* pf, const float* x, int64_t ldx, int64_t K, const Expand& e,
                     float (*out)[4]) {
     constexpr int kStepBytes = NB * V::kLanes * static_cast<int>(sizeof(WT));
@@ -173,7 +188,7 @@ struct FmaDot : DotTypes<VT, float, WT> {
     int64_t k = 0;
     for (; k + V::kLanes <= K; k += V::kLanes) {
 #pragma GCC unroll 8
-      for (int b = 0; b < kStepBytes; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(pf + NB * k) + b);
+      for (int b = 0; b < kStepBytes; b += 64) prefetch_w<kL2>(reinterpret_cast<const char*>(pf + NB * k) + b);
       typename V::vec wv[NB];
 #pragma GCC unroll 4
       for (int j = 0; j < NB; ++j) wv[j] = V::load(w[j] + k);
@@ -194,13 +209,13 @@ using BlockFn = void (*)(const typename Dot::W* const*, const typename Dot::W*, 
                          int64_t, const Expand&, float (*)[4]);
 
 // The block kernel for mb rows of x and NB rows of W (mb is known only at run time).
-template <typename Dot, int NB>
+template <typename Dot, int NB, bool kL2>
 BlockFn<Dot> pick_block(int mb) {
   constexpr int kMax = NB == 4 ? Dot::kSmallM : Dot::kMaxMB;
   switch (mb) {
 #define MODLORA_CASE(n)                                                \
   case n:                                                              \
-    if constexpr (n <= kMax) return &Dot::template block<n, NB>;       \
+    if constexpr (n <= kMax) return &Dot::template block<n, NB, kL2>;  \
     break;
     MODLORA_CASE(1) MODLORA_CASE(2) MODLORA_CASE(3) MODLORA_CASE(4) MODLORA_CASE(5) MODLORA_CASE(6)
     MODLORA_CASE(7) MODLORA_CASE(8) MODLORA_CASE(9) MODLORA_CASE(10) MODLORA_CASE(11) MODLORA_CASE(12)
@@ -326,14 +341,14 @@ void epilogue(const BankArgs& a, int64_t m0, int mb, int64_t n, int nb, const Ti
 }
 
 // Dot products of rows [m0, m0 + mb) of x with the nb (<= NB) W rows `wrows` into acc.
-template <typename Dot, int NB>
+template <typename Dot, int NB, bool kL2>
 void dot_rows(const typename Dot::W* const* wrows, const typename Dot::W* pf, const typename Dot::X* x, int64_t K,
               int mb, int nb, const Expand& e, Tile& acc) {
   if (nb == NB) {
-    pick_block<Dot, NB>(mb)(wrows, pf, x, K, K, e, acc);
+    pick_block<Dot, NB, kL2>(mb)(wrows, pf, x, K, K, e, acc);
     return;
   }
-  const BlockFn<Dot> one_row = pick_block<Dot, 1>(mb);  // last, partial block of W rows
+  const BlockFn<Dot> one_row = pick_block<Dot, 1, kL2>(mb);  // last, partial block of W rows
   Expand ej = e;
   for (int j = 0; j < nb; ++j) {
     Tile one;
@@ -389,7 +404,7 @@ inline void prefetch_bank_rows(const BankArgs& a, int64_t n, int64_t nb) {
 }
 
 // Output columns [n0, n1) for all M rows, NB rows of W per block.
-template <typename Dot, int NB>
+template <typename Dot, int NB, bool kL2>
 void rows_blocked(const BankArgs& a, int64_t n0, int64_t n1) {
   using V = typename Dot::V;
   const auto* W = static_cast<const typename Dot::W*>(a.w);
@@ -408,7 +423,7 @@ void rows_blocked(const BankArgs& a, int64_t n0, int64_t n1) {
     for (int64_t m0 = 0; m0 < a.M; m0 += mb_full) {
       const int mb = static_cast<int>(a.M - m0 < mb_full ? a.M - m0 : mb_full);
       const Expand e = expand_of<V>(a, m0, mb, n, ranks);
-      dot_rows<Dot, NB>(wrows, pf, Dot::x(a) + m0 * a.K, a.K, mb, nb, e, acc);
+      dot_rows<Dot, NB, kL2>(wrows, pf, Dot::x(a) + m0 * a.K, a.K, mb, nb, e, acc);
       Rest rest = ranks;
       rest.lo += e.r_vec;
       if (a.b_bf16)
@@ -420,12 +435,20 @@ void rows_blocked(const BankArgs& a, int64_t n0, int64_t n1) {
 }
 
 // The row driver: few rows of x take 4 W rows per block (more independent accumulators), else 2.
+template <typename Dot, bool kL2>
+void rows_sized(const BankArgs& a, int64_t n0, int64_t n1) {
+  if (a.M <= Dot::kSmallM)
+    rows_blocked<Dot, 4, kL2>(a, n0, n1);
+  else
+    rows_blocked<Dot, 2, kL2>(a, n0, n1);
+}
+
 template <typename Dot>
 void rows_impl(const BankArgs& a, int64_t n0, int64_t n1) {
-  if (a.M <= Dot::kSmallM)
-    rows_blocked<Dot, 4>(a, n0, n1);
+  if (a.prefetch_l2)
+    rows_sized<Dot, true>(a, n0, n1);
   else
-    rows_blocked<Dot, 2>(a, n0, n1);
+    rows_sized<Dot, false>(a, n0, n1);
 }
 
 // Entry for the FMA policy: fp32 x, W in fp32 or bf16.

@@ -53,7 +53,7 @@ struct Bf16Dot : DotTypes<Avx512, uint16_t, uint16_t> {
   }
 
   // pf: the next block of W rows, prefetched as in FmaDot::block (kernel_body.h).
-  template <int MB, int NB>
+  template <int MB, int NB, bool kL2>
   static void block(const uint16_t* const* w, const uint16_t* pf, const uint16_t* x, int64_t ldx, int64_t K,
                     const Expand& e, float (*out)[4]) {
     __m512 acc[MB][NB];
@@ -63,7 +63,7 @@ struct Bf16Dot : DotTypes<Avx512, uint16_t, uint16_t> {
     int64_t k = 0;
     for (; k + 32 <= K; k += 32) {
 #pragma GCC unroll 4
-      for (int b = 0; b < NB * 64; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(pf + NB * k) + b);
+      for (int b = 0; b < NB * 64; b += 64) prefetch_w<kL2>(reinterpret_cast<const char*>(pf + NB * k) + b);
       step<MB, NB, (MB <= 2)>(acc, w, x, ldx, k, all);
     }
     if (k < K) step<MB, NB, true>(acc, w, x, ldx, k, (__mmask32(1) << (K - k)) - 1);

@@ -32,6 +32,9 @@ struct BankArgs {
   const float* bias = nullptr;  // [N] fp32 or null
   void* y = nullptr;            // y [M, N], row stride N; fp32 or bf16
   bool y_bf16 = false;
+  // Where the next block of W is prefetched while this one is read: L1 (false) or L2 only (true).
+  // Neither wins everywhere (kernel_body.h, prefetch_w): modlora.dispatch measures both.
+  bool prefetch_l2 = false;
 };
 
 // AMX tiles: 16 rows of 32 bf16 (A: W's rows; B: 16 rows of x as 16 pairs).

@@ -15,6 +15,8 @@
 //                       [previous n_end, n_end) read only ranks [r_lo, r_hi) of B_bank (a grouped
 //                       call's block-diagonal B skips its zeros, in work and in bytes read)
 //   isa                 the ISA for this call ("avx2", "amx", ...), or None: the one set by set_isa
+//   prefetch            "l1" (None) or "l2": where the next block of W is prefetched (kernel_body.h,
+//                       prefetch_w; modlora.dispatch measures both)
 //
 // Two phases, each parallel over threads (at::parallel_for, OpenMP in torch's CPU builds):
 //   1. shrink: u[m] = A_bank[p_m] x[m] ([M, R], tiny), rows grouped by pair so each A_p is read once;
@@ -414,14 +416,23 @@ at::Tensor checked_parts(const at::Tensor& parts, int64_t N, int64_t R) {
   return c;
 }
 
+// The cache level the next block of W is prefetched into: "l1" (the default) or "l2".
+bool prefetch_to_l2(const std::optional<c10::string_view>& prefetch) {
+  if (!prefetch.has_value() || *prefetch == "l1") return false;
+  TORCH_CHECK(*prefetch == "l2", "lora_bank_linear: unknown prefetch '", *prefetch, "', expected 'l1' or 'l2'");
+  return true;
+}
+
 }  // namespace
 
 at::Tensor lora_bank_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                                 const c10::optional<at::Tensor>& A_bank, const c10::optional<at::Tensor>& B_bank,
                                 const c10::optional<at::Tensor>& row_pair,
                                 const std::optional<c10::string_view>& isa_name,
-                                const c10::optional<at::Tensor>& rank_parts) {
+                                const c10::optional<at::Tensor>& rank_parts,
+                                const std::optional<c10::string_view>& prefetch) {
   check_x_weight(x, weight);
+  const bool prefetch_l2 = prefetch_to_l2(prefetch);
   const bool has_a = A_bank.has_value() && A_bank->defined();
   const bool has_b = B_bank.has_value() && B_bank->defined();
   TORCH_CHECK(has_a == has_b, "lora_bank_linear: A_bank and B_bank must both be given or both be None");
@@ -458,6 +469,7 @@ at::Tensor lora_bank_linear_cpu(const at::Tensor& x, const at::Tensor& weight, c
   a.bias = float_bias(bias, N, bias_kept, bias_copy);
   a.y = out.data_ptr();
   a.y_bf16 = out.scalar_type() == at::kBFloat16;
+  a.prefetch_l2 = prefetch_l2;
 
   std::vector<float> u;
   at::Tensor parts;
@@ -505,7 +517,7 @@ void set_isa(const std::string& name) { g_isa = isa_index(name, "modlora._C.set_
 TORCH_LIBRARY_FRAGMENT(modlora, m) {
   m.def(
       "lora_bank_linear(Tensor x, Tensor weight, Tensor? bias=None, Tensor? A_bank=None, Tensor? B_bank=None, "
-      "Tensor? row_pair=None, str? isa=None, Tensor? rank_parts=None) -> Tensor");
+      "Tensor? row_pair=None, str? isa=None, Tensor? rank_parts=None, str? prefetch=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(modlora, CPU, m) { m.impl("lora_bank_linear", &modlora_cpu::lora_bank_linear_cpu); }

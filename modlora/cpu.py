@@ -19,7 +19,9 @@ vectorised, OpenMP over W's rows; csrc/lora_bank_cpu.cpp), else :func:`lora_bank
 it has no autograd. This module runs the op; :mod:`modlora.ops` decides when to use it.
 ``MODLORA_DISABLE_C=1`` in the environment (read at import) leaves ``_C`` unloaded;
 ``MODLORA_CPU_ISA=avx2`` (or ``scalar``, ``avx512``, ``avx512_bf16``, ``amx``) sets the kernel's
-ISA for calls that name none; ``isa=`` names one per call (what :mod:`modlora.dispatch` does).
+ISA for calls that name none; ``isa=`` names one per call, ``prefetch=`` the cache level (``"l1"``,
+the default, or ``"l2"``) the kernel prefetches the next block of W into while it reads one (what
+:mod:`modlora.dispatch` chooses, both by measurement).
 ``avx512_bf16`` and ``amx`` differ from ``avx512`` only for bf16 x and W: ``vdpbf16ps`` / AMX tiles
 (``tdpbf16ps``, W read in place as the tiles' A operand, x repacked per call). Both treat bf16
 subnormal inputs (|v| < 2^-126) as zero, as torch's own oneDNN/AMX bf16 GEMMs do; the other ISAs
@@ -80,9 +82,11 @@ def set_c_enabled(enabled: bool) -> None:
 
 def lora_bank_linear_torch(x: Tensor, weight: Tensor, bias: Tensor | None = None, A_bank: Tensor | None = None,
                            B_bank: Tensor | None = None, row_pair: Tensor | None = None,
-                           isa: str | None = None, rank_parts: Tensor | None = None) -> Tensor:
+                           isa: str | None = None, rank_parts: Tensor | None = None,
+                           prefetch: str | None = None) -> Tensor:
     """The op in plain torch on 2-D ``x`` (any device, any M, differentiable); result in x's dtype.
-    ``isa`` (the C++ kernel's) is ignored; ``rank_parts`` zeroes the ranks each part does not read.
+    ``isa`` and ``prefetch`` (the C++ kernel's) are ignored; ``rank_parts`` zeroes the ranks each
+    part does not read.
 
     ``x W^T + b`` runs in W's dtype when x has it (torch's GEMMs accumulate bf16 in fp32 and round
     the result to bf16), else in fp32; the LoRA part is computed in fp32, added to it in fp32, and
@@ -182,7 +186,8 @@ def _check_parts(rank_parts: Tensor, N: int, R: int) -> None:
 
 # torch.library: the op, its fake (meta) implementation, and the torch kernel where _C is absent.
 _SCHEMA = ("lora_bank_linear(Tensor x, Tensor weight, Tensor? bias=None, Tensor? A_bank=None, "
-           "Tensor? B_bank=None, Tensor? row_pair=None, str? isa=None, Tensor? rank_parts=None) -> Tensor")
+           "Tensor? B_bank=None, Tensor? row_pair=None, str? isa=None, Tensor? rank_parts=None, "
+           "str? prefetch=None) -> Tensor")
 _lib = torch.library.Library("modlora", "FRAGMENT")  # noqa: TOR901 (kept alive for the registrations)
 if not HAVE_C:  # _C defines the schema and the CPU kernel itself when it loads
     _lib.define(_SCHEMA)
@@ -194,13 +199,14 @@ _OP = torch.ops.modlora.lora_bank_linear.default
 
 
 @torch.library.register_fake("modlora::lora_bank_linear")
-def _lora_bank_linear_fake(x, weight, bias=None, A_bank=None, B_bank=None, row_pair=None, isa=None, rank_parts=None):
+def _lora_bank_linear_fake(x, weight, bias=None, A_bank=None, B_bank=None, row_pair=None, isa=None, rank_parts=None,
+                           prefetch=None):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 def lora_bank_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, A_bank: Tensor | None = None,
                      B_bank: Tensor | None = None, row_pair: Tensor | None = None, isa: str | None = None,
-                     rank_parts: Tensor | None = None) -> Tensor:
+                     rank_parts: Tensor | None = None, prefetch: str | None = None) -> Tensor:
     """``y = x W^T + b + (x A_bank[p]^T) B_bank[p]^T`` by the registered op; see the module docstring.
 
     Args:
@@ -212,6 +218,8 @@ def lora_bank_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, A_ba
         rank_parts: int64 ``[Q, 3]`` rows ``(n_end, r_lo, r_hi)``, or None: output columns
             ``[previous n_end, n_end)`` read only ranks ``[r_lo, r_hi)`` of ``B_bank`` (for a
             grouped call's block-diagonal B, whose other ranks are zeros: the kernel skips them).
+        prefetch: ``"l1"`` (None) or ``"l2"``: where the C++ kernel prefetches the next block of W
+            (the same result either way; only the speed differs, by CPU, K and rows).
 
     Returns:
         ``[..., N]`` in x's dtype. Not differentiable: autograd goes through the torch path of
@@ -221,14 +229,17 @@ def lora_bank_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, A_ba
         ValueError, TypeError: malformed shapes or dtypes, named.
         RuntimeError (C++ kernel) or IndexError (torch kernel): a ``row_pair`` entry outside ``[0, P)``,
             or an ``isa`` unknown or not on this CPU; RuntimeError (C++) or ValueError (torch):
-            ``rank_parts`` not rising to N or ranks outside ``[0, R]``.
+            ``rank_parts`` not rising to N or ranks outside ``[0, R]``; ValueError: ``prefetch``
+            neither ``"l1"`` nor ``"l2"``.
     """
     if x.dim() < 1:
         raise ValueError("lora_bank_linear: x must have a feature dimension")
     x2 = _as_rows(x)
     rows = _rows_of(x, row_pair)
     _check(x2, weight, bias, A_bank, B_bank, rows, rank_parts)
-    args = (weight, bias, A_bank, B_bank, rows, isa, rank_parts)
+    if prefetch not in (None, "l1", "l2"):
+        raise ValueError(f"lora_bank_linear: prefetch must be 'l1' or 'l2', got {prefetch!r}")
+    args = (weight, bias, A_bank, B_bank, rows, isa, rank_parts, prefetch)
     y = _OP(x2, *args)
     calls = _recording.calls
     if calls is not None:

@@ -4,10 +4,12 @@ For each case (op kind, weight shape, dtypes, M bucket, thread count, the C++ op
 the first call times every available path on a representative input (the real weight, as many
 rows as that call has: a decode step's, which its later steps repeat; caches flushed between
 calls as in a decode step, where the weights stream from memory) and keeps the fastest:
-``"c:<isa>"`` (the C++ op, :mod:`modlora.cpu`, at one of this CPU's ISAs: :func:`c_paths`) or
-``"torch"``. Calibration is short (a warm-up call, then timed calls for about ``PATH_SECONDS``,
-at most ``MAX_REPS``, per path) and bounded in total per process (``BUDGET_SECONDS``); a case met
-after that gets the conservative default and is measured by a later process.
+``"c:<isa>"`` (the C++ op, :mod:`modlora.cpu`, at one of this CPU's ISAs: :func:`c_paths`),
+``"c:<isa>:l2"`` (the same, prefetching the next block of W into L2 instead of L1: which is faster
+depends on the CPU, K and the rows) or ``"torch"``. Calibration is short (a warm-up call, then
+timed calls for about ``PATH_SECONDS``, at most ``MAX_REPS``, per path) and bounded in total per
+process (``BUDGET_SECONDS``); a case met after that gets the conservative default and is measured
+by a later process.
 
 Choices are cached on disk, one JSON file per CPU model, core count, torch/modlora version and
 build of the C++ op (a digest of its file): ``$MODLORA_CACHE_DIR``, else ``$XDG_CACHE_HOME/modlora``,
@@ -16,10 +18,10 @@ meanwhile. A file that cannot be read, is not this format or was written for ano
 version is ignored (one warning) and replaced at the next write.
 
 Environment: ``MODLORA_DISPATCH`` forces a path: ``torch``, ``c`` (the C++ op at the ISA set by
-``MODLORA_CPU_ISA``, by default the best) or ``c:<isa>`` (one of ``_C.supported_isas()``), the C
-ones only where the C++ op is available and allowed; ``MODLORA_CALIBRATE=0`` skips calibration
-and the cache: every case gets the conservative default (:func:`default_path`). Both are read at
-import and by :func:`reset`.
+``MODLORA_CPU_ISA``, by default the best), ``c:<isa>`` (one of ``_C.supported_isas()``) or
+``c:<isa>:l2``, the C ones only where the C++ op is available and allowed; ``MODLORA_CALIBRATE=0``
+skips calibration and the cache: every case gets the conservative default (:func:`default_path`).
+Both are read at import and by :func:`reset`.
 """
 
 from __future__ import annotations
@@ -46,8 +48,8 @@ from .kernels.configs import m_bucket
 
 log = logging.getLogger("modlora")
 
-__all__ = ["c_paths", "choose", "default_path", "cache_file", "cpu_ids", "cpu_model", "cpu_signature", "fingerprint",
-           "llc_bytes", "parse_cpuinfo", "reset", "NATIVE_BF16"]
+__all__ = ["c_options", "c_paths", "choose", "default_path", "cache_file", "cpu_ids", "cpu_model", "cpu_signature",
+           "fingerprint", "llc_bytes", "parse_cpuinfo", "reset", "NATIVE_BF16"]
 
 MAX_BUCKET = 256  # larger M is a GEMM: torch's (oneDNN/MKL) path, never the small-M kernel
 PATH_SECONDS = 0.02  # time each path about this long per case (at least one call after the warm-up)
@@ -81,7 +83,7 @@ def reset() -> None:
     _exact.clear()
     _measured.clear()
     forced = os.environ.get("MODLORA_DISPATCH", "").strip().lower()
-    known = ("torch", "c", *(f"c:{isa}" for isa in cpu._C.supported_isas())) if cpu.HAVE_C else ("torch", "c")
+    known = ("torch", "c", *_c_variants(cpu._C.supported_isas() if cpu.HAVE_C else ()))
     if forced not in ("", "auto", *known):
         log.warning("MODLORA_DISPATCH=%s ignored: expected one of auto, %s", forced, ", ".join(known))
         forced = ""
@@ -92,14 +94,26 @@ def reset() -> None:
 
 
 def c_paths(x_dtype: torch.dtype, w_dtype: torch.dtype) -> tuple[str, ...]:
-    """The C++ op's paths for a case: ``"c:<isa>"`` for each ISA of this CPU up to the one set
-    (``MODLORA_CPU_ISA`` caps them; default: the best), the bf16-dot ones only for bf16 x and W,
-    and scalar only where no vector ISA is left."""
+    """The C++ op's paths for a case: ``"c:<isa>"`` and ``"c:<isa>:l2"`` for each ISA of this CPU
+    up to the one set (``MODLORA_CPU_ISA`` caps them; default: the best), the bf16-dot ones only
+    for bf16 x and W, and scalar only where no vector ISA is left."""
     ceiling = ISAS.index(cpu._C.isa())
     bf16 = x_dtype == w_dtype == torch.bfloat16
     isas = [isa for isa in cpu._C.supported_isas()
             if ISAS.index(isa) <= ceiling and (bf16 or isa not in BF16_DOT_ISAS)]
-    return tuple(f"c:{isa}" for isa in ([isa for isa in isas if isa != "scalar"] or isas))
+    return _c_variants([isa for isa in isas if isa != "scalar"] or isas)
+
+
+def _c_variants(isas) -> tuple[str, ...]:
+    """Every C path of the ISAs ``isas``: each with the next block of W prefetched into L1 or L2."""
+    return tuple(f"c:{isa}{level}" for isa in isas for level in ("", ":l2"))
+
+
+def c_options(path: str) -> dict[str, str | None]:
+    """The C++ op's keyword arguments for a C path (``"c"``, ``"c:<isa>"``, ``"c:<isa>:l2"``):
+    ``isa`` (None: the ISA set) and ``prefetch`` (None: L1)."""
+    _, isa, prefetch = (*path.split(":"), None, None)[:3]
+    return {"isa": isa or None, "prefetch": prefetch}
 
 
 def default_path(dtype: torch.dtype, bucket: int) -> str:
@@ -117,7 +131,7 @@ def default_path(dtype: torch.dtype, bucket: int) -> str:
 
 
 def choose(kind: str, x: Tensor, weight: Tensor, run: Run) -> str:
-    """The path (``"torch"``, ``"c"`` or ``"c:<isa>"``) for ``x`` against ``weight``;
+    """The path (``"torch"``, ``"c"``, ``"c:<isa>"`` or ``"c:<isa>:l2"``) for ``x`` against ``weight``;
     ``run(path, x2d)`` computes the op by that path on a 2-D input and is called only to calibrate a
     case seen for the first time. The caller has checked that the C++ op is allowed (CPU tensors,
     no autograd, C available)."""
@@ -334,7 +348,7 @@ def _read() -> dict[str, dict]:
 
 
 def _valid(entry: object) -> bool:
-    paths = ("torch", *(f"c:{isa}" for isa in fingerprint()["isas"]))
+    paths = ("torch", *_c_variants(fingerprint()["isas"]))
     return (isinstance(entry, dict) and entry.get("path") in paths and isinstance(entry.get("ms"), dict)
             and all(isinstance(v, float) and math.isfinite(v) for v in entry["ms"].values()))
 

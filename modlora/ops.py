@@ -49,7 +49,7 @@ def _autocast(x: Tensor, weight: Tensor, bias: Tensor | None, adapters: Sequence
 
 def _cpu_path(kind: str, x: Tensor, weight: Tensor, run: dispatch.Run,
               tensors: Iterable[Tensor | float | None] = ()) -> str:
-    """``"torch"``, or the C++ op (``"c"``: at the ISA set; ``"c:<isa>"``): C only on CPU, when
+    """``"torch"``, or the C++ op (``"c"``: at the ISA set; ``"c:<isa>[:l2]"``): C only on CPU, when
     built and enabled, with no autograd graph to build (it has no backward), and where
     :func:`dispatch.choose` measured it faster. ``tensors``, the call's other inputs, are read only
     when autograd is on (a generator costs nothing in inference)."""
@@ -58,11 +58,6 @@ def _cpu_path(kind: str, x: Tensor, weight: Tensor, run: dispatch.Run,
     if _builds_graph(chain((x, weight), tensors)):
         return "torch"
     return dispatch.choose(kind, x, weight, run)
-
-
-def _isa(path: str) -> str | None:
-    """The C++ op's ISA named by a ``"c:<isa>"`` path; None for ``"c"`` (the ISA set)."""
-    return path.partition(":")[2] or None
 
 
 def _builds_graph(tensors: Iterable[Tensor | float | None]) -> bool:
@@ -89,7 +84,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 def _linear(path: str, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     if path != "torch":
-        return cpu.lora_bank_linear(x, weight, bias, isa=_isa(path))
+        return cpu.lora_bank_linear(x, weight, bias, **dispatch.c_options(path))
     if _emulated_bf16(x, weight, (bias,)):
         return linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
     return torch.nn.functional.linear(x, weight, bias)
@@ -157,7 +152,7 @@ def _dual(path: str, x: Tensor, weight: Tensor, bias: Tensor | None, lora_in: Ad
           lora_out: Adapter | None, w_in: Weight, w_out: Weight, strategy: str) -> Tensor:
     if path != "torch":
         return cpu.lora_bank_linear(x, weight, bias, *_packed([(lora_in, lora_out, w_in, w_out)], strategy, x.dtype),
-                                    isa=_isa(path))
+                                    **dispatch.c_options(path))
     if _emulated_bf16(x, weight, chain((bias,), _pair_inputs([(lora_in, lora_out, w_in, w_out)]))):
         return dual_lora_linear_ref(x.float(), weight.float(), None if bias is None else bias.float(),
                                     as_fp32(lora_in), as_fp32(lora_out), w_in, w_out, strategy).to(x.dtype)
@@ -198,7 +193,8 @@ def pairwise_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None,
 def _pairwise(path: str, x: Tensor, weight: Tensor, bias: Tensor | None, pairs: Sequence[tuple], row_pair: Tensor,
               strategy: str) -> Tensor:
     if path != "torch":
-        return cpu.lora_bank_linear(x, weight, bias, *_packed(pairs, strategy, x.dtype), row_pair, isa=_isa(path))
+        return cpu.lora_bank_linear(x, weight, bias, *_packed(pairs, strategy, x.dtype), row_pair,
+                                    **dispatch.c_options(path))
     if _emulated_bf16(x, weight, chain((bias,), _pair_inputs(pairs))):
         pairs = [(as_fp32(a_in), as_fp32(a_out), w_in, w_out) for a_in, a_out, w_in, w_out in pairs]
         return pairwise_lora_linear_ref(x.float(), weight.float(), None if bias is None else bias.float(), pairs,
@@ -261,8 +257,8 @@ def _grouped(path: str, x: Tensor, weight: Tensor, bias: Tensor | None, parts: S
     keys = [_pairs_key(p[2]) for p in parts]
     key = tuple((pairs, p[3], p[0].shape[0]) for (pairs, _), p in zip(keys, parts, strict=True))
     A_bank, B_bank, rank_parts = _group_bank(key, x.dtype, tuple(v for _, versions in keys for v in versions))
-    y = cpu.lora_bank_linear(x, weight, bias, A_bank, B_bank, None if A_bank is None else rows, isa=_isa(path),
-                             rank_parts=rank_parts)
+    y = cpu.lora_bank_linear(x, weight, bias, A_bank, B_bank, None if A_bank is None else rows,
+                             rank_parts=rank_parts, **dispatch.c_options(path))
     return list(y.split([p[0].shape[0] for p in parts], dim=-1))
 
 

@@ -190,6 +190,24 @@ def test_bank_sentences_of_beams(isa, bank_dtype, beams):
     _assert_close(y, y64, mag, K + A_bank.shape[1])
 
 
+@pytest.mark.parametrize("M", [1, 5, 13])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefetch_level_changes_no_bit(isa, M, dtype):
+    """prefetch="l2" moves only where the next block of W is prefetched: the same bits as "l1" and
+    the default, with adapters, per-row pairs, a bias, 4- and 2-row blocks and a last partial block
+    (N = 97), and within the float64 bound."""
+    gen = torch.Generator().manual_seed(17 + M)
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    W = (torch.randn(N, K, generator=gen) / K**0.5).to(dtype)
+    b = torch.randn(N, generator=gen).to(dtype)
+    A_bank, B_bank = cpu.pack_bank(_pairs("output", gen), "output", dtype)
+    row_pair = torch.arange(M) % 3
+    y = {level: cpu.lora_bank_linear(x, W, b, A_bank, B_bank, row_pair, prefetch=level) for level in (None, "l1", "l2")}
+    assert torch.equal(y["l2"], y["l1"]) and torch.equal(y[None], y["l1"])
+    y64, mag = _oracle(x, W, b, A_bank, B_bank, row_pair)
+    _assert_close(y["l2"], y64, mag, K + A_bank.shape[1])
+
+
 @pytest.mark.parametrize("M", [1, 2, 15, 16, 17, 33, 64, 65, 70])
 @pytest.mark.parametrize("k,n", [(130, 97), (32, 16), (31, 5), (96, 48), (70, 23)])
 def test_bf16_bank_across_tile_shapes(isa, M, k, n):
@@ -391,6 +409,10 @@ def test_clear_errors():
         _C.set_isa("sse9")
     with pytest.raises(RuntimeError, match="lora_bank_linear: unknown ISA 'sse9'"):  # per call too
         cpu.lora_bank_linear(x, W, isa="sse9")
+    with pytest.raises(ValueError, match="prefetch must be 'l1' or 'l2', got 'l3'"):
+        cpu.lora_bank_linear(x, W, prefetch="l3")
+    with pytest.raises(RuntimeError, match="lora_bank_linear: unknown prefetch 'L2', expected 'l1' or 'l2'"):
+        torch.ops.modlora.lora_bank_linear(x, W, prefetch="L2")
     for name in set(ALL_ISAS) - set(ISAS):  # known, but beyond this CPU (amx on an AVX-512 BF16 machine)
         with pytest.raises(RuntimeError, match=f"'{name}' is not supported on this CPU"):
             _C.set_isa(name)

@@ -53,16 +53,23 @@ PATHS, BF16_PATHS = _paths(torch.float32), _paths(torch.bfloat16)
 
 @pytest.fixture
 def c_calls(monkeypatch):
-    """Calls of the C++ op through ops: (x's shape, the ISA asked for)."""
+    """Calls of the C++ op through ops: (x's shape, the ISA asked for, the prefetch level asked for)."""
     calls = []
     real = cpu.lora_bank_linear
 
     def spy(*args, **kwargs):
-        calls.append((args[0].shape, kwargs.get("isa")))
+        calls.append((args[0].shape, kwargs.get("isa"), kwargs.get("prefetch")))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(ops.cpu, "lora_bank_linear", spy)
     return calls
+
+
+def _asked(path: str) -> tuple[str | None, str | None]:
+    """The (isa, prefetch) a C path asks the op for: ``"c"`` the ISA set, ``"c:<isa>"`` L1."""
+    _, _, rest = path.partition(":")
+    isa, _, level = rest.partition(":")
+    return isa or None, level or None
 
 
 def _inputs(m: int, dtype=torch.float32):
@@ -98,14 +105,14 @@ def _choices(dtype: torch.dtype) -> dict[str, dict]:
 @torch.no_grad()
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_candidates_are_this_cpus_isas(dtype):
-    """Every vector ISA of the CPU up to the one set (scalar only without one); bf16-dot ISAs for
-    bf16 x and W only."""
-    isas = [p.removeprefix("c:") for p in _paths(dtype)[:-1]]
+    """Every vector ISA of the CPU up to the one set (scalar only without one), each prefetching W
+    into L1 and into L2; bf16-dot ISAs for bf16 x and W only."""
     ceiling = dispatch.ISAS.index(cpu._C.isa())
     vector = [i for i in cpu._C.supported_isas() if i != "scalar" and dispatch.ISAS.index(i) <= ceiling]
-    assert isas == ([i for i in vector if dtype == torch.bfloat16 or i not in dispatch.BF16_DOT_ISAS] or ["scalar"])
+    isas = [i for i in vector if dtype == torch.bfloat16 or i not in dispatch.BF16_DOT_ISAS] or ["scalar"]
+    assert _paths(dtype)[:-1] == tuple(path for i in isas for path in (f"c:{i}", f"c:{i}:l2"))
     with forced_isa("avx2" if "avx2" in vector else "scalar") as ceiling:  # MODLORA_CPU_ISA caps them
-        assert dispatch.c_paths(dtype, dtype)[-1] == f"c:{ceiling}"
+        assert dispatch.c_paths(dtype, dtype)[-2:] == (f"c:{ceiling}", f"c:{ceiling}:l2")
 
 
 @contextlib.contextmanager
@@ -138,7 +145,7 @@ def test_the_measured_winner_runs(dtype, fastest, monkeypatch, c_calls):
     x, w = _inputs(5, dtype)
     for _ in range(2):
         ops.linear(x, w)
-    assert c_calls == ([] if fastest == "torch" else [((5, K), fastest[2:])] * 2)
+    assert c_calls == ([] if fastest == "torch" else [((5, K), *_asked(fastest))] * 2)
     assert [e["path"] for e in _choices(dtype).values()] == [fastest]
 
 
@@ -162,8 +169,8 @@ def test_forced_path_is_obeyed_without_measuring(forced, monkeypatch, c_calls):
     for m in (1, 100, 1000):
         x, w = _inputs(m)
         assert_linear_exact(x, w)
-    isa = forced.partition(":")[2] or None  # "c": the ISA set (MODLORA_CPU_ISA), by default the best
-    assert [c[1] for c in c_calls] == ([] if forced == "torch" else [isa] * 3)
+    # "c": the ISA set (MODLORA_CPU_ISA), by default the best, prefetching into L1
+    assert [c[1:] for c in c_calls] == ([] if forced == "torch" else [_asked(forced)] * 3)
     assert not dispatch.cache_file().exists()
 
 
@@ -181,7 +188,7 @@ def test_no_calibration_uses_the_defaults_and_no_cache(monkeypatch, c_calls):
     monkeypatch.setattr(dispatch, "_measure", lambda *a: pytest.fail("measured with MODLORA_CALIBRATE=0"))
     for m in (1, 4, 200):
         ops.linear(*_inputs(m))
-    assert c_calls == [((1, K), None), ((4, K), None)]  # the default: C at the ISA set for up to 4 rows
+    assert c_calls == [((1, K), None, None), ((4, K), None, None)]  # the default: C at the ISA set for up to 4 rows
     assert not dispatch.cache_file().exists()
 
 
@@ -208,6 +215,20 @@ def test_bad_cache_is_ignored_with_one_warning_and_rewritten(content, caplog):
     data = _cache()
     assert data["fingerprint"] == dispatch.fingerprint()
     assert sorted(name.split("|")[4] for name in data["choices"]) == ["1", "2"]  # the old entry is gone
+
+
+@torch.no_grad()
+def test_a_cached_l2_choice_is_read_and_obeyed(monkeypatch, c_calls):
+    """A choice of the C++ op prefetching into L2, as another process cached it, runs as cached."""
+    path = f"c:{cpu._C.supported_isas()[-1]}:l2"
+    x, w = _inputs(3)
+    name = f"linear|{N}|{K}|float32|4|{torch.get_num_threads()}|{cpu._C.isa()}"
+    dispatch.cache_file().parent.mkdir(parents=True, exist_ok=True)
+    dispatch.cache_file().write_text(json.dumps({"fingerprint": dispatch.fingerprint(),
+                                                 "choices": {name: {"path": path, "ms": {path: 1.0}}}}))
+    monkeypatch.setattr(dispatch, "_measure", lambda *a: pytest.fail("measured a cached case"))
+    assert_linear_exact(x, w)
+    assert c_calls == [((3, K), *_asked(path))]
 
 
 @pytest.mark.skipif(not cpu.HAVE_C, reason="needs the C++ extension built")
