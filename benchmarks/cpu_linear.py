@@ -18,8 +18,12 @@ runs (`ops_*`: modlora.ops, the path picked by modlora.dispatch, calibrated afre
 cache dir; each row names the path, and the choices go into the JSON). The JSON names the CPU
 model and its ISAs. Writes results/cpu_linear_<cpu>.json and .png, prints a table.
 
+Every provider runs under torch.no_grad(), as inference does (generate): with grad mode on, ops
+checks each input for requires_grad first (autograd must go through torch).
+
 Providers, all bf16 (bias and adapters as in the model: two rank-16 adapters, "output", R=32):
   c@<isa>                   modlora._C at each vector ISA of the CPU, no adapters (the lm_head case)
+  c@<isa>:l2                the same, the next block of W prefetched into L2 instead of L1
   c_lora_bf16               modlora._C (best ISA) with a bf16 bank (one pair for all rows)
   c_lora_rows_bf16          modlora._C (best ISA) with a bf16 bank, rows alternating between 2 pairs
   torch_bf16                F.linear
@@ -107,8 +111,9 @@ def run_shape(name: str, n: int, k: int, reps: int, gen: torch.Generator) -> lis
         prov = {"torch_bf16": cycling(lambda w, x=x: F.linear(x, w, b), rotation)}
         if not lm_head:
             prov["unfused_lora_bf16"] = cycling(unfused, rotation)
-        for isa in ISAS:
-            prov[f"c@{isa}"] = cycling(lambda w, x=x, isa=isa: op(x, w, b, None, None, None, isa), rotation)
+        for isa, level in itertools.product(ISAS, ("l1", "l2")):
+            prov[f"c@{isa}" + (":l2" if level == "l2" else "")] = cycling(
+                lambda w, x=x, isa=isa, level=level: op(x, w, b, None, None, None, isa, None, level), rotation)
         if cpu.HAVE_C and not lm_head:
             prov["c_lora_bf16"] = cycling(lambda w, x=x: op(x, w, b, A1, B1, None), rotation)
             prov["c_lora_rows_bf16"] = cycling(lambda w, x=x, rp=rp: op(x, w, b, A2, B2, rp), rotation)
@@ -152,6 +157,7 @@ def plot(rows: list[dict], probes: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+@torch.no_grad()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
