@@ -171,8 +171,8 @@ inline void reduce(const typename V::vec (&acc)[MB][NB], float (*out)[4]) {
 }
 
 // FMA policy: x fp32, W of type WT loaded and converted to fp32 per K step.
-// pf: the next block of W rows, prefetched as one contiguous range of NB * K elements (exact when
-// ldw == K, a mere hint otherwise). Rows are short (lm_head: 1.8 KB in bf16), so the hardware
+// pf: a block of W rows ahead (rows_blocked says which), prefetched as one contiguous range of
+// NB * K elements (exact when ldw == K, a mere hint otherwise). Rows are short (lm_head: 1.8 KB in bf16), so the hardware
 // prefetcher restarts on new streams all the time and, without this, the core stalls on memory
 // between the FMAs instead of overlapping the two.
 template <typename VT, typename WT>
@@ -416,8 +416,15 @@ void rows_blocked(const BankArgs& a, int64_t n0, int64_t n1) {
     const int nb = static_cast<int>(n1 - n < NB ? n1 - n : NB);
     const typename Dot::W* wrows[NB];
     for (int j = 0; j < nb; ++j) wrows[j] = W + (n + j) * a.ldw;
-    // The last full block prefetches itself: the range stays inside this thread's rows [n0, n1).
-    const typename Dot::W* pf = W + (n + 2 * NB <= n1 ? n + NB : n) * a.ldw;
+    // The block whose lines this one's K loop prefetches, linearly over its NB rows: the next one
+    // into L1; into L2 the one after it. One block ahead, the first lines of its last row lead their
+    // use by only K/128 K steps (7 at K = 896), too few to hide memory's latency; two blocks ahead,
+    // every line leads by at least K/32 (one core, W cold, 5 rows: 4864 x 896 345-357 -> 279-284 us,
+    // 896 x 896 70-71 -> 57; 896 x 4864, a 39 KB block, the same). The last blocks prefetch a nearer
+    // one or themselves: the range stays inside this thread's rows [n0, n1).
+    constexpr int64_t kAhead = kL2 ? 2 : 1;
+    const int64_t target = n + (kAhead + 1) * NB <= n1 ? n + kAhead * NB : n + 2 * NB <= n1 ? n + NB : n;
+    const typename Dot::W* pf = W + target * a.ldw;
     const Rest ranks = rest_of(a, n, nb);
     prefetch_bank_rows(a, n + NB, n1 - n - NB < NB ? n1 - n - NB : NB);
     for (int64_t m0 = 0; m0 < a.M; m0 += mb_full) {

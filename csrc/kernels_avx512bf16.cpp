@@ -52,7 +52,7 @@ struct Bf16Dot : DotTypes<Avx512, uint16_t, uint16_t> {
     }
   }
 
-  // pf: the next block of W rows, prefetched as in FmaDot::block (kernel_body.h).
+  // pf: a block of W rows ahead, prefetched as in FmaDot::block (kernel_body.h).
   template <int MB, int NB, bool kL2>
   static void block(const uint16_t* const* w, const uint16_t* pf, const uint16_t* x, int64_t ldx, int64_t K,
                     const Expand& e, float (*out)[4]) {
