@@ -33,10 +33,10 @@ namespace {
 // Accumulator tile of one block: up to 16 rows of x by 4 rows of W.
 using Tile = float[16][4];
 
-// One line of the next block of W, prefetched into L1 (prefetcht0) or, kL2, into L2 only
-// (prefetcht1). On one Zen 4 core, W cold, bf16: 4864 x 896 at 5 rows of x 640 -> 370 us with
-// kL2, at 1 row 330 -> 530 us; 896 x 4864 at 2 rows 580 -> 330 us. The L1 prefetch is early by a
-// whole block (28 K steps at K = 896, 152 at 4864) and, as the rows of x grow, its lines are
+// One line of a block of W ahead (rows_blocked), prefetched into L1 (prefetcht0) or, kL2, into L2
+// only (prefetcht1). On one Zen 4 core, W cold, bf16, both a block ahead: 4864 x 896 at 5 rows of x
+// 640 -> 370 us with kL2, at 1 row 330 -> 530 us; 896 x 4864 at 2 rows 580 -> 330 us. The L1
+// prefetch is early by a whole block (28 K steps at K = 896, 152 at 4864) and, as the rows of x grow, its lines are
 // evicted before they are read; at 1 row the light loop wants its lines in L1. Which wins depends
 // on the CPU, K and the rows, so the op takes it per call (BankArgs::prefetch_l2) and
 // modlora.dispatch measures both.
@@ -172,9 +172,9 @@ inline void reduce(const typename V::vec (&acc)[MB][NB], float (*out)[4]) {
 
 // FMA policy: x fp32, W of type WT loaded and converted to fp32 per K step.
 // pf: a block of W rows ahead (rows_blocked says which), prefetched as one contiguous range of
-// NB * K elements (exact when ldw == K, a mere hint otherwise). Rows are short (lm_head: 1.8 KB in bf16), so the hardware
-// prefetcher restarts on new streams all the time and, without this, the core stalls on memory
-// between the FMAs instead of overlapping the two.
+// NB * K elements (exact when ldw == K, a mere hint otherwise). Rows are short (lm_head: 1.8 KB in
+// bf16), so the hardware prefetcher restarts on new streams all the time and, without this, the
+// core stalls on memory between the FMAs instead of overlapping the two.
 template <typename VT, typename WT>
 struct FmaDot : DotTypes<VT, float, WT> {
   using V = VT;

@@ -32,7 +32,7 @@ struct BankArgs {
   const float* bias = nullptr;  // [N] fp32 or null
   void* y = nullptr;            // y [M, N], row stride N; fp32 or bf16
   bool y_bf16 = false;
-  // Where the next block of W is prefetched while this one is read: L1 (false) or L2 only (true).
+  // Where the K loop prefetches W ahead of its reads: L1 (false) or L2 only (true).
   // Neither wins everywhere (kernel_body.h, prefetch_w): modlora.dispatch measures both.
   bool prefetch_l2 = false;
 };

@@ -15,8 +15,8 @@
 //                       [previous n_end, n_end) read only ranks [r_lo, r_hi) of B_bank (a grouped
 //                       call's block-diagonal B skips its zeros, in work and in bytes read)
 //   isa                 the ISA for this call ("avx2", "amx", ...), or None: the one set by set_isa
-//   prefetch            "l1" (None) or "l2": where the next block of W is prefetched (kernel_body.h,
-//                       prefetch_w; modlora.dispatch measures both)
+//   prefetch            "l1" (None) or "l2": where W is prefetched ahead of its reads (kernel_body.h,
+//                       prefetch_w and rows_blocked; modlora.dispatch measures both)
 //
 // Two phases, each parallel over threads (at::parallel_for, OpenMP in torch's CPU builds):
 //   1. shrink: u[m] = A_bank[p_m] x[m] ([M, R], tiny), rows grouped by pair so each A_p is read once;
@@ -416,7 +416,7 @@ at::Tensor checked_parts(const at::Tensor& parts, int64_t N, int64_t R) {
   return c;
 }
 
-// The cache level the next block of W is prefetched into: "l1" (the default) or "l2".
+// The cache level W is prefetched into ahead of its reads: "l1" (the default) or "l2".
 bool prefetch_to_l2(const std::optional<c10::string_view>& prefetch) {
   if (!prefetch.has_value() || *prefetch == "l1") return false;
   TORCH_CHECK(*prefetch == "l2", "lora_bank_linear: unknown prefetch '", *prefetch, "', expected 'l1' or 'l2'");
