@@ -90,8 +90,8 @@ void rows_tiles(const BankArgs& a, int64_t n0, int64_t n1) {
   T::begin();
   for (int64_t n = n0; n < n1; n += kTileRows) {
     const int nb = static_cast<int>(n1 - n < kTileRows ? n1 - n : kTileRows);
-    // The next block of W rows, prefetched as in FmaDot::block (kernel_body.h).
-    const uint16_t* pf = W + (n + 2 * kTileRows <= n1 ? n + kTileRows : n) * a.ldw;
+    // A block of W rows ahead (prefetch_block), prefetched as in FmaDot::block (kernel_body.h).
+    const uint16_t* pf = W + prefetch_block(n, n1, kTileRows, a.prefetch_l2) * a.ldw;
     // 64 rows of x per pass; a second pass reads these 16 rows of W from L2, not memory.
     for (int64_t t0 = 0; t0 < m_tiles; t0 += kCTiles) {
       const int nt = static_cast<int>(m_tiles - t0 < kCTiles ? m_tiles - t0 : kCTiles);

@@ -33,7 +33,7 @@ namespace {
 // Accumulator tile of one block: up to 16 rows of x by 4 rows of W.
 using Tile = float[16][4];
 
-// One line of a block of W ahead (rows_blocked), prefetched into L1 (prefetcht0) or, kL2, into L2
+// One line of a block of W ahead (prefetch_block), prefetched into L1 (prefetcht0) or, kL2, into L2
 // only (prefetcht1). On one Zen 4 core, W cold, bf16, both a block ahead: 4864 x 896 at 5 rows of x
 // 640 -> 370 us with kL2, at 1 row 330 -> 530 us; 896 x 4864 at 2 rows 580 -> 330 us. The L1
 // prefetch is early by a whole block (28 K steps at K = 896, 152 at 4864) and, as the rows of x grow, its lines are
@@ -46,6 +46,18 @@ __attribute__((always_inline)) inline void prefetch_w(const void* p) {
     __builtin_prefetch(p, 0, 2);
   else
     __builtin_prefetch(p, 0, 3);
+}
+
+// The first W row of the block whose lines the K loop of the block at row n prefetches (nb rows a
+// block, this thread's rows end at n1), linearly over its rows: the next block into L1; into L2 the
+// one after it. One block ahead, the first lines of its last row lead their use by only K/128 K
+// steps (7 at K = 896 and 4 rows a block), too few to hide memory's latency; two blocks ahead, every
+// line leads by at least K/32 (one core, W cold, 5 rows: 4864 x 896 345-357 -> 279-284 us, 896 x 896
+// 70-71 -> 57; 896 x 4864, a 39 KB block, the same). The last blocks prefetch a nearer one or
+// themselves: the range stays inside this thread's rows [n0, n1).
+inline int64_t prefetch_block(int64_t n, int64_t n1, int64_t nb, bool l2) {
+  const int64_t ahead = l2 ? 2 : 1;
+  return n + (ahead + 1) * nb <= n1 ? n + ahead * nb : n + 2 * nb <= n1 ? n + nb : n;
 }
 
 // Vector types of the ISA traits (the intrinsics' __m256/__m512 less their may_alias attribute,
@@ -171,7 +183,7 @@ inline void reduce(const typename V::vec (&acc)[MB][NB], float (*out)[4]) {
 }
 
 // FMA policy: x fp32, W of type WT loaded and converted to fp32 per K step.
-// pf: a block of W rows ahead (rows_blocked says which), prefetched as one contiguous range of
+// pf: a block of W rows ahead (prefetch_block), prefetched as one contiguous range of
 // NB * K elements (exact when ldw == K, a mere hint otherwise). Rows are short (lm_head: 1.8 KB in
 // bf16), so the hardware prefetcher restarts on new streams all the time and, without this, the
 // core stalls on memory between the FMAs instead of overlapping the two.
@@ -416,15 +428,7 @@ void rows_blocked(const BankArgs& a, int64_t n0, int64_t n1) {
     const int nb = static_cast<int>(n1 - n < NB ? n1 - n : NB);
     const typename Dot::W* wrows[NB];
     for (int j = 0; j < nb; ++j) wrows[j] = W + (n + j) * a.ldw;
-    // The block whose lines this one's K loop prefetches, linearly over its NB rows: the next one
-    // into L1; into L2 the one after it. One block ahead, the first lines of its last row lead their
-    // use by only K/128 K steps (7 at K = 896), too few to hide memory's latency; two blocks ahead,
-    // every line leads by at least K/32 (one core, W cold, 5 rows: 4864 x 896 345-357 -> 279-284 us,
-    // 896 x 896 70-71 -> 57; 896 x 4864, a 39 KB block, the same). The last blocks prefetch a nearer
-    // one or themselves: the range stays inside this thread's rows [n0, n1).
-    constexpr int64_t kAhead = kL2 ? 2 : 1;
-    const int64_t target = n + (kAhead + 1) * NB <= n1 ? n + kAhead * NB : n + 2 * NB <= n1 ? n + NB : n;
-    const typename Dot::W* pf = W + target * a.ldw;
+    const typename Dot::W* pf = W + prefetch_block(n, n1, NB, kL2) * a.ldw;
     const Rest ranks = rest_of(a, n, nb);
     prefetch_bank_rows(a, n + NB, n1 - n - NB < NB ? n1 - n - NB : NB);
     for (int64_t m0 = 0; m0 < a.M; m0 += mb_full) {

@@ -16,7 +16,7 @@
 //                       call's block-diagonal B skips its zeros, in work and in bytes read)
 //   isa                 the ISA for this call ("avx2", "amx", ...), or None: the one set by set_isa
 //   prefetch            "l1" (None) or "l2": where W is prefetched ahead of its reads (kernel_body.h,
-//                       prefetch_w and rows_blocked; modlora.dispatch measures both)
+//                       prefetch_w and prefetch_block; modlora.dispatch measures both)
 //
 // Two phases, each parallel over threads (at::parallel_for, OpenMP in torch's CPU builds):
 //   1. shrink: u[m] = A_bank[p_m] x[m] ([M, R], tiny), rows grouped by pair so each A_p is read once;

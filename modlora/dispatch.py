@@ -36,7 +36,7 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -104,14 +104,15 @@ def c_paths(x_dtype: torch.dtype, w_dtype: torch.dtype) -> tuple[str, ...]:
     return _c_variants([isa for isa in isas if isa != "scalar"] or isas)
 
 
-def _c_variants(isas) -> tuple[str, ...]:
+def _c_variants(isas: Iterable[str]) -> tuple[str, ...]:
     """Every C path of the ISAs ``isas``: each with the next block of W prefetched into L1 or L2."""
     return tuple(f"c:{isa}{level}" for isa in isas for level in ("", ":l2"))
 
 
+@functools.cache  # a handful of paths, parsed once each instead of on every op call
 def c_options(path: str) -> dict[str, str | None]:
     """The C++ op's keyword arguments for a C path (``"c"``, ``"c:<isa>"``, ``"c:<isa>:l2"``):
-    ``isa`` (None: the ISA set) and ``prefetch`` (None: L1)."""
+    ``isa`` (None: the ISA set) and ``prefetch`` (None: L1). The dict is shared: do not modify it."""
     _, isa, prefetch = (*path.split(":"), None, None)[:3]
     return {"isa": isa or None, "prefetch": prefetch}
 
