@@ -38,6 +38,7 @@
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
+#include <emmintrin.h>
 #endif
 #if defined(__linux__)
 #include <sys/syscall.h>
@@ -511,6 +512,25 @@ namespace {
 
 void set_isa(const std::string& name) { g_isa = isa_index(name, "modlora._C.set_isa"); }
 
+// Flush the cache lines of t's bytes from every cache level (clflush), so its next read comes from
+// memory while everything else stays cached: how a decode step meets a weight (modlora.dispatch
+// calibrates so). False where the CPU has no such instruction here (non-x86): nothing done.
+bool evict(const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "modlora._C.evict: expected a contiguous CPU tensor, got ",
+              t.device(), t.is_contiguous() ? "" : " (not contiguous)");
+#if defined(__x86_64__) || defined(__i386__)
+  const auto* p = static_cast<const char*>(t.data_ptr());
+  const int64_t bytes = t.numel() * t.element_size();
+  for (int64_t b = 0; b < bytes; b += 64) _mm_clflush(p + b);
+  if (bytes > 0) _mm_clflush(p + bytes - 1);
+  _mm_mfence();
+  return true;
+#else
+  (void)t;
+  return false;
+#endif
+}
+
 }  // namespace
 }  // namespace modlora_cpu
 
@@ -531,6 +551,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("supported_isas", &modlora_cpu::supported_isas, "ISAs this CPU can run, worst first.");
   m.def("set_isa", &modlora_cpu::set_isa,
         "The ISA used when a call names none: 'scalar', 'avx2', 'avx512', 'avx512_bf16', 'amx' or 'auto'.");
+  m.def("evict", &modlora_cpu::evict, py::arg("tensor"),
+        "Flush a contiguous tensor's bytes from the CPU caches (clflush); False where not available.");
   m.def("_allow_amx_emulation", [](bool on) { modlora_cpu::g_emulation = on; },
         "Tests only: accept the ISA 'amx_emulated' (the AMX driver on emulated tile instructions).");
   m.def("_tiles_self_check",

@@ -1,13 +1,17 @@
 """Which CPU path runs a linear, chosen by measurement on the machine at hand.
 
-For each case (op kind, weight shape, dtypes, M bucket, thread count, the C++ op's ISA ceiling)
-the first call times every available path on a representative input (the real weight, as many
-rows as that call has: a decode step's, which its later steps repeat; caches flushed between
-calls as in a decode step, where the weights stream from memory) and keeps the fastest:
+For each case (op kind, weight shape, dtypes, rows, thread count, the C++ op's ISA ceiling) the
+first call times every available path on a representative input (the real weight, its cache lines
+flushed before each call as in a decode step, where the weights stream from memory) and keeps the
+fastest.
+Up to ``SMALL_ROWS`` rows a case is its own row count (a decode step's, which its later steps
+repeat); above, a power-of-two bucket measured at its top, the rows where the C++ op is furthest
+behind torch's GEMM, so the choice holds at every row count of the bucket. The paths:
 ``"c:<isa>"`` (the C++ op, :mod:`modlora.cpu`, at one of this CPU's ISAs: :func:`c_paths`),
 ``"c:<isa>:l2"`` (the same, prefetching the next block of W into L2 instead of L1: which is faster
 depends on the CPU, K and the rows) or ``"torch"``. Calibration is short (a warm-up call, then
-timed calls for about ``PATH_SECONDS``, at most ``MAX_REPS``, per path) and bounded in total per
+timed calls for about ``PATH_SECONDS``, at most ``MAX_REPS``, per path; the warm-up is timed too, so
+a call longer than that costs one call per path) and bounded in total per
 process (``BUDGET_SECONDS``); a case met after that gets the conservative default and is measured
 by a later process.
 
@@ -49,13 +53,14 @@ from .kernels.configs import m_bucket
 log = logging.getLogger("modlora")
 
 __all__ = ["c_options", "c_paths", "choose", "default_path", "cache_file", "cpu_ids", "cpu_model", "cpu_signature",
-           "fingerprint", "llc_bytes", "parse_cpuinfo", "reset", "NATIVE_BF16"]
+           "fingerprint", "llc_bytes", "parse_cpuinfo", "reset", "rows_bucket", "NATIVE_BF16"]
 
 MAX_BUCKET = 256  # larger M is a GEMM: torch's (oneDNN/MKL) path, never the small-M kernel
+SMALL_ROWS = 8  # up to this many rows a case is decided at its own rows, above at its bucket's top
 PATH_SECONDS = 0.02  # time each path about this long per case (at least one call after the warm-up)
 MAX_REPS = 10
 BUDGET_SECONDS = 10.0  # calibration time per process, all cases together
-FORMAT = 3  # 3: cases measured at the rows of their first call (2: at the bucket's top)
+FORMAT = 4  # 4: exact rows up to SMALL_ROWS, else the bucket's top (3: the first call's rows)
 ISAS = ("scalar", "avx2", "avx512", "avx512_bf16", "amx")  # the C++ op's ISAs, each wider than the last
 BF16_DOT_ISAS = ("avx512_bf16", "amx")  # differ from avx512 only for bf16 x and W
 
@@ -147,9 +152,9 @@ def choose(kind: str, x: Tensor, weight: Tensor, run: Run) -> str:
 
 
 def _choose_bucket(exact: tuple, x: Tensor, weight: Tensor, run: Run) -> str:
-    """The choice for ``choose``'s exact case: that of its bucket (rows rounded up to a power of two)."""
+    """The choice for ``choose``'s exact case: that of its rows' bucket (:func:`rows_bucket`)."""
     kind, shape, x_dtype, w_dtype, rows, threads, isa = exact
-    bucket = m_bucket(rows)
+    bucket = rows_bucket(rows)
     if bucket > MAX_BUCKET:
         return "torch"
     dtypes = str(x_dtype).removeprefix("torch.")
@@ -160,6 +165,14 @@ def _choose_bucket(exact: tuple, x: Tensor, weight: Tensor, run: Run) -> str:
     if path is None:
         path = _decide(key, x, weight, run)
     return path
+
+
+def rows_bucket(rows: int) -> int:
+    """The rows a case of ``rows`` rows is decided and measured at: its own up to ``SMALL_ROWS`` (at
+    beam 5 one grouped gate/up call beats two, 0.40 vs 0.48 ms on 2 Zen 5 cores, where at 8 rows it
+    does not, 0.63 vs 0.59), else the power of two at or above them: one choice, measured where the
+    C++ op is furthest behind torch (at 64 rows choices made at 40 ran 0.80-0.95x torch)."""
+    return rows if rows <= SMALL_ROWS else m_bucket(rows)
 
 
 def _decide(key: Key, x: Tensor, weight: Tensor, run: Run) -> str:
@@ -173,31 +186,27 @@ def _decide(key: Key, x: Tensor, weight: Tensor, run: Run) -> str:
     if _spent >= BUDGET_SECONDS:  # not stored on disk: a later process measures it
         return _choices.setdefault(key, default_path(x.dtype, bucket))
     spent, start = _spent, time.perf_counter()
-    # At this call's rows, not the bucket's top: at beam 5 a grouped gate/up call beats two calls
-    # (0.40 vs 0.48 ms, 2 Zen 5 cores) where at 8 rows it does not (0.63 vs 0.59).
-    rows = max(1, x.numel() // x.shape[-1] if x.shape[-1] else 1)
-    times = _measure(x, weight, run, rows, (*c_paths(x.dtype, weight.dtype), "torch"))
+    times = _measure(x, weight, run, bucket, (*c_paths(x.dtype, weight.dtype), "torch"))
     _spent = spent + time.perf_counter() - start  # a group's parts calibrated inside counted once
     _choices[key] = min(times, key=times.get)
-    _measured[_name(key)] = {"path": _choices[key], "rows": rows, "ms": times}
+    _measured[_name(key)] = {"path": _choices[key], "rows": bucket, "ms": times}
     _save()
     return _choices[key]
 
 
 def _measure(x: Tensor, weight: Tensor, run: Run, m: int, paths: tuple[str, ...]) -> dict[str, float]:
     """Best time in ms of each path on a random [m, K] input in x's dtype. The paths take turns
-    (one call each per round), so a burst of load from other processes hits all alike."""
+    (one call each per round), so a burst of load from other processes hits all alike. The first
+    round warms up (first-touch allocations, lazy packing) and counts: a slow warm-up is never the
+    best, and a case whose calls outlast ``PATH_SECONDS`` (a GEMM's rows on lm_head) costs one round."""
     xs = torch.randn(m, x.shape[-1], generator=torch.Generator().manual_seed(0)).to(x.dtype)
-    flush = _flush_buffer(weight)
+    cold = _cold(weight)
     samples: dict[str, list[float]] = {path: [] for path in paths}
+    deadline = time.perf_counter() + PATH_SECONDS * len(paths)
     with torch.no_grad(), cpu.unrecorded():
-        for path in paths:
-            run(path, xs)  # warm-up: first-touch allocations, lazy packing
-        deadline = time.perf_counter() + PATH_SECONDS * len(paths)
-        for _ in range(MAX_REPS):
+        for _ in range(MAX_REPS + 1):
             for path in paths:
-                if flush is not None:
-                    flush.sum()
+                cold()
                 t0 = time.perf_counter()
                 run(path, xs)
                 samples[path].append((time.perf_counter() - t0) * 1e3)
@@ -206,13 +215,20 @@ def _measure(x: Tensor, weight: Tensor, run: Run, m: int, paths: tuple[str, ...]
     return {path: min(ts) for path, ts in samples.items()}
 
 
-def _flush_buffer(weight: Tensor) -> Tensor | None:
-    """A buffer twice the last-level cache, read between timed calls so W comes from memory as it
-    does in a decode step; None when W alone is larger than that."""
+def _cold(weight: Tensor) -> Callable[[], object]:
+    """What to run before each timed call so that W comes from memory, as in a decode step, where
+    the other layers' weights have streamed through since: W's lines flushed (``_C.evict``), all
+    else left cached. Flushing every cache instead (reading a buffer of twice the L3) also evicted x
+    and torch's own buffers: at 64 rows of q/o torch timed 0.44-0.47 ms flushed, 0.38 with only W
+    cold, against 0.47 for the C++ op either way (2 Zen 4 threads). Where the CPU has no flush
+    instruction, that buffer; nothing where W alone exceeds it."""
     size = 2 * llc_bytes()["bytes"]
     if weight.numel() * weight.element_size() >= size:
-        return None
-    return torch.ones(size // 4)
+        return lambda: None
+    if weight.is_contiguous() and cpu._C.evict(weight):
+        return lambda: cpu._C.evict(weight)
+    buffer = torch.ones(size // 4)
+    return buffer.sum
 
 
 @functools.cache

@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import os
+import platform
 import random
 import subprocess
 import sys
@@ -132,7 +133,7 @@ def test_chosen_path_is_the_fastest_measured_and_cached(dtype):
     ops.linear(x, w)
     assert _cache()["fingerprint"] == dispatch.fingerprint()
     (name, entry), = _choices(dtype).items()
-    assert name.startswith(f"linear|{N}|{K}|{str(dtype)[6:]}|4|")
+    assert name.startswith(f"linear|{N}|{K}|{str(dtype)[6:]}|3|")
     assert set(entry["ms"]) == set(_paths(dtype))
     assert entry["path"] == min(entry["ms"], key=entry["ms"].get)
 
@@ -150,14 +151,56 @@ def test_the_measured_winner_runs(dtype, fastest, monkeypatch, c_calls):
 
 
 @torch.no_grad()
-def test_a_case_is_measured_at_the_rows_of_the_call_that_met_it(monkeypatch):
-    """Beam 5 is measured at 5 rows, not at its bucket's 8: the kernel and the winner can differ."""
+def test_a_case_is_measured_at_its_own_rows_up_to_8_and_at_its_buckets_top_above(monkeypatch):
+    """Beam 5 is measured at 5 rows, not at 8: the kernel and the winner can differ. Above 8 rows a
+    bucket is measured once, at its top, where the C++ op is furthest behind torch's GEMM."""
     rows = []
     monkeypatch.setattr(dispatch, "_measure", lambda x, w, run, m, paths: rows.append(m) or {p: 1.0 for p in paths})
-    for m in (5, 6, 3):  # 5 and 6 share bucket 8: one measurement
+    for m in (5, 6, 3, 5, 40, 64, 33, 9, 16, 100):
         ops.linear(*_inputs(m))
-    assert rows == [5, 3]
-    assert {name.split("|")[4]: e["rows"] for name, e in _cache()["choices"].items()} == {"8": 5, "4": 3}
+    assert rows == [5, 6, 3, 64, 16, 128]
+    assert sorted(int(name.split("|")[4]) for name in _cache()["choices"]) == [3, 5, 6, 16, 64, 128]
+
+
+@torch.no_grad()
+def test_each_timed_call_meets_w_evicted(monkeypatch):
+    """Calibration flushes W's lines (not every cache) before each timed call, as a decode step meets W."""
+    events = []
+    real_evict = cpu._C.evict
+    monkeypatch.setattr(cpu._C, "evict", lambda t: events.append(("evict", t.data_ptr())) or real_evict(t))
+    real = dispatch._measure
+    monkeypatch.setattr(dispatch, "_measure", lambda x, w, run, m, paths: real(
+        x, w, lambda p, xs: events.append(("run", p)) or run(p, xs), m, paths))
+    x, w = _inputs(5)
+    ops.linear(x, w)
+    runs = [i for i, e in enumerate(events) if e[0] == "run"]
+    assert len(runs) >= len(PATHS)
+    assert all(events[i - 1] == ("evict", w.data_ptr()) for i in runs)
+
+
+def test_evict_keeps_the_values():
+    w = torch.randn(300, 77)
+    before = w.clone()
+    assert cpu._C.evict(w) is (platform.machine() in ("x86_64", "AMD64", "i386", "i686"))
+    assert torch.equal(w, before)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        cpu._C.evict(w.t())
+
+
+def test_rows_bucket():
+    assert [dispatch.rows_bucket(m) for m in (1, 5, 8, 9, 16, 17, 33, 64, 65, 160)] == [1, 5, 8, 16, 16, 32, 64, 64,
+                                                                                       128, 256]
+
+
+@torch.no_grad()
+def test_a_call_longer_than_the_time_per_path_costs_one_call_per_path(monkeypatch):
+    calls = []
+    monkeypatch.setattr(dispatch, "PATH_SECONDS", 0.0)
+    real = dispatch._measure
+    monkeypatch.setattr(dispatch, "_measure",
+                        lambda x, w, run, m, paths: real(x, w, lambda p, xs: calls.append(p) or run(p, xs), m, paths))
+    ops.linear(*_inputs(5))
+    assert sorted(calls) == sorted(PATHS)
 
 
 @pytest.mark.parametrize("forced", ["c", *PATHS])
@@ -222,7 +265,7 @@ def test_a_cached_l2_choice_is_read_and_obeyed(monkeypatch, c_calls):
     """A choice of the C++ op prefetching into L2, as another process cached it, runs as cached."""
     path = f"c:{cpu._C.supported_isas()[-1]}:l2"
     x, w = _inputs(3)
-    name = f"linear|{N}|{K}|float32|4|{torch.get_num_threads()}|{cpu._C.isa()}"
+    name = f"linear|{N}|{K}|float32|3|{torch.get_num_threads()}|{cpu._C.isa()}"
     dispatch.cache_file().parent.mkdir(parents=True, exist_ok=True)
     dispatch.cache_file().write_text(json.dumps({"fingerprint": dispatch.fingerprint(),
                                                  "choices": {name: {"path": path, "ms": {path: 1.0}}}}))
