@@ -5,8 +5,8 @@ first call times every available path on a representative input (the real weight
 flushed before each call as in a decode step, where the weights stream from memory) and keeps the
 fastest.
 Up to ``SMALL_ROWS`` rows a case is its own row count (a decode step's, which its later steps
-repeat); above, a power-of-two bucket measured at its top, the rows where the C++ op is furthest
-behind torch's GEMM, so the choice holds at every row count of the bucket. The paths:
+repeat); above, a power-of-two bucket measured at its top, where the C++ op is mostly furthest
+behind torch's GEMM (not always: torch's time is not monotone in the rows). The paths:
 ``"c:<isa>"`` (the C++ op, :mod:`modlora.cpu`, at one of this CPU's ISAs: :func:`c_paths`),
 ``"c:<isa>:l2"`` (the same, prefetching the next block of W into L2 instead of L1: which is faster
 depends on the CPU, K and the rows) or ``"torch"``. Calibration is short (a warm-up call, then
