@@ -178,6 +178,17 @@ def test_each_timed_call_meets_w_evicted(monkeypatch):
     assert all(events[i - 1] == ("evict", w.data_ptr()) for i in runs)
 
 
+def test_without_a_flush_instruction_calibration_reads_a_buffer_and_nothing_for_a_huge_weight(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu._C, "evict", lambda t: calls.append(t) or False)
+    cold = dispatch._cold(torch.randn(64, 40))
+    assert len(calls) == 1  # asked once whether it can
+    cold()
+    assert len(calls) == 1 and cold.__self__.numel() * 4 == 2 * dispatch.llc_bytes()["bytes"]
+    monkeypatch.setattr(dispatch, "llc_bytes", lambda: {"bytes": 1024})
+    assert dispatch._cold(torch.randn(64, 40))() is None and len(calls) == 1  # W alone exceeds 2 LLCs
+
+
 def test_evict_keeps_the_values():
     w = torch.randn(300, 77)
     before = w.clone()
