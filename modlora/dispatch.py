@@ -57,7 +57,7 @@ __all__ = ["c_options", "c_paths", "choose", "default_path", "cache_file", "cpu_
 
 MAX_BUCKET = 256  # larger M is a GEMM: torch's (oneDNN/MKL) path, never the small-M kernel
 SMALL_ROWS = 8  # up to this many rows a case is decided at its own rows, above at its bucket's top
-PATH_SECONDS = 0.02  # time each path about this long per case (at least one call after the warm-up)
+PATH_SECONDS = 0.02  # time each path about this long per case (at least one call, the warm-up, which counts)
 MAX_REPS = 10
 BUDGET_SECONDS = 10.0  # calibration time per process, all cases together
 FORMAT = 4  # 4: exact rows up to SMALL_ROWS, else the bucket's top (3: the first call's rows)
@@ -171,7 +171,7 @@ def rows_bucket(rows: int) -> int:
     """The rows a case of ``rows`` rows is decided and measured at: its own up to ``SMALL_ROWS`` (at
     beam 5 one grouped gate/up call beats two, 0.40 vs 0.48 ms on 2 Zen 5 cores, where at 8 rows it
     does not, 0.63 vs 0.59), else the power of two at or above them: one choice, measured where the
-    C++ op is furthest behind torch (at 64 rows choices made at 40 ran 0.80-0.95x torch)."""
+    C++ op is mostly furthest behind torch (at 64 rows choices made at 40 ran 0.80-0.95x torch)."""
     return rows if rows <= SMALL_ROWS else m_bucket(rows)
 
 
