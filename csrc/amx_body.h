@@ -98,13 +98,10 @@ void rows_tiles(const BankArgs& a, int64_t n0, int64_t n1) {
       each_tile(nt, [](auto t) { T::template zero<decltype(t)::value>(); });
       for (int64_t ks = 0; ks < k_steps; ++ks) {
         const int64_t k = ks * kTileK;
-        for (int b = 0; b < kTileRows * 64; b += 64) {
-          const char* line = reinterpret_cast<const char*>(pf + kTileRows * k) + b;
-          if (a.prefetch_l2)
-            prefetch_w<true>(line);
-          else
-            prefetch_w<false>(line);
-        }
+        if (a.prefetch_l2)
+          prefetch_lines<true, kTileRows * 64>(pf + kTileRows * k);
+        else
+          prefetch_lines<false, kTileRows * 64>(pf + kTileRows * k);
         const TileSource src = a_tile(a, n, nb, k, pad);
         T::template load<kTileA>(src.p, src.stride);
         each_tile(nt, [&](auto t) {

@@ -48,6 +48,14 @@ __attribute__((always_inline)) inline void prefetch_w(const void* p) {
     __builtin_prefetch(p, 0, 3);
 }
 
+// kBytes bytes of W's lines from p into L1 or, kL2, L2: a K step's share of the block ahead, which
+// the K loop walks as one range (every driver: the vector blocks here, the AMX tiles).
+template <bool kL2, int kBytes>
+__attribute__((always_inline)) inline void prefetch_lines(const void* p) {
+#pragma GCC unroll 16
+  for (int b = 0; b < kBytes; b += 64) prefetch_w<kL2>(static_cast<const char*>(p) + b);
+}
+
 // The first W row of the block whose lines the K loop of the block at row n prefetches (nb rows a
 // block, this thread's rows end at n1), linearly over its rows: the next block into L1; into L2 the
 // one after it. One block ahead, the first lines of its last row lead their use by only K/128 K
@@ -199,8 +207,7 @@ struct FmaDot : DotTypes<VT, float, WT> {
     clear<V>(acc);
     int64_t k = 0;
     for (; k + V::kLanes <= K; k += V::kLanes) {
-#pragma GCC unroll 8
-      for (int b = 0; b < kStepBytes; b += 64) prefetch_w<kL2>(reinterpret_cast<const char*>(pf + NB * k) + b);
+      prefetch_lines<kL2, kStepBytes>(pf + NB * k);
       typename V::vec wv[NB];
 #pragma GCC unroll 4
       for (int j = 0; j < NB; ++j) wv[j] = V::load(w[j] + k);

@@ -62,8 +62,7 @@ struct Bf16Dot : DotTypes<Avx512, uint16_t, uint16_t> {
     asm("" : "+r"(all));  // opaque: GCC turns a load under a known all-ones mask into a plain one
     int64_t k = 0;
     for (; k + 32 <= K; k += 32) {
-#pragma GCC unroll 4
-      for (int b = 0; b < NB * 64; b += 64) prefetch_w<kL2>(reinterpret_cast<const char*>(pf + NB * k) + b);
+      prefetch_lines<kL2, NB * 64>(pf + NB * k);
       step<MB, NB, (MB <= 2)>(acc, w, x, ldx, k, all);
     }
     if (k < K) step<MB, NB, true>(acc, w, x, ldx, k, (__mmask32(1) << (K - k)) - 1);
