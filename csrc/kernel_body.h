@@ -113,15 +113,15 @@ inline void clear(typename V::vec (&acc)[MB][NB]) {
 }
 
 // A block's LoRA expand, folded into its accumulators before the horizontal sums: lane l of
-// acc[i][j] gains the sum over r < r_vec, r = l (mod lanes), of u[i, lo + r] B_bank[p_i][n + j, lo + r]
-// ([lo, hi): the block's rank range, rank_range below), so the one sum per output adds the expand
+// acc[i][j] gains the sum over r < r_vec, r = l (mod lanes), of u[i, lo + r] B_bank[p_i][n + j, r]
+// ([lo, hi): the block's rank range, rank_range below; without parts lo = 0), so the one sum per output adds the expand
 // too. (A dot and a horizontal sum per output of its own cost about a third of the block's work at
 // M = 5, K = 896, R = 32.) The epilogue adds the ranks from lo + r_vec to hi. A row's B row is
 // found from its pair (row()): a per-row pointer array, zeroed for every block, took 5% of a
 // 4864 x 896 call at M = 5 (perf: `rep stos` in expand_of), adapters or not.
 struct Expand {
   const float* u = nullptr;       // u[m0, lo] of the block's first row of x (row stride R); null: nothing to fold
-  const char* b = nullptr;        // B_bank[0][n, lo] as bytes: pair 0's B row of the block's first column
+  const char* b = nullptr;        // B_bank[0][n, 0] as bytes: pair 0's B row of the block's first column
   const int64_t* pair = nullptr;  // the pairs of the block's rows; null: pair 0 for every row
   int64_t pair_bytes = 0;         // from one pair's B to the next (N * R elements)
   int64_t R = 0, r_vec = 0, row_bytes = 0;
@@ -268,8 +268,9 @@ inline float rank_dot(const float* u, const BT* b, int64_t R) {
 
 // Ranks of columns [n, n + nb) still to add: [lo, hi) of their part (the driver moves lo past
 // what the block folded), or, when they span parts, each column's own range (nothing folded).
+// Rank r is entry r - first of the column's B row.
 struct Rest {
-  int64_t lo = 0, hi = 0;
+  int64_t lo = 0, hi = 0, first = 0;
   bool per_column = false;
 };
 
@@ -277,6 +278,7 @@ inline Rest rest_of(const BankArgs& a, int64_t n, int64_t nb) {
   Rest rest;
   if (a.R == 0) return rest;
   rest.per_column = !rank_range(a, n, nb, rest.lo, rest.hi);
+  rest.first = rest.lo;
   return rest;
 }
 
@@ -344,13 +346,13 @@ void epilogue(const BankArgs& a, int64_t m0, int mb, int64_t n, int nb, const Ti
   for (int i = 0; i < mb; ++i) {
     const int64_t m = m0 + i;
     const float* um = a.R ? a.u + m * a.R : nullptr;
-    const BT* bp = um ? bank + ((a.pair ? a.pair[m] : 0) * a.N) * a.R : nullptr;
+    const BT* bp = um ? bank + ((a.pair ? a.pair[m] : 0) * a.N) * a.ldb : nullptr;
     for (int j = 0; j < nb; ++j) {
       float v = acc[i][j];
       if (a.bias) v += a.bias[n + j];
-      int64_t lo = rest.lo, hi = rest.hi;
-      if (rest.per_column) rank_range(a, n + j, 1, lo, hi);
-      if (um && lo < hi) v += rank_dot<V>(um + lo, bp + (n + j) * a.R + lo, hi - lo);
+      int64_t lo = rest.lo, hi = rest.hi, first = rest.first;
+      if (rest.per_column) rank_range(a, n + j, 1, lo, hi), first = lo;
+      if (um && lo < hi) v += rank_dot<V>(um + lo, bp + (n + j) * a.ldb + lo - first, hi - lo);
       if (a.y_bf16)
         static_cast<uint16_t*>(a.y)[m * a.N + n + j] = f32_to_bf16(v);
       else
@@ -388,9 +390,9 @@ Expand expand_of(const BankArgs& a, int64_t m0, int mb, int64_t n, const Rest& r
   e.u = a.u + m0 * a.R + lo;
   e.R = a.R;
   e.r_vec = (hi - lo) - (hi - lo) % V::kLanes;
-  e.row_bytes = a.R * elem;
+  e.row_bytes = a.ldb * elem;
   e.b_bf16 = a.b_bf16;
-  e.b = static_cast<const char*>(a.bank_b) + (n * a.R + lo) * elem;
+  e.b = static_cast<const char*>(a.bank_b) + (n * a.ldb + lo - ranks.first) * elem;
   if (a.pair) {
     e.pair = a.pair + m0;
     e.pair_bytes = a.N * e.row_bytes;
@@ -406,7 +408,7 @@ Expand expand_of(const BankArgs& a, int64_t m0, int mb, int64_t n, const Rest& r
 inline void prefetch_bank_rows(const BankArgs& a, int64_t n, int64_t nb) {
   if (a.R == 0 || nb <= 0) return;
   int64_t lo, hi;
-  if (!rank_range(a, n, nb, lo, hi)) lo = 0, hi = a.R;
+  if (!rank_range(a, n, nb, lo, hi)) lo = 0, hi = a.ldb;  // spanning parts: whole rows
   const int64_t elem = a.b_bf16 ? 2 : 4, bytes = (hi - lo) * elem;
   if (bytes == 0) return;
   int64_t prev = -1;
@@ -414,8 +416,8 @@ inline void prefetch_bank_rows(const BankArgs& a, int64_t n, int64_t nb) {
     const int64_t p = a.pair ? a.pair[m] : 0;
     if (p == prev) continue;  // beams of one sentence share a pair: consecutive rows, one prefetch
     prev = p;
-    const char* row = static_cast<const char*>(a.bank_b) + ((p * a.N + n) * a.R + lo) * elem;
-    for (int64_t j = 0; j < nb; ++j, row += a.R * elem) {
+    const char* row = static_cast<const char*>(a.bank_b) + (p * a.N + n) * a.ldb * elem;
+    for (int64_t j = 0; j < nb; ++j, row += a.ldb * elem) {
       for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b);
       __builtin_prefetch(row + bytes - 1);  // the last line when the range starts mid-line
     }

@@ -21,12 +21,14 @@ struct BankArgs {
   const uint16_t* xb = nullptr; // x [M, K] bf16, row stride K, or null (only used by the bf16-dot path)
   const uint16_t* xt = nullptr; // x in the AMX B-tile layout (amx_body.h), or null (only used by AMX)
   const float* u = nullptr;     // u [M, R] fp32 (rank intermediate), null when R == 0
-  const void* bank_b = nullptr; // B_bank [P, N, R] contiguous; fp32 or bf16
+  const void* bank_b = nullptr; // B_bank [P, N, ldb] contiguous; fp32 or bf16
   bool b_bf16 = false;
+  int64_t ldb = 0;              // B_bank's last dim: R, or with parts the widest part's ranks
   const int64_t* pair = nullptr;  // [M] pair of each row, null: all rows use pair 0
   // Rank ranges per block of output columns, null: every column reads ranks [0, R). Part q is
   // parts[3q .. 3q + 2] = (n_end, r_lo, r_hi): columns [previous n_end, n_end) read only ranks
-  // [r_lo, r_hi) of B_bank (a grouped call's block-diagonal B: the other ranks are its zeros).
+  // [r_lo, r_hi) of u, against their B_bank row's first r_hi - r_lo entries (a grouped call's
+  // block-diagonal B stored without its zeros).
   const int64_t* parts = nullptr;
   int64_t n_parts = 0;
   const float* bias = nullptr;  // [N] fp32 or null

@@ -6,14 +6,15 @@
 //   weight   [N, K]     fp32 or bf16, unit stride along K
 //   bias     [N]        any float dtype, or None
 //   A_bank   [P, R, K]  fp32 or bf16, or None (no adapters: a plain small-M linear, e.g. lm_head)
-//   B_bank   [P, N, R]  fp32 or bf16
+//   B_bank   [P, N, R]  fp32 or bf16 ([P, N, widest part's ranks] with rank_parts)
 //            Each pair is one adapter of coefficient 1 (modlora/cpu.py pack_bank, via
 //            kernels/reference.py merge_pair): "output" folds w*scale into A's rows, "ab" folds
 //            sqrt(w*scale) into both A and B; the kernel applies no coefficient.
 //   row_pair [M]        int64 in [0, P), or None
 //   rank_parts [Q, 3]   int64 (n_end, r_lo, r_hi) per part of the output columns, or None: columns
-//                       [previous n_end, n_end) read only ranks [r_lo, r_hi) of B_bank (a grouped
-//                       call's block-diagonal B skips its zeros, in work and in bytes read)
+//                       [previous n_end, n_end) read only ranks [r_lo, r_hi) of u, against the first
+//                       r_hi - r_lo entries of their B_bank rows (a grouped call's block-diagonal B,
+//                       stored without its zeros: no work and no bytes for them)
 //   isa                 the ISA for this call ("avx2", "amx", ...), or None: the one set by set_isa
 //   prefetch            "l1" (None) or "l2": where W is prefetched ahead of its reads (kernel_body.h,
 //                       prefetch_w and prefetch_block; modlora.dispatch measures both)
@@ -292,8 +293,9 @@ const int64_t* checked_pairs(const at::Tensor& row_pair, int64_t M, int64_t P) {
   return pp;
 }
 
+// B_bank's last dim is R, or with rank_parts (`parts`) the widest part's ranks (checked_parts).
 Bank checked_bank(const at::Tensor& A_bank, const at::Tensor& B_bank, const c10::optional<at::Tensor>& row_pair,
-                  int64_t M, int64_t N, int64_t K) {
+                  int64_t M, int64_t N, int64_t K, bool parts) {
   Bank bank;
   bank.A = A_bank.contiguous();
   bank.B = B_bank.contiguous();
@@ -301,9 +303,10 @@ Bank checked_bank(const at::Tensor& A_bank, const at::Tensor& B_bank, const c10:
               ", got ", bank.A.sizes());
   bank.P = bank.A.size(0);
   bank.R = bank.A.size(1);
-  TORCH_CHECK(bank.B.dim() == 3 && bank.B.size(0) == bank.P && bank.B.size(1) == N && bank.B.size(2) == bank.R,
-              "lora_bank_linear: B_bank must be [P, N, R] = [", bank.P, ", ", N, ", ", bank.R, "], got ",
-              bank.B.sizes());
+  TORCH_CHECK(bank.B.dim() == 3 && bank.B.size(0) == bank.P && bank.B.size(1) == N,
+              "lora_bank_linear: B_bank must be [P, N, R] = [", bank.P, ", ", N, ", ", bank.R, "], got ", bank.B.sizes());
+  TORCH_CHECK(parts || bank.B.size(2) == bank.R, "lora_bank_linear: B_bank must be [P, N, R] with R = ", bank.R,
+              " (A_bank's ranks), got ", bank.B.sizes());
   TORCH_CHECK(is_f32_or_bf16(bank.A) && is_f32_or_bf16(bank.B),
               "lora_bank_linear: A_bank and B_bank must be float32 or bfloat16, got ", bank.A.scalar_type(), " and ",
               bank.B.scalar_type());
@@ -398,22 +401,26 @@ std::vector<float> shrink(const Kernel& kernel, const float* xf, const uint16_t*
 }
 
 // rank_parts [Q, 3] int64 (n_end, r_lo, r_hi) per part of the output columns, checked: n_end rising
-// to N, 0 <= r_lo <= r_hi <= R.
-at::Tensor checked_parts(const at::Tensor& parts, int64_t N, int64_t R) {
+// to N, 0 <= r_lo <= r_hi <= R, and B_bank's rows `ldb` wide: the widest part's r_hi - r_lo (a
+// block-diagonal B with its zeros, ldb = R, would be read at the wrong ranks).
+at::Tensor checked_parts(const at::Tensor& parts, int64_t N, int64_t R, int64_t ldb) {
   TORCH_CHECK(parts.scalar_type() == at::kLong && parts.dim() == 2 && parts.size(1) == 3 && parts.size(0) >= 1,
               "lora_bank_linear: rank_parts must be int64 [Q, 3] (n_end, r_lo, r_hi), got ", parts.scalar_type(),
               " ", parts.sizes());
   at::Tensor c = parts.contiguous();
   const int64_t* p = c.data_ptr<int64_t>();
-  int64_t prev = 0;
+  int64_t prev = 0, widest = 0;
   for (int64_t q = 0; q < c.size(0); ++q) {
     TORCH_CHECK(p[3 * q] > prev && p[3 * q] <= N, "lora_bank_linear: rank_parts n_end must rise to N = ", N,
                 ", got ", p[3 * q], " after ", prev);
     TORCH_CHECK(p[3 * q + 1] >= 0 && p[3 * q + 1] <= p[3 * q + 2] && p[3 * q + 2] <= R, "lora_bank_linear: rank_parts[",
                 q, "] ranks [", p[3 * q + 1], ", ", p[3 * q + 2], ") are not inside [0, R = ", R, ")");
     prev = p[3 * q];
+    widest = std::max(widest, p[3 * q + 2] - p[3 * q + 1]);
   }
   TORCH_CHECK(prev == N, "lora_bank_linear: rank_parts must end at N = ", N, ", got ", prev);
+  TORCH_CHECK(ldb == widest, "lora_bank_linear: with rank_parts B_bank must be [P, N, ", widest,
+              "] (the widest part's ranks), got last dim ", ldb);
   return c;
 }
 
@@ -447,7 +454,8 @@ at::Tensor lora_bank_linear_cpu(const at::Tensor& x, const at::Tensor& weight, c
   const bool bf16_x = x.scalar_type() == at::kBFloat16;
   const Kernel kernel = kernel_for(isa, w.scalar_type() == at::kBFloat16 && bf16_x);
   Bank bank;
-  if (has_a) bank = checked_bank(*A_bank, *B_bank, row_pair, M, N, K);
+  const bool has_parts = rank_parts.has_value() && rank_parts->defined();
+  if (has_a) bank = checked_bank(*A_bank, *B_bank, row_pair, M, N, K, has_parts);
   const bool shrinks = bank.R > 0 && bank.P > 0;
   const Kernel shrinker = shrink_kernel_for(isa, bf16_x && shrinks && bank.A.scalar_type() == at::kBFloat16);
   // An fp32 copy of x only for a kernel that reads one: the bf16-dot and tile kernels read x as it is.
@@ -474,9 +482,9 @@ at::Tensor lora_bank_linear_cpu(const at::Tensor& x, const at::Tensor& weight, c
 
   std::vector<float> u;
   at::Tensor parts;
-  if (rank_parts.has_value() && rank_parts->defined()) {
+  if (has_parts) {
     TORCH_CHECK(has_a, "lora_bank_linear: rank_parts given without an adapter bank");
-    parts = checked_parts(*rank_parts, N, bank.R);
+    parts = checked_parts(*rank_parts, N, bank.R, bank.B.size(2));
     a.parts = parts.data_ptr<int64_t>();
     a.n_parts = parts.size(0);
   }
@@ -486,6 +494,7 @@ at::Tensor lora_bank_linear_cpu(const at::Tensor& x, const at::Tensor& weight, c
     a.u = u.data();
     a.bank_b = bank.B.data_ptr();
     a.b_bf16 = bank.B.scalar_type() == at::kBFloat16;
+    a.ldb = bank.B.size(2);
     a.pair = bank.pp;
   }
   run_parallel(kernel, a);

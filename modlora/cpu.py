@@ -6,7 +6,7 @@
     weight   [N, K]     float32 or bfloat16
     bias     [N] or None
     A_bank   [P, R, K]  one stacked, zero-padded pair per bank entry (or None)
-    B_bank   [P, N, R]  the matching up-projections
+    B_bank   [P, N, R]  the matching up-projections ([P, N, widest part's ranks] with rank_parts)
     row_pair [M] int64  which pair each row uses (or None)
 
 Both merge strategies are this op after :func:`pack_bank` (each pair as one adapter of
@@ -85,8 +85,8 @@ def lora_bank_linear_torch(x: Tensor, weight: Tensor, bias: Tensor | None = None
                            isa: str | None = None, rank_parts: Tensor | None = None,
                            prefetch: str | None = None) -> Tensor:
     """The op in plain torch on 2-D ``x`` (any device, any M, differentiable); result in x's dtype.
-    ``isa`` and ``prefetch`` (the C++ kernel's) are ignored; ``rank_parts`` zeroes the ranks each
-    part does not read.
+    ``isa`` and ``prefetch`` (the C++ kernel's) are ignored; with ``rank_parts`` each part's B rows
+    are placed at its ranks of a block-diagonal ``[P, N, R]`` B.
 
     ``x W^T + b`` runs in W's dtype when x has it (torch's GEMMs accumulate bf16 in fp32 and round
     the result to bf16), else in fp32; the LoRA part is computed in fp32, added to it in fp32, and
@@ -107,7 +107,7 @@ def lora_bank_linear_torch(x: Tensor, weight: Tensor, bias: Tensor | None = None
     if A_bank is None or A_bank.shape[1] == 0:
         return y.to(x.dtype)
     xf, y = x.float(), y.float()
-    A, B = A_bank.float(), B_bank.float() * _rank_mask(rank_parts, B_bank.shape[1], B_bank.shape[2], x.device)
+    A, B = A_bank.float(), _block_diagonal(B_bank.float(), rank_parts, A_bank.shape[1])
     if row_pair is None:
         return y.addmm_(xf @ A[0].t(), B[0].t()).to(x.dtype)
     for p in torch.unique(row_pair).tolist():
@@ -116,16 +116,18 @@ def lora_bank_linear_torch(x: Tensor, weight: Tensor, bias: Tensor | None = None
     return y.to(x.dtype)
 
 
-def _rank_mask(rank_parts: Tensor | None, N: int, R: int, device: torch.device) -> Tensor | float:
-    """[N, R] 1 where column n reads rank r under ``rank_parts`` (n_end, r_lo, r_hi per part); 1.0 without it."""
+def _block_diagonal(B_bank: Tensor, rank_parts: Tensor | None, R: int) -> Tensor:
+    """B_bank as [P, N, R]: as it is without ``rank_parts``; with them, each part's rows
+    ``[previous n_end, n_end)`` hold their first ``r_hi - r_lo`` entries at ranks ``[r_lo, r_hi)``."""
     if rank_parts is None:
-        return 1.0
-    _check_parts(rank_parts, N, R)
-    mask, n0 = torch.zeros(N, R, device=device), 0
+        return B_bank
+    P, N, width = B_bank.shape
+    _check_parts(rank_parts, N, R, width)
+    full, n0 = B_bank.new_zeros(P, N, R), 0
     for n_end, r_lo, r_hi in rank_parts.tolist():
-        mask[n0:n_end, r_lo:r_hi] = 1.0
+        full[:, n0:n_end, r_lo:r_hi] = B_bank[:, n0:n_end, :r_hi - r_lo]
         n0 = n_end
-    return mask
+    return full
 
 
 _FLOATS = (torch.float32, torch.bfloat16)
@@ -157,8 +159,9 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor | None, A_bank: Tensor | None
     if A_bank.dim() != 3 or A_bank.shape[2] != K:
         raise ValueError(f"lora_bank_linear: A_bank must be [P, R, K={K}], got {tuple(A_bank.shape)}")
     P, R = A_bank.shape[:2]
-    if tuple(B_bank.shape) != (P, N, R):
-        raise ValueError(f"lora_bank_linear: B_bank must be [P, N, R]=[{P}, {N}, {R}], got {tuple(B_bank.shape)}")
+    if B_bank.dim() != 3 or tuple(B_bank.shape[:2]) != (P, N) or (rank_parts is None and B_bank.shape[2] != R):
+        raise ValueError(f"lora_bank_linear: B_bank must be [P, N, R]=[{P}, {N}, {R}] ([P, N, widest part's ranks] "
+                         f"with rank_parts), got {tuple(B_bank.shape)}")
     if A_bank.dtype not in _FLOATS or B_bank.dtype not in _FLOATS:
         raise TypeError(f"lora_bank_linear: A_bank and B_bank must be float32 or bfloat16, got "
                         f"{A_bank.dtype} and {B_bank.dtype}")
@@ -169,19 +172,24 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor | None, A_bank: Tensor | None
                          f"([{M}]), got {row_pair.dtype} {tuple(row_pair.shape)}")
 
 
-def _check_parts(rank_parts: Tensor, N: int, R: int) -> None:
-    """The torch kernel's check of ``rank_parts`` (the C++ kernel makes the same one)."""
+def _check_parts(rank_parts: Tensor, N: int, R: int, width: int) -> None:
+    """The torch kernel's check of ``rank_parts`` against B_bank's last dim ``width`` (the C++
+    kernel makes the same one)."""
     if rank_parts.dtype != torch.int64 or rank_parts.dim() != 2 or rank_parts.shape[1] != 3 or not len(rank_parts):
         raise ValueError(f"lora_bank_linear: rank_parts must be int64 [Q, 3] (n_end, r_lo, r_hi), got "
                          f"{rank_parts.dtype} {tuple(rank_parts.shape)}")
-    prev = 0
-    for n_end, r_lo, r_hi in rank_parts.tolist():
+    prev, rows = 0, rank_parts.tolist()
+    for n_end, r_lo, r_hi in rows:
         if not prev < n_end <= N or not 0 <= r_lo <= r_hi <= R:
             raise ValueError(f"lora_bank_linear: rank_parts row ({n_end}, {r_lo}, {r_hi}) must have n_end in "
                              f"({prev}, {N}] and 0 <= r_lo <= r_hi <= R = {R}")
         prev = n_end
     if prev != N:
         raise ValueError(f"lora_bank_linear: rank_parts must end at N = {N}, got {prev}")
+    widest = max(r_hi - r_lo for _, r_lo, r_hi in rows)
+    if width != widest:
+        raise ValueError(f"lora_bank_linear: with rank_parts B_bank must be [P, N, {widest}] (the widest part's "
+                         f"ranks), got last dim {width}")
 
 
 # torch.library: the op, its fake (meta) implementation, and the torch kernel where _C is absent.
@@ -216,8 +224,9 @@ def lora_bank_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, A_ba
         isa: the C++ kernel's ISA for this call (one of ``_C.supported_isas()``); None: the one set
             by ``_C.set_isa`` / ``MODLORA_CPU_ISA`` (default: the best).
         rank_parts: int64 ``[Q, 3]`` rows ``(n_end, r_lo, r_hi)``, or None: output columns
-            ``[previous n_end, n_end)`` read only ranks ``[r_lo, r_hi)`` of ``B_bank`` (for a
-            grouped call's block-diagonal B, whose other ranks are zeros: the kernel skips them).
+            ``[previous n_end, n_end)`` read only ranks ``[r_lo, r_hi)`` of ``x A_bank[p]^T``,
+            against the first ``r_hi - r_lo`` entries of their ``B_bank`` rows; ``B_bank`` is then
+            ``[P, N, widest part's ranks]`` (a grouped call's block-diagonal B without its zeros).
         prefetch: ``"l1"`` (None) or ``"l2"``: where the C++ kernel prefetches the next block of W
             (the same result either way; only the speed differs, by CPU, K and rows).
 
@@ -229,7 +238,8 @@ def lora_bank_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, A_ba
         ValueError, TypeError: malformed shapes or dtypes, named.
         RuntimeError (C++ kernel) or IndexError (torch kernel): a ``row_pair`` entry outside ``[0, P)``,
             or an ``isa`` unknown or not on this CPU; RuntimeError (C++) or ValueError (torch):
-            ``rank_parts`` not rising to N or ranks outside ``[0, R]``; ValueError: ``prefetch``
+            ``rank_parts`` not rising to N, ranks outside ``[0, R]`` or ``B_bank`` not as wide as
+            the widest part; ValueError: ``prefetch``
             neither ``"l1"`` nor ``"l2"``.
     """
     if x.dim() < 1:

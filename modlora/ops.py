@@ -213,8 +213,8 @@ def grouped_linear(x: Tensor, weight: Tensor, bias: Tensor | None, parts: Sequen
     consecutive row blocks of ``weight`` [N, K] (and ``bias`` [N], or None when no part has one).
 
     On the CPU with no autograd graph, one C++ call over ``weight`` whose bank stacks every part's
-    pairs along the rank, each packed as if alone and with B block-diagonal (its rank block feeds
-    only its own rows: the zeros elsewhere add exactly 0), at the ISA :mod:`modlora.dispatch`
+    pairs along the rank, each packed as if alone, B block-diagonal (its rank block feeds only its
+    own rows) and stored without the zeros (``rank_parts``), at the ISA :mod:`modlora.dispatch`
     measured fastest, when it measured that faster than separate calls (its ``"torch"`` means
     separate here). Otherwise each part is the ungrouped op (:func:`linear`,
     :func:`dual_lora_linear`, :func:`pairwise_lora_linear`), exactly as called alone.
@@ -265,8 +265,9 @@ def _grouped(path: str, x: Tensor, weight: Tensor, bias: Tensor | None, parts: S
 @functools.lru_cache(maxsize=256)  # one entry per group and pair set: 48 per pair on Qwen2.5-0.5B
 def _group_bank(key: tuple, dtype: torch.dtype, versions: tuple) -> tuple[Tensor | None, Tensor | None,
                                                                             Tensor | None]:
-    """One bank for a group: each part's :func:`cpu.pack_bank`, stacked along the rank, B block-diagonal,
-    and the rank range each part's rows read (``rank_parts``: the kernel skips the zeros)."""
+    """One bank for a group: each part's :func:`cpu.pack_bank`, A stacked along the rank, and the
+    rank range each part's rows read (``rank_parts``). B is block-diagonal, stored without its zeros:
+    part q's rows hold its own ranks from entry 0 (``[P, N, widest part's ranks]``)."""
     banks = [cpu.pack_bank(pairs, strategy, dtype) if pairs else (None, None) for pairs, strategy, _ in key]
     present = [(A, B) for A, B in banks if A is not None]
     if not present:
@@ -274,9 +275,9 @@ def _group_bank(key: tuple, dtype: torch.dtype, versions: tuple) -> tuple[Tensor
     n, r = [n for *_, n in key], [0 if A is None else A.shape[1] for A, _ in banks]
     n_at, r_at = list(accumulate([0, *n])), list(accumulate([0, *r]))  # each part's first row and rank
     A_bank = torch.cat([A for A, _ in present], dim=1)  # [P, R, K]
-    B_bank = A_bank.new_zeros(A_bank.shape[0], n_at[-1], r_at[-1])
-    for (_, B), n0, r0 in zip(banks, n_at, r_at, strict=False):
+    B_bank = A_bank.new_zeros(A_bank.shape[0], n_at[-1], max(r))
+    for (_, B), n0 in zip(banks, n_at, strict=False):
         if B is not None:
-            B_bank[:, n0:n0 + B.shape[1], r0:r0 + B.shape[2]] = B
+            B_bank[:, n0:n0 + B.shape[1], :B.shape[2]] = B
     rank_parts = torch.tensor([[n_at[q + 1], r_at[q], r_at[q + 1]] for q in range(len(key))])
     return A_bank, B_bank, rank_parts

@@ -235,25 +235,26 @@ def test_bf16_bank_across_tile_shapes(isa, M, k, n):
     [(97, 3, 40)],                               # one part, a range inside R
 ], ids=["aligned", "unaligned", "one"])
 def test_rank_parts_read_only_their_ranks(isa, M, dtype, parts):
-    """rank_parts: columns of part q add only ranks [r_lo, r_hi) of B. B is dense here (not the
-    block-diagonal of a grouped call), so a kernel that reads any other rank, or shifts a range,
-    misses by O(|delta|)."""
+    """rank_parts: columns of part q add only ranks [r_lo, r_hi) of u, against the first r_hi - r_lo
+    entries of their B rows (B stored without the block-diagonal's zeros). The oracle places them in
+    a [P, N, R] B; B's entries past a narrower part's width are random, not zeros, so a kernel that
+    reads any other entry or rank, or shifts a range, misses by O(|delta|)."""
     gen = torch.Generator().manual_seed(M * 5 + len(parts))
     R = 48
     x = torch.randn(M, K, generator=gen).to(dtype)
     W = (torch.randn(N, K, generator=gen) / K**0.5).to(dtype)
     b = torch.randn(N, generator=gen).to(dtype)
     A_bank = (torch.randn(2, R, K, generator=gen) / K**0.5).to(dtype)
-    B_bank = torch.randn(2, N, R, generator=gen).to(dtype)
+    B_bank = torch.randn(2, N, max(hi - lo for _, lo, hi in parts), generator=gen).to(dtype)
     row_pair = torch.arange(M) % 2
     rank_parts = torch.tensor(parts)
     y = cpu.lora_bank_linear(x, W, b, A_bank, B_bank, row_pair, rank_parts=rank_parts)
-    mask = torch.zeros(N, R)
+    full = torch.zeros(2, N, R, dtype=dtype)
     n0 = 0
     for n_end, r_lo, r_hi in parts:
-        mask[n0:n_end, r_lo:r_hi] = 1
+        full[:, n0:n_end, r_lo:r_hi] = B_bank[:, n0:n_end, :r_hi - r_lo]
         n0 = n_end
-    y64, mag = _oracle(x, W, b, A_bank, B_bank * mask.to(dtype), row_pair)
+    y64, mag = _oracle(x, W, b, A_bank, full, row_pair)
     _assert_close(y, y64, mag, K + R)
     y_torch = cpu.lora_bank_linear_torch(x, W, b, A_bank, B_bank, row_pair, rank_parts=rank_parts)
     _assert_close(y_torch, y64, mag, K + R, extra=2.0**-8 if dtype == torch.bfloat16 else 0.0)
@@ -264,8 +265,11 @@ def test_rank_parts_read_only_their_ranks(isa, M, dtype, parts):
     ([(50, 0, 8)], "end at N"),
     ([(97, 8, 4)], "ranks|r_lo"),
     ([(97, 0, 49)], "ranks|R = 48"),
-], ids=["falling", "short", "reversed", "past-R"])
+    ([(50, 0, 24), (97, 24, 48)], r"\[P, N, 24\] \(the widest part's ranks\), got last dim 48"),
+], ids=["falling", "short", "reversed", "past-R", "B-with-zeros"])
 def test_rank_parts_errors_are_named(parts, message):
+    """Malformed parts, and a B as wide as R with two parts of 24 ranks (the block-diagonal with its
+    zeros, which would be read at the wrong ranks), are named errors in both kernels."""
     x, W = torch.randn(2, K), torch.randn(N, K)
     A, B = torch.randn(1, 48, K), torch.randn(1, N, 48)
     with pytest.raises(RuntimeError, match=message):
