@@ -11,8 +11,9 @@
 //                 the members that need no intrinsics;
 //   Dot::X, Dot::W  element types of x and W (float or uint16_t = raw bf16);
 //   Dot::kMaxMB, Dot::kSmallM  the traits' register blocking unless the policy sets its own;
-//   Dot::block<MB, NB>(w, pf, x, ldx, K, e, out)   out[i][j] = sum_k x[i, k] * w[j][k] plus the
-//                 block's LoRA expand e folded in (Expand, fold below), i < MB, j < NB.
+//   Dot::block<MB, NB>(w, pf, pf_ld, x, ldx, K, e, out)   out[i][j] = sum_k x[i, k] * w[j][k] plus
+//                 the block's LoRA expand e folded in (Expand, fold below), i < MB, j < NB, k < K;
+//                 pf, pf_ld: the block ahead to prefetch (prefetch_step).
 // FmaDot<V, WT> below is the policy for fp32 x (W converted to fp32 as it is loaded).
 //
 // Work split: the caller gives each thread a contiguous range of output columns n (= rows of W).
@@ -54,6 +55,20 @@ template <bool kL2, int kBytes>
 __attribute__((always_inline)) inline void prefetch_lines(const void* p) {
 #pragma GCC unroll 16
   for (int b = 0; b < kBytes; b += 64) prefetch_w<kL2>(static_cast<const char*>(p) + b);
+}
+
+// A K step's share of the block ahead, kStepBytes of each of its NB rows: pf_ld = 0, the K loop
+// covers whole rows and W's are contiguous, so the block is one range (its NB * kStepBytes bytes
+// at NB * k, prefetch_lines); else the loop covers a chunk of each row (BankArgs::k_chunk), and
+// each row's bytes at k, pf_ld elements apart.
+template <bool kL2, int NB, int kStepBytes, typename T>
+__attribute__((always_inline)) inline void prefetch_step(const T* pf, int64_t pf_ld, int64_t k) {
+  if (pf_ld == 0) {
+    prefetch_lines<kL2, NB * kStepBytes>(pf + NB * k);
+    return;
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < NB; ++j) prefetch_lines<kL2, kStepBytes>(pf + j * pf_ld + k);
 }
 
 // The first W row of the block whose lines the K loop of the block at row n prefetches (nb rows a
@@ -191,23 +206,24 @@ inline void reduce(const typename V::vec (&acc)[MB][NB], float (*out)[4]) {
 }
 
 // FMA policy: x fp32, W of type WT loaded and converted to fp32 per K step.
-// pf: a block of W rows ahead (prefetch_block), prefetched as one contiguous range of
-// NB * K elements (exact when ldw == K, a mere hint otherwise). Rows are short (lm_head: 1.8 KB in
-// bf16), so the hardware prefetcher restarts on new streams all the time and, without this, the
-// core stalls on memory between the FMAs instead of overlapping the two.
+// pf: a block of W rows ahead (prefetch_block), prefetched a K step's share at a time
+// (prefetch_step: whole rows as one contiguous range of NB * K elements, exact when ldw == K, a
+// mere hint otherwise). Rows are short (lm_head: 1.8 KB in bf16), so the hardware prefetcher
+// restarts on new streams all the time and, without this, the core stalls on memory between the
+// FMAs instead of overlapping the two.
 template <typename VT, typename WT>
 struct FmaDot : DotTypes<VT, float, WT> {
   using V = VT;
 
   template <int MB, int NB, bool kL2>
-  static void block(const WT* const* w, const WT* pf, const float* x, int64_t ldx, int64_t K, const Expand& e,
-                    float (*out)[4]) {
-    constexpr int kStepBytes = NB * V::kLanes * static_cast<int>(sizeof(WT));
+  static void block(const WT* const* w, const WT* pf, int64_t pf_ld, const float* x, int64_t ldx, int64_t K,
+                    const Expand& e, float (*out)[4]) {
+    constexpr int kStepBytes = V::kLanes * static_cast<int>(sizeof(WT));
     typename V::vec acc[MB][NB];
     clear<V>(acc);
     int64_t k = 0;
     for (; k + V::kLanes <= K; k += V::kLanes) {
-      prefetch_lines<kL2, kStepBytes>(pf + NB * k);
+      prefetch_step<kL2, NB, kStepBytes>(pf, pf_ld, k);
       typename V::vec wv[NB];
 #pragma GCC unroll 4
       for (int j = 0; j < NB; ++j) wv[j] = V::load(w[j] + k);
@@ -224,8 +240,8 @@ struct FmaDot : DotTypes<VT, float, WT> {
 };
 
 template <typename Dot>
-using BlockFn = void (*)(const typename Dot::W* const*, const typename Dot::W*, const typename Dot::X*, int64_t,
-                         int64_t, const Expand&, float (*)[4]);
+using BlockFn = void (*)(const typename Dot::W* const*, const typename Dot::W*, int64_t, const typename Dot::X*,
+                         int64_t, int64_t, const Expand&, float (*)[4]);
 
 // The block kernel for mb rows of x and NB rows of W (mb is known only at run time).
 template <typename Dot, int NB, bool kL2>
@@ -361,19 +377,20 @@ void epilogue(const BankArgs& a, int64_t m0, int mb, int64_t n, int nb, const Ti
   }
 }
 
-// Dot products of rows [m0, m0 + mb) of x with the nb (<= NB) W rows `wrows` into acc.
+// Dot products over K elements of rows [m0, m0 + mb) of x (row stride ldx) with the nb (<= NB) W
+// rows `wrows` into acc; pf, pf_ld: the block ahead (prefetch_step).
 template <typename Dot, int NB, bool kL2>
-void dot_rows(const typename Dot::W* const* wrows, const typename Dot::W* pf, const typename Dot::X* x, int64_t K,
-              int mb, int nb, const Expand& e, Tile& acc) {
+void dot_rows(const typename Dot::W* const* wrows, const typename Dot::W* pf, int64_t pf_ld,
+              const typename Dot::X* x, int64_t ldx, int64_t K, int mb, int nb, const Expand& e, Tile& acc) {
   if (nb == NB) {
-    pick_block<Dot, NB, kL2>(mb)(wrows, pf, x, K, K, e, acc);
+    pick_block<Dot, NB, kL2>(mb)(wrows, pf, pf_ld, x, ldx, K, e, acc);
     return;
   }
   const BlockFn<Dot> one_row = pick_block<Dot, 1, kL2>(mb);  // last, partial block of W rows
   Expand ej = e;
   for (int j = 0; j < nb; ++j) {
     Tile one;
-    one_row(wrows + j, wrows[j], x, K, K, ej, one);
+    one_row(wrows + j, wrows[j], 0, x, ldx, K, ej, one);
     ej.b += e.row_bytes;
     for (int i = 0; i < mb; ++i) acc[i][j] = one[i][0];
   }
@@ -424,7 +441,10 @@ inline void prefetch_bank_rows(const BankArgs& a, int64_t n, int64_t nb) {
   }
 }
 
-// Output columns [n0, n1) for all M rows, NB rows of W per block.
+// Output columns [n0, n1) for all M rows, NB rows of W per block, K in chunks of a.k_chunk (all of
+// K when 0): the chunk's x stays in L1 while every block of this thread reads it, and the dot
+// products of the chunks before the last wait in a.partial. The last chunk folds the expand and
+// runs the epilogue.
 template <typename Dot, int NB, bool kL2>
 void rows_blocked(const BankArgs& a, int64_t n0, int64_t n1) {
   using V = typename Dot::V;
@@ -432,24 +452,44 @@ void rows_blocked(const BankArgs& a, int64_t n0, int64_t n1) {
   // Rows of x per register block: as even as possible, at most kMaxMB.
   const int64_t chunks = (a.M + Dot::kMaxMB - 1) / Dot::kMaxMB;
   const int mb_full = static_cast<int>((a.M + chunks - 1) / chunks);
+  const int64_t kc = a.k_chunk > 0 && a.k_chunk < a.K ? a.k_chunk : a.K;
+  const int64_t pf_ld = kc < a.K ? a.ldw : 0;  // a chunk of each row: prefetched row by row
   Tile acc;
-  for (int64_t n = n0; n < n1; n += NB) {
-    const int nb = static_cast<int>(n1 - n < NB ? n1 - n : NB);
-    const typename Dot::W* wrows[NB];
-    for (int j = 0; j < nb; ++j) wrows[j] = W + (n + j) * a.ldw;
-    const typename Dot::W* pf = W + prefetch_block(n, n1, NB, kL2) * a.ldw;
-    const Rest ranks = rest_of(a, n, nb);
-    prefetch_bank_rows(a, n + NB, n1 - n - NB < NB ? n1 - n - NB : NB);
-    for (int64_t m0 = 0; m0 < a.M; m0 += mb_full) {
-      const int mb = static_cast<int>(a.M - m0 < mb_full ? a.M - m0 : mb_full);
-      const Expand e = expand_of<V>(a, m0, mb, n, ranks);
-      dot_rows<Dot, NB, kL2>(wrows, pf, Dot::x(a) + m0 * a.K, a.K, mb, nb, e, acc);
-      Rest rest = ranks;
-      rest.lo += e.r_vec;
-      if (a.b_bf16)
-        epilogue<V, uint16_t>(a, m0, mb, n, nb, acc, rest);
-      else
-        epilogue<V, float>(a, m0, mb, n, nb, acc, rest);
+  for (int64_t k0 = 0; k0 < a.K; k0 += kc) {
+    const int64_t klen = a.K - k0 < kc ? a.K - k0 : kc;
+    const bool last = k0 + klen == a.K;
+    for (int64_t n = n0; n < n1; n += NB) {
+      const int nb = static_cast<int>(n1 - n < NB ? n1 - n : NB);
+      const typename Dot::W* wrows[NB];
+      for (int j = 0; j < nb; ++j) wrows[j] = W + (n + j) * a.ldw + k0;
+      const typename Dot::W* pf = W + prefetch_block(n, n1, NB, kL2) * a.ldw + k0;
+      const Rest ranks = rest_of(a, n, nb);
+      if (last) prefetch_bank_rows(a, n + NB, n1 - n - NB < NB ? n1 - n - NB : NB);
+      for (int64_t m0 = 0; m0 < a.M; m0 += mb_full) {
+        const int mb = static_cast<int>(a.M - m0 < mb_full ? a.M - m0 : mb_full);
+        const Expand e = last ? expand_of<V>(a, m0, mb, n, ranks) : Expand{};
+        dot_rows<Dot, NB, kL2>(wrows, pf, pf_ld, Dot::x(a) + m0 * a.K + k0, a.K, klen, mb, nb, e, acc);
+        if (kc < a.K) {
+          float* sums = a.partial + n * a.M + m0;
+          for (int j = 0; j < nb; ++j)
+            for (int i = 0; i < mb; ++i) {
+              float& sum = sums[j * a.M + i];
+              if (k0 == 0)
+                sum = acc[i][j];
+              else if (!last)
+                sum += acc[i][j];
+              else
+                acc[i][j] += sum;
+            }
+        }
+        if (!last) continue;
+        Rest rest = ranks;
+        rest.lo += e.r_vec;
+        if (a.b_bf16)
+          epilogue<V, uint16_t>(a, m0, mb, n, nb, acc, rest);
+        else
+          epilogue<V, float>(a, m0, mb, n, nb, acc, rest);
+      }
     }
   }
 }

@@ -52,17 +52,17 @@ struct Bf16Dot : DotTypes<Avx512, uint16_t, uint16_t> {
     }
   }
 
-  // pf: a block of W rows ahead, prefetched as in FmaDot::block (kernel_body.h).
+  // pf, pf_ld: a block of W rows ahead, prefetched as in FmaDot::block (kernel_body.h).
   template <int MB, int NB, bool kL2>
-  static void block(const uint16_t* const* w, const uint16_t* pf, const uint16_t* x, int64_t ldx, int64_t K,
-                    const Expand& e, float (*out)[4]) {
+  static void block(const uint16_t* const* w, const uint16_t* pf, int64_t pf_ld, const uint16_t* x, int64_t ldx,
+                    int64_t K, const Expand& e, float (*out)[4]) {
     __m512 acc[MB][NB];
     clear<Avx512>(acc);
     __mmask32 all = ~__mmask32(0);
     asm("" : "+r"(all));  // opaque: GCC turns a load under a known all-ones mask into a plain one
     int64_t k = 0;
     for (; k + 32 <= K; k += 32) {
-      prefetch_lines<kL2, NB * 64>(pf + NB * k);
+      prefetch_step<kL2, NB, 64>(pf, pf_ld, k);
       step<MB, NB, (MB <= 2)>(acc, w, x, ldx, k, all);
     }
     if (k < K) step<MB, NB, true>(acc, w, x, ldx, k, (__mmask32(1) << (K - k)) - 1);

@@ -37,6 +37,11 @@ struct BankArgs {
   // Where the K loop prefetches W ahead of its reads: L1 (false) or L2 only (true).
   // Neither wins everywhere (kernel_body.h, prefetch_w): modlora.dispatch measures both.
   bool prefetch_l2 = false;
+  // K in chunks of this many elements, the dot products kept between them in `partial` ([N, M]
+  // fp32, allocated by the caller; kernel_body.h, rows_blocked); 0: all of K at once. Not for the
+  // tile kernels (amx_body.h).
+  int64_t k_chunk = 0;
+  float* partial = nullptr;
 };
 
 // AMX tiles: 16 rows of 32 bf16 (A: W's rows; B: 16 rows of x as 16 pairs).

@@ -18,6 +18,10 @@
 //   isa                 the ISA for this call ("avx2", "amx", ...), or None: the one set by set_isa
 //   prefetch            "l1" (None) or "l2": where W is prefetched ahead of its reads (kernel_body.h,
 //                       prefetch_w and prefetch_block; modlora.dispatch measures both)
+//   k_chunk             K in chunks of this many elements (None or 0: all at once): with more rows
+//                       of x than L1 holds at K (down_proj at beam 5), a chunk's x stays in L1
+//                       while the thread's W rows pass (kernel_body.h, rows_blocked; dispatch
+//                       measures it where x's register block exceeds half of L1)
 //
 // Two phases, each parallel over threads (at::parallel_for, OpenMP in torch's CPU builds):
 //   1. shrink: u[m] = A_bank[p_m] x[m] ([M, R], tiny), rows grouped by pair so each A_p is read once;
@@ -438,9 +442,11 @@ at::Tensor lora_bank_linear_cpu(const at::Tensor& x, const at::Tensor& weight, c
                                 const c10::optional<at::Tensor>& row_pair,
                                 const std::optional<c10::string_view>& isa_name,
                                 const c10::optional<at::Tensor>& rank_parts,
-                                const std::optional<c10::string_view>& prefetch) {
+                                const std::optional<c10::string_view>& prefetch, std::optional<int64_t> k_chunk) {
   check_x_weight(x, weight);
   const bool prefetch_l2 = prefetch_to_l2(prefetch);
+  TORCH_CHECK(!k_chunk.has_value() || *k_chunk >= 0, "lora_bank_linear: k_chunk must be >= 0 (0 or None: all of K), got ",
+              k_chunk.value_or(0));
   const bool has_a = A_bank.has_value() && A_bank->defined();
   const bool has_b = B_bank.has_value() && B_bank->defined();
   TORCH_CHECK(has_a == has_b, "lora_bank_linear: A_bank and B_bank must both be given or both be None");
@@ -453,6 +459,9 @@ at::Tensor lora_bank_linear_cpu(const at::Tensor& x, const at::Tensor& weight, c
   const int isa = isa_name.has_value() ? isa_index(*isa_name, "lora_bank_linear") : g_isa.load(std::memory_order_relaxed);
   const bool bf16_x = x.scalar_type() == at::kBFloat16;
   const Kernel kernel = kernel_for(isa, w.scalar_type() == at::kBFloat16 && bf16_x);
+  const int64_t chunk = k_chunk.value_or(0) < K ? k_chunk.value_or(0) : 0;
+  TORCH_CHECK(chunk == 0 || !kernel.tiles, "lora_bank_linear: k_chunk is not supported by the tile kernel (isa ",
+              kIsaNames[isa], ", bf16 x and W): it reads whole rows of W");
   Bank bank;
   const bool has_parts = rank_parts.has_value() && rank_parts->defined();
   if (has_a) bank = checked_bank(*A_bank, *B_bank, row_pair, M, N, K, has_parts);
@@ -479,6 +488,9 @@ at::Tensor lora_bank_linear_cpu(const at::Tensor& x, const at::Tensor& weight, c
   a.y = out.data_ptr();
   a.y_bf16 = out.scalar_type() == at::kBFloat16;
   a.prefetch_l2 = prefetch_l2;
+  std::vector<float> partial(chunk ? M * N : 0);
+  a.k_chunk = chunk;
+  a.partial = partial.data();
 
   std::vector<float> u;
   at::Tensor parts;
@@ -546,7 +558,7 @@ bool evict(const at::Tensor& t) {
 TORCH_LIBRARY_FRAGMENT(modlora, m) {
   m.def(
       "lora_bank_linear(Tensor x, Tensor weight, Tensor? bias=None, Tensor? A_bank=None, Tensor? B_bank=None, "
-      "Tensor? row_pair=None, str? isa=None, Tensor? rank_parts=None, str? prefetch=None) -> Tensor");
+      "Tensor? row_pair=None, str? isa=None, Tensor? rank_parts=None, str? prefetch=None, int? k_chunk=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(modlora, CPU, m) { m.impl("lora_bank_linear", &modlora_cpu::lora_bank_linear_cpu); }

@@ -20,8 +20,9 @@ it has no autograd. This module runs the op; :mod:`modlora.ops` decides when to 
 ``MODLORA_DISABLE_C=1`` in the environment (read at import) leaves ``_C`` unloaded;
 ``MODLORA_CPU_ISA=avx2`` (or ``scalar``, ``avx512``, ``avx512_bf16``, ``amx``) sets the kernel's
 ISA for calls that name none; ``isa=`` names one per call, ``prefetch=`` the cache level (``"l1"``,
-the default, or ``"l2"``) the kernel prefetches the next block of W into while it reads one (what
-:mod:`modlora.dispatch` chooses, both by measurement).
+the default, or ``"l2"``) the kernel prefetches the next block of W into while it reads one, and
+``k_chunk=`` the elements of K it takes at a time (what :mod:`modlora.dispatch` chooses, all by
+measurement).
 ``avx512_bf16`` and ``amx`` differ from ``avx512`` only for bf16 x and W: ``vdpbf16ps`` / AMX tiles
 (``tdpbf16ps``, W read in place as the tiles' A operand, x repacked per call). Both treat bf16
 subnormal inputs (|v| < 2^-126) as zero, as torch's own oneDNN/AMX bf16 GEMMs do; the other ISAs
@@ -83,9 +84,9 @@ def set_c_enabled(enabled: bool) -> None:
 def lora_bank_linear_torch(x: Tensor, weight: Tensor, bias: Tensor | None = None, A_bank: Tensor | None = None,
                            B_bank: Tensor | None = None, row_pair: Tensor | None = None,
                            isa: str | None = None, rank_parts: Tensor | None = None,
-                           prefetch: str | None = None) -> Tensor:
+                           prefetch: str | None = None, k_chunk: int | None = None) -> Tensor:
     """The op in plain torch on 2-D ``x`` (any device, any M, differentiable); result in x's dtype.
-    ``isa`` and ``prefetch`` (the C++ kernel's) are ignored; with ``rank_parts`` each part's B rows
+    ``isa``, ``prefetch`` and ``k_chunk`` (the C++ kernel's) are ignored; with ``rank_parts`` each part's B rows
     are placed at its ranks of a block-diagonal ``[P, N, R]`` B.
 
     ``x W^T + b`` runs in W's dtype when x has it (torch's GEMMs accumulate bf16 in fp32 and round
@@ -195,7 +196,7 @@ def _check_parts(rank_parts: Tensor, N: int, R: int, width: int) -> None:
 # torch.library: the op, its fake (meta) implementation, and the torch kernel where _C is absent.
 _SCHEMA = ("lora_bank_linear(Tensor x, Tensor weight, Tensor? bias=None, Tensor? A_bank=None, "
            "Tensor? B_bank=None, Tensor? row_pair=None, str? isa=None, Tensor? rank_parts=None, "
-           "str? prefetch=None) -> Tensor")
+           "str? prefetch=None, int? k_chunk=None) -> Tensor")
 _lib = torch.library.Library("modlora", "FRAGMENT")  # noqa: TOR901 (kept alive for the registrations)
 if not HAVE_C:  # _C defines the schema and the CPU kernel itself when it loads
     _lib.define(_SCHEMA)
@@ -208,13 +209,14 @@ _OP = torch.ops.modlora.lora_bank_linear.default
 
 @torch.library.register_fake("modlora::lora_bank_linear")
 def _lora_bank_linear_fake(x, weight, bias=None, A_bank=None, B_bank=None, row_pair=None, isa=None, rank_parts=None,
-                           prefetch=None):
+                           prefetch=None, k_chunk=None):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 def lora_bank_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, A_bank: Tensor | None = None,
                      B_bank: Tensor | None = None, row_pair: Tensor | None = None, isa: str | None = None,
-                     rank_parts: Tensor | None = None, prefetch: str | None = None) -> Tensor:
+                     rank_parts: Tensor | None = None, prefetch: str | None = None,
+                     k_chunk: int | None = None) -> Tensor:
     """``y = x W^T + b + (x A_bank[p]^T) B_bank[p]^T`` by the registered op; see the module docstring.
 
     Args:
@@ -229,6 +231,9 @@ def lora_bank_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, A_ba
             ``[P, N, widest part's ranks]`` (a grouped call's block-diagonal B without its zeros).
         prefetch: ``"l1"`` (None) or ``"l2"``: where the C++ kernel prefetches the next block of W
             (the same result either way; only the speed differs, by CPU, K and rows).
+        k_chunk: the C++ kernel takes K this many elements at a time, keeping each output's sum
+            between chunks, so that a chunk of x stays in L1 while W streams (None or 0: all of
+            K; the sum's order changes, so the result may differ in the last bits).
 
     Returns:
         ``[..., N]`` in x's dtype. Not differentiable: autograd goes through the torch path of
@@ -240,7 +245,7 @@ def lora_bank_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, A_ba
             or an ``isa`` unknown or not on this CPU; RuntimeError (C++) or ValueError (torch):
             ``rank_parts`` not rising to N, ranks outside ``[0, R]`` or ``B_bank`` not as wide as
             the widest part; ValueError: ``prefetch``
-            neither ``"l1"`` nor ``"l2"``.
+            neither ``"l1"`` nor ``"l2"``, or ``k_chunk`` negative.
     """
     if x.dim() < 1:
         raise ValueError("lora_bank_linear: x must have a feature dimension")
@@ -249,7 +254,9 @@ def lora_bank_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, A_ba
     _check(x2, weight, bias, A_bank, B_bank, rows, rank_parts)
     if prefetch not in (None, "l1", "l2"):
         raise ValueError(f"lora_bank_linear: prefetch must be 'l1' or 'l2', got {prefetch!r}")
-    args = (weight, bias, A_bank, B_bank, rows, isa, rank_parts, prefetch)
+    if k_chunk is not None and k_chunk < 0:
+        raise ValueError(f"lora_bank_linear: k_chunk must be >= 0 (0 or None: all of K), got {k_chunk}")
+    args = (weight, bias, A_bank, B_bank, rows, isa, rank_parts, prefetch, k_chunk)
     y = _OP(x2, *args)
     calls = _recording.calls
     if calls is not None:

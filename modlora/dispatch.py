@@ -9,7 +9,9 @@ repeat); above, a power-of-two bucket measured at its top, where the C++ op is m
 behind torch's GEMM (not always: torch's time is not monotone in the rows). The paths:
 ``"c:<isa>"`` (the C++ op, :mod:`modlora.cpu`, at one of this CPU's ISAs: :func:`c_paths`),
 ``"c:<isa>:l2"`` (the same, prefetching the next block of W into L2 instead of L1: which is faster
-depends on the CPU, K and the rows) or ``"torch"``. Calibration is short (a warm-up call, then
+depends on the CPU, K and the rows), each also as ``...:k<n>`` where a register block of x's rows
+exceeds half of L1 (K taken ``n`` elements at a time, so that x's chunk stays in L1:
+:func:`k_chunk`), or ``"torch"``. Calibration is short (a warm-up call, then
 timed calls for about ``PATH_SECONDS``, at most ``MAX_REPS``, per path; the warm-up is timed too, so
 a call longer than that costs one call per path) and bounded in total per
 process (``BUDGET_SECONDS``); a case met after that gets the conservative default and is measured
@@ -22,10 +24,10 @@ meanwhile. A file that cannot be read, is not this format or was written for ano
 version is ignored (one warning) and replaced at the next write.
 
 Environment: ``MODLORA_DISPATCH`` forces a path: ``torch``, ``c`` (the C++ op at the ISA set by
-``MODLORA_CPU_ISA``, by default the best), ``c:<isa>`` (one of ``_C.supported_isas()``) or
-``c:<isa>:l2``, the C ones only where the C++ op is available and allowed; ``MODLORA_CALIBRATE=0``
-skips calibration and the cache: every case gets the conservative default (:func:`default_path`).
-Both are read at import and by :func:`reset`.
+``MODLORA_CPU_ISA``, by default the best), ``c:<isa>`` (one of ``_C.supported_isas()``),
+``c:<isa>:l2``, either with ``:k<n>``, the C ones only where the C++ op is available and allowed;
+``MODLORA_CALIBRATE=0`` skips calibration and the cache: every case gets the conservative default
+(:func:`default_path`). Both are read at import and by :func:`reset`.
 """
 
 from __future__ import annotations
@@ -53,16 +55,18 @@ from .kernels.configs import m_bucket
 log = logging.getLogger("modlora")
 
 __all__ = ["c_options", "c_paths", "choose", "default_path", "cache_file", "cpu_ids", "cpu_model", "cpu_signature",
-           "fingerprint", "llc_bytes", "parse_cpuinfo", "reset", "rows_bucket", "NATIVE_BF16"]
+           "fingerprint", "k_chunk", "l1d_bytes", "llc_bytes", "parse_cpuinfo", "reset", "rows_bucket", "NATIVE_BF16"]
 
 MAX_BUCKET = 256  # larger M is a GEMM: torch's (oneDNN/MKL) path, never the small-M kernel
 SMALL_ROWS = 8  # up to this many rows a case is decided at its own rows, above at its bucket's top
 PATH_SECONDS = 0.02  # time each path about this long per case (at least one call, the warm-up, which counts)
 MAX_REPS = 10
 BUDGET_SECONDS = 10.0  # calibration time per process, all cases together
-FORMAT = 4  # 4: exact rows up to SMALL_ROWS, else the bucket's top (3: the first call's rows)
+FORMAT = 5  # 5: K-chunked paths; 4: exact rows up to SMALL_ROWS, else the bucket's top
 ISAS = ("scalar", "avx2", "avx512", "avx512_bf16", "amx")  # the C++ op's ISAs, each wider than the last
 BF16_DOT_ISAS = ("avx512_bf16", "amx")  # differ from avx512 only for bf16 x and W
+TILE_ISAS = ("amx",)  # bf16 x and W run the tile kernel, which reads whole rows of W (no k_chunk)
+BLOCK_ROWS = 8  # rows of x in one register block of the bf16-dot kernel (kernels_avx512bf16.cpp, kMaxMB)
 
 NATIVE_BF16: bool = any(getattr(torch.cpu, probe, lambda: False)()
                         for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
@@ -88,38 +92,65 @@ def reset() -> None:
     _exact.clear()
     _measured.clear()
     forced = os.environ.get("MODLORA_DISPATCH", "").strip().lower()
-    known = ("torch", "c", *_c_variants(cpu._C.supported_isas() if cpu.HAVE_C else ()))
-    if forced not in ("", "auto", *known):
-        log.warning("MODLORA_DISPATCH=%s ignored: expected one of auto, %s", forced, ", ".join(known))
-        forced = ""
-    _forced = forced if forced in known else None
+    isas = cpu._C.supported_isas() if cpu.HAVE_C else ()
+    known = forced in ("torch", "c") or _known_path(forced, isas)
+    if forced not in ("", "auto") and not known:
+        log.warning("MODLORA_DISPATCH=%s ignored: expected one of auto, torch, c, %s (each C path also with "
+                    ":k<n>)", forced, ", ".join(_c_variants(isas)))
+    _forced = forced if known else None
     _calibrate = os.environ.get("MODLORA_CALIBRATE", "1").strip() not in ("0", "false", "no", "off")
     _loaded = _warned = False
     _spent = 0.0
 
 
-def c_paths(x_dtype: torch.dtype, w_dtype: torch.dtype) -> tuple[str, ...]:
+def c_paths(x_dtype: torch.dtype, w_dtype: torch.dtype, chunk: int = 0) -> tuple[str, ...]:
     """The C++ op's paths for a case: ``"c:<isa>"`` and ``"c:<isa>:l2"`` for each ISA of this CPU
     up to the one set (``MODLORA_CPU_ISA`` caps them; default: the best), the bf16-dot ones only
-    for bf16 x and W, and scalar only where no vector ISA is left."""
+    for bf16 x and W, and scalar only where no vector ISA is left; with ``chunk`` > 0 (:func:`k_chunk`)
+    each also with ``:k<chunk>``, except the tile kernel's."""
     ceiling = ISAS.index(cpu._C.isa())
     bf16 = x_dtype == w_dtype == torch.bfloat16
     isas = [isa for isa in cpu._C.supported_isas()
             if ISAS.index(isa) <= ceiling and (bf16 or isa not in BF16_DOT_ISAS)]
-    return _c_variants([isa for isa in isas if isa != "scalar"] or isas)
+    isas = [isa for isa in isas if isa != "scalar"] or isas
+    chunked = [isa for isa in isas if not (bf16 and isa in TILE_ISAS)] if chunk > 0 else []
+    return (*_c_variants(isas), *(f"{path}:k{chunk}" for path in _c_variants(chunked)))
 
 
 def _c_variants(isas: Iterable[str]) -> tuple[str, ...]:
-    """Every C path of the ISAs ``isas``: each with the next block of W prefetched into L1 or L2."""
+    """Every C path of the ISAs ``isas`` over all of K: each with the next block of W prefetched
+    into L1 or L2."""
     return tuple(f"c:{isa}{level}" for isa in isas for level in ("", ":l2"))
 
 
+def _known_path(path: str, isas: Iterable[str]) -> bool:
+    """Whether ``path`` is one of :func:`_c_variants` of ``isas``, or one of them with ``:k<n>``, n > 0."""
+    base, sep, chunk = path.rpartition(":k")
+    if not sep:
+        return path in _c_variants(isas)
+    return base in _c_variants(isas) and chunk.isdigit() and int(chunk) > 0
+
+
+def k_chunk(rows: int, K: int, dtype: torch.dtype) -> int:
+    """The elements of K the C++ op takes at a time for ``rows`` rows of x in ``dtype``, or 0 (all
+    of K): where a register block of x's rows (at most ``BLOCK_ROWS``) does not fit in half of L1
+    at K, the most whole 64-element steps that do. Each W line then meets x in L1, where it met x
+    in L2 (down_proj, 896 x 4864, with a rank-32 bank, bf16, W cold, one Zen 4 core: 5 rows 549 ->
+    446 µs, 8 rows 874 -> 614, 2 rows 361 -> 341; two cores: 318 -> 278, 443 -> 299, 302 -> 319;
+    the chunked op is measured beside the others, never assumed faster)."""
+    budget = l1d_bytes()["bytes"] // 2 // (min(rows, BLOCK_ROWS) * torch.finfo(dtype).bits // 8)
+    chunk = budget // 64 * 64
+    return chunk if 0 < chunk < K else 0
+
+
 @functools.cache  # a handful of paths, parsed once each instead of on every op call
-def c_options(path: str) -> dict[str, str | None]:
-    """The C++ op's keyword arguments for a C path (``"c"``, ``"c:<isa>"``, ``"c:<isa>:l2"``):
-    ``isa`` (None: the ISA set) and ``prefetch`` (None: L1). The dict is shared: do not modify it."""
-    _, isa, prefetch = (*path.split(":"), None, None)[:3]
-    return {"isa": isa or None, "prefetch": prefetch}
+def c_options(path: str) -> dict[str, str | int | None]:
+    """The C++ op's keyword arguments for a C path (``"c"``, ``"c:<isa>"``, ``"c:<isa>:l2"``, each
+    with ``:k<n>`` or not): ``isa`` (None: the ISA set), ``prefetch`` (None: L1) and ``k_chunk``
+    (None: all of K). The dict is shared: do not modify it."""
+    fields = path.split(":")[1:]
+    chunk = next((int(f[1:]) for f in fields[1:] if f.startswith("k")), None)
+    return {"isa": fields[0] if fields else None, "prefetch": "l2" if "l2" in fields[1:] else None, "k_chunk": chunk}
 
 
 def default_path(dtype: torch.dtype, bucket: int) -> str:
@@ -186,7 +217,8 @@ def _decide(key: Key, x: Tensor, weight: Tensor, run: Run) -> str:
     if _spent >= BUDGET_SECONDS:  # not stored on disk: a later process measures it
         return _choices.setdefault(key, default_path(x.dtype, bucket))
     spent, start = _spent, time.perf_counter()
-    times = _measure(x, weight, run, bucket, (*c_paths(x.dtype, weight.dtype), "torch"))
+    paths = c_paths(x.dtype, weight.dtype, k_chunk(bucket, weight.shape[1], x.dtype))
+    times = _measure(x, weight, run, bucket, (*paths, "torch"))
     _spent = spent + time.perf_counter() - start  # a group's parts calibrated inside counted once
     _choices[key] = min(times, key=times.get)
     _measured[_name(key)] = {"path": _choices[key], "rows": bucket, "ms": times}
@@ -240,29 +272,49 @@ def llc_bytes() -> dict:
     (384 MiB on this project's 2-vCPU EPYC guest, whose sysfs shows one 32 MiB L3), which would
     make every flush read 12x more than it needs. 512 MiB where neither says.
     """
+    return _cache_bytes(3, sum, 512 << 20)
+
+
+@functools.cache
+def l1d_bytes() -> dict:
+    """One core's L1 data cache in bytes (the smallest, where cores differ) and where that came
+    from, as :func:`llc_bytes`; 32 KiB where neither sysfs nor sysconf says."""
+    return _cache_bytes(1, min, 32 << 10)
+
+
+def _cache_bytes(level: int, combine: Callable[[Iterable[int]], int], default: int) -> dict:
+    """The data caches of ``level``: sysfs's distinct instances combined (``sum``, ``min``), else
+    sysconf's figure, else ``default``."""
     found = {}
-    instances = {}
-    for index in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/cache/index[0-9]*"):
-        try:
-            if (index / "level").read_text().strip() == "3":
-                size = (index / "size").read_text().strip()
-                scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1], 1)
-                instances[(index / "shared_cpu_list").read_text().strip()] = int(size.rstrip("KMG")) * scale
-        except (OSError, ValueError):
-            continue
+    instances = _sysfs_caches(level)
     if instances:
-        found["sysfs"] = sum(instances.values())
-    try:  # Python's os.sysconf does not know _SC_LEVEL3_CACHE_SIZE: ask getconf
-        size = int(subprocess.run(["getconf", "LEVEL3_CACHE_SIZE"], capture_output=True, text=True,
-                                  check=True).stdout.strip() or 0)
+        found["sysfs"] = combine(instances.values())
+    try:  # Python's os.sysconf does not know the cache sizes: ask getconf
+        name = "LEVEL1_DCACHE_SIZE" if level == 1 else f"LEVEL{level}_CACHE_SIZE"
+        size = int(subprocess.run(["getconf", name], capture_output=True, text=True, check=True).stdout.strip() or 0)
         if size > 0:
             found["sysconf"] = size
     except (OSError, ValueError, subprocess.CalledProcessError):
         pass
     if not found:
-        return {"bytes": 512 << 20, "source": "default (no L3 size found in sysfs or sysconf)"}
+        return {"bytes": default, "source": f"default (no L{level} size found in sysfs or sysconf)"}
     source = "sysfs" if "sysfs" in found else "sysconf"
     return {"bytes": found[source], "source": source, "found": found}
+
+
+def _sysfs_caches(level: int) -> dict[str, int]:
+    """Bytes of each data or unified cache of ``level`` in sysfs, keyed by the CPUs that share it."""
+    instances = {}
+    for index in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/cache/index[0-9]*"):
+        try:
+            kind = (index / "type").read_text().strip() if (index / "type").exists() else "Unified"
+            if (index / "level").read_text().strip() == str(level) and kind != "Instruction":
+                size = (index / "size").read_text().strip()
+                scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1], 1)
+                instances[(index / "shared_cpu_list").read_text().strip()] = int(size.rstrip("KMG")) * scale
+        except (OSError, ValueError):
+            continue
+    return instances
 
 
 def _name(key: Key) -> str:
@@ -365,8 +417,9 @@ def _read() -> dict[str, dict]:
 
 
 def _valid(entry: object) -> bool:
-    paths = ("torch", *_c_variants(fingerprint()["isas"]))
-    return (isinstance(entry, dict) and entry.get("path") in paths and isinstance(entry.get("ms"), dict)
+    path = entry.get("path") if isinstance(entry, dict) else None
+    return (isinstance(path, str) and (path == "torch" or _known_path(path, fingerprint()["isas"]))
+            and isinstance(entry.get("ms"), dict)
             and all(isinstance(v, float) and math.isfinite(v) for v in entry["ms"].values()))
 
 

@@ -208,6 +208,33 @@ def test_prefetch_level_changes_no_bit(isa, M, dtype):
     _assert_close(y["l2"], y64, mag, K + A_bank.shape[1])
 
 
+@pytest.mark.parametrize("M", [1, 5, 13])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [32, 40, 64, 129])
+def test_k_chunk_keeps_each_outputs_sum(isa, M, dtype, chunk):
+    """k_chunk: K = 130 in chunks of whole vector steps and not (40), five chunks to two (the last
+    one element): within the float64 bound, with adapters, per-row pairs, a bias, 4- and 2-row
+    blocks and a last partial block, both prefetch levels; a chunk of K or more is the whole-K op,
+    bit for bit. A lost or doubled chunk is off by O(|y|). The tile kernel refuses it, named."""
+    gen = torch.Generator().manual_seed(23 + M + chunk)
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    W = (torch.randn(N, K, generator=gen) / K**0.5).to(dtype)
+    if isa in TILED and dtype == torch.bfloat16:
+        with pytest.raises(RuntimeError, match="k_chunk is not supported by the tile kernel"):
+            cpu.lora_bank_linear(x, W, k_chunk=chunk)
+        return
+    b = torch.randn(N, generator=gen).to(dtype)
+    A_bank, B_bank = cpu.pack_bank(_pairs("output", gen), "output", dtype)
+    row_pair = torch.arange(M) % 3
+    y64, mag = _oracle(x, W, b, A_bank, B_bank, row_pair)
+    for level in ("l1", "l2"):
+        y = cpu.lora_bank_linear(x, W, b, A_bank, B_bank, row_pair, prefetch=level, k_chunk=chunk)
+        _assert_close(y, y64, mag, K + A_bank.shape[1])
+    whole = cpu.lora_bank_linear(x, W, b, A_bank, B_bank, row_pair)
+    for at_least_k in (0, K, 1000):
+        assert torch.equal(cpu.lora_bank_linear(x, W, b, A_bank, B_bank, row_pair, k_chunk=at_least_k), whole)
+
+
 @pytest.mark.parametrize("M", [1, 2, 15, 16, 17, 33, 64, 65, 70])
 @pytest.mark.parametrize("k,n", [(130, 97), (32, 16), (31, 5), (96, 48), (70, 23)])
 def test_bf16_bank_across_tile_shapes(isa, M, k, n):
@@ -417,6 +444,10 @@ def test_clear_errors():
         cpu.lora_bank_linear(x, W, prefetch="l3")
     with pytest.raises(RuntimeError, match="lora_bank_linear: unknown prefetch 'L2', expected 'l1' or 'l2'"):
         torch.ops.modlora.lora_bank_linear(x, W, prefetch="L2")
+    with pytest.raises(ValueError, match=r"k_chunk must be >= 0 \(0 or None: all of K\), got -1"):
+        cpu.lora_bank_linear(x, W, k_chunk=-1)
+    with pytest.raises(RuntimeError, match=r"k_chunk must be >= 0 \(0 or None: all of K\), got -1"):
+        torch.ops.modlora.lora_bank_linear(x, W, k_chunk=-1)
     for name in set(ALL_ISAS) - set(ISAS):  # known, but beyond this CPU (amx on an AVX-512 BF16 machine)
         with pytest.raises(RuntimeError, match=f"'{name}' is not supported on this CPU"):
             _C.set_isa(name)

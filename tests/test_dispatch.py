@@ -54,23 +54,24 @@ PATHS, BF16_PATHS = _paths(torch.float32), _paths(torch.bfloat16)
 
 @pytest.fixture
 def c_calls(monkeypatch):
-    """Calls of the C++ op through ops: (x's shape, the ISA asked for, the prefetch level asked for)."""
+    """Calls of the C++ op through ops: (x's shape, the ISA, prefetch level and K chunk asked for)."""
     calls = []
     real = cpu.lora_bank_linear
 
     def spy(*args, **kwargs):
-        calls.append((args[0].shape, kwargs.get("isa"), kwargs.get("prefetch")))
+        calls.append((args[0].shape, kwargs.get("isa"), kwargs.get("prefetch"), kwargs.get("k_chunk")))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(ops.cpu, "lora_bank_linear", spy)
     return calls
 
 
-def _asked(path: str) -> tuple[str | None, str | None]:
-    """The (isa, prefetch) a C path asks the op for: ``"c"`` the ISA set, ``"c:<isa>"`` L1."""
-    _, _, rest = path.partition(":")
-    isa, _, level = rest.partition(":")
-    return isa or None, level or None
+def _asked(path: str) -> tuple[str | None, str | None, int | None]:
+    """The (isa, prefetch, k_chunk) a C path asks the op for: ``"c"`` the ISA set, ``"c:<isa>"`` L1
+    and all of K, ``:l2`` L2, ``:k<n>`` chunks of n."""
+    _, *fields = path.split(":")
+    chunks = [int(f[1:]) for f in fields[1:] if f.startswith("k")]
+    return (fields[0] if fields else None), ("l2" if "l2" in fields else None), (chunks[0] if chunks else None)
 
 
 def _inputs(m: int, dtype=torch.float32):
@@ -214,7 +215,7 @@ def test_a_call_longer_than_the_time_per_path_costs_one_call_per_path(monkeypatc
     assert sorted(calls) == sorted(PATHS)
 
 
-@pytest.mark.parametrize("forced", ["c", *PATHS])
+@pytest.mark.parametrize("forced", ["c", *PATHS, *([f"{PATHS[-2]}:k32"] if cpu.HAVE_C else [])])
 @torch.no_grad()
 def test_forced_path_is_obeyed_without_measuring(forced, monkeypatch, c_calls):
     monkeypatch.setenv("MODLORA_DISPATCH", forced)
@@ -228,11 +229,47 @@ def test_forced_path_is_obeyed_without_measuring(forced, monkeypatch, c_calls):
     assert not dispatch.cache_file().exists()
 
 
-def test_unknown_forced_path_is_ignored_with_a_warning(monkeypatch, caplog):
-    monkeypatch.setenv("MODLORA_DISPATCH", "c:sse9")
+@pytest.mark.parametrize("forced", ["c:sse9", "c:avx2:k0", "c:avx2:k", "c:avx2:l2:kx", "c:avx2:k32:l2"])
+def test_unknown_forced_path_is_ignored_with_a_warning(forced, monkeypatch, caplog):
+    monkeypatch.setenv("MODLORA_DISPATCH", forced)
     with caplog.at_level(logging.WARNING, logger="modlora"):
         dispatch.reset()
-    assert "MODLORA_DISPATCH=c:sse9 ignored" in caplog.text and dispatch._forced is None
+    assert f"MODLORA_DISPATCH={forced} ignored" in caplog.text and dispatch._forced is None
+
+
+def test_k_chunk_fits_a_register_block_of_x_in_half_of_l1(monkeypatch):
+    """The K chunk offered: the most 64-element steps of a register block of x's rows (at most 8)
+    that fill half of L1, and none where the rows fit at K or no step does."""
+    monkeypatch.setattr(dispatch, "l1d_bytes", lambda: {"bytes": 32 << 10})
+    assert dispatch.k_chunk(5, 4864, torch.bfloat16) == 1600  # 16 KiB / (5 rows * 2 bytes) = 1638
+    assert dispatch.k_chunk(8, 4864, torch.bfloat16) == dispatch.k_chunk(40, 4864, torch.bfloat16) == 1024
+    assert dispatch.k_chunk(5, 4864, torch.float32) == 768
+    assert dispatch.k_chunk(1, 4864, torch.bfloat16) == 0  # 8192 elements fit
+    assert dispatch.k_chunk(5, 896, torch.bfloat16) == 0
+    monkeypatch.setattr(dispatch, "l1d_bytes", lambda: {"bytes": 512})
+    assert dispatch.k_chunk(8, 4864, torch.float32) == 0  # not one step fits
+
+
+def test_l1d_size_is_found():
+    """sysfs or sysconf names this machine's L1 data cache (the default only where neither does)."""
+    found = dispatch.l1d_bytes()
+    assert found["source"] in ("sysfs", "sysconf") and 4 << 10 <= found["bytes"] <= 4 << 20, found
+
+
+@torch.no_grad()
+def test_a_case_beyond_l1_also_measures_k_chunks_and_runs_the_winner(monkeypatch, c_calls):
+    """Where x's rows do not fit in half of L1 at K (an L1 of 4 KiB here: 5 fp32 rows of K = 300),
+    every C path is measured over all of K and in chunks; the winner runs, as exact as any."""
+    monkeypatch.setattr(dispatch, "l1d_bytes", lambda: {"bytes": 4 << 10})
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(5, 300, generator=g), torch.randn(N, 300, generator=g)
+    assert_linear_exact(x, w)
+    (entry,) = _choices(torch.float32).values()
+    assert set(entry["ms"]) == {*dispatch.c_paths(torch.float32, torch.float32, 64), "torch"}
+    assert any(path.endswith(":k64") for path in entry["ms"])
+    c_calls.clear()
+    assert_linear_exact(x, w)
+    assert c_calls == ([] if entry["path"] == "torch" else [((5, 300), *_asked(entry["path"]))])
 
 
 @torch.no_grad()
@@ -242,7 +279,8 @@ def test_no_calibration_uses_the_defaults_and_no_cache(monkeypatch, c_calls):
     monkeypatch.setattr(dispatch, "_measure", lambda *a: pytest.fail("measured with MODLORA_CALIBRATE=0"))
     for m in (1, 4, 200):
         ops.linear(*_inputs(m))
-    assert c_calls == [((1, K), None, None), ((4, K), None, None)]  # the default: C at the ISA set for up to 4 rows
+    # the default: C at the ISA set for up to 4 rows
+    assert c_calls == [((1, K), None, None, None), ((4, K), None, None, None)]
     assert not dispatch.cache_file().exists()
 
 
