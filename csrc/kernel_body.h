@@ -129,16 +129,16 @@ inline void clear(typename V::vec (&acc)[MB][NB]) {
 
 // A block's LoRA expand, folded into its accumulators before the horizontal sums: lane l of
 // acc[i][j] gains the sum over r < r_vec, r = l (mod lanes), of u[i, lo + r] B_bank[p_i][n + j, r]
-// ([lo, hi): the block's rank range, rank_range below; without parts lo = 0), so the one sum per output adds the expand
-// too. (A dot and a horizontal sum per output of its own cost about a third of the block's work at
-// M = 5, K = 896, R = 32.) The epilogue adds the ranks from lo + r_vec to hi. A row's B row is
-// found from its pair (row()): a per-row pointer array, zeroed for every block, took 5% of a
-// 4864 x 896 call at M = 5 (perf: `rep stos` in expand_of), adapters or not.
+// ([lo, hi): the block's rank range, rank_range below; lo = 0 without parts), so the one sum per
+// output adds the expand too. (A dot and a horizontal sum per output of its own cost about a third
+// of the block's work at M = 5, K = 896, R = 32.) The epilogue adds the ranks from lo + r_vec to
+// hi. A row's B row is found from its pair (row()): a per-row pointer array, zeroed for every
+// block, took 5% of a 4864 x 896 call at M = 5 (perf: `rep stos` in expand_of), adapters or not.
 struct Expand {
   const float* u = nullptr;       // u[m0, lo] of the block's first row of x (row stride R); null: nothing to fold
   const char* b = nullptr;        // B_bank[0][n, 0] as bytes: pair 0's B row of the block's first column
   const int64_t* pair = nullptr;  // the pairs of the block's rows; null: pair 0 for every row
-  int64_t pair_bytes = 0;         // from one pair's B to the next (N * R elements)
+  int64_t pair_bytes = 0;         // from one pair's B to the next (N * ldb elements)
   int64_t R = 0, r_vec = 0, row_bytes = 0;
   bool b_bf16 = false;
   bool shared = true;  // every row reads the same pair's B (no per-row pairs, or one sentence's beams)
