@@ -405,9 +405,10 @@ def _with_paths(monkeypatch, pick):
 
 
 def _forced_paths(dtype: torch.dtype) -> list[str]:
-    """Each C ISA of the case (and, for bf16, the AMX driver on emulated tiles), then torch."""
+    """Each C path of the case, also with K in chunks of 32 (the model's K: 96 and 200), then torch
+    (and, for bf16, the AMX driver on emulated tiles)."""
     cpu._C._allow_amx_emulation(True)
-    return [*_paths(dtype), *(["c:amx_emulated"] if dtype == torch.bfloat16 else [])]
+    return [*dispatch.c_paths(dtype, dtype, 32), "torch", *(["c:amx_emulated"] if dtype == torch.bfloat16 else [])]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
