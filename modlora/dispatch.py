@@ -103,18 +103,23 @@ def reset() -> None:
     _spent = 0.0
 
 
-def c_paths(x_dtype: torch.dtype, w_dtype: torch.dtype, chunk: int = 0) -> tuple[str, ...]:
+def c_paths(x_dtype: torch.dtype, w_dtype: torch.dtype, rows: int = 0, k: int = 0) -> tuple[str, ...]:
     """The C++ op's paths for a case: ``"c:<isa>"`` and ``"c:<isa>:l2"`` for each ISA of this CPU
     up to the one set (``MODLORA_CPU_ISA`` caps them; default: the best), the bf16-dot ones only
-    for bf16 x and W, and scalar only where no vector ISA is left; with ``chunk`` > 0 (:func:`k_chunk`)
-    each also with ``:k<chunk>``, except the tile kernel's."""
+    for bf16 x and W, and scalar only where no vector ISA is left; given the case's ``rows`` and
+    ``k``, each ISA's also with ``:k<n>`` where :func:`k_chunk` gives one for x as that ISA's kernel
+    reads it (bf16 in the bf16-dot kernel, else an fp32 copy), except the tile kernel's."""
     ceiling = ISAS.index(cpu._C.isa())
     bf16 = x_dtype == w_dtype == torch.bfloat16
     isas = [isa for isa in cpu._C.supported_isas()
             if ISAS.index(isa) <= ceiling and (bf16 or isa not in BF16_DOT_ISAS)]
     isas = [isa for isa in isas if isa != "scalar"] or isas
-    chunked = [isa for isa in isas if not (bf16 and isa in TILE_ISAS)] if chunk > 0 else []
-    return (*_c_variants(isas), *(f"{path}:k{chunk}" for path in _c_variants(chunked)))
+    chunked = []
+    for isa in isas:
+        chunk = k_chunk(rows, k, 2 if bf16 and isa in BF16_DOT_ISAS else 4)
+        if chunk and not (bf16 and isa in TILE_ISAS):
+            chunked += [f"{path}:k{chunk}" for path in _c_variants([isa])]
+    return (*_c_variants(isas), *chunked)
 
 
 def _c_variants(isas: Iterable[str]) -> tuple[str, ...]:
@@ -131,15 +136,16 @@ def _known_path(path: str, isas: Iterable[str]) -> bool:
     return base in _c_variants(isas) and chunk.isdigit() and int(chunk) > 0
 
 
-def k_chunk(rows: int, K: int, dtype: torch.dtype) -> int:
-    """The elements of K the C++ op takes at a time for ``rows`` rows of x in ``dtype``, or 0 (all
-    of K): where a register block of x's rows (at most ``BLOCK_ROWS``) does not fit in half of L1
-    at K, the most whole 64-element steps that do. Each W line then meets x in L1, where it met x
+def k_chunk(rows: int, K: int, x_bytes: int) -> int:
+    """The elements of K the C++ op takes at a time for ``rows`` rows of x of ``x_bytes`` bytes an
+    element, or 0 (all of K): where a register block of x's rows (at most ``BLOCK_ROWS``) does not
+    fit in half of L1 at K, the most whole 64-element steps that do. Each W line then meets x in L1, where it met x
     in L2 (down_proj, 896 x 4864, with a rank-32 bank, bf16, W cold, one Zen 4 core: 5 rows 549 ->
     446 µs, 8 rows 874 -> 614, 2 rows 361 -> 341; two cores: 318 -> 278, 443 -> 299, 302 -> 319;
     the chunked op is measured beside the others, never assumed faster)."""
-    budget = l1d_bytes()["bytes"] // 2 // (min(rows, BLOCK_ROWS) * torch.finfo(dtype).bits // 8)
-    chunk = budget // 64 * 64
+    if rows < 1:
+        return 0
+    chunk = l1d_bytes()["bytes"] // 2 // (min(rows, BLOCK_ROWS) * x_bytes) // 64 * 64
     return chunk if 0 < chunk < K else 0
 
 
@@ -217,8 +223,7 @@ def _decide(key: Key, x: Tensor, weight: Tensor, run: Run) -> str:
     if _spent >= BUDGET_SECONDS:  # not stored on disk: a later process measures it
         return _choices.setdefault(key, default_path(x.dtype, bucket))
     spent, start = _spent, time.perf_counter()
-    paths = c_paths(x.dtype, weight.dtype, k_chunk(bucket, weight.shape[1], x.dtype))
-    times = _measure(x, weight, run, bucket, (*paths, "torch"))
+    times = _measure(x, weight, run, bucket, (*c_paths(x.dtype, weight.dtype, bucket, weight.shape[1]), "torch"))
     _spent = spent + time.perf_counter() - start  # a group's parts calibrated inside counted once
     _choices[key] = min(times, key=times.get)
     _measured[_name(key)] = {"path": _choices[key], "rows": bucket, "ms": times}

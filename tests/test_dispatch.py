@@ -239,15 +239,21 @@ def test_unknown_forced_path_is_ignored_with_a_warning(forced, monkeypatch, capl
 
 def test_k_chunk_fits_a_register_block_of_x_in_half_of_l1(monkeypatch):
     """The K chunk offered: the most 64-element steps of a register block of x's rows (at most 8)
-    that fill half of L1, and none where the rows fit at K or no step does."""
+    that fill half of L1, and none where the rows fit at K or no step does; each ISA's for x as its
+    kernel reads it (bf16 by the bf16-dot kernel, fp32 by the FMA ones)."""
     monkeypatch.setattr(dispatch, "l1d_bytes", lambda: {"bytes": 32 << 10})
-    assert dispatch.k_chunk(5, 4864, torch.bfloat16) == 1600  # 16 KiB / (5 rows * 2 bytes) = 1638
-    assert dispatch.k_chunk(8, 4864, torch.bfloat16) == dispatch.k_chunk(40, 4864, torch.bfloat16) == 1024
-    assert dispatch.k_chunk(5, 4864, torch.float32) == 768
-    assert dispatch.k_chunk(1, 4864, torch.bfloat16) == 0  # 8192 elements fit
-    assert dispatch.k_chunk(5, 896, torch.bfloat16) == 0
+    assert dispatch.k_chunk(5, 4864, 2) == 1600  # 16 KiB / (5 rows * 2 bytes) = 1638
+    assert dispatch.k_chunk(8, 4864, 2) == dispatch.k_chunk(40, 4864, 2) == 1024
+    assert dispatch.k_chunk(5, 4864, 4) == 768
+    assert dispatch.k_chunk(1, 4864, 2) == 0  # 8192 elements fit
+    assert dispatch.k_chunk(5, 896, 2) == dispatch.k_chunk(0, 4864, 2) == 0
+    whole = dispatch.c_paths(torch.bfloat16, torch.bfloat16)
+    chunked = dispatch.c_paths(torch.bfloat16, torch.bfloat16, 5, 4864)
+    assert chunked[:len(whole)] == whole
+    assert chunked[len(whole):] == tuple(f"{path}:k{1600 if isa == 'avx512_bf16' else 768}"
+                                         for path in whole if (isa := path.split(":")[1]) not in dispatch.TILE_ISAS)
     monkeypatch.setattr(dispatch, "l1d_bytes", lambda: {"bytes": 512})
-    assert dispatch.k_chunk(8, 4864, torch.float32) == 0  # not one step fits
+    assert dispatch.k_chunk(8, 4864, 4) == 0  # not one step fits
 
 
 def test_l1d_size_is_found():
@@ -265,7 +271,7 @@ def test_a_case_beyond_l1_also_measures_k_chunks_and_runs_the_winner(monkeypatch
     x, w = torch.randn(5, 300, generator=g), torch.randn(N, 300, generator=g)
     assert_linear_exact(x, w)
     (entry,) = _choices(torch.float32).values()
-    assert set(entry["ms"]) == {*dispatch.c_paths(torch.float32, torch.float32, 64), "torch"}
+    assert set(entry["ms"]) == {*dispatch.c_paths(torch.float32, torch.float32, 5, 300), "torch"}
     assert any(path.endswith(":k64") for path in entry["ms"])
     c_calls.clear()
     assert_linear_exact(x, w)
@@ -408,7 +414,10 @@ def _forced_paths(dtype: torch.dtype) -> list[str]:
     """Each C path of the case, also with K in chunks of 32 (the model's K: 96 and 200), then torch
     (and, for bf16, the AMX driver on emulated tiles)."""
     cpu._C._allow_amx_emulation(True)
-    return [*dispatch.c_paths(dtype, dtype, 32), "torch", *(["c:amx_emulated"] if dtype == torch.bfloat16 else [])]
+    whole = dispatch.c_paths(dtype, dtype)
+    tiles = [f"c:{isa}" for isa in dispatch.TILE_ISAS] if dtype == torch.bfloat16 else []
+    chunked = [f"{path}:k32" for path in whole if not any(path.startswith(t) for t in tiles)]
+    return [*whole, *chunked, "torch", *(["c:amx_emulated"] if dtype == torch.bfloat16 else [])]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
