@@ -21,7 +21,7 @@
 //   k_chunk             K in chunks of this many elements (None or 0: all at once): with more rows
 //                       of x than L1 holds at K (down_proj at beam 5), a chunk's x stays in L1
 //                       while the thread's W rows pass (kernel_body.h, rows_blocked; dispatch
-//                       measures it where x's register block exceeds half of L1)
+//                       measures it where x's register block does not fit in L1)
 //
 // Two phases, each parallel over threads (at::parallel_for, OpenMP in torch's CPU builds):
 //   1. shrink: u[m] = A_bank[p_m] x[m] ([M, R], tiny), rows grouped by pair so each A_p is read once;

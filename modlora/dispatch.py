@@ -10,7 +10,7 @@ behind torch's GEMM (not always: torch's time is not monotone in the rows). The 
 ``"c:<isa>"`` (the C++ op, :mod:`modlora.cpu`, at one of this CPU's ISAs: :func:`c_paths`),
 ``"c:<isa>:l2"`` (the same, prefetching the next block of W into L2 instead of L1: which is faster
 depends on the CPU, K and the rows), each also as ``...:k<n>`` where a register block of x's rows
-exceeds half of L1 (K taken ``n`` elements at a time, so that x's chunk stays in L1:
+does not fit in L1 (K taken ``n`` elements at a time, so that x's chunk stays there:
 :func:`k_chunk`), or ``"torch"``. Calibration is short (a warm-up call, then
 timed calls for about ``PATH_SECONDS``, at most ``MAX_REPS``, per path; the warm-up is timed too, so
 a call longer than that costs one call per path) and bounded in total per
@@ -139,14 +139,18 @@ def _known_path(path: str, isas: Iterable[str]) -> bool:
 def k_chunk(rows: int, K: int, x_bytes: int) -> int:
     """The elements of K the C++ op takes at a time for ``rows`` rows of x of ``x_bytes`` bytes an
     element, or 0 (all of K): where a register block of x's rows (at most ``BLOCK_ROWS``) does not
-    fit in half of L1 at K, the most whole 64-element steps that do. Each W line then meets x in L1, where it met x
-    in L2 (down_proj, 896 x 4864, with a rank-32 bank, bf16, W cold, one Zen 4 core: 5 rows 549 ->
-    446 µs, 8 rows 874 -> 614, 2 rows 361 -> 341; two cores: 318 -> 278, 443 -> 299, 302 -> 319;
-    the chunked op is measured beside the others, never assumed faster)."""
-    if rows < 1:
+    fit in L1 at K, the most whole 64-element steps that fill half of it (the other half for W's
+    lines). Each W line then meets x in L1, where it met x in L2 (down_proj, 896 x 4864, with a
+    rank-32 bank, bf16, W cold, one Zen 4 core: 5 rows 549 -> 446 µs, 8 rows 874 -> 614; two cores
+    318 -> 278, 443 -> 299; chunks from 1024 to 1600 were best at 5 and 8 rows, from 640 to 2432
+    tried). Where x fits, chunks were not faster (2 rows: 361 -> 341 µs on one core, 302 -> 319 on
+    two) and would only lengthen calibration. The chunked op is measured beside the others, never
+    assumed faster."""
+    block = min(rows, BLOCK_ROWS) * x_bytes
+    l1 = l1d_bytes()["bytes"]
+    if rows < 1 or block * K <= l1:
         return 0
-    chunk = l1d_bytes()["bytes"] // 2 // (min(rows, BLOCK_ROWS) * x_bytes) // 64 * 64
-    return chunk if 0 < chunk < K else 0
+    return l1 // 2 // block // 64 * 64
 
 
 @functools.cache  # a handful of paths, parsed once each instead of on every op call

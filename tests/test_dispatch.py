@@ -238,15 +238,17 @@ def test_unknown_forced_path_is_ignored_with_a_warning(forced, monkeypatch, capl
 
 
 def test_k_chunk_fits_a_register_block_of_x_in_half_of_l1(monkeypatch):
-    """The K chunk offered: the most 64-element steps of a register block of x's rows (at most 8)
-    that fill half of L1, and none where the rows fit at K or no step does; each ISA's for x as its
-    kernel reads it (bf16 by the bf16-dot kernel, fp32 by the FMA ones)."""
+    """The K chunk offered where a register block of x's rows (at most 8) does not fit in L1 at K:
+    the most 64-element steps of them that fill half of L1; none where the rows fit or no step does;
+    each ISA's for x as its kernel reads it (bf16 by the bf16-dot kernel, fp32 by the FMA ones)."""
     monkeypatch.setattr(dispatch, "l1d_bytes", lambda: {"bytes": 32 << 10})
     assert dispatch.k_chunk(5, 4864, 2) == 1600  # 16 KiB / (5 rows * 2 bytes) = 1638
     assert dispatch.k_chunk(8, 4864, 2) == dispatch.k_chunk(40, 4864, 2) == 1024
     assert dispatch.k_chunk(5, 4864, 4) == 768
     assert dispatch.k_chunk(1, 4864, 2) == 0  # 8192 elements fit
     assert dispatch.k_chunk(5, 896, 2) == dispatch.k_chunk(0, 4864, 2) == 0
+    assert dispatch.k_chunk(5, 896, 4) == dispatch.k_chunk(3, 4864, 2) == 0  # 17.9 and 29.2 KB fit
+    assert dispatch.k_chunk(4, 4864, 2) == 2048  # 38.9 KB
     whole = dispatch.c_paths(torch.bfloat16, torch.bfloat16)
     chunked = dispatch.c_paths(torch.bfloat16, torch.bfloat16, 5, 4864)
     assert chunked[:len(whole)] == whole
@@ -264,7 +266,7 @@ def test_l1d_size_is_found():
 
 @torch.no_grad()
 def test_a_case_beyond_l1_also_measures_k_chunks_and_runs_the_winner(monkeypatch, c_calls):
-    """Where x's rows do not fit in half of L1 at K (an L1 of 4 KiB here: 5 fp32 rows of K = 300),
+    """Where x's rows do not fit in L1 at K (an L1 of 4 KiB here: 5 fp32 rows of K = 300, 6 KB),
     every C path is measured over all of K and in chunks; the winner runs, as exact as any."""
     monkeypatch.setattr(dispatch, "l1d_bytes", lambda: {"bytes": 4 << 10})
     g = torch.Generator().manual_seed(3)
