@@ -455,7 +455,7 @@ void rows_blocked(const BankArgs& a, int64_t n0, int64_t n1) {
   const int64_t kc = a.k_chunk > 0 && a.k_chunk < a.K ? a.k_chunk : a.K;
   const int64_t pf_ld = kc < a.K ? a.ldw : 0;  // a chunk of each row: prefetched row by row
   Tile acc;
-  for (int64_t k0 = 0; k0 < a.K; k0 += kc) {
+  for (int64_t k0 = 0;; k0 += kc) {  // until the last chunk; once for K = 0, which stores the bias
     const int64_t klen = a.K - k0 < kc ? a.K - k0 : kc;
     const bool last = k0 + klen == a.K;
     for (int64_t n = n0; n < n1; n += NB) {
@@ -491,6 +491,7 @@ void rows_blocked(const BankArgs& a, int64_t n0, int64_t n1) {
           epilogue<V, float>(a, m0, mb, n, nb, acc, rest);
       }
     }
+    if (last) return;
   }
 }
 

@@ -38,8 +38,8 @@ struct BankArgs {
   // Neither wins everywhere (kernel_body.h, prefetch_w): modlora.dispatch measures both.
   bool prefetch_l2 = false;
   // K in chunks of this many elements, the dot products kept between them in `partial` ([N, M]
-  // fp32, allocated by the caller; kernel_body.h, rows_blocked); 0: all of K at once. Not for the
-  // tile kernels (amx_body.h).
+  // fp32, allocated by the caller; kernel_body.h, rows_blocked); 0: all of K at once. The tile
+  // kernels (amx_body.h) read whole rows: the caller leaves it 0 for them.
   int64_t k_chunk = 0;
   float* partial = nullptr;
 };

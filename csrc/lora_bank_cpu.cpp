@@ -21,7 +21,8 @@
 //   k_chunk             K in chunks of this many elements (None or 0: all at once): with more rows
 //                       of x than L1 holds at K (down_proj at beam 5), a chunk's x stays in L1
 //                       while the thread's W rows pass (kernel_body.h, rows_blocked; dispatch
-//                       measures it where x's register block does not fit in L1)
+//                       measures it where x's register block does not fit in L1); the tile
+//                       kernel reads whole rows and ignores it
 //
 // Two phases, each parallel over threads (at::parallel_for, OpenMP in torch's CPU builds):
 //   1. shrink: u[m] = A_bank[p_m] x[m] ([M, R], tiny), rows grouped by pair so each A_p is read once;
@@ -307,8 +308,9 @@ Bank checked_bank(const at::Tensor& A_bank, const at::Tensor& B_bank, const c10:
               ", got ", bank.A.sizes());
   bank.P = bank.A.size(0);
   bank.R = bank.A.size(1);
-  TORCH_CHECK(bank.B.dim() == 3 && bank.B.size(0) == bank.P && bank.B.size(1) == N,
-              "lora_bank_linear: B_bank must be [P, N, R] = [", bank.P, ", ", N, ", ", bank.R, "], got ", bank.B.sizes());
+  TORCH_CHECK(bank.B.dim() == 3 && bank.B.size(0) == bank.P && bank.B.size(1) == N, "lora_bank_linear: B_bank must be [P, N, ",
+              parts ? "widest part" : "R", "] = [", bank.P, ", ", N, ", ", parts ? "..." : std::to_string(bank.R),
+              "], got ", bank.B.sizes());
   TORCH_CHECK(parts || bank.B.size(2) == bank.R, "lora_bank_linear: B_bank must be [P, N, R] with R = ", bank.R,
               " (A_bank's ranks), got ", bank.B.sizes());
   TORCH_CHECK(is_f32_or_bf16(bank.A) && is_f32_or_bf16(bank.B),
@@ -459,9 +461,8 @@ at::Tensor lora_bank_linear_cpu(const at::Tensor& x, const at::Tensor& weight, c
   const int isa = isa_name.has_value() ? isa_index(*isa_name, "lora_bank_linear") : g_isa.load(std::memory_order_relaxed);
   const bool bf16_x = x.scalar_type() == at::kBFloat16;
   const Kernel kernel = kernel_for(isa, w.scalar_type() == at::kBFloat16 && bf16_x);
-  const int64_t chunk = k_chunk.value_or(0) < K ? k_chunk.value_or(0) : 0;
-  TORCH_CHECK(chunk == 0 || !kernel.tiles, "lora_bank_linear: k_chunk is not supported by the tile kernel (isa ",
-              kIsaNames[isa], ", bf16 x and W): it reads whole rows of W");
+  // The tile kernel reads whole rows of W: it ignores k_chunk (a speed hint, as prefetch is).
+  const int64_t chunk = !kernel.tiles && k_chunk.value_or(0) < K ? k_chunk.value_or(0) : 0;
   Bank bank;
   const bool has_parts = rank_parts.has_value() && rank_parts->defined();
   if (has_a) bank = checked_bank(*A_bank, *B_bank, row_pair, M, N, K, has_parts);

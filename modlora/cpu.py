@@ -233,7 +233,8 @@ def lora_bank_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, A_ba
             (the same result either way; only the speed differs, by CPU, K and rows).
         k_chunk: the C++ kernel takes K this many elements at a time, keeping each output's sum
             between chunks, so that a chunk of x stays in L1 while W streams (None or 0: all of
-            K; the sum's order changes, so the result may differ in the last bits).
+            K; the sum's order changes, so the result may differ in the last bits). A speed hint,
+            as ``prefetch`` is: the tile (AMX) kernel reads whole rows and ignores it.
 
     Returns:
         ``[..., N]`` in x's dtype. Not differentiable: autograd goes through the torch path of

@@ -133,24 +133,27 @@ def _known_path(path: str, isas: Iterable[str]) -> bool:
     base, sep, chunk = path.rpartition(":k")
     if not sep:
         return path in _c_variants(isas)
-    return base in _c_variants(isas) and chunk.isdigit() and int(chunk) > 0
+    return base in _c_variants(isas) and chunk.isascii() and chunk.isdigit() and int(chunk) > 0
 
 
 def k_chunk(rows: int, K: int, x_bytes: int) -> int:
     """The elements of K the C++ op takes at a time for ``rows`` rows of x of ``x_bytes`` bytes an
-    element, or 0 (all of K): where a register block of x's rows (at most ``BLOCK_ROWS``) does not
-    fit in L1 at K, the most whole 64-element steps that fill half of it (the other half for W's
-    lines). Each W line then meets x in L1, where it met x in L2 (down_proj, 896 x 4864, with a
-    rank-32 bank, bf16, W cold, one Zen 4 core: 5 rows 549 -> 446 µs, 8 rows 874 -> 614; two cores
-    318 -> 278, 443 -> 299; chunks from 1024 to 1600 were best at 5 and 8 rows, from 640 to 2432
-    tried). Where x fits, chunks were not faster (2 rows: 361 -> 341 µs on one core, 302 -> 319 on
-    two) and would only lengthen calibration. The chunked op is measured beside the others, never
-    assumed faster."""
+    element, or 0 (all of K). Where a register block of x's rows (at most ``BLOCK_ROWS``) does not
+    fit in L1 at K: the most whole 64-element steps of that block that fill half of L1 (the other
+    half for W's lines), so that a block's chunk of x stays in L1 while W streams past it, where it
+    came from L2; none where every row's chunk (each W block reads them all) would not fit in L1.
+    down_proj, 896 x 4864, bf16, W cold, one Zen 4 core: 5 rows 549 -> 446 µs (with a rank-32 bank),
+    8 rows 874 -> 614, two cores 318 -> 278, 443 -> 299; 10 rows 849 -> 575 (k1024; k768 628,
+    k512 728), 16 rows 1141 -> 1022 (k1024; k768 982, k512 1091); at 40 rows every chunk was slower
+    (2209 whole, 2348 at k1024, 2996 at k384), and where x fits it gained little (2 rows: 361 -> 341
+    µs on one core, 302 -> 319 on two). The chunked op is measured beside the others, never assumed
+    faster; these bounds keep calibration from timing where it lost."""
     block = min(rows, BLOCK_ROWS) * x_bytes
     l1 = l1d_bytes()["bytes"]
     if rows < 1 or block * K <= l1:
         return 0
-    return l1 // 2 // block // 64 * 64
+    chunk = l1 // 2 // block // 64 * 64
+    return chunk if rows * chunk * x_bytes <= l1 else 0
 
 
 @functools.cache  # a handful of paths, parsed once each instead of on every op call
@@ -178,10 +181,10 @@ def default_path(dtype: torch.dtype, bucket: int) -> str:
 
 
 def choose(kind: str, x: Tensor, weight: Tensor, run: Run) -> str:
-    """The path (``"torch"``, ``"c"``, ``"c:<isa>"`` or ``"c:<isa>:l2"``) for ``x`` against ``weight``;
-    ``run(path, x2d)`` computes the op by that path on a 2-D input and is called only to calibrate a
-    case seen for the first time. The caller has checked that the C++ op is allowed (CPU tensors,
-    no autograd, C available)."""
+    """The path (``"torch"``, ``"c"``, ``"c:<isa>"`` or ``"c:<isa>:l2"``, either with ``:k<n>``) for
+    ``x`` against ``weight``; ``run(path, x2d)`` computes the op by that path on a 2-D input and is
+    called only to calibrate a case seen for the first time. The caller has checked that the C++
+    op is allowed (CPU tensors, no autograd, C available)."""
     if _forced is not None:
         return _forced
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0

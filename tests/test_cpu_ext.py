@@ -215,14 +215,11 @@ def test_k_chunk_keeps_each_outputs_sum(isa, M, dtype, chunk):
     """k_chunk: K = 130 in chunks of whole vector steps and not (40), five chunks to two (the last
     one element): within the float64 bound, with adapters, per-row pairs, a bias, 4- and 2-row
     blocks and a last partial block, both prefetch levels; a chunk of K or more is the whole-K op,
-    bit for bit. A lost or doubled chunk is off by O(|y|). The tile kernel refuses it, named."""
+    bit for bit. A lost or doubled chunk is off by O(|y|). The tile kernel (bf16 at amx) reads
+    whole rows: for it k_chunk changes no bit."""
     gen = torch.Generator().manual_seed(23 + M + chunk)
     x = torch.randn(M, K, generator=gen).to(dtype)
     W = (torch.randn(N, K, generator=gen) / K**0.5).to(dtype)
-    if isa in TILED and dtype == torch.bfloat16:
-        with pytest.raises(RuntimeError, match="k_chunk is not supported by the tile kernel"):
-            cpu.lora_bank_linear(x, W, k_chunk=chunk)
-        return
     b = torch.randn(N, generator=gen).to(dtype)
     A_bank, B_bank = cpu.pack_bank(_pairs("output", gen), "output", dtype)
     row_pair = torch.arange(M) % 3
@@ -231,8 +228,31 @@ def test_k_chunk_keeps_each_outputs_sum(isa, M, dtype, chunk):
         y = cpu.lora_bank_linear(x, W, b, A_bank, B_bank, row_pair, prefetch=level, k_chunk=chunk)
         _assert_close(y, y64, mag, K + A_bank.shape[1])
     whole = cpu.lora_bank_linear(x, W, b, A_bank, B_bank, row_pair)
-    for at_least_k in (0, K, 1000):
-        assert torch.equal(cpu.lora_bank_linear(x, W, b, A_bank, B_bank, row_pair, k_chunk=at_least_k), whole)
+    for ignored in (0, K, 1000, *((chunk,) if isa in TILED and dtype == torch.bfloat16 else ())):
+        assert torch.equal(cpu.lora_bank_linear(x, W, b, A_bank, B_bank, row_pair, k_chunk=ignored), whole)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_k_chunk_on_two_threads_with_rank_parts(isa, dtype):
+    """K in chunks where two threads share the work (50 blocks of 4 columns, the op splits them) and
+    a grouped bank's compact B (two parts, 16 and 8 ranks, the second part's B entries past 8
+    random): each thread keeps its own columns' sums; within the float64 bound."""
+    gen = torch.Generator().manual_seed(31)
+    k, n, parts = 300, 203, [(100, 0, 16), (203, 16, 24)]
+    x = torch.randn(5, k, generator=gen).to(dtype)
+    W = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype)
+    A_bank = (torch.randn(1, 24, k, generator=gen) / k**0.5).to(dtype)
+    B_bank = torch.randn(1, n, 16, generator=gen).to(dtype)
+    full = torch.zeros(1, n, 24, dtype=dtype)
+    full[:, :100, :16], full[:, 100:, 16:] = B_bank[:, :100], B_bank[:, 100:, :8]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        y = cpu.lora_bank_linear(x, W, None, A_bank, B_bank, rank_parts=torch.tensor(parts), k_chunk=64)
+    finally:
+        torch.set_num_threads(threads)
+    y64, mag = _oracle(x, W, None, A_bank, full, None)
+    _assert_close(y, y64, mag, k + 24)
 
 
 @pytest.mark.parametrize("M", [1, 2, 15, 16, 17, 33, 64, 65, 70])
@@ -381,6 +401,10 @@ def test_tiny_and_degenerate_shapes(isa):
         y64, mag = _oracle(x, W, None, A, B, rp)
         _assert_close(y, y64, mag, k + r)
     assert cpu.lora_bank_linear(torch.randn(0, 8), torch.randn(4, 8)).shape == (0, 4)
+    bias = torch.randn(4, generator=gen)  # K = 0: y is the bias, whole K or in chunks
+    for chunk in (None, 8):
+        assert torch.equal(cpu.lora_bank_linear(torch.randn(3, 0), torch.randn(4, 0), bias, k_chunk=chunk),
+                           bias.expand(3, 4))
     A0, B0 = torch.zeros(1, 0, 8), torch.zeros(1, 4, 0)  # rank 0 bank: no adapter at all
     x, W = torch.randn(2, 8), torch.randn(4, 8)
     y64, mag = _oracle(x, W, None, None, None, None)

@@ -229,8 +229,11 @@ def test_forced_path_is_obeyed_without_measuring(forced, monkeypatch, c_calls):
     assert not dispatch.cache_file().exists()
 
 
-@pytest.mark.parametrize("forced", ["c:sse9", "c:avx2:k0", "c:avx2:k", "c:avx2:l2:kx", "c:avx2:k32:l2"])
+@pytest.mark.parametrize("forced", ["c:sse9", "c:{isa}:k0", "c:{isa}:k", "c:{isa}:l2:kx", "c:{isa}:k32:l2",
+                                    "c:{isa}:k\u00b2"])
 def test_unknown_forced_path_is_ignored_with_a_warning(forced, monkeypatch, caplog):
+    """A name that is not a path of this CPU, or whose K chunk is not a positive decimal number."""
+    forced = forced.format(isa=cpu._C.supported_isas()[-1])
     monkeypatch.setenv("MODLORA_DISPATCH", forced)
     with caplog.at_level(logging.WARNING, logger="modlora"):
         dispatch.reset()
@@ -243,7 +246,8 @@ def test_k_chunk_fits_a_register_block_of_x_in_half_of_l1(monkeypatch):
     each ISA's for x as its kernel reads it (bf16 by the bf16-dot kernel, fp32 by the FMA ones)."""
     monkeypatch.setattr(dispatch, "l1d_bytes", lambda: {"bytes": 32 << 10})
     assert dispatch.k_chunk(5, 4864, 2) == 1600  # 16 KiB / (5 rows * 2 bytes) = 1638
-    assert dispatch.k_chunk(8, 4864, 2) == dispatch.k_chunk(40, 4864, 2) == 1024
+    assert dispatch.k_chunk(8, 4864, 2) == dispatch.k_chunk(16, 4864, 2) == 1024
+    assert dispatch.k_chunk(17, 4864, 2) == dispatch.k_chunk(40, 4864, 2) == 0  # 17 rows' chunks exceed L1
     assert dispatch.k_chunk(5, 4864, 4) == 768
     assert dispatch.k_chunk(1, 4864, 2) == 0  # 8192 elements fit
     assert dispatch.k_chunk(5, 896, 2) == dispatch.k_chunk(0, 4864, 2) == 0
@@ -259,9 +263,13 @@ def test_k_chunk_fits_a_register_block_of_x_in_half_of_l1(monkeypatch):
 
 
 def test_l1d_size_is_found():
-    """sysfs or sysconf names this machine's L1 data cache (the default only where neither does)."""
+    """The L1 data cache's size is plausible, and read from sysfs wherever sysfs lists one."""
     found = dispatch.l1d_bytes()
-    assert found["source"] in ("sysfs", "sysconf") and 4 << 10 <= found["bytes"] <= 4 << 20, found
+    assert 4 << 10 <= found["bytes"] <= 4 << 20, found
+    listed = [index for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")
+              if (index / "level").is_file() and (index / "level").read_text().strip() == "1"
+              and (index / "type").is_file() and (index / "type").read_text().strip() == "Data"]
+    assert found["source"] == ("sysfs" if listed else found["source"]), found
 
 
 @torch.no_grad()
