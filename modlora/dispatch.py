@@ -65,7 +65,7 @@ BUDGET_SECONDS = 10.0  # calibration time per process, all cases together
 FORMAT = 5  # 5: K-chunked paths; 4: exact rows up to SMALL_ROWS, else the bucket's top
 ISAS = ("scalar", "avx2", "avx512", "avx512_bf16", "amx")  # the C++ op's ISAs, each wider than the last
 BF16_DOT_ISAS = ("avx512_bf16", "amx")  # differ from avx512 only for bf16 x and W
-TILE_ISAS = ("amx",)  # bf16 x and W run the tile kernel, which reads whole rows of W (no k_chunk)
+TILE_ISAS = ("amx",)  # bf16 x and W run the tile kernel, which reads whole rows of W (ignores k_chunk)
 BLOCK_ROWS = 8  # rows of x in one register block of the bf16-dot kernel (kernels_avx512bf16.cpp, kMaxMB)
 
 NATIVE_BF16: bool = any(getattr(torch.cpu, probe, lambda: False)()
