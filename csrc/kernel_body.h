@@ -37,8 +37,8 @@ using Tile = float[16][4];
 // One line of a block of W ahead (prefetch_block), prefetched into L1 (prefetcht0) or, kL2, into L2
 // only (prefetcht1). On one Zen 4 core, W cold, bf16, both a block ahead: 4864 x 896 at 5 rows of x
 // 640 -> 370 us with kL2, at 1 row 330 -> 530 us; 896 x 4864 at 2 rows 580 -> 330 us. The L1
-// prefetch is early by a whole block (28 K steps at K = 896, 152 at 4864) and, as the rows of x grow, its lines are
-// evicted before they are read; at 1 row the light loop wants its lines in L1. Which wins depends
+// prefetch is early by a whole block (28 K steps at K = 896, 152 at 4864) and, as the rows of x
+// grow, its lines are evicted before they are read; at 1 row the light loop wants its lines in L1. Which wins depends
 // on the CPU, K and the rows, so the op takes it per call (BankArgs::prefetch_l2) and
 // modlora.dispatch measures both.
 template <bool kL2>
@@ -409,7 +409,7 @@ Expand expand_of(const BankArgs& a, int64_t m0, int mb, int64_t n, const Rest& r
   e.r_vec = (hi - lo) - (hi - lo) % V::kLanes;
   e.row_bytes = a.ldb * elem;
   e.b_bf16 = a.b_bf16;
-  e.b = static_cast<const char*>(a.bank_b) + (n * a.ldb + lo - ranks.first) * elem;
+  e.b = static_cast<const char*>(a.bank_b) + n * a.ldb * elem;  // rank lo is the row's entry 0
   if (a.pair) {
     e.pair = a.pair + m0;
     e.pair_bytes = a.N * e.row_bytes;

@@ -308,11 +308,9 @@ Bank checked_bank(const at::Tensor& A_bank, const at::Tensor& B_bank, const c10:
               ", got ", bank.A.sizes());
   bank.P = bank.A.size(0);
   bank.R = bank.A.size(1);
-  TORCH_CHECK(bank.B.dim() == 3 && bank.B.size(0) == bank.P && bank.B.size(1) == N, "lora_bank_linear: B_bank must be [P, N, ",
-              parts ? "widest part" : "R", "] = [", bank.P, ", ", N, ", ", parts ? "..." : std::to_string(bank.R),
-              "], got ", bank.B.sizes());
-  TORCH_CHECK(parts || bank.B.size(2) == bank.R, "lora_bank_linear: B_bank must be [P, N, R] with R = ", bank.R,
-              " (A_bank's ranks), got ", bank.B.sizes());
+  const bool b_ok = bank.B.dim() == 3 && bank.B.size(0) == bank.P && bank.B.size(1) == N;
+  TORCH_CHECK(b_ok && (parts || bank.B.size(2) == bank.R), "lora_bank_linear: B_bank must be [P, N, R] = [", bank.P,
+              ", ", N, ", ", bank.R, "] ([P, N, widest part's ranks] with rank_parts), got ", bank.B.sizes());
   TORCH_CHECK(is_f32_or_bf16(bank.A) && is_f32_or_bf16(bank.B),
               "lora_bank_linear: A_bank and B_bank must be float32 or bfloat16, got ", bank.A.scalar_type(), " and ",
               bank.B.scalar_type());
@@ -447,7 +445,7 @@ at::Tensor lora_bank_linear_cpu(const at::Tensor& x, const at::Tensor& weight, c
                                 const std::optional<c10::string_view>& prefetch, std::optional<int64_t> k_chunk) {
   check_x_weight(x, weight);
   const bool prefetch_l2 = prefetch_to_l2(prefetch);
-  TORCH_CHECK(!k_chunk.has_value() || *k_chunk >= 0, "lora_bank_linear: k_chunk must be >= 0 (0 or None: all of K), got ",
+  TORCH_CHECK(k_chunk.value_or(0) >= 0, "lora_bank_linear: k_chunk must be >= 0 (0 or None: all of K), got ",
               k_chunk.value_or(0));
   const bool has_a = A_bank.has_value() && A_bank->defined();
   const bool has_b = B_bank.has_value() && B_bank->defined();
@@ -559,7 +557,8 @@ bool evict(const at::Tensor& t) {
 TORCH_LIBRARY_FRAGMENT(modlora, m) {
   m.def(
       "lora_bank_linear(Tensor x, Tensor weight, Tensor? bias=None, Tensor? A_bank=None, Tensor? B_bank=None, "
-      "Tensor? row_pair=None, str? isa=None, Tensor? rank_parts=None, str? prefetch=None, int? k_chunk=None) -> Tensor");
+      "Tensor? row_pair=None, str? isa=None, Tensor? rank_parts=None, str? prefetch=None, int? k_chunk=None) "
+      "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(modlora, CPU, m) { m.impl("lora_bank_linear", &modlora_cpu::lora_bank_linear_cpu); }

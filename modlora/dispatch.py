@@ -40,6 +40,7 @@ import logging
 import math
 import os
 import platform
+import re
 import subprocess
 import time
 from collections.abc import Callable, Iterable
@@ -128,12 +129,21 @@ def _c_variants(isas: Iterable[str]) -> tuple[str, ...]:
     return tuple(f"c:{isa}{level}" for isa in isas for level in ("", ":l2"))
 
 
+_C_PATH = re.compile(r"c:(\w+?)(:l2)?(?::k([0-9]+))?")
+
+
+def _parse_path(path: str) -> tuple[str, str | None, int | None] | None:
+    """``(isa, prefetch, k_chunk)`` of a C path ``"c:<isa>[:l2][:k<n>]"`` (n > 0), else None."""
+    match = _C_PATH.fullmatch(path)
+    if match is None or match[3] is not None and int(match[3]) == 0:
+        return None
+    return match[1], "l2" if match[2] else None, None if match[3] is None else int(match[3])
+
+
 def _known_path(path: str, isas: Iterable[str]) -> bool:
-    """Whether ``path`` is one of :func:`_c_variants` of ``isas``, or one of them with ``:k<n>``, n > 0."""
-    base, sep, chunk = path.rpartition(":k")
-    if not sep:
-        return path in _c_variants(isas)
-    return base in _c_variants(isas) and chunk.isascii() and chunk.isdigit() and int(chunk) > 0
+    """Whether ``path`` is a C path (:func:`_parse_path`) at one of ``isas``."""
+    parsed = _parse_path(path)
+    return parsed is not None and parsed[0] in isas
 
 
 def k_chunk(rows: int, K: int, x_bytes: int) -> int:
@@ -161,9 +171,8 @@ def c_options(path: str) -> dict[str, str | int | None]:
     """The C++ op's keyword arguments for a C path (``"c"``, ``"c:<isa>"``, ``"c:<isa>:l2"``, each
     with ``:k<n>`` or not): ``isa`` (None: the ISA set), ``prefetch`` (None: L1) and ``k_chunk``
     (None: all of K). The dict is shared: do not modify it."""
-    fields = path.split(":")[1:]
-    chunk = next((int(f[1:]) for f in fields[1:] if f.startswith("k")), None)
-    return {"isa": fields[0] if fields else None, "prefetch": "l2" if "l2" in fields[1:] else None, "k_chunk": chunk}
+    isa, prefetch, chunk = (None, None, None) if path == "c" else _parse_path(path)
+    return {"isa": isa, "prefetch": prefetch, "k_chunk": chunk}
 
 
 def default_path(dtype: torch.dtype, bucket: int) -> str:
