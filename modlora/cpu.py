@@ -28,7 +28,7 @@ measurement).
 subnormal inputs (|v| < 2^-126) as zero, as torch's own oneDNN/AMX bf16 GEMMs do; the other ISAs
 widen them to fp32 exactly.
 In bf16 the two kernels round differently (the C++ op once, at the end; the torch one also rounds
-``x W^T + b`` to bf16 before adding the LoRA part); the tests bound each against a float64 oracle.
+``x W^T + b`` and ``x A^T`` to bf16, as torch's GEMMs do); the tests bound each against a float64 oracle.
 """
 
 from __future__ import annotations
@@ -85,36 +85,38 @@ def lora_bank_linear_torch(x: Tensor, weight: Tensor, bias: Tensor | None = None
                            B_bank: Tensor | None = None, row_pair: Tensor | None = None,
                            isa: str | None = None, rank_parts: Tensor | None = None,
                            prefetch: str | None = None, k_chunk: int | None = None) -> Tensor:
-    """The op in plain torch on 2-D ``x`` (any device, any M, differentiable); result in x's dtype.
-    ``isa``, ``prefetch`` and ``k_chunk`` (the C++ kernel's) are ignored; with ``rank_parts`` each part's B rows
-    are placed at its ranks of a block-diagonal ``[P, N, R]`` B.
+    """The op in plain torch (any device, any M, differentiable): the registered op's kernel where
+    ``_C`` is absent, and :mod:`modlora.ops`' torch path for inference with adapters. ``x`` and
+    ``row_pair`` as in :func:`lora_bank_linear`; result in x's dtype. ``isa``, ``prefetch`` and
+    ``k_chunk`` (the C++ kernel's) are ignored; with ``rank_parts`` each part's B rows are placed at
+    its ranks of a block-diagonal ``[P, N, R]`` B.
 
-    ``x W^T + b`` runs in W's dtype when x has it (torch's GEMMs accumulate bf16 in fp32 and round
-    the result to bf16), else in fp32; the LoRA part is computed in fp32, added to it in fp32, and
-    the sum is cast to x's dtype.
+    ``x W^T + b`` runs in W's dtype when x has it, else in fp32; the LoRA part ``(x A^T) B^T``, added
+    to it by one GEMM, runs in that dtype too when both banks have it, else in fp32. Torch's bf16
+    GEMMs accumulate in fp32 and round each result to bf16 (``x W^T + b``, ``x A^T``, then the sum).
 
     Raises:
         IndexError: a ``row_pair`` entry outside ``[0, P)``.
     """
-    if row_pair is not None and x.shape[0] and A_bank is not None:
-        lo, hi = (int(v) for v in torch.aminmax(row_pair))
+    x2, rows = _as_rows(x), _rows_of(x, row_pair)
+    if rows is not None and x2.shape[0] and A_bank is not None:
+        lo, hi = (int(v) for v in torch.aminmax(rows))
         if lo < 0 or hi >= A_bank.shape[0]:
             raise IndexError(f"lora_bank_linear: row_pair values must lie in [0, {A_bank.shape[0]}), "
                              f"got [{lo}, {hi}]")
-    if x.dtype == weight.dtype:
-        y = torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
-    else:
-        y = torch.nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    base = x.dtype if x.dtype == weight.dtype else torch.float32
+    y = torch.nn.functional.linear(x2.to(base), weight.to(base), None if bias is None else bias.to(base))
     if A_bank is None or A_bank.shape[1] == 0:
-        return y.to(x.dtype)
-    xf, y = x.float(), y.float()
-    A, B = A_bank.float(), _block_diagonal(B_bank.float(), rank_parts, A_bank.shape[1])
-    if row_pair is None:
-        return y.addmm_(xf @ A[0].t(), B[0].t()).to(x.dtype)
-    for p in torch.unique(row_pair).tolist():
-        rows = (row_pair == p).nonzero().squeeze(1)
-        y.index_add_(0, rows, (xf[rows] @ A[p].t()) @ B[p].t())
-    return y.to(x.dtype)
+        return _shaped_as(y.to(x.dtype), x)
+    dtype = base if A_bank.dtype == B_bank.dtype == base else torch.float32
+    xs, y = x2.to(dtype), y.to(dtype)
+    A, B = A_bank.to(dtype), _block_diagonal(B_bank.to(dtype), rank_parts, A_bank.shape[1])
+    if rows is None:
+        return _shaped_as(y.addmm_(xs @ A[0].t(), B[0].t()).to(x.dtype), x)
+    for p in torch.unique(rows).tolist():
+        at = (rows == p).nonzero().squeeze(1)
+        y.index_add_(0, at, (xs[at] @ A[p].t()) @ B[p].t())
+    return _shaped_as(y.to(x.dtype), x)
 
 
 def _block_diagonal(B_bank: Tensor, rank_parts: Tensor | None, R: int) -> Tensor:

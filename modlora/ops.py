@@ -28,7 +28,6 @@ from . import cpu, dispatch, kernels
 from .kernels.reference import (
     Adapter,
     Weight,
-    as_fp32,
     check_strategy,
     dual_lora_linear_ref,
     lora_delta_ref,
@@ -150,13 +149,25 @@ def dual_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_in: Ad
 
 def _dual(path: str, x: Tensor, weight: Tensor, bias: Tensor | None, lora_in: Adapter | None,
           lora_out: Adapter | None, w_in: Weight, w_out: Weight, strategy: str) -> Tensor:
+    pairs = [(lora_in, lora_out, w_in, w_out)]
     if path != "torch":
-        return cpu.lora_bank_linear(x, weight, bias, *_packed([(lora_in, lora_out, w_in, w_out)], strategy, x.dtype),
-                                    **dispatch.c_options(path))
-    if _emulated_bf16(x, weight, chain((bias,), _pair_inputs([(lora_in, lora_out, w_in, w_out)]))):
-        return dual_lora_linear_ref(x.float(), weight.float(), None if bias is None else bias.float(),
-                                    as_fp32(lora_in), as_fp32(lora_out), w_in, w_out, strategy).to(x.dtype)
-    return dual_lora_linear_ref(x, weight, bias, lora_in, lora_out, w_in, w_out, strategy)
+        return cpu.lora_bank_linear(x, weight, bias, *_packed(pairs, strategy, x.dtype), **dispatch.c_options(path))
+    if _builds_graph(chain((x, weight, bias), _pair_inputs(pairs))):
+        return dual_lora_linear_ref(x, weight, bias, lora_in, lora_out, w_in, w_out, strategy)
+    return _banked_torch(x, weight, bias, pairs, strategy, None)
+
+
+def _banked_torch(x: Tensor, weight: Tensor, bias: Tensor | None, pairs: Sequence[tuple], strategy: str,
+                  row_pair: Tensor | None) -> Tensor:
+    """Inference by torch's GEMMs on the bank the C++ op takes (:func:`_packed`: one adapter a
+    pair), so the LoRA part is two GEMMs, not two an adapter as the reference (kept for autograd)
+    runs it: ``y = x W^T + b``, then ``y += (x A^T) B^T`` in place. x and W in fp32 for bf16 on CPUs
+    without bf16 arithmetic (:func:`_emulated_bf16`), rounded to bf16 once."""
+    A_bank, B_bank = _packed(pairs, strategy, x.dtype)
+    if _emulated_bf16(x, weight):
+        return cpu.lora_bank_linear_torch(x.float(), weight.float(), None if bias is None else bias.float(),
+                                          A_bank, B_bank, row_pair).to(x.dtype)
+    return cpu.lora_bank_linear_torch(x, weight, bias, A_bank, B_bank, row_pair)
 
 
 def _dropped_lora_delta(x: Tensor, lora_in: Adapter | None, lora_out: Adapter | None, w_in: Weight,
@@ -195,11 +206,9 @@ def _pairwise(path: str, x: Tensor, weight: Tensor, bias: Tensor | None, pairs: 
     if path != "torch":
         return cpu.lora_bank_linear(x, weight, bias, *_packed(pairs, strategy, x.dtype), row_pair,
                                     **dispatch.c_options(path))
-    if _emulated_bf16(x, weight, chain((bias,), _pair_inputs(pairs))):
-        pairs = [(as_fp32(a_in), as_fp32(a_out), w_in, w_out) for a_in, a_out, w_in, w_out in pairs]
-        return pairwise_lora_linear_ref(x.float(), weight.float(), None if bias is None else bias.float(), pairs,
-                                        row_pair, strategy).to(x.dtype)
-    return pairwise_lora_linear_ref(x, weight, bias, pairs, row_pair, strategy)
+    if _builds_graph(chain((x, weight, bias), _pair_inputs(pairs))):
+        return pairwise_lora_linear_ref(x, weight, bias, pairs, row_pair, strategy)
+    return _banked_torch(x, weight, bias, pairs, strategy, row_pair)
 
 
 GroupPart = tuple[Tensor, Tensor | None, tuple, str, Tensor | None]

@@ -142,30 +142,78 @@ def test_training_takes_the_differentiable_path():
         assert_bounded(got, exact, mag, n=96 + 40 + 3 + 4)  # dx: N + r; dA: N then M; dB: K then M
 
 
+def _as_banked(pairs, strategy, dtype):
+    """Each pair as the one adapter of coefficient 1 the packed bank stores (merged in fp32 by the
+    reference, stored in ``dtype``): what the inference paths, C++ and torch, take."""
+    merged = lambda p: tuple(t.to(dtype) for t in merge_pair(as_fp32(p[0]), as_fp32(p[1]), *p[2:], strategy))
+    return [((*merged(p), 1.0), None, 1.0, 0.0) for p in pairs]
+
+
+def _random_case(M, K, N, r, dtype, seed):
+    """x, weight, bias and two pairs whose adapters' terms are as large as the base's."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape, s=1.0: (torch.randn(*shape, generator=g) * s).to(dtype)
+    ad = lambda scale: (rand(r, K, s=K**-0.5), rand(N, r, s=(K / r) ** 0.5), scale)
+    pairs = [(ad(0.5), ad(2.0), 0.3, 0.7) for _ in range(2)]
+    return rand(M, K), rand(N, K, s=K**-0.5), rand(N), pairs
+
+
 @pytest.mark.parametrize("strategy", ["output", "ab"])
 @torch.no_grad()
 def test_bf16_on_a_cpu_without_bf16_arithmetic_is_the_fp32_result_rounded_once(strategy, monkeypatch):
-    """Rows beyond the C++ kernel's reach, bf16: the torch path runs in fp32 (ops._emulated_bf16), so
-    each output is the fp32 result rounded to bf16 once (relative error <= 2^-8, bf16's unit
-    roundoff, plus the fp32 sums' error); a dropped bias, adapter or pair is off by O(1)."""
+    """Rows beyond the C++ kernel's reach, bf16: the torch path runs in fp32 (ops._emulated_bf16) on
+    the packed bank, so each output is the fp32 result rounded to bf16 once (relative error <= 2^-8,
+    bf16's unit roundoff, plus the fp32 sums' error); a dropped bias, adapter or pair is off by O(1)."""
     monkeypatch.setattr(dispatch, "NATIVE_BF16", False)
-    g = torch.Generator().manual_seed(0)
     M, K, N, r = dispatch.MAX_BUCKET + 3, 64, 48, 4
-    bf16 = lambda *shape: torch.randn(*shape, generator=g).to(torch.bfloat16)
-    x, weight, bias = bf16(M, K), bf16(N, K), bf16(N)
-    pairs = [((bf16(r, K), bf16(N, r), 0.5), (bf16(r, K), bf16(N, r), 2.0), 0.3, 0.7) for _ in range(2)]
+    x, weight, bias, pairs = _random_case(M, K, N, r, torch.bfloat16, 0)
     row_pair = torch.arange(M) % 2
+    banked = _as_banked(pairs, strategy, torch.bfloat16)
     cases = [
         (ops.linear(x, weight, bias), oracle(torch.nn.functional.linear, x, weight, bias)),
         (ops.dual_lora_linear(x, weight, bias, *pairs[0], strategy),
-         oracle(dual_lora_linear_ref, x, weight, bias, *pairs[0], strategy)),
+         oracle(dual_lora_linear_ref, x, weight, bias, *banked[0])),
         (ops.pairwise_lora_linear(x, weight, bias, pairs, row_pair, strategy),
-         oracle(pairwise_lora_linear_ref, x, weight, bias, pairs, row_pair, strategy)),
+         oracle(pairwise_lora_linear_ref, x, weight, bias, banked, row_pair)),
     ]
     for got, (exact, mag) in cases:
         assert got.dtype == torch.bfloat16
-        # fp32 sums (K + R terms, a merged "ab" pair's few roundings), then one rounding to bf16.
-        assert_bounded(got, exact, mag, n=K + 2 * r + 10, u_out=2.0**-8)
+        assert_bounded(got, exact, mag, n=K + 2 * r + 2, u_out=2.0**-8)  # fp32 sums, one rounding to bf16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("strategy", ["output", "ab"])
+@torch.no_grad()
+def test_torch_path_in_inference_runs_the_packed_bank(dtype, strategy, monkeypatch):
+    """Rows beyond the C++ kernel's reach: inference runs the packed bank by torch's GEMMs, x W^T +
+    b (x W^T may be rounded before the bias is added) and x A^T each rounded to the dtype, then their
+    sum with (x A^T) B^T rounded once, for one pair ([M, K] x) and for a pair per entry of dim 0
+    ([B, T, K] x). Each output lies within that float64 bound; a dropped bias, adapter or pair, or a
+    pair on the wrong rows, is off by O(1)."""
+    monkeypatch.setattr(dispatch, "NATIVE_BF16", True)
+    B, T, K, N, r = 3, dispatch.MAX_BUCKET // 3 + 2, 64, 48, 4
+    x, weight, bias, pairs = _random_case(B * T, K, N, r, dtype, 1)
+    row_pair = torch.tensor([1, 0, 1])
+    banked = _as_banked(pairs, strategy, dtype)
+    cases = [(ops.dual_lora_linear(x, weight, bias, *pairs[0], strategy), x, [banked[0]], torch.zeros(B * T)),
+             (ops.pairwise_lora_linear(x.view(B, T, K), weight, bias, pairs, row_pair, strategy).view(B * T, N), x,
+              banked, row_pair.repeat_interleave(T))]
+    u = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-24
+    d = lambda t: t.double()
+    for got, x, bank, rows in cases:
+        assert got.dtype == dtype
+        base = torch.nn.functional.linear(d(x), d(weight), d(bias))
+        base_mag = torch.nn.functional.linear(d(x).abs(), d(weight).abs(), d(bias).abs())
+        y, mag, v_mag = base.clone(), base_mag.clone(), torch.zeros_like(base)
+        for m, p in enumerate(rows.long().tolist()):
+            (A, B_, _), *_ = bank[p]
+            v = d(A) @ d(x[m])
+            y[m] += d(B_) @ v
+            mag[m] += d(B_).abs() @ (d(A).abs() @ d(x[m]).abs())
+            v_mag[m] += d(B_).abs() @ v.abs()
+        err = (got.double() - y).abs()
+        tol = 1.01 * ((K + 2 * r + 2) * 2.0**-24 * mag + u * (base_mag + base.abs() + v_mag + y.abs()))
+        assert (err <= tol).all(), f"error {err.max().item():.3g} exceeds its bound by {(err / tol).max().item():.2f}x"
 
 
 def test_bf16_emulation_follows_the_autograd_graph_not_the_grad_mode(monkeypatch):
