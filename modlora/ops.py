@@ -7,9 +7,11 @@
   measured faster for the case (op kind, shape, dtype, number of rows; :func:`_cpu_path`); linears
   that read the same x and whose weights are adjacent in memory (q/k/v, gate/up) as one C++ call
   (:func:`grouped_linear`);
-- anything else: the plain-torch reference (``modlora.kernels.reference``), which is also the
-  oracle every backend is tested against; in fp32 for bf16 inference on CPUs without bf16
-  arithmetic (see :func:`_emulated_bf16`).
+- inference by torch (dispatch's ``"torch"``, CUDA without Triton): its GEMMs, with adapters on
+  the bank the C++ op takes (:func:`_banked_torch`); in fp32 for bf16 on CPUs without bf16
+  arithmetic (see :func:`_emulated_bf16`);
+- autograd: the plain-torch reference (``modlora.kernels.reference``), which is also the oracle
+  every backend is tested against.
 
 Callers (the linear layers, the adapter bindings) never pick a backend themselves.
 """
