@@ -272,10 +272,8 @@ const float* as_f32(const at::Tensor& t, std::vector<float>& copy) {
 }
 
 // The bias as fp32 [N] (its data, or a copy in `copy`), or null.
-const float* float_bias(const c10::optional<at::Tensor>& bias, int64_t N, at::Tensor& keep, std::vector<float>& copy) {
+const float* float_bias(const c10::optional<at::Tensor>& bias, at::Tensor& keep, std::vector<float>& copy) {
   if (!(bias.has_value() && bias->defined())) return nullptr;
-  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "lora_bank_linear: bias must be [N] = [", N, "], got ",
-              bias->sizes());
   keep = is_f32_or_bf16(*bias) ? bias->contiguous() : bias->to(at::kFloat).contiguous();
   return as_f32(keep, copy);
 }
@@ -450,7 +448,14 @@ at::Tensor lora_bank_linear_cpu(const at::Tensor& x, const at::Tensor& weight, c
   const bool has_a = A_bank.has_value() && A_bank->defined();
   const bool has_b = B_bank.has_value() && B_bank->defined();
   TORCH_CHECK(has_a == has_b, "lora_bank_linear: A_bank and B_bank must both be given or both be None");
+  const bool has_parts = rank_parts.has_value() && rank_parts->defined();
+  TORCH_CHECK(has_a || !(has_parts || (row_pair.has_value() && row_pair->defined())),
+              "lora_bank_linear: row_pair or rank_parts given without an adapter bank");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  TORCH_CHECK(!(bias.has_value() && bias->defined()) || (bias->dim() == 1 && bias->size(0) == N),
+              "lora_bank_linear: bias must be [N] = [", N, "], got ", bias->sizes());
+  Bank bank;
+  if (has_a) bank = checked_bank(*A_bank, *B_bank, row_pair, M, N, K, has_parts);
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
 
@@ -461,9 +466,6 @@ at::Tensor lora_bank_linear_cpu(const at::Tensor& x, const at::Tensor& weight, c
   const Kernel kernel = kernel_for(isa, w.scalar_type() == at::kBFloat16 && bf16_x);
   // The tile kernel reads whole rows of W: it ignores k_chunk (a speed hint, as prefetch is).
   const int64_t chunk = !kernel.tiles && k_chunk.value_or(0) < K ? k_chunk.value_or(0) : 0;
-  Bank bank;
-  const bool has_parts = rank_parts.has_value() && rank_parts->defined();
-  if (has_a) bank = checked_bank(*A_bank, *B_bank, row_pair, M, N, K, has_parts);
   const bool shrinks = bank.R > 0 && bank.P > 0;
   const Kernel shrinker = shrink_kernel_for(isa, bf16_x && shrinks && bank.A.scalar_type() == at::kBFloat16);
   // An fp32 copy of x only for a kernel that reads one: the bf16-dot and tile kernels read x as it is.
@@ -483,7 +485,7 @@ at::Tensor lora_bank_linear_cpu(const at::Tensor& x, const at::Tensor& weight, c
   a.xf = xf;
   a.xb = kernel.bf16_x ? xb : nullptr;
   a.xt = kernel.tiles ? static_cast<const uint16_t*>(xt.data_ptr()) : nullptr;
-  a.bias = float_bias(bias, N, bias_kept, bias_copy);
+  a.bias = float_bias(bias, bias_kept, bias_copy);
   a.y = out.data_ptr();
   a.y_bf16 = out.scalar_type() == at::kBFloat16;
   a.prefetch_l2 = prefetch_l2;
@@ -494,7 +496,6 @@ at::Tensor lora_bank_linear_cpu(const at::Tensor& x, const at::Tensor& weight, c
   std::vector<float> u;
   at::Tensor parts;
   if (has_parts) {
-    TORCH_CHECK(has_a, "lora_bank_linear: rank_parts given without an adapter bank");
     parts = checked_parts(*rank_parts, N, bank.R, bank.B.size(2));
     a.parts = parts.data_ptr<int64_t>();
     a.n_parts = parts.size(0);

@@ -138,7 +138,8 @@ _FLOATS = (torch.float32, torch.bfloat16)
 
 def _check(x: Tensor, weight: Tensor, bias: Tensor | None, A_bank: Tensor | None, B_bank: Tensor | None,
            row_pair: Tensor | None, rank_parts: Tensor | None = None) -> None:
-    """Clear errors for malformed arguments (``x`` already 2-D, ``row_pair`` per row).
+    """Clear errors for malformed arguments (``x`` already 2-D, ``row_pair`` per row): run before the
+    torch kernel, and after the C++ kernel (which checks every argument) refused them.
 
     The range of ``row_pair`` is checked where it is read (C++ kernel, torch path): no sync here.
     """
@@ -254,13 +255,19 @@ def lora_bank_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, A_ba
         raise ValueError("lora_bank_linear: x must have a feature dimension")
     x2 = _as_rows(x)
     rows = _rows_of(x, row_pair)
-    _check(x2, weight, bias, A_bank, B_bank, rows, rank_parts)
     if prefetch not in (None, "l1", "l2"):
         raise ValueError(f"lora_bank_linear: prefetch must be 'l1' or 'l2', got {prefetch!r}")
     if k_chunk is not None and k_chunk < 0:
         raise ValueError(f"lora_bank_linear: k_chunk must be >= 0 (0 or None: all of K), got {k_chunk}")
+    checked = (x2, weight, bias, A_bank, B_bank, rows, rank_parts)
+    if not (HAVE_C and x2.is_cpu):  # the torch kernel takes some malformed arguments (F.linear broadcasts a bias)
+        _check(*checked)
     args = (weight, bias, A_bank, B_bank, rows, isa, rank_parts, prefetch, k_chunk)
-    y = _OP(x2, *args)
+    try:
+        y = _OP(x2, *args)
+    except RuntimeError:
+        _check(*checked)  # the C++ kernel checks every argument: a malformed one is named, as ValueError or TypeError
+        raise
     calls = _recording.calls
     if calls is not None:
         calls.append((x2, y, args))

@@ -54,7 +54,7 @@ def _cpu_path(kind: str, x: Tensor, weight: Tensor, run: dispatch.Run,
     built and enabled, with no autograd graph to build (it has no backward), and where
     :func:`dispatch.choose` measured it faster. ``tensors``, the call's other inputs, are read only
     when autograd is on (a generator costs nothing in inference)."""
-    if x.device.type != "cpu" or not cpu.c_enabled():
+    if not (x.is_cpu and cpu.c_enabled()):
         return "torch"
     if _builds_graph(chain((x, weight), tensors)):
         return "torch"

@@ -479,6 +479,38 @@ def test_clear_errors():
             cpu.lora_bank_linear(x, W, isa=name)
 
 
+_MALFORMED = {  # name: (changes to a good call with M rows, the wrapper's error, the message both give)
+    "K": (lambda M: dict(weight=torch.randn(4, 9)), ValueError, "but weight is"),
+    "dtype": (lambda M: dict(x=torch.randn(M, 8).half(), weight=torch.randn(4, 8).half()), TypeError,
+              "x must be float32 or bfloat16"),
+    "bias": (lambda M: dict(bias=torch.randn(5)), ValueError, r"bias must be \[N\]"),
+    "A-K": (lambda M: dict(A_bank=torch.randn(3, 2, 9)), ValueError, r"A_bank must be \[P, R, K"),
+    "B-shape": (lambda M: dict(B_bank=torch.randn(3, 4, 3)), ValueError, "B_bank must be"),
+    "A-alone": (lambda M: dict(B_bank=None), ValueError, "both be given"),
+    "bank-dtype": (lambda M: dict(B_bank=torch.ones(3, 4, 2, dtype=torch.int32)), TypeError,
+                   "must be float32 or bfloat16, got"),
+    "empty-bank": (lambda M: dict(A_bank=torch.randn(0, 2, 8), B_bank=torch.randn(0, 4, 2)), ValueError,
+                   "an empty bank"),
+    "rows": (lambda M: dict(row_pair=torch.tensor([0, 1, 2])), ValueError, "row_pair must be int64"),
+    "rows-alone": (lambda M: dict(A_bank=None, B_bank=None, row_pair=torch.zeros(M, dtype=torch.int64)), ValueError,
+                   "without an adapter bank"),
+}
+
+
+@pytest.mark.parametrize("M", [2, 0])
+@pytest.mark.parametrize("case", list(_MALFORMED))
+def test_malformed_arguments_are_named_by_the_op_and_by_the_wrapper(case, M):
+    """The C++ op checks every argument itself, with no rows too (an empty output is no excuse); the
+    wrapper, which calls it unchecked, then names the same problem as ValueError or TypeError."""
+    changes, wrapper_error, message = _MALFORMED[case]
+    args = dict(x=torch.randn(M, 8), weight=torch.randn(4, 8), bias=torch.randn(4), A_bank=torch.randn(3, 2, 8),
+                B_bank=torch.randn(3, 4, 2), row_pair=None) | changes(M)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.modlora.lora_bank_linear(*args.values())
+    with pytest.raises(wrapper_error, match=message):
+        cpu.lora_bank_linear(*args.values())
+
+
 @pytest.mark.parametrize("M", [1, 16])
 def test_bf16_dot_products_flush_subnormal_inputs(isa, M):
     """vdpbf16ps and tdpbf16ps treat bf16 subnormals as zero: x = 2^-130 (subnormal), W = 2^100
