@@ -47,7 +47,7 @@ from modlora.kernels.reference import Adapter, Weight, as_fp32, merge_pair
 log = logging.getLogger("modlora")
 
 __all__ = ["HAVE_C", "c_enabled", "set_c_enabled", "pack_bank", "lora_bank_linear", "lora_bank_linear_torch",
-           "c_serves", "decode_attention", "rms_norm", "BoundSites"]
+           "c_serves", "decode_attention", "rms_norm", "topk", "BoundSites"]
 
 _C = None
 if os.environ.get("MODLORA_DISABLE_C", "") not in ("", "0"):
@@ -399,6 +399,11 @@ if HAVE_C:  # fake (meta) implementations of _C's inference ops: shapes only, fo
     def _decode_attention_fake(q, k, v, cos, sin, prompt_k, prompt_v, prompt_mask, gen_k, gen_v, step, num_beams):
         return q.new_empty(q.shape)
 
+    @torch.library.register_fake("modlora::topk")
+    def _topk_fake(values, k):
+        shape = (*values.shape[:-1], k)
+        return values.new_empty(shape), values.new_empty(shape, dtype=torch.long)
+
 
 def c_serves(x: Tensor, other: Tensor) -> bool:
     """Whether the C++ inference ops (:func:`decode_attention`, :func:`rms_norm`) serve ``x`` with
@@ -412,6 +417,18 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """``weight * (x / sqrt(mean(x^2, -1) + eps)).to(x.dtype)`` in one C++ call (csrc/rms_norm_cpu.cpp):
     HF's Qwen2 RMSNorm, fp32 statistics, rounded where it rounds. Only where :func:`c_serves` holds."""
     return torch.ops.modlora.rms_norm(x, weight, eps)
+
+
+def topk(values: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``torch.topk(values, k)`` along the last dim (largest, sorted): the same values and indices,
+    ties in the same order. On CPU for float32 without autograd, with ``_C`` built and enabled, one
+    C++ call (csrc/topk_cpu.cpp) that runs torch's own heap selection without its copy of every
+    element (0.09 vs 1.3 ms at beam 5 over Qwen2.5's vocabulary); elsewhere ``torch.topk``."""
+    if (_use_c and values.is_cpu and values.dtype == torch.float32
+            and not (values.requires_grad and torch.is_grad_enabled())):
+        return torch.ops.modlora.topk(values, k)
+    found = torch.topk(values, k)
+    return found.values, found.indices
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, prompt_k: Tensor,

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .adapters import AdapterController
-from .cpu import BoundSites
+from .cpu import BoundSites, topk
 from .model import KVCache, Qwen2ForCausalLM
 from .prompt import translation_prompt_ids
 from .tokenizer import Tokenizer
@@ -184,7 +184,7 @@ def _beam_search(decode_step: DecodeStep, cache: KVCache, logits: Tensor, eos: T
             log_probs += run_scores[:, :, None]  # in place, for the same reason
         else:
             log_probs = log_probs + run_scores[:, :, None]
-        cand_scores, cand_idx = torch.topk(log_probs.view(batch, -1), keep)
+        cand_scores, cand_idx = topk(log_probs.view(batch, -1), keep)
         parent = torch.div(cand_idx, vocab, rounding_mode="floor")
         cand_tokens = run_tokens.gather(1, parent[:, :, None].expand(-1, -1, max_new_tokens))
         cand_tokens[:, :, step] = cand_idx % vocab

@@ -1,6 +1,7 @@
 """The C++ inference ops of a decode step (modlora::decode_attention under each ISA the CPU has,
-modlora::rms_norm) against float64 oracles, and the model's decode step with them against the
-model's torch path.
+modlora::rms_norm) against float64 oracles, modlora::topk against torch.topk (the beam search's
+candidates: the same values and indices bit for bit, ties in torch's order), and the model's
+decode step with them against the model's torch path.
 
 Oracle: the same attention in float64 from the very same inputs, written per row and head as the
 definition reads (RoPE rotate-half, the sentence's unpadded prompt keys then the row's own generated
@@ -204,6 +205,82 @@ def test_rms_norm_bad_arguments_are_named(weight, eps, message):
         cpu.rms_norm(torch.ones(3, 16), weight, eps)
 
 
+def _scores(kind: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """float32 scores of a kind that decides topk's order differently: all distinct, four values
+    (every pick a tie), bf16 logits' log-probs (ties within a row, as in the beam search), equal
+    zeros of both signs, NaN among ties (NaN ranks above every number), and infinities."""
+    if kind == "distinct":
+        return torch.randn(shape, generator=generator)
+    if kind == "bf16_log_probs":
+        return torch.log_softmax((torch.randn(shape, generator=generator) * 3).bfloat16(), -1, dtype=torch.float32)
+    v = torch.randint(0, 4, shape, generator=generator).float()
+    if kind == "signed_zeros":
+        v = torch.zeros(shape)
+        v[..., ::7] = -0.0
+    elif kind == "nan":
+        v[torch.rand(shape, generator=generator) < 1e-3] = float("nan")
+    elif kind == "infinities":
+        v = torch.randn(shape, generator=generator)
+        v[..., ::3] = float("-inf")
+        v[..., 5::11] = float("inf")
+    return v
+
+
+def _assert_same_topk(found: tuple[torch.Tensor, torch.Tensor], values: torch.Tensor, k: int) -> None:
+    expected = torch.topk(values, k)
+    assert torch.equal(found[1], expected.indices)
+    assert torch.equal(found[0].view(torch.int32), expected.values.view(torch.int32))  # bits: -0.0, NaN
+
+
+@pytest.mark.parametrize("kind", ["distinct", "four_values", "bf16_log_probs", "signed_zeros", "nan", "infinities"])
+@pytest.mark.parametrize("n", [640, 1000, 4097, 5 * 151_936])
+def test_topk_equals_torch_topk_bit_for_bit(kind, n):
+    """k from 1 to n / 64 (torch's heap selection, which the op runs) and past it (torch's own)."""
+    values = _scores(kind, (3, n), torch.Generator().manual_seed(n))
+    for k in sorted({1, 2, 10, n // 64, n // 64 + 1, n}):
+        _assert_same_topk(torch.ops.modlora.topk(values, k), values, k)
+
+
+def test_topk_takes_any_leading_dims_and_layout():
+    g = torch.Generator().manual_seed(1)
+    values = _scores("four_values", (2, 3, 1000), g)
+    _assert_same_topk(torch.ops.modlora.topk(values, 10), values, 10)
+    strided = _scores("four_values", (1000, 3), g).t()
+    _assert_same_topk(torch.ops.modlora.topk(strided, 10), strided, 10)
+    _assert_same_topk(torch.ops.modlora.topk(values[0, 0], 0), values[0, 0], 0)
+    _assert_same_topk(torch.ops.modlora.topk(torch.empty(0, 700), 5), torch.empty(0, 700), 5)
+
+
+@pytest.mark.parametrize("values,k,message", [
+    (torch.zeros(3, 700), 701, r"k must be in \[0, 700\]"),
+    (torch.zeros(3, 700), -1, r"k must be in \[0, 700\]"),
+    (torch.zeros(3, 700, dtype=torch.bfloat16), 5, "values must be float32"),
+    (torch.tensor(1.0), 1, "at least one dim"),
+], ids=["k_above_n", "k_negative", "dtype", "scalar"])
+def test_topk_bad_arguments_are_named(values, k, message):
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.modlora.topk(values, k)
+
+
+def test_topk_wrapper_serves_float32_on_cpu_and_torch_elsewhere(monkeypatch):
+    """cpu.topk equals torch.topk wherever it runs: through the op for float32 on CPU, through
+    torch.topk for bf16, with a graph to record, and with the C++ ops disabled."""
+    values = _scores("bf16_log_probs", (2, 5000), torch.Generator().manual_seed(2))
+    op, calls = torch.ops.modlora.topk, []
+    monkeypatch.setattr(torch.ops.modlora, "topk", lambda *args: calls.append(args) or op(*args))
+    _assert_same_topk(cpu.topk(values, 10), values, 10)
+    assert len(calls) == 1
+    found, expected = cpu.topk(values.bfloat16(), 10), torch.topk(values.bfloat16(), 10)
+    assert torch.equal(found[0], expected.values) and torch.equal(found[1], expected.indices)
+    assert cpu.topk(values.clone().requires_grad_(), 10)[0].grad_fn is not None
+    cpu.set_c_enabled(False)
+    try:
+        _assert_same_topk(cpu.topk(values, 10), values, 10)
+    finally:
+        cpu.set_c_enabled(True)
+    assert len(calls) == 1
+
+
 def test_opcheck_and_compile():
     """Schemas (the cache writes declared as mutations), fake implementations, torch.compile tracing."""
     args = make_args(*CASES["gqa8-tails"], torch.float32)
@@ -211,5 +288,6 @@ def test_opcheck_and_compile():
     torch.library.opcheck(torch.ops.modlora.decode_attention.default, tuple(args[name] for name in order))
     x, weight = torch.randn(3, 5, 16), torch.rand(16) + 0.5
     torch.library.opcheck(torch.ops.modlora.rms_norm.default, (x, weight, 1e-6))
+    torch.library.opcheck(torch.ops.modlora.topk.default, (torch.randn(2, 3, 640), 10))
     fn = torch.compile(lambda x: torch.ops.modlora.rms_norm(x, weight, 1e-6) * 2, fullgraph=True, backend="eager")
     torch.testing.assert_close(fn(x), cpu.rms_norm(x, weight, 1e-6) * 2, rtol=0, atol=0)
