@@ -401,6 +401,7 @@ if HAVE_C:  # fake (meta) implementations of _C's inference ops: shapes only, fo
 
     @torch.library.register_fake("modlora::topk")
     def _topk_fake(values, k):
+        torch._check(0 <= k <= values.shape[-1], lambda: f"topk: k must be in [0, {values.shape[-1]}], got {k}")
         shape = (*values.shape[:-1], k)
         return values.new_empty(shape), values.new_empty(shape, dtype=torch.long)
 
@@ -421,11 +422,11 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 def topk(values: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """``torch.topk(values, k)`` along the last dim (largest, sorted): the same values and indices,
-    ties in the same order. On CPU for float32 without autograd, with ``_C`` built and enabled, one
-    C++ call (csrc/topk_cpu.cpp) that runs torch's own heap selection without its copy of every
-    element (0.09 vs 1.3 ms at beam 5 over Qwen2.5's vocabulary); elsewhere ``torch.topk``."""
-    if (_use_c and values.is_cpu and values.dtype == torch.float32
-            and not (values.requires_grad and torch.is_grad_enabled())):
+    ties in the same order. For a dense float32 CPU tensor without autograd, with ``_C`` built and
+    enabled, one C++ call (csrc/topk_cpu.cpp) that runs torch's own heap selection without its copy
+    of every element (docs/design.md, "The beam search's top-k"); elsewhere ``torch.topk``."""
+    if (_use_c and values.is_cpu and values.dtype == torch.float32 and values.dim() > 0
+            and values.layout == torch.strided and not (values.requires_grad and torch.is_grad_enabled())):
         return torch.ops.modlora.topk(values, k)
     found = torch.topk(values, k)
     return found.values, found.indices

@@ -214,9 +214,10 @@ def _scores(kind: str, shape: tuple[int, ...], generator: torch.Generator) -> to
     if kind == "bf16_log_probs":
         return torch.log_softmax((torch.randn(shape, generator=generator) * 3).bfloat16(), -1, dtype=torch.float32)
     v = torch.randint(0, 4, shape, generator=generator).float()
-    if kind == "signed_zeros":
-        v = torch.zeros(shape)
-        v[..., ::7] = -0.0
+    if kind == "signed_zeros":  # after the first k, among smaller numbers: swapped in, as ties
+        v = -1 - torch.rand(shape, generator=generator)
+        v[..., 100::7] = 0.0
+        v[..., 103::7] = -0.0
     elif kind == "nan":
         v[torch.rand(shape, generator=generator) < 1e-3] = float("nan")
     elif kind == "infinities":
@@ -273,6 +274,8 @@ def test_topk_wrapper_serves_float32_on_cpu_and_torch_elsewhere(monkeypatch):
     found, expected = cpu.topk(values.bfloat16(), 10), torch.topk(values.bfloat16(), 10)
     assert torch.equal(found[0], expected.values) and torch.equal(found[1], expected.indices)
     assert cpu.topk(values.clone().requires_grad_(), 10)[0].grad_fn is not None
+    assert cpu.topk(torch.tensor(1.0), 1)[0] == 1.0
+    assert len(calls) == 1
     cpu.set_c_enabled(False)
     try:
         _assert_same_topk(cpu.topk(values, 10), values, 10)
