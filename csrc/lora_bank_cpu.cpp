@@ -452,16 +452,20 @@ at::Tensor lora_bank_linear_cpu(const at::Tensor& x, const at::Tensor& weight, c
   TORCH_CHECK(has_a || !(has_parts || (row_pair.has_value() && row_pair->defined())),
               "lora_bank_linear: row_pair or rank_parts given without an adapter bank");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  TORCH_CHECK(!(bias.has_value() && bias->defined()) || (bias->dim() == 1 && bias->size(0) == N),
-              "lora_bank_linear: bias must be [N] = [", N, "], got ", bias->sizes());
+  const bool has_bias = bias.has_value() && bias->defined();
+  TORCH_CHECK(!has_bias || (bias->dim() == 1 && bias->size(0) == N), "lora_bank_linear: bias must be [N] = [", N,
+              "], got ", bias->sizes());
+  TORCH_CHECK(!has_bias || at::isFloatingType(bias->scalar_type()),
+              "lora_bank_linear: bias must be a floating-point tensor, got ", bias->scalar_type());
   Bank bank;
   if (has_a) bank = checked_bank(*A_bank, *B_bank, row_pair, M, N, K, has_parts);
+  const at::Tensor parts = has_parts ? checked_parts(*rank_parts, N, bank.R, bank.B.size(2)) : at::Tensor();
+  const int isa = isa_name.has_value() ? isa_index(*isa_name, "lora_bank_linear") : g_isa.load(std::memory_order_relaxed);
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
 
   const at::Tensor w = weight.stride(1) == 1 && weight.stride(0) >= K ? weight : weight.contiguous();
   const at::Tensor xc = x.contiguous();
-  const int isa = isa_name.has_value() ? isa_index(*isa_name, "lora_bank_linear") : g_isa.load(std::memory_order_relaxed);
   const bool bf16_x = x.scalar_type() == at::kBFloat16;
   const Kernel kernel = kernel_for(isa, w.scalar_type() == at::kBFloat16 && bf16_x);
   // The tile kernel reads whole rows of W: it ignores k_chunk (a speed hint, as prefetch is).
@@ -494,9 +498,7 @@ at::Tensor lora_bank_linear_cpu(const at::Tensor& x, const at::Tensor& weight, c
   a.partial = partial.data();
 
   std::vector<float> u;
-  at::Tensor parts;
   if (has_parts) {
-    parts = checked_parts(*rank_parts, N, bank.R, bank.B.size(2));
     a.parts = parts.data_ptr<int64_t>();
     a.n_parts = parts.size(0);
   }

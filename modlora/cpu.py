@@ -93,7 +93,8 @@ def lora_bank_linear_torch(x: Tensor, weight: Tensor, bias: Tensor | None = None
 
     ``x W^T + b`` runs in W's dtype when x has it, else in fp32; the LoRA part ``(x A^T) B^T``, added
     to it by one GEMM, runs in that dtype too when both banks have it, else in fp32. Torch's bf16
-    GEMMs accumulate in fp32 and round each result to bf16 (``x W^T + b``, ``x A^T``, then the sum).
+    GEMMs accumulate in fp32 and round each result to bf16 (``x W^T + b``, ``x A^T``, then the sum;
+    with ``row_pair`` also ``(x A^T) B^T`` before it is added, by ``index_add_``).
 
     Raises:
         IndexError: a ``row_pair`` entry outside ``[0, P)``.
@@ -154,6 +155,8 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor | None, A_bank: Tensor | None
     N = weight.shape[0]
     if bias is not None and tuple(bias.shape) != (N,):
         raise ValueError(f"lora_bank_linear: bias must be [N]=[{N}], got {tuple(bias.shape)}")
+    if bias is not None and not bias.is_floating_point():
+        raise TypeError(f"lora_bank_linear: bias must be a floating-point tensor, got {bias.dtype}")
     if (A_bank is None) != (B_bank is None):
         raise ValueError("lora_bank_linear: A_bank and B_bank must both be given or both be None")
     if A_bank is None:
@@ -266,7 +269,10 @@ def lora_bank_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, A_ba
     try:
         y = _OP(x2, *args)
     except RuntimeError:
-        _check(*checked)  # the C++ kernel checks every argument: a malformed one is named, as ValueError or TypeError
+        try:
+            _check(*checked)  # the C++ kernel checks every argument: a malformed one is named here
+        except (ValueError, TypeError) as named:
+            raise named from None  # the name alone, no C++ trace behind it
         raise
     calls = _recording.calls
     if calls is not None:

@@ -10,8 +10,12 @@
 - inference by torch (dispatch's ``"torch"``, CUDA without Triton): its GEMMs, with adapters on
   the bank the C++ op takes (:func:`_banked_torch`); in fp32 for bf16 on CPUs without bf16
   arithmetic (see :func:`_emulated_bf16`);
-- autograd: the plain-torch reference (``modlora.kernels.reference``), which is also the oracle
-  every backend is tested against.
+- autograd, or autocast on x's device: the plain-torch reference (``modlora.kernels.reference``),
+  which is also the oracle every backend is tested against (autocast casts each of its GEMMs).
+
+Adapter banks are cached per adapter tensors and their in-place version counters. A write that
+bypasses the counter (through ``.data``, or a fused optimizer step) leaves a stale bank: call
+:func:`clear_banks` after one.
 
 Callers (the linear layers, the adapter bindings) never pick a backend themselves.
 """
@@ -51,10 +55,11 @@ def _autocast(x: Tensor, weight: Tensor, bias: Tensor | None, adapters: Sequence
 def _cpu_path(kind: str, x: Tensor, weight: Tensor, run: dispatch.Run,
               tensors: Iterable[Tensor | float | None] = ()) -> str:
     """``"torch"``, or the C++ op (``"c"``: at the ISA set; ``"c:<isa>[:l2]"``): C only on CPU, when
-    built and enabled, with no autograd graph to build (it has no backward), and where
-    :func:`dispatch.choose` measured it faster. ``tensors``, the call's other inputs, are read only
-    when autograd is on (a generator costs nothing in inference)."""
-    if not (x.is_cpu and cpu.c_enabled()):
+    built and enabled, with no autograd graph to build (it has no backward) and no autocast (which
+    casts torch's GEMMs, not the op's), and where :func:`dispatch.choose` measured it faster.
+    ``tensors``, the call's other inputs, are read only when autograd is on (a generator costs
+    nothing in inference)."""
+    if not (x.is_cpu and cpu.c_enabled()) or torch.is_autocast_enabled("cpu"):
         return "torch"
     if _builds_graph(chain((x, weight), tensors)):
         return "torch"
@@ -64,6 +69,13 @@ def _cpu_path(kind: str, x: Tensor, weight: Tensor, run: dispatch.Run,
 def _builds_graph(tensors: Iterable[Tensor | float | None]) -> bool:
     """Whether autograd would record the op; ``tensors`` is iterated only when autograd is on."""
     return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
+
+
+def _needs_reference(x: Tensor, tensors: Iterable[Tensor | float | None]) -> bool:
+    """Whether torch's path runs the reference rather than the packed bank: autograd would record
+    the op, or autocast is on for x's device (it casts each GEMM of the reference; the bank's
+    in-place update would meet a GEMM it cast)."""
+    return _builds_graph(chain((x,), tensors)) or torch.is_autocast_enabled(x.device.type)
 
 
 def _emulated_bf16(x: Tensor, weight: Tensor, tensors: Iterable[Tensor | float | None] = ()) -> bool:
@@ -105,8 +117,22 @@ def _pairs_key(pairs: Sequence[tuple]) -> tuple[tuple, tuple]:
         key.append((a_in, a_out, float(w_in), float(w_out)))
         for a in (a_in, a_out):
             if a is not None:
-                versions += (a[0]._version, a[1]._version)
+                versions += (_version(a[0]), _version(a[1]))
     return tuple(key), tuple(versions)
+
+
+def _version(t: Tensor) -> int:
+    """t's in-place version counter; -1 for an inference tensor, which has none (it can be written
+    in place only inside ``torch.inference_mode``)."""
+    return -1 if t.is_inference() else t._version
+
+
+def clear_banks() -> None:
+    """Forget every cached adapter bank: needed only after an in-place write to an adapter that its
+    version counter does not see (through ``.data``, a fused optimizer step, an inference tensor
+    written inside ``torch.inference_mode``)."""
+    _bank.cache_clear()
+    _group_bank.cache_clear()
 
 
 def _packed(pairs: Sequence[tuple], strategy: str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -154,7 +180,7 @@ def _dual(path: str, x: Tensor, weight: Tensor, bias: Tensor | None, lora_in: Ad
     pairs = [(lora_in, lora_out, w_in, w_out)]
     if path != "torch":
         return cpu.lora_bank_linear(x, weight, bias, *_packed(pairs, strategy, x.dtype), **dispatch.c_options(path))
-    if _builds_graph(chain((x, weight, bias), _pair_inputs(pairs))):
+    if _needs_reference(x, chain((weight, bias), _pair_inputs(pairs))):
         return dual_lora_linear_ref(x, weight, bias, lora_in, lora_out, w_in, w_out, strategy)
     return _banked_torch(x, weight, bias, pairs, strategy, None)
 
@@ -206,9 +232,10 @@ def pairwise_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None,
 def _pairwise(path: str, x: Tensor, weight: Tensor, bias: Tensor | None, pairs: Sequence[tuple], row_pair: Tensor,
               strategy: str) -> Tensor:
     if path != "torch":
-        return cpu.lora_bank_linear(x, weight, bias, *_packed(pairs, strategy, x.dtype), row_pair,
+        A_bank, B_bank = _packed(pairs, strategy, x.dtype)
+        return cpu.lora_bank_linear(x, weight, bias, A_bank, B_bank, None if A_bank is None else row_pair,
                                     **dispatch.c_options(path))
-    if _builds_graph(chain((x, weight, bias), _pair_inputs(pairs))):
+    if _needs_reference(x, chain((weight, bias), _pair_inputs(pairs))):
         return pairwise_lora_linear_ref(x, weight, bias, pairs, row_pair, strategy)
     return _banked_torch(x, weight, bias, pairs, strategy, row_pair)
 

@@ -494,6 +494,10 @@ _MALFORMED = {  # name: (changes to a good call with M rows, the wrapper's error
     "rows": (lambda M: dict(row_pair=torch.tensor([0, 1, 2])), ValueError, "row_pair must be int64"),
     "rows-alone": (lambda M: dict(A_bank=None, B_bank=None, row_pair=torch.zeros(M, dtype=torch.int64)), ValueError,
                    "without an adapter bank"),
+    "bias-dtype": (lambda M: dict(bias=torch.ones(4, dtype=torch.int64)), TypeError, "bias must be a floating-point"),
+    # The wrapper names these through the op's own message (no Python check repeats them).
+    "isa": (lambda M: dict(isa="bogus"), RuntimeError, "unknown ISA .bogus."),
+    "rank-parts": (lambda M: dict(rank_parts=torch.tensor([[9, 0, 7]])), RuntimeError, "rank_parts n_end must rise"),
 }
 
 
@@ -504,7 +508,7 @@ def test_malformed_arguments_are_named_by_the_op_and_by_the_wrapper(case, M):
     wrapper, which calls it unchecked, then names the same problem as ValueError or TypeError."""
     changes, wrapper_error, message = _MALFORMED[case]
     args = dict(x=torch.randn(M, 8), weight=torch.randn(4, 8), bias=torch.randn(4), A_bank=torch.randn(3, 2, 8),
-                B_bank=torch.randn(3, 4, 2), row_pair=None) | changes(M)
+                B_bank=torch.randn(3, 4, 2), row_pair=None, isa=None, rank_parts=None) | changes(M)
     with pytest.raises(RuntimeError, match=message):
         torch.ops.modlora.lora_bank_linear(*args.values())
     with pytest.raises(wrapper_error, match=message):

@@ -191,6 +191,8 @@ def test_torch_path_in_inference_runs_the_packed_bank(dtype, strategy, monkeypat
     ([B, T, K] x). Each output lies within that float64 bound; a dropped bias, adapter or pair, or a
     pair on the wrong rows, is off by O(1)."""
     monkeypatch.setattr(dispatch, "NATIVE_BF16", True)
+    kernel, banks = cpu.lora_bank_linear_torch, []
+    monkeypatch.setattr(cpu, "lora_bank_linear_torch", lambda *args: banks.append(args[3]) or kernel(*args))
     B, T, K, N, r = 3, dispatch.MAX_BUCKET // 3 + 2, 64, 48, 4
     x, weight, bias, pairs = _random_case(B * T, K, N, r, dtype, 1)
     row_pair = torch.tensor([1, 0, 1])
@@ -198,6 +200,7 @@ def test_torch_path_in_inference_runs_the_packed_bank(dtype, strategy, monkeypat
     cases = [(ops.dual_lora_linear(x, weight, bias, *pairs[0], strategy), x, [banked[0]], torch.zeros(B * T)),
              (ops.pairwise_lora_linear(x.view(B, T, K), weight, bias, pairs, row_pair, strategy).view(B * T, N), x,
               banked, row_pair.repeat_interleave(T))]
+    assert [A.shape[0] for A in banks] == [1, 2]  # both ran the bank, not the reference
     u = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-24
     d = lambda t: t.double()
     for got, x, bank, rows in cases:
@@ -214,6 +217,51 @@ def test_torch_path_in_inference_runs_the_packed_bank(dtype, strategy, monkeypat
         err = (got.double() - y).abs()
         tol = 1.01 * ((K + 2 * r + 2) * 2.0**-24 * mag + u * (base_mag + base.abs() + v_mag + y.abs()))
         assert (err <= tol).all(), f"error {err.max().item():.3g} exceeds its bound by {(err / tol).max().item():.2f}x"
+
+
+@pytest.mark.parametrize("M", [2, dispatch.MAX_BUCKET + 44])
+@torch.no_grad()
+def test_inference_under_cpu_autocast_is_the_reference_under_autocast(M):
+    """Autocast casts torch's GEMMs, not the C++ op's nor the bank's in-place update: under it every
+    inference path is the reference, whose GEMMs it casts (bf16 out of fp32 inputs), at any rows."""
+    x, weight, bias, pairs = _random_case(M, 32, 24, 4, torch.float32, 2)
+    row_pair = torch.arange(M) % 2
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = [ops.linear(x, weight, bias), ops.dual_lora_linear(x, weight, bias, *pairs[0]),
+               ops.pairwise_lora_linear(x, weight, bias, pairs, row_pair)]
+        expected = [torch.nn.functional.linear(x, weight, bias), dual_lora_linear_ref(x, weight, bias, *pairs[0]),
+                    pairwise_lora_linear_ref(x, weight, bias, pairs, row_pair)]
+    for g, e in zip(got, expected, strict=True):
+        assert g.dtype == torch.bfloat16 and torch.equal(g, e)
+
+
+@pytest.mark.parametrize("M", [2, dispatch.MAX_BUCKET + 44])
+def test_adapters_made_in_inference_mode_and_banks_cleared_after_unseen_writes(M):
+    """Inference tensors have no version counter (their banks are cached as never written); a write
+    through ``.data`` bumps none, and ``ops.clear_banks`` drops the stale bank. Each call equals the
+    reference on the adapters as they are."""
+    with torch.inference_mode():
+        x, weight, bias, pairs = _random_case(M, 32, 24, 4, torch.float32, 3)
+        got = ops.dual_lora_linear(x, weight, bias, *pairs[0])
+    torch.testing.assert_close(got, dual_lora_linear_ref(x, weight, bias, *pairs[0]), rtol=1e-5, atol=1e-5)
+    _, _, _, pairs = _random_case(M, 32, 24, 4, torch.float32, 4)
+    with torch.no_grad():
+        ops.dual_lora_linear(x, weight, bias, *pairs[0])
+        version = pairs[0][0][0]._version
+        pairs[0][0][0].data.mul_(3.0)
+        assert pairs[0][0][0]._version == version  # the write the cache cannot see
+        ops.clear_banks()
+        got = ops.dual_lora_linear(x, weight, bias, *pairs[0])
+    torch.testing.assert_close(got, dual_lora_linear_ref(x, weight, bias, *pairs[0]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("M", [2, dispatch.MAX_BUCKET + 44])
+@torch.no_grad()
+def test_pairs_without_adapters_are_the_plain_linear(M):
+    x, weight, bias, _ = _random_case(M, 32, 24, 4, torch.float32, 5)
+    pairs = [(None, None, 1.0, 1.0)] * 2
+    got = ops.pairwise_lora_linear(x, weight, bias, pairs, torch.arange(M) % 2)
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_emulation_follows_the_autograd_graph_not_the_grad_mode(monkeypatch):
