@@ -8,7 +8,7 @@
   that read the same x and whose weights are adjacent in memory (q/k/v, gate/up) as one C++ call
   (:func:`grouped_linear`);
 - inference by torch (dispatch's ``"torch"``, CUDA without Triton): its GEMMs, with adapters on
-  the bank the C++ op takes (:func:`_banked_torch`); in fp32 for bf16 on CPUs without bf16
+  the bank the C++ op takes (:func:`_adapted`); in fp32 for bf16 on CPUs without bf16
   arithmetic (see :func:`_emulated_bf16`);
 - autograd, or autocast on x's device: the plain-torch reference (``modlora.kernels.reference``),
   which is also the oracle every backend is tested against (autocast casts each of its GEMMs).
@@ -177,21 +177,24 @@ def dual_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_in: Ad
 
 def _dual(path: str, x: Tensor, weight: Tensor, bias: Tensor | None, lora_in: Adapter | None,
           lora_out: Adapter | None, w_in: Weight, w_out: Weight, strategy: str) -> Tensor:
-    pairs = [(lora_in, lora_out, w_in, w_out)]
-    if path != "torch":
-        return cpu.lora_bank_linear(x, weight, bias, *_packed(pairs, strategy, x.dtype), **dispatch.c_options(path))
-    if _needs_reference(x, chain((weight, bias), _pair_inputs(pairs))):
-        return dual_lora_linear_ref(x, weight, bias, lora_in, lora_out, w_in, w_out, strategy)
-    return _banked_torch(x, weight, bias, pairs, strategy, None)
+    return _adapted(path, x, weight, bias, [(lora_in, lora_out, w_in, w_out)], strategy, None)
 
 
-def _banked_torch(x: Tensor, weight: Tensor, bias: Tensor | None, pairs: Sequence[tuple], strategy: str,
-                  row_pair: Tensor | None) -> Tensor:
-    """Inference by torch's GEMMs on the bank the C++ op takes (:func:`_packed`: one adapter a
-    pair), so the LoRA part is two GEMMs, not two an adapter as the reference (kept for autograd)
-    runs it: ``y = x W^T + b``, then ``y += (x A^T) B^T`` in place. x and W in fp32 for bf16 on CPUs
-    without bf16 arithmetic (:func:`_emulated_bf16`), rounded to bf16 once."""
+def _adapted(path: str, x: Tensor, weight: Tensor, bias: Tensor | None, pairs: Sequence[tuple], strategy: str,
+             row_pair: Tensor | None) -> Tensor:
+    """The linear with ``pairs`` (one for every row where ``row_pair`` is None) by ``path``: the C++
+    op on the packed bank (:func:`_packed`: one adapter a pair); the reference where autograd or
+    autocast needs it; else torch's GEMMs on that bank, so the LoRA part is two GEMMs, not two an
+    adapter: ``y = x W^T + b``, then ``y += (x A^T) B^T`` in place, x and W in fp32 for bf16 on
+    CPUs without bf16 arithmetic (:func:`_emulated_bf16`), rounded to bf16 once."""
+    if path == "torch" and _needs_reference(x, chain((weight, bias), _pair_inputs(pairs))):
+        if row_pair is None:
+            return dual_lora_linear_ref(x, weight, bias, *pairs[0], strategy)
+        return pairwise_lora_linear_ref(x, weight, bias, pairs, row_pair, strategy)
     A_bank, B_bank = _packed(pairs, strategy, x.dtype)
+    if path != "torch":
+        return cpu.lora_bank_linear(x, weight, bias, A_bank, B_bank, None if A_bank is None else row_pair,
+                                    **dispatch.c_options(path))
     if _emulated_bf16(x, weight):
         return cpu.lora_bank_linear_torch(x.float(), weight.float(), None if bias is None else bias.float(),
                                           A_bank, B_bank, row_pair).to(x.dtype)
@@ -224,20 +227,9 @@ def pairwise_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None,
         pairs = [(flat[2 * i], flat[2 * i + 1], *p[2:]) for i, p in enumerate(pairs)]
         return kernels.pairwise_lora_linear(x, weight, bias, pairs, row_pair, strategy)  # forward only
     # Calibration inputs are [m, K]: their rows cycle through the pairs.
-    run = lambda path, xs: _pairwise(path, xs, weight, bias, pairs, torch.arange(xs.shape[0]) % len(pairs), strategy)
-    return _pairwise(_cpu_path("pairs", x, weight, run, chain((bias,), _pair_inputs(pairs))), x, weight, bias, pairs,
-                     row_pair, strategy)
-
-
-def _pairwise(path: str, x: Tensor, weight: Tensor, bias: Tensor | None, pairs: Sequence[tuple], row_pair: Tensor,
-              strategy: str) -> Tensor:
-    if path != "torch":
-        A_bank, B_bank = _packed(pairs, strategy, x.dtype)
-        return cpu.lora_bank_linear(x, weight, bias, A_bank, B_bank, None if A_bank is None else row_pair,
-                                    **dispatch.c_options(path))
-    if _needs_reference(x, chain((weight, bias), _pair_inputs(pairs))):
-        return pairwise_lora_linear_ref(x, weight, bias, pairs, row_pair, strategy)
-    return _banked_torch(x, weight, bias, pairs, strategy, row_pair)
+    run = lambda path, xs: _adapted(path, xs, weight, bias, pairs, strategy, torch.arange(xs.shape[0]) % len(pairs))
+    return _adapted(_cpu_path("pairs", x, weight, run, chain((bias,), _pair_inputs(pairs))), x, weight, bias, pairs,
+                    strategy, row_pair)
 
 
 GroupPart = tuple[Tensor, Tensor | None, tuple, str, Tensor | None]
