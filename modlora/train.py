@@ -7,8 +7,9 @@
   the logits of the whole batch (:func:`modlora.kernels.linear_cross_entropy`).
 - AdamW, linear warmup then linear decay, gradient accumulation (the loss of a step is the mean
   over all its trained tokens, as one big batch would give), clipping, length-bucketed batches,
-  bf16 autocast on CUDA, a JSONL log, and atomic checkpoints (trainable tensors, optimizer,
-  scheduler, RNG states, step, data order) from which a run resumes bit for bit on CPU.
+  bf16 autocast on CUDA, a JSONL log, and atomic checkpoints (trainable tensors, AdamW's moments,
+  RNG states, step, data order) from which a run resumes bit for bit on CPU; the hyperparameters
+  and the schedule follow from the config and the step.
 
 :func:`train` is four parts, each replaceable on its own: :func:`setup` (optimizer, schedule, data
 order), :func:`resume` (from a checkpoint, or a fresh start), :func:`train_step` (one optimizer
@@ -23,6 +24,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -283,8 +285,7 @@ def save_checkpoint(run: TrainRun) -> None:
         return
     state = {"config": run.config_record, "step": run.step,
              "order": run.order(min(run.step, run.total - 1) // run.steps_per_epoch),
-             "params": list(run.params), "optimizer": run.optimizer.state_dict(),
-             "scheduler": run.scheduler.state_dict(), "rng": rng}
+             "params": list(run.params), "optimizer": run.optimizer.state_dict()["state"], "rng": rng}
     checkpoint.save(run.checkpoint_path, state)
 
 
@@ -336,15 +337,21 @@ def resume(run: TrainRun, log: Log, desc: str) -> None:
         raise ValueError(f"{run.checkpoint_path} was written by a different run configuration ({changed}); "
                          "rerun with the same settings to resume, or remove it to start over")
     run.step = run.checkpointed = state["step"]
-    checkpoint.check_fits(state, run.checkpoint_path, run.params, run.optimizer, run.scheduler, run.total,
+    checkpoint.check_fits(state, run.checkpoint_path, run.params, run.total,
                           ranks=run.dp.ctx.world_size if run.dp else 1)
     if run.step < run.total and state["order"] != run.order(run.step // run.steps_per_epoch):
         raise ValueError(f"{run.checkpoint_path}: the data order differs from the checkpoint's (examples changed?)")
     with torch.no_grad():
         for p, saved_p in zip(run.params, state["params"], strict=True):
             p.copy_(saved_p)
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
+    # The hyperparameters and the schedule are this run's own (the config equals the checkpoint's):
+    # only AdamW's moments come from the file, and the schedule is replayed to the step.
+    run.optimizer.load_state_dict({"state": state["optimizer"],
+                                   "param_groups": run.optimizer.state_dict()["param_groups"]})
+    with warnings.catch_warnings():  # a replay steps the schedule without the optimizer, on purpose
+        warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
+        for _ in range(run.step):
+            run.scheduler.step()
     run.rng = state["rng"][run.dp.ctx.rank if run.dp else 0]
     _set_rng_state(run.rng)
     if run.writer and run.log_path.is_file():  # drop log lines of steps after the checkpoint (they will be redone)
