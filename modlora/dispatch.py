@@ -133,9 +133,10 @@ _C_PATH = re.compile(r"c:(\w+?)(:l2)?(?::k([0-9]+))?")
 
 
 def _parse_path(path: str) -> tuple[str, str | None, int | None] | None:
-    """``(isa, prefetch, k_chunk)`` of a C path ``"c:<isa>[:l2][:k<n>]"`` (n > 0), else None."""
+    """``(isa, prefetch, k_chunk)`` of a C path ``"c:<isa>[:l2][:k<n>]"`` (0 < n < 2^31: a K chunk
+    the op's int64 argument holds), else None."""
     match = _C_PATH.fullmatch(path)
-    if match is None or match[3] is not None and int(match[3]) == 0:
+    if match is None or match[3] is not None and not 0 < int(match[3]) < 2**31:
         return None
     return match[1], "l2" if match[2] else None, None if match[3] is None else int(match[3])
 

@@ -244,10 +244,12 @@ def setup(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples
     """Make ``params`` trainable and build the optimizer, the schedule and the data order.
 
     Raises:
-        ValueError: no examples, or a parameter outside ``params`` that requires grad.
+        ValueError: no examples, a token id (or ``pad_id``) outside the model's vocabulary, or a
+        parameter outside ``params`` that requires grad.
     """
     if not examples:
         raise ValueError("no training examples")
+    _check_token_ids(examples, pad_id, model.config.vocab_size)
     params = list(params)
     trainable = {id(p) for p in params}
     if any(p.requires_grad for p in model.parameters() if id(p) not in trainable):
@@ -275,6 +277,17 @@ def setup(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples
                     batch_size, record, dp=dp)
 
 
+def _check_token_ids(examples: Sequence[Example], pad_id: int, vocab: int) -> None:
+    """Every id the data feeds the model names a row of its embedding: a tokenizer that is not the
+    model's is named here, not met as an IndexError inside the embedding mid-step."""
+    lo, hi = min(min(ids, default=0) for ids, _ in examples), max(max(ids, default=0) for ids, _ in examples)
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"the training data holds token ids {lo}..{hi}, outside the model's vocabulary [0, {vocab}): "
+                         "the tokenizer does not belong to this model")
+    if not 0 <= pad_id < vocab:
+        raise ValueError(f"pad_id {pad_id} is outside the model's vocabulary [0, {vocab})")
+
+
 def save_checkpoint(run: TrainRun) -> None:
     """Write the run after ``run.step`` finished steps (with ``run.rng``), atomically, as data
     (:mod:`modlora.checkpoint`: safetensors and JSON, nothing pickled). Data parallel: with every
@@ -299,8 +312,9 @@ def read_log(path: Path, log: Log) -> list[tuple[str, dict]]:
             continue
         try:
             record = json.loads(line)
-            if not (isinstance(record, dict) and isinstance(record.get("step"), int)):
-                raise ValueError("not a step record")
+            if not (isinstance(record, dict) and isinstance(record.get("step"), int)
+                    and isinstance(record.get("loss"), float) and math.isfinite(record["loss"])):
+                raise ValueError("not a step record with a finite loss")
         except ValueError as e:
             if number == len(lines):
                 log(f"warning: {path} line {number} is torn or malformed ({e}); ignored")
@@ -510,8 +524,8 @@ def train(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples
     if _fingerprint(base) != fingerprint:
         raise RuntimeError("the base model's weights changed during training")
     if losses and run.step >= run.total > 1:  # the whole run's first and last step (the log spans resumes)
-        first = json.loads(run.log_path.read_text().split("\n", 1)[0])["loss"]
-        log(f"{desc}: training loss {first:.2f} (step 1) -> {losses[-1]:.2f} (step {run.step})")
+        first = read_log(run.log_path, log)[0][1]
+        log(f"{desc}: training loss {first['loss']:.2f} (step {first['step']}) -> {losses[-1]:.2f} (step {run.step})")
     return {"step": run.step, "total_steps": run.total, "done": run.step >= run.total, "losses": losses}
 
 

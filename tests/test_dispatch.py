@@ -230,9 +230,9 @@ def test_forced_path_is_obeyed_without_measuring(forced, monkeypatch, c_calls):
 
 
 @pytest.mark.parametrize("forced", ["c:sse9", "c:{isa}:k0", "c:{isa}:k", "c:{isa}:l2:kx", "c:{isa}:k32:l2",
-                                    "c:{isa}:k\u00b2"])
+                                    "c:{isa}:k\u00b2", "c:{isa}:k2147483648", "c:{isa}:k99999999999999999999"])
 def test_unknown_forced_path_is_ignored_with_a_warning(forced, monkeypatch, caplog):
-    """A name that is not a path of this CPU, or whose K chunk is not a positive decimal number."""
+    """A name that is not a path of this CPU, or whose K chunk is not a decimal number in 1..2^31-1."""
     forced = forced.format(isa=cpu._C.supported_isas()[-1])
     monkeypatch.setenv("MODLORA_DISPATCH", forced)
     with caplog.at_level(logging.WARNING, logger="modlora"):
@@ -300,7 +300,8 @@ def test_no_calibration_uses_the_defaults_and_no_cache(monkeypatch, c_calls):
     assert not dispatch.cache_file().exists()
 
 
-@pytest.mark.parametrize("content", ["{not json", "truncated", "foreign", "old format", "unknown path"])
+@pytest.mark.parametrize("content", ["{not json", "truncated", "foreign", "old format", "unknown path",
+                                     "huge k chunk"])
 @torch.no_grad()
 def test_bad_cache_is_ignored_with_one_warning_and_rewritten(content, caplog):
     path = dispatch.cache_file()
@@ -313,6 +314,8 @@ def test_bad_cache_is_ignored_with_one_warning_and_rewritten(content, caplog):
             # format 1 cached "c" (one ISA) where format 2 caches "c:<isa>"
             "old format": json.dumps({**good, "fingerprint": {**good["fingerprint"], "format": 1}}),
             "unknown path": json.dumps({**good, "choices": {"linear|1|1|float32|1|1|x": {**entry, "path": "c"}}}),
+            "huge k chunk": json.dumps({**good, "choices": {"linear|1|1|float32|1|1|x": {
+                **entry, "path": "c:scalar:k99999999999999999999"}}}),
             }[content]
     path.write_text(text)
     with caplog.at_level(logging.WARNING, logger="modlora"):

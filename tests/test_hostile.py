@@ -2,6 +2,7 @@
 status 2 (or succeeds where the input is legal); nothing is unpickled, nothing outside the given
 folders is read, no NaN gets through, no size is trusted before it is checked."""
 
+import dataclasses
 import errno
 import json
 import os
@@ -579,6 +580,13 @@ def test_unreadable_checkpoint(tmp_path, capsys, content):
                  "delete it")
 
 
+def test_tokenizer_beyond_the_models_vocabulary_is_named_before_training(tmp_path, capsys):
+    model = tmp_path / "model"
+    save_pretrained(random_model(dataclasses.replace(SMALL, vocab_size=1000), seed=0), model)
+    assert_error(run([*TRAIN, "--model", model, "--out", tmp_path / "run"], capsys),
+                 "outside the model's vocabulary [0, 1000)", "the tokenizer does not belong to this model")
+
+
 def test_diverging_training_stops_and_saves_nothing(tmp_path, capsys):
     """A huge (but finite) alpha: the loss or gradient overflows; the run stops, no adapter is finished."""
     toml = tmp_path / "c.toml"
@@ -625,12 +633,14 @@ def test_torn_last_log_line_is_ignored_and_the_run_resumes(tmp_path):
     assert [r["step"] for r in log] == list(range(1, 7))
 
 
-def test_malformed_log_line_before_the_end_is_named(tmp_path):
+@pytest.mark.parametrize("bad", ["not json", '{"step": 2, "loss": "x"}', '{"step": 2, "loss": NaN}',
+                                 '{"step": 2}'])
+def test_malformed_log_line_before_the_end_is_named(tmp_path, bad):
     from test_train import _train_once
 
     _train_once(tmp_path, stop_after=2)
     lines = (tmp_path / "log.jsonl").read_text().splitlines()
-    (tmp_path / "log.jsonl").write_text("\n".join([lines[0], "not json", *lines[1:]]) + "\n")
+    (tmp_path / "log.jsonl").write_text("\n".join([lines[0], bad, *lines[1:]]) + "\n")
     with pytest.raises(ValueError, match=r"log.jsonl line 2 is not a step record"):
         _train_once(tmp_path)
 
