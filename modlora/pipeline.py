@@ -391,10 +391,14 @@ class Pipeline:
         return self.out / "eval" / "cells" / config.slug / f"{src}-{tgt}.json"
 
     @staticmethod
-    def _stored_settings(path: Path, check: Callable[[object, Path], dict]) -> dict | None:
+    def _stored(path: Path, check: Callable[[object, Path], dict]) -> tuple[dict, list[tuple[str, str]]] | None:
         """The settings a stored evaluation (``check``: ``validate.eval_file``) or cell file
-        (``validate.eval_cell``) was made with; None when there is none."""
-        return check(read_json(path), path)["settings"] if path.is_file() else None
+        (``validate.eval_cell``) was made with, and the directions it holds (sorted); None when there
+        is none. A file is reused only where both are the run's, so a damaged one is redone."""
+        if not path.is_file():
+            return None
+        raw = check(read_json(path), path)
+        return raw["settings"], sorted((d["src"], d["tgt"]) for d in raw.get("directions", [raw]))
 
     def evaluate(self) -> None:
         """Stage 3: translate the evaluation split in every direction under every configuration.
@@ -406,16 +410,16 @@ class Pipeline:
         settings = self.eval_settings()
         todo = []
         for config in self.configurations():
-            stored = self._stored_settings(self.eval_path(config), validate.eval_file)
-            if stored == settings:
+            stored = self._stored(self.eval_path(config), validate.eval_file)
+            if stored == (settings, sorted(self.directions())):
                 continue
             if stored is not None and ctx.is_writer:
-                self.log(f"eval {config.name}: {self.eval_path(config)} was made with {stored}; redoing it with "
-                         f"{settings}")
+                self.log(f"eval {config.name}: {self.eval_path(config)} holds {len(stored[1])} direction(s) made "
+                         f"with {stored[0]}; redoing its {len(self.directions())} with {settings}")
             todo.append(config)
         cells = [(config, src, tgt) for config in todo for src, tgt in self.directions()]
         mine = [c for c in ctx.shard(cells)
-                if self._stored_settings(self.cell_path(*c), validate.eval_cell) != settings]
+                if self._stored(self.cell_path(*c), validate.eval_cell) != (settings, [c[1:]])]
         if mine:
             data = self._split(cfg.data.eval_split, cfg.data.eval_limit)
             search = SearchParams(num_beams=cfg.eval.num_beams, max_new_tokens=cfg.eval.max_new_tokens)

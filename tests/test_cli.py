@@ -63,7 +63,7 @@ def test_stages_and_translate_on_a_small_run(tmp_path, capsys):
     # Evaluations made with other settings are redone, not reused; the table refuses a mix of them.
     more = [a if a != "1" or common[i - 1] != "--eval-limit" else "2" for i, a in enumerate(common)]
     assert main(["evaluate", *more, "--strategies", "output", "--num-beams", "1", "--max-new-tokens", "2"]) == 0
-    assert "redoing it" in capsys.readouterr().err
+    assert "redoing its 2" in capsys.readouterr().err
     assert json.loads((tmp_path / "eval" / "base.json").read_text())["settings"]["eval_limit"] == 2
     (tmp_path / "eval" / "in-only.json").write_text(json.dumps(
         {**json.loads((tmp_path / "eval" / "in-only.json").read_text()), "settings": results["eval_settings"]}))

@@ -524,6 +524,26 @@ def test_evaluation_cell_file_is_checked(tmp_path, cell, message):
     assert str(e.value).startswith(str(path)) and message in str(e.value)
 
 
+def test_evaluate_redoes_a_file_that_lacks_a_direction_or_holds_another(tmp_path):
+    """A file is reused only when it holds exactly the run's directions with the run's settings:
+    else evaluate would skip it, and table would keep asking for the evaluate stage again."""
+    raw = {**FINISHED, "eval": {"strategies": ["output"], "num_beams": 1, "max_new_tokens": 2}}
+    pipe = Pipeline(finished_run(tmp_path, raw), log=lambda _: None)
+    pretrained_base(tmp_path)
+    base = pipe.configurations()[0]
+    whole = json.loads(pipe.eval_path(base).read_text())
+    pipe.eval_path(base).write_text(json.dumps({**whole, "directions": whole["directions"][:1]}))
+    cell = pipe.cell_path(base, "en", "fr")
+    cell.parent.mkdir(parents=True)
+    cell.write_text(json.dumps({"settings": pipe.eval_settings(), "src": "fr", "tgt": "en", "score": 1.0,
+                                "signature": "s", "hypotheses": ["a"]}))
+    pipe.evaluate()
+    redone = json.loads(pipe.eval_path(base).read_text())["directions"]
+    assert sorted((d["src"], d["tgt"]) for d in redone) == sorted(pipe.directions())
+    assert (json.loads(cell.read_text())["src"], json.loads(cell.read_text())["tgt"]) == ("en", "fr")
+    pipe.table()
+
+
 def test_table_prints_a_read_only_finished_run(tmp_path, capsys, monkeypatch):
     finished_run(tmp_path)
     pretrained_base(tmp_path)
