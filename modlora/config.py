@@ -42,6 +42,9 @@ class Qwen2Config:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
                              f"num_attention_heads {self.num_attention_heads}")
+        if self.head_dim % 2:  # rotary embeddings turn pairs of a head's channels
+            raise ValueError(f"head_dim {self.head_dim} (hidden_size {self.hidden_size} / num_attention_heads "
+                             f"{self.num_attention_heads}) must be even")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                              f"num_key_value_heads {self.num_key_value_heads}")

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from .fileio import read_utf8
+
 DEFAULT_ROOT = Path(__file__).parent / "assets" / "flores101"
 DEFAULT_LANGS = ("en", "fr", "de", "ja", "zh")
 PIVOT = "en"
@@ -25,7 +27,7 @@ def read_lines(path: str | Path) -> list[str]:
     sentence. `str.strip` is Unicode-aware, so it also drops the no-break spaces that end 48
     lines of FLORES fr devtest.
     """
-    lines = Path(path).read_text(encoding="utf-8").split("\n")
+    lines = read_utf8(path).split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     return [line.strip() for line in lines]

@@ -42,12 +42,22 @@ def atomic_write(target: str | os.PathLike, write: Callable[[str], None]) -> Pat
     return target
 
 
-def read_json(path: str | os.PathLike) -> object:
-    """Parse a JSON file; a file that is not JSON is an error that names it."""
+def read_utf8(path: str | os.PathLike) -> str:
+    """A text file's contents; a file that is not UTF-8 is an error that names it."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text: {e}") from None
+
+
+def read_json(path: str | os.PathLike) -> object:
+    """Parse a JSON file; a file that is not JSON (or holds a number Python refuses to parse, such
+    as an integer of over 4300 digits) is an error that names it."""
+    text = read_utf8(path)
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
 def atomic_write_text(target: str | os.PathLike, text: str) -> Path:

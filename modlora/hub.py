@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from . import validate
+from .fileio import read_utf8
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
@@ -40,7 +41,7 @@ def resolve_model_path(name: str | os.PathLike) -> Path:
         ref = cache / repo / "refs" / "main"
         looked.append(str(ref))
         if ref.is_file():
-            snapshot = validate.inside(cache / repo / "snapshots", ref.read_text().strip(), f"{ref}: the revision")
+            snapshot = validate.inside(cache / repo / "snapshots", read_utf8(ref).strip(), f"{ref}: the revision")
             if snapshot.is_dir():
                 return snapshot
             looked[-1] += f" (names {snapshot}, which does not exist)"

@@ -320,10 +320,10 @@ def model_config(raw: object, path: str | os.PathLike) -> dict:
 
 
 def learned_weights(raw: object, path: str | os.PathLike) -> dict:
-    """A ``weights.json`` from learn-weights: equal-length lists of finite weights (and theta, a finite pair per
-    layer, or null), a known strategy."""
+    """A ``weights.json`` from learn-weights: equal-length lists of weights in [0, 1] (a softmax's; and
+    theta, a finite pair per layer, or null), a known strategy."""
     raw = json_object(raw, path)
-    weight = Rule(float)
+    weight, logit = Rule(float, low=0, high=1), Rule(float)
     out = {"strategy": _field(raw, "strategy", Rule(str, check=_choice(*STRATEGIES)), path),
            "src": _field(raw, "src", Rule(str, optional=True), path, None),
            "tgt": _field(raw, "tgt", Rule(str, optional=True), path, None)}
@@ -336,7 +336,7 @@ def learned_weights(raw: object, path: str | os.PathLike) -> dict:
     if theta is not None:  # [L, 2], kept to resume
         if len(theta) != len(out["w_in"]) or not all(isinstance(t, list) and len(t) == 2 for t in theta):
             raise InputError(f"{path}: theta must hold one pair per layer ({len(out['w_in'])}), got {theta!r:.80}")
-        theta = [[_field({"theta": v}, "theta", weight, path) for v in t] for t in theta]
+        theta = [[_field({"theta": v}, "theta", logit, path) for v in t] for t in theta]
     return {**out, "theta": theta}
 
 

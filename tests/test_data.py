@@ -64,6 +64,13 @@ def test_mismatched_counts_name_files_and_counts(tmp_path: Path) -> None:
         load_split("dev", ["aa", "bb"], root=root)
 
 
+def test_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    root = _corpus(tmp_path, "dev", {"aa": "1\n", "bb": "1\n"})
+    (root / "dev" / "bb.txt").write_bytes(b"caf\xe9\n")  # Latin-1
+    with pytest.raises(ValueError, match=r"bb\.txt is not UTF-8 text"):
+        load_split("dev", ["aa", "bb"], root=root)
+
+
 def test_missing_language_and_split() -> None:
     with pytest.raises(FileNotFoundError, match=r"'xx'.*xx\.txt.*\['de', 'en', 'fr', 'ja', 'zh'\]"):
         load_split("dev", ["en", "xx"])

@@ -32,7 +32,12 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.safetensors"]
 
 
-def test_read_json_names_a_broken_file(tmp_path):
-    (tmp_path / "config.json").write_text('{"a": ')
-    with pytest.raises(ValueError, match=r"config.json is not valid JSON"):
+@pytest.mark.parametrize("content,message", [
+    (b'{"a": ', "is not valid JSON"),
+    (b'{"a": ' + b"9" * 5000 + b"}", "is not valid JSON: Exceeds the limit"),  # Python's int-parsing limit
+    (b'{"a": "caf\xe9"}', "is not UTF-8 text"),
+])
+def test_read_json_names_a_broken_file(tmp_path, content, message):
+    (tmp_path / "config.json").write_bytes(content)
+    with pytest.raises(ValueError, match=rf"config.json {message}"):
         read_json(tmp_path / "config.json")

@@ -202,6 +202,8 @@ WEIGHTS = {"src": "fr", "tgt": "de", "strategy": "output", "w_in": [0.4], "w_out
 
 @pytest.mark.parametrize("edit,message", [
     (_set("w_in", [float("nan")]), "w_in must be a finite number, got nan"),
+    (_set("w_in", [-3]), "w_in must be in [0, 1], got -3.0"),
+    (_set("w_out", [7.5]), "w_out must be in [0, 1], got 7.5"),
     (_set("w_in", ["0.4"]), "w_in must be a number, got '0.4' (str)"),
     (_set("w_in", []), "w_in must not be empty"),
     (_set("w_out", [0.6, 0.4]), "w_in has 1 layers, w_out 2"),
@@ -243,6 +245,7 @@ MODEL_CONFIGS = [
     (_set("num_attention_heads", 0), "num_attention_heads must be a positive integer, got 0"),
     (_set("num_key_value_heads", 0), "num_key_value_heads must be a positive integer, got 0"),
     (_set("num_attention_heads", 3), "hidden_size 16 is not divisible by num_attention_heads 3"),
+    (_set("num_attention_heads", 16), "head_dim 1 (hidden_size 16 / num_attention_heads 16) must be even"),
     (_set("vocab_size", "151936"), "vocab_size must be an integer, got '151936' (str)"),
     (_set("rope_theta", float("nan")), "rope_theta must be a finite number"),
     (_set("rope_theta", -1.0), "rope_theta must be > 0"),
@@ -769,6 +772,15 @@ def test_kill_9_mid_training_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert rest["done"] and rest["losses"] == full["losses"][step:]
     for name, (A, B) in straight.tensors.items():
         assert torch.equal(A, resumed.tensors[name][0]) and torch.equal(B, resumed.tensors[name][1]), name
+
+
+def test_hub_ref_that_is_not_utf8_is_named(tmp_path, monkeypatch, capsys):
+    repo = tmp_path / "hub" / "models--Org--Name"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_bytes(b"\xff\xfe")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    assert_error(run(["info", "--model", "Org/Name"], capsys), "refs/main is not UTF-8 text")
 
 
 def test_hub_ref_that_climbs_out_of_the_snapshots_is_refused(tmp_path, monkeypatch, capsys):
