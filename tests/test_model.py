@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_reference import hf_model, save_hf
+from hf_reference import SMALL, hf_model, save_hf
 
 from modlora.config import Qwen2Config
 from modlora.loading import load_pretrained, random_model, save_pretrained
@@ -110,6 +110,23 @@ def test_bf16_load_and_forward(pair):
     steps = [ours.prefill(ids[:, :5], None, cache)] + [ours.decode_step(ids[:, t], cache) for t in range(5, 9)]
     err = (torch.stack(steps, 1).float() - ref[:, 4:]).abs().max().item()
     assert err <= bound, (err, hf_err, bound)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_tables_equal_transformers_at_long_positions(dtype):
+    """cos/sin from fp32 angles, rounded once to the model's dtype, bit for bit as transformers makes
+    them, to 32k positions. Compared directly: on random weights attention is near uniform, so an
+    angle computed in bf16 (positions above 256 rounded) barely moves the logits."""
+    import transformers
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+
+    from modlora.model import RotaryEmbedding
+
+    cfg = transformers.Qwen2Config(**{**SMALL, "max_position_embeddings": 32768})
+    positions = torch.arange(32768)[None]
+    cos, sin = Qwen2RotaryEmbedding(cfg)(torch.zeros(1, dtype=dtype), positions)
+    ours = RotaryEmbedding(SMALL["hidden_size"] // SMALL["num_attention_heads"], SMALL["rope_theta"])(positions, dtype)
+    assert ours[0].dtype == dtype and torch.equal(ours[0], cos) and torch.equal(ours[1], sin)
 
 
 def test_save_and_reload_round_trip(tmp_path):
