@@ -75,9 +75,10 @@ def load(path: str | os.PathLike, device: torch.device) -> dict:
             from None
 
 
-def check_fits(state: dict, path: str | os.PathLike, params: list[torch.Tensor], total: int, ranks: int) -> None:
-    """The loaded state has the structure of this run's (shapes, optimizer state, step range, one
-    RNG state per process)."""
+def check_fits(state: dict, path: str | os.PathLike, params: list[torch.Tensor], optimizer: torch.optim.Optimizer,
+               total: int, ranks: int) -> None:
+    """The loaded state has the structure of this run's (shapes, ``optimizer``'s per-parameter state,
+    step range, one RNG state per process)."""
     problem = None
     if not 0 <= state["step"] <= total:
         problem = f"step {state['step']} is outside this run's 0..{total}"
@@ -85,8 +86,9 @@ def check_fits(state: dict, path: str | os.PathLike, params: list[torch.Tensor],
         problem = f"it holds the RNG states of {len(state['rng'])} process(es), this run has {ranks}"
     elif [(tuple(p.shape), p.dtype) for p in state["params"]] != [(tuple(p.shape), p.dtype) for p in params]:
         problem = "its tensors do not match the trained parameters"
-    else:
-        problem = _optimizer_problem(state["optimizer"], params, state["step"])
+    else:  # the optimizer numbers its parameters group by group
+        problem = _optimizer_problem(state["optimizer"], [p for g in optimizer.param_groups for p in g["params"]],
+                                     state["step"])
     if problem:
         raise InputError(f"{path}: {problem}: delete it to start over")
 

@@ -351,7 +351,7 @@ def resume(run: TrainRun, log: Log, desc: str) -> None:
         raise ValueError(f"{run.checkpoint_path} was written by a different run configuration ({changed}); "
                          "rerun with the same settings to resume, or remove it to start over")
     run.step = run.checkpointed = state["step"]
-    checkpoint.check_fits(state, run.checkpoint_path, run.params, run.total,
+    checkpoint.check_fits(state, run.checkpoint_path, run.params, run.optimizer, run.total,
                           ranks=run.dp.ctx.world_size if run.dp else 1)
     if run.step < run.total and state["order"] != run.order(run.step // run.steps_per_epoch):
         raise ValueError(f"{run.checkpoint_path}: the data order differs from the checkpoint's (examples changed?)")

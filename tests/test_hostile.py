@@ -708,6 +708,21 @@ def test_malformed_checkpoint_is_refused(tmp_path, edit, message):
         _train_once(tmp_path)
 
 
+def test_optimizer_state_is_matched_to_parameters_in_the_optimizers_order(tmp_path):
+    """torch numbers an optimizer's parameters group by group (the trainer: matrices, then vectors),
+    not in the model's order, where full fine-tuning alternates weights and biases."""
+    w, b = torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(4))
+    optimizer = torch.optim.AdamW([{"params": [w]}, {"params": [b]}])
+    (w.sum() + b.sum()).backward()
+    optimizer.step()
+    state = {"step": 1, "rng": [{}], "params": [b, w], "optimizer": optimizer.state_dict()["state"]}
+    checkpoint.check_fits(state, tmp_path, [b, w], optimizer, total=1, ranks=1)
+    swapped = {0: state["optimizer"][1], 1: state["optimizer"][0]}
+    with pytest.raises(ValueError, match=r"optimizer.0.exp_avg is torch.float32 \(4,\), its parameter torch.float32 "
+                                         r"\(3, 4\)"):
+        checkpoint.check_fits({**state, "optimizer": swapped}, tmp_path, [b, w], optimizer, total=1, ranks=1)
+
+
 def test_format_1_checkpoint_resumes_with_the_runs_own_schedule(tmp_path):
     """Format 1 also stored the optimizer's hyperparameters and the schedule; they follow from the
     config and the step, so the resumed run ignores the file's copies (here a NaN learning rate and
