@@ -38,15 +38,32 @@ T = TypeVar("T")
 STARTUP_TIMEOUT = timedelta(seconds=120)
 
 
+MAX_STAGE_TIMEOUT = 10**7  # seconds (116 days): far past any stage, within what the backends take
+
+
 def _stage_timeout() -> timedelta:
     raw = os.environ.get("MODLORA_DIST_TIMEOUT", str(6 * 3600))
     try:
         seconds = float(raw)
     except ValueError:
         seconds = -1.0
-    if not seconds > 0:
-        raise ValueError(f"MODLORA_DIST_TIMEOUT must be a positive number of seconds, got {raw!r}")
+    if not 0 < seconds <= MAX_STAGE_TIMEOUT:
+        raise ValueError(f"MODLORA_DIST_TIMEOUT must be a number of seconds in (0, {MAX_STAGE_TIMEOUT}], got {raw!r}")
     return timedelta(seconds=seconds)
+
+
+def _env_int(name: str, default: str | None, low: int, high: int | None = None) -> int:
+    """An integer launcher variable (torchrun's WORLD_SIZE, RANK, LOCAL_RANK) in [low, high]."""
+    raw = os.environ.get(name, default)
+    if raw is None:
+        raise ValueError(f"{name} is not set: launch with torchrun, which sets WORLD_SIZE, RANK and LOCAL_RANK")
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < low or (high is not None and value > high):
+        raise ValueError(f"{name} must be an integer in [{low}, {'...' if high is None else high}], got {raw!r}")
+    return value
 
 
 @dataclass
@@ -132,14 +149,14 @@ def init(command: str, config: dict, *, data_parallel: bool = False) -> Context:
     different configs; every rank raises the same, so none waits for the others.
     """
     global _CONTEXT
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = _env_int("WORLD_SIZE", "1", 1)
     if world == 1:
         if data_parallel:
             raise ValueError("--data-parallel needs several processes: launch with torchrun --nproc-per-node N "
                              "(N >= 2); one process trains the same without it")
         _CONTEXT = Context()
         return _CONTEXT
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local = _env_int("RANK", None, 0, world - 1), _env_int("LOCAL_RANK", "0", 0, world - 1)
     stage_timeout = _stage_timeout()
     if torch.cuda.is_available():
         torch.cuda.set_device(local)  # "cuda" is cuda:LOCAL_RANK from here on

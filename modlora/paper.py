@@ -13,45 +13,53 @@ per-source (``x->``) and per-target (``->x``) chrF++ averages; a number the pape
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
 from .fileio import read_json
+from .validate import InputError, Rule
 
 PAPER_TABLE = Path(__file__).parent / "assets" / "paper_table1.json"
+_PERCENT = Rule(float, low=0, high=100, optional=True)  # chrF++ scores and trainable percentages
 
 
 def _number(value, where: str) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{where} must be a finite number or null, got {value!r}")
-    return float(value)
+    try:
+        return _PERCENT(value)
+    except InputError as e:
+        raise InputError(f"{where} {e}") from None
+
+
+def _line(value, where: str) -> str:
+    """A string printed into one line of compare.md (a table row: no line break, no column bar)."""
+    if not isinstance(value, str) or any(c in value for c in "\r\n|"):
+        raise InputError(f"{where} must be one line of text without '|', got {value!r:.80}")
+    return value
 
 
 def load_paper_table(path: str | Path = PAPER_TABLE) -> dict:
     """Read and check a paper table file; returns ``{"source", "metric", "langs", "rows": {label: row}}``."""
     raw = read_json(path)
     if not isinstance(raw, dict) or not isinstance(raw.get("rows"), list) or not isinstance(raw.get("langs"), list):
-        raise ValueError(f"{path}: expected an object with 'langs' and 'rows' lists")
-    langs = [str(x) for x in raw["langs"]]
+        raise InputError(f"{path}: expected an object with 'langs' and 'rows' lists")
+    langs = [_line(x, f"{path}: langs[{i}]") for i, x in enumerate(raw["langs"])]
     rows: dict[str, dict] = {}
     for i, row in enumerate(raw["rows"]):
         where = f"{path}: rows[{i}]"
         if not isinstance(row, dict) or not isinstance(row.get("label"), str):
-            raise ValueError(f"{where} must be an object with a 'label' string")
+            raise InputError(f"{where} must be an object with a 'label' string")
         if row["label"] in rows:
-            raise ValueError(f"{where}: label {row['label']!r} appears twice")
+            raise InputError(f"{where}: label {row['label']!r} appears twice")
         parsed = {"percent": _number(row.get("percent"), f"{where}.percent"),
                   "avg": _number(row.get("avg"), f"{where}.avg")}
         for part in ("from", "to"):
             values = row.get(part, {})
             if not isinstance(values, dict) or set(values) - set(langs):
-                raise ValueError(f"{where}.{part} must map languages of {langs} to numbers")
+                raise InputError(f"{where}.{part} must map languages of {langs} to numbers")
             parsed[part] = {x: _number(values.get(x), f"{where}.{part}.{x}") for x in langs}
         rows[row["label"]] = parsed
-    return {"source": raw.get("source", ""), "metric": raw.get("metric", "chrF++"), "langs": langs, "rows": rows}
+    return {"source": _line(raw.get("source", ""), f"{path}: source"),
+            "metric": _line(raw.get("metric", "chrF++"), f"{path}: metric"), "langs": langs, "rows": rows}
 
 
 def _side_by_side(ours: float | None, theirs: float | None) -> str:

@@ -184,6 +184,26 @@ def test_data_parallel_needs_several_processes(tmp_path, capsys, monkeypatch):
     assert err.startswith("modlora: error: --data-parallel needs several processes") and "\n" not in err
 
 
+@pytest.mark.parametrize("env,message", [
+    ({"WORLD_SIZE": "2"}, "RANK is not set: launch with torchrun"),
+    ({"WORLD_SIZE": "two"}, "WORLD_SIZE must be an integer in [1, ...], got 'two'"),
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE must be an integer in [1, ...], got '0'"),
+    ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK must be an integer in [0, 1], got '2'"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "-1"}, "LOCAL_RANK must be an integer in [0, 1], got '-1'"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MODLORA_DIST_TIMEOUT": "inf"}, "MODLORA_DIST_TIMEOUT must be a number of "
+     "seconds in (0, 10000000], got 'inf'"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MODLORA_DIST_TIMEOUT": "1e20"}, "got '1e20'"),
+])
+def test_launcher_variables_are_checked_and_named(tmp_path, capsys, monkeypatch, env, message):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MODLORA_DIST_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert cli.main(["train-adapters", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("modlora: error: ") and message in err and "\n" not in err, err
+
+
 def test_resuming_with_another_world_size_is_refused(tmp_path, monkeypatch):
     """The world size is part of a data-parallel run's global batch: a checkpoint of one process
     does not resume on two (stopped with the setting named, before any collective)."""

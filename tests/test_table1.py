@@ -89,7 +89,13 @@ def test_the_shipped_paper_table_loads_and_an_empty_comparison_says_so():
 
 
 @pytest.mark.parametrize("bad, message", [
-    ({"langs": ["en"], "rows": [{"label": "x", "avg": "12"}]}, r"rows\[0\].avg must be a finite number"),
+    ({"langs": ["en"], "rows": [{"label": "x", "avg": "12"}]}, r"rows\[0\].avg must be a number, got '12'"),
+    ({"langs": ["en"], "rows": [{"label": "x", "avg": 10**400}]}, r"rows\[0\].avg must be at most"),
+    ({"langs": ["en"], "rows": [{"label": "x", "avg": float("nan")}]}, r"rows\[0\].avg must be a finite number"),
+    ({"langs": ["en"], "rows": [{"label": "x", "to": {"en": 250}}]}, r"rows\[0\].to.en must be in \[0, 100\]"),
+    ({"langs": [1], "rows": []}, r"langs\[0\] must be one line of text"),
+    ({"langs": ["en"], "rows": [], "source": "a\n| b"}, "source must be one line of text without '|'"),
+    ({"langs": ["en"], "rows": [], "source": {"x": 1}}, "source must be one line of text"),
     ({"langs": ["en"], "rows": [{"label": "x", "from": {"xx": 1.0}}]}, r"rows\[0\].from must map languages"),
     ({"langs": ["en"], "rows": [{"label": "x"}, {"label": "x"}]}, "appears twice"),
     ({"rows": []}, "expected an object"),
