@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader (or a resumed run) never sees a half-written file."""
+"""Atomic file and folder writes: a reader (or a resumed run) never sees a half-written file, nor a
+folder that mixes an old write with a new one."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import errno
 import json
 import os
 import secrets
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,6 +40,36 @@ def atomic_write(target: str | os.PathLike, write: Callable[[str], None]) -> Pat
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):  # say which file did not fit
             raise OSError(errno.ENOSPC, "no space left on device", str(target)) from e
         raise
+    _fsync(target.parent)
+    return target
+
+
+def atomic_write_dir(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_dir)`` on a fresh folder beside ``target`` (its files written by the atomic
+    writers here), then rename it into place, so a reader finds the old folder or the new one, never
+    a mix of both. Replacing a folder takes two renames, the old one aside and the new one in; a
+    crash between them leaves the old folder whole at ``<target>.old-<hex>``. Files of the old folder
+    that the new one lacks (a README, say) move into the new one."""
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "exists and is not a folder", str(target))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tag = secrets.token_hex(4)
+    tmp, old = target.with_name(f"{target.name}.tmp-{tag}"), target.with_name(f"{target.name}.old-{tag}")
+    tmp.mkdir()
+    try:
+        write(tmp)
+        if target.exists():
+            os.rename(target, old)
+            os.rename(tmp, target)
+            for extra in old.iterdir():
+                if not (target / extra.name).exists():
+                    os.rename(extra, target / extra.name)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     _fsync(target.parent)
     return target
 

@@ -1,10 +1,10 @@
-"""Atomic writes: the old file or the new one, never half of one, with normal permissions."""
+"""Atomic writes: the old file (or folder) or the new one, never half of one, with normal permissions."""
 
 import os
 
 import pytest
 
-from modlora.fileio import atomic_write, atomic_write_json, read_json
+from modlora.fileio import atomic_write, atomic_write_dir, atomic_write_json, read_json
 
 
 def test_atomic_write_replaces_the_file_with_the_usual_permissions(tmp_path):
@@ -41,3 +41,61 @@ def test_read_json_names_a_broken_file(tmp_path, content, message):
     (tmp_path / "config.json").write_bytes(content)
     with pytest.raises(ValueError, match=rf"config.json {message}"):
         read_json(tmp_path / "config.json")
+
+
+def _folder(tmp_path, files: dict[str, str]):
+    target = tmp_path / "adapter"
+    target.mkdir()
+    for name, text in files.items():
+        (target / name).write_text(text)
+    return target
+
+
+def _contents(folder) -> dict[str, str]:
+    return {p.name: p.read_text() for p in folder.iterdir()}
+
+
+def test_atomic_folder_write_replaces_ours_and_keeps_other_files(tmp_path):
+    target = _folder(tmp_path, {"weights": "old", "config.json": "old", "README.md": "mine"})
+    atomic_write_dir(target, lambda d: [atomic_write_json(d / n, n) for n in ("weights", "config.json")])
+    assert _contents(target) == {"weights": '"weights"\n', "config.json": '"config.json"\n', "README.md": "mine"}
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temp or old folder left
+    fresh = atomic_write_dir(tmp_path / "new" / "adapter", lambda d: atomic_write_json(d / "config.json", 1))
+    assert _contents(fresh) == {"config.json": "1\n"}
+
+
+def test_a_failed_folder_write_keeps_the_old_folder_whole(tmp_path):
+    target = _folder(tmp_path, {"weights": "old", "config.json": "old"})
+
+    def half_then_fail(folder) -> None:
+        atomic_write_json(folder / "weights", "new")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_dir(target, half_then_fail)
+    assert _contents(target) == {"weights": "old", "config.json": "old"}
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+def test_a_crash_between_the_renames_leaves_the_old_folder_aside(tmp_path, monkeypatch):
+    target = _folder(tmp_path, {"weights": "old"})
+    real, calls = os.rename, []
+
+    def second_fails(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError("power cut")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "rename", second_fails)
+    with pytest.raises(OSError, match="power cut"):
+        atomic_write_dir(target, lambda d: atomic_write_json(d / "weights", "new"))
+    (aside,) = tmp_path.iterdir()
+    assert aside.name.startswith("adapter.old-") and _contents(aside) == {"weights": "old"}
+
+
+def test_a_folder_write_over_a_file_is_refused(tmp_path):
+    (tmp_path / "adapter").write_text("a file")
+    with pytest.raises(NotADirectoryError, match="exists and is not a folder"):
+        atomic_write_dir(tmp_path / "adapter", lambda d: None)
+    assert (tmp_path / "adapter").read_text() == "a file"

@@ -174,6 +174,7 @@ ADAPTER_TENSORS = [
     (lambda s: s.pop(B_KEY), "missing tensor"),
     (lambda s: s.__setitem__(A_KEY, s[A_KEY][:1]), "expected A [2, in]"),
     (lambda s: s.__setitem__("base_model.model.evil", torch.ones(1)), "unexpected tensor"),
+    (lambda s: s.clear(), "holds no LoRA tensors"),
 ]
 
 
@@ -617,6 +618,26 @@ def test_diverging_training_stops_and_saves_nothing(tmp_path, capsys):
     assert_error(run([*TRAIN, "--config", toml, "--out", pretrained_base(tmp_path / "run")], capsys),
                  "training diverged at step")
     assert not list((tmp_path / "run" / "pool").glob("*/*/adapter_model.safetensors"))
+
+
+def test_a_failed_adapter_save_leaves_the_adapter_that_was_there(tmp_path, monkeypatch):
+    from modlora.adapters import format as adapter_format
+
+    model = random_model(SMALL, seed=0)
+    LoraAdapter.init(model, rank=8, alpha=16, language="fr", role="in", seed=1).save(tmp_path / "in")
+    real = adapter_format.atomic_write_json
+
+    def full_disk_at_the_sidecar(path, payload):
+        if path.name == adapter_format.SIDECAR_FILE:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, payload)
+
+    monkeypatch.setattr(adapter_format, "atomic_write_json", full_disk_at_the_sidecar)
+    with pytest.raises(OSError, match="No space left"):
+        LoraAdapter.init(model, rank=4, alpha=8, language="fr", role="in", seed=2).save(tmp_path / "in")
+    kept = LoraAdapter.load(tmp_path / "in")
+    assert (kept.rank, kept.language, kept.role) == (8, "fr", "in")
+    assert [p.name for p in tmp_path.iterdir()] == ["in"]
 
 
 def test_nan_adapter_is_never_saved(tmp_path):

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from .. import validate
-from ..fileio import atomic_write_json, atomic_write_safetensors, read_json
+from ..fileio import atomic_write_dir, atomic_write_json, atomic_write_safetensors, read_json
 from ..model import Qwen2ForCausalLM
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -79,6 +79,8 @@ class LoraAdapter:
             raise AdapterError(f"{self.label}: alpha must be a finite number > 0, got {self.alpha!r}")
         if self.role is not None and self.role not in ROLES:
             raise AdapterError(f"adapter role must be one of {ROLES}, got {self.role!r}")
+        if not self.tensors:
+            raise AdapterError(f"{self.label} has no LoRA tensors (an adapter of no module changes nothing)")
         for name, (A, B) in self.tensors.items():
             if A.dim() != 2 or B.dim() != 2 or A.shape[0] != self.rank or B.shape[1] != self.rank:
                 raise AdapterError(f"{self.label}: {name} has A {tuple(A.shape)}, B {tuple(B.shape)}; "
@@ -160,6 +162,8 @@ class LoraAdapter:
                 raise AdapterError(f"{path / WEIGHTS_FILE}: unexpected tensor {key!r}: expected "
                                    f"'{PEFT_PREFIX}<module>.lora_A.weight' / '.lora_B.weight'")
             halves.setdefault(m[1], {})[m[2]] = validate.check_tensor(key, t, path / WEIGHTS_FILE)
+        if not halves:
+            raise AdapterError(f"{path / WEIGHTS_FILE} holds no LoRA tensors")
         for name, ab in halves.items():
             for half in "AB":
                 if half not in ab:
@@ -178,30 +182,33 @@ class LoraAdapter:
                    side["metadata"])
 
     def save(self, path: str | Path) -> Path:
-        """Write PEFT's format (each file atomically) that ``peft.PeftModel.from_pretrained`` loads.
+        """Write PEFT's format that ``peft.PeftModel.from_pretrained`` loads, the folder atomically
+        (:func:`modlora.fileio.atomic_write_dir`: a failed save leaves the adapter that was there).
 
         Returns:
             ``path``.
         """
-        path = Path(path)
         flat = {}
         for name, (A, B) in self.tensors.items():
             flat[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A.detach().contiguous().cpu()
             flat[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B.detach().contiguous().cpu()
         for key, t in flat.items():  # a NaN adapter is never saved (as finished)
             validate.check_tensor(key, t, self.label)
-        atomic_write_safetensors(path / WEIGHTS_FILE, flat, metadata={"format": "pt"})
-        atomic_write_json(path / CONFIG_FILE, {
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": self.rank, "lora_alpha": self.alpha,
-            "use_rslora": self.use_rslora, "target_modules": list(self.target_modules),
-            "lora_dropout": self.dropout, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-            "init_lora_weights": True, "modules_to_save": None, "base_model_name_or_path": None,
-        })
-        atomic_write_json(path / SIDECAR_FILE, {
-            "language": self.language, "role": self.role,
-            "base": None if self.base is None else vars(self.base), "metadata": self.metadata,
-        })
-        return path
+
+        def write(folder: Path) -> None:
+            atomic_write_safetensors(folder / WEIGHTS_FILE, flat, metadata={"format": "pt"})
+            atomic_write_json(folder / CONFIG_FILE, {
+                "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": self.rank, "lora_alpha": self.alpha,
+                "use_rslora": self.use_rslora, "target_modules": list(self.target_modules),
+                "lora_dropout": self.dropout, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+                "init_lora_weights": True, "modules_to_save": None, "base_model_name_or_path": None,
+            })
+            atomic_write_json(folder / SIDECAR_FILE, {
+                "language": self.language, "role": self.role,
+                "base": None if self.base is None else vars(self.base), "metadata": self.metadata,
+            })
+
+        return atomic_write_dir(path, write)
 
     def check(self, model: Qwen2ForCausalLM) -> None:
         """Raise :class:`AdapterError` unless this adapter fits ``model`` tensor for tensor."""
