@@ -35,12 +35,17 @@ from torch import Tensor
 from .adapters import AdapterController
 from .cpu import BoundSites, topk
 from .model import KVCache, Qwen2ForCausalLM
-from .prompt import translation_prompt_ids
+from .prompt import language_name, translation_prompt_ids
 from .tokenizer import Tokenizer
+from .validate import Rule, checked_field
 
 DecodeStep = Callable[[Tensor, KVCache], Tensor]  # tokens [rows], cache -> logits [rows, V]
 
 _NEG = -1.0e9  # transformers' "impossible" score; the same constant keeps ties and orderings identical
+
+
+_SEARCH_RULES = {"num_beams": Rule(int, low=1), "max_new_tokens": Rule(int, low=1), "min_new_tokens": Rule(int, low=0),
+                 "length_penalty": Rule(float), "num_return_sequences": Rule(int, low=1)}
 
 
 @dataclass(frozen=True)
@@ -61,10 +66,8 @@ class SearchParams:
     num_return_sequences: int = 1
 
     def __post_init__(self) -> None:
-        if self.num_beams < 1:
-            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        for name, rule in _SEARCH_RULES.items():
+            checked_field(rule, getattr(self, name), name)
         if not 1 <= self.num_return_sequences <= self.num_beams:
             raise ValueError(f"num_return_sequences ({self.num_return_sequences}) must be in "
                              f"[1, num_beams={self.num_beams}]")
@@ -247,20 +250,28 @@ def translate(model: Qwen2ForCausalLM, tokenizer: Tokenizer, texts: Sequence[str
 
     Raises:
         TypeError: ``texts`` is a single str.
-        ValueError: n-best settings, per-text lists of the wrong length, or a prompt template that
-            leaves no room for ``max_new_tokens``.
+        ValueError: n-best settings, per-text lists of the wrong length, a ``batch_size`` below 1, an
+            unknown language (checked even where every text is empty), or a ``max_new_tokens`` (or
+            a prompt template) that leaves no room in the model's context.
     """
     if isinstance(texts, str):
         raise TypeError("translate: texts must be a list of strings, one per sentence, not a single str")
     params = dataclasses.replace(search or SearchParams(), **overrides)
     if params.num_return_sequences != 1:
         raise ValueError("translate returns one translation per text; use generate for n-best lists")
+    checked_field(Rule(int, low=1), batch_size, "batch_size")
+    context = model.config.max_position_embeddings
+    if params.max_new_tokens >= context:
+        raise ValueError(f"max_new_tokens {params.max_new_tokens} leaves no room for a prompt in the model's "
+                         f"context of {context} positions")
     n = len(texts)
     srcs = [src] * n if isinstance(src, str) else list(src)
     tgts = [tgt] * n if isinstance(tgt, str) else list(tgt)
     if len(srcs) != n or len(tgts) != n or (pair_ids is not None and len(pair_ids) != n):
         raise ValueError("src, tgt and pair_ids must be one value or one per text")
-    limit = model.config.max_position_embeddings - params.max_new_tokens
+    for code in dict.fromkeys(srcs + tgts):  # every language named, even where every text is empty
+        language_name(code)
+    limit = context - params.max_new_tokens
     prompts: dict[int, list[int]] = {}
     for i, text in enumerate(texts):
         if text.strip():

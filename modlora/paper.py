@@ -17,17 +17,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .fileio import read_json
-from .validate import InputError, Rule
+from .validate import InputError, Rule, checked_field
 
 PAPER_TABLE = Path(__file__).parent / "assets" / "paper_table1.json"
 _PERCENT = Rule(float, low=0, high=100, optional=True)  # chrF++ scores and trainable percentages
-
-
-def _number(value, where: str) -> float | None:
-    try:
-        return _PERCENT(value)
-    except InputError as e:
-        raise InputError(f"{where} {e}") from None
 
 
 def _line(value, where: str) -> str:
@@ -50,13 +43,13 @@ def load_paper_table(path: str | Path = PAPER_TABLE) -> dict:
             raise InputError(f"{where} must be an object with a 'label' string")
         if row["label"] in rows:
             raise InputError(f"{where}: label {row['label']!r} appears twice")
-        parsed = {"percent": _number(row.get("percent"), f"{where}.percent"),
-                  "avg": _number(row.get("avg"), f"{where}.avg")}
+        parsed = {"percent": checked_field(_PERCENT, row.get("percent"), f"{where}.percent"),
+                  "avg": checked_field(_PERCENT, row.get("avg"), f"{where}.avg")}
         for part in ("from", "to"):
             values = row.get(part, {})
             if not isinstance(values, dict) or set(values) - set(langs):
                 raise InputError(f"{where}.{part} must map languages of {langs} to numbers")
-            parsed[part] = {x: _number(values.get(x), f"{where}.{part}.{x}") for x in langs}
+            parsed[part] = {x: checked_field(_PERCENT, values.get(x), f"{where}.{part}.{x}") for x in langs}
         rows[row["label"]] = parsed
     return {"source": _line(raw.get("source", ""), f"{path}: source"),
             "metric": _line(raw.get("metric", "chrF++"), f"{path}: metric"), "langs": langs, "rows": rows}

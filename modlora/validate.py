@@ -262,15 +262,20 @@ def json_object(raw: object, path: str | os.PathLike) -> dict:
     return raw
 
 
+def checked_field(rule: Rule, value: object, name: str) -> Any:
+    """``rule(value)``, its error led by ``name`` (an argument, or a key's place in a file)."""
+    try:
+        return rule(value)
+    except InputError as e:
+        raise InputError(f"{name} {e}") from None
+
+
 def _field(raw: dict, key: str, rule: Rule, path: str | os.PathLike, default: object = ...) -> Any:
     if key not in raw or (raw[key] is None and default is not ...):
         if default is ...:
             raise InputError(f"{path}: missing key {key!r}")
         return default
-    try:
-        return rule(raw[key])
-    except InputError as e:
-        raise InputError(f"{path}: {key} {e}") from None
+    return checked_field(rule, raw[key], f"{path}: {key}")
 
 
 def adapter_config(raw: object, path: str | os.PathLike) -> dict:

@@ -113,7 +113,7 @@ def test_argument_errors(models, prompts):
         generate(ours, ids, mask, num_beams=2, num_return_sequences=3, eos_token_id=EARLY_EOS, pad_token_id=PAD)
     with pytest.raises(ValueError, match="early_stopping"):
         generate(ours, ids, mask, early_stopping="sometimes", eos_token_id=EARLY_EOS, pad_token_id=PAD)
-    with pytest.raises(ValueError, match="num_beams must be >= 1"):
+    with pytest.raises(ValueError, match="num_beams must be a positive integer, got 0"):
         SearchParams(num_beams=0)
     with pytest.raises(ValueError, match="row_pair needs adapters="):
         generate(ours, ids, mask, row_pair=torch.tensor([0, 0, 0]), eos_token_id=EARLY_EOS, pad_token_id=PAD)
@@ -176,6 +176,35 @@ def test_translate_pair_ids_pick_each_texts_pair(models, char_prompts):
         ctl.clear()
     assert sum(a != b for a, b in zip(*alone, strict=True)) >= 2  # the pairs translate differently
     assert mixed == [alone[p][i] for i, p in enumerate(pair_ids)]
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("num_beams", 2.5, "num_beams must be an integer, got 2.5"),
+    ("num_beams", "5", "num_beams must be an integer, got '5' (str)"),
+    ("num_beams", True, "num_beams must be an integer, got True"),
+    ("max_new_tokens", 1.5, "max_new_tokens must be an integer, got 1.5"),
+    ("min_new_tokens", -1, "min_new_tokens must be >= 0, got -1"),
+    ("length_penalty", float("nan"), "length_penalty must be a finite number, got nan"),
+    ("length_penalty", float("inf"), "length_penalty must be a finite number, got inf"),
+])
+def test_search_settings_are_checked_by_type_and_range(field, value, message):
+    with pytest.raises(ValueError) as e:
+        SearchParams(**{field: value})
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"batch_size": 0}, "batch_size must be a positive integer, got 0"),
+    ({"batch_size": -1}, "batch_size must be a positive integer, got -1"),
+    ({"max_new_tokens": 512}, "max_new_tokens 512 leaves no room for a prompt in the model's context of 512"),
+    ({"src": "xx"}, "unknown language code 'xx'"),
+])
+def test_translate_checks_its_arguments_before_any_text(models, kwargs, message):
+    """Even where every text is empty (nothing would run), so a bad call never passes silently."""
+    _, ours = models
+    args = {"src": "fr", "tgt": "de", **kwargs}
+    with pytest.raises(ValueError, match=message):
+        translate(ours, CharTokenizer(), ["", " "], args.pop("src"), args.pop("tgt"), **args)
 
 
 def test_translate_wants_a_list_of_texts(models):
