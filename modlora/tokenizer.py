@@ -37,9 +37,12 @@ class _TokenizersBackend:
         # Padding and truncation are ours to do (Tokenizer.pad); a tokenizer.json may enable them.
         tok.no_padding()
         tok.no_truncation()
-        missing = [t for t in CHAT_SPECIAL_TOKENS if tok.token_to_id(t) is None]
-        if missing:
-            tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+        # A chat token must encode as its one id. One that is missing, or only an ordinary vocabulary
+        # entry (BPE would split it into pieces), becomes an added special token (keeping its id).
+        loose = [t for t in CHAT_SPECIAL_TOKENS
+                 if tok.token_to_id(t) is None or tok.encode(t, add_special_tokens=False).ids != [tok.token_to_id(t)]]
+        if loose:
+            tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in loose])
         self.tok = tok
 
     def encode(self, text: str) -> list[int]:

@@ -114,6 +114,19 @@ def test_encode_batch_and_pad(tok: Tokenizer) -> None:
 # --- loading from a path ----------------------------------------------------------------------
 
 
+def test_a_chat_token_only_in_the_vocabulary_still_encodes_as_its_one_id(tmp_path: Path, tok: Tokenizer) -> None:
+    """A tokenizer.json whose <|im_start|> is an ordinary vocabulary entry, not an added token: BPE
+    alone splits it into pieces, so every prompt would lose its turn markers."""
+    raw = json.loads(gzip.decompress(DEFAULT_TOKENIZER.read_bytes()))
+    raw["added_tokens"] = [t for t in raw["added_tokens"] if t["content"] != "<|im_start|>"]
+    raw["model"]["vocab"]["<|im_start|>"] = tok.im_start_id
+    (tmp_path / "tokenizer.json").write_text(json.dumps(raw))
+    loose = Tokenizer.from_pretrained(tmp_path)
+    assert loose.im_start_id == tok.im_start_id
+    text = "<|im_start|>user\nLe chat dort.<|im_end|>"
+    assert loose.encode(text) == tok.encode(text) and loose.encode(text)[0] == tok.im_start_id
+
+
 def test_missing_paths_name_the_path(tmp_path: Path) -> None:
     missing = tmp_path / "nope"
     with pytest.raises(FileNotFoundError, match="nope"):
