@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 import modlora.adapters.controller as controller_mod
 from modlora import ops
 from modlora.adapters import AdapterController, AdapterError, LearnedWeights, LoraAdapter, export_pair
+from modlora.adapters.format import SIDECAR_FILE
 from modlora.config import Qwen2Config
 from modlora.loading import load_pretrained, random_model
 from modlora.pool import AdapterPool
@@ -325,6 +326,42 @@ def test_ab_with_unequal_ranks_is_rejected(ours, ctl):
         ctl.set_adapters(a_in, a_out, strategy="ab")
     with pytest.raises(AdapterError, match="equal ranks"):
         export_pair(a_in, a_out, strategy="ab")
+
+
+def test_a_second_controller_is_refused_while_a_pair_is_merged(base):
+    ours = load_pretrained(base[1], dtype=torch.float32)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    first = AdapterController(ours)
+    first.merge(adapter(ours, 4, 8, seed=1), None, w_in=1.0)
+    with pytest.raises(AdapterError, match="hold a pair merged by another AdapterController"):
+        AdapterController(ours)
+    first.unmerge()
+    AdapterController(ours)  # the weights are the base's again
+    assert all(torch.equal(v, before[k]) for k, v in ours.state_dict().items())
+
+
+def test_export_pair_refuses_a_pair_that_does_not_belong_together(ours):
+    a_in, a_out = adapter(ours, 4, 8, seed=1), adapter(ours, 4, 8, seed=2, language="de", role="out")
+    with pytest.raises(AdapterError, match=r"lora_in was given out\[de\], an 'out' adapter"):
+        export_pair(a_out, a_in)
+    wider = random_model(Qwen2Config(**{**SMALL, "hidden_size": 48, "num_attention_heads": 6}))
+    stranger = adapter(wider, 4, 8, seed=2, language="de", role="out")
+    with pytest.raises(AdapterError, match=r"in\[fr\] was trained for .*hidden_size=96.*, out\[de\] for "
+                                          r".*hidden_size=48.*: not one base"):
+        export_pair(a_in, stranger)
+    stranger.base = a_in.base  # a sidecar that claims the same base: the shapes still tell
+    with pytest.raises(AdapterError, match=r"q_proj maps 96 -> 96 in in\[fr\] but 48 -> 48 in out\[de\]"):
+        export_pair(a_in, stranger)
+
+
+def test_a_sidecar_with_fewer_layers_than_the_tensors_is_refused(ours, tmp_path):
+    a = adapter(ours, 4, 8, seed=1)
+    a.save(tmp_path / "in")
+    side = json.loads((tmp_path / "in" / SIDECAR_FILE).read_text())
+    side["base"]["num_hidden_layers"] = 1
+    (tmp_path / "in" / SIDECAR_FILE).write_text(json.dumps(side))
+    with pytest.raises(AdapterError, match=r"model.layers.1.\S+ lies past the 1 layers of its base"):
+        LoraAdapter.load(tmp_path / "in")
 
 
 def test_adapter_for_another_base_model_is_rejected(ours, tmp_path, ctl):

@@ -12,6 +12,7 @@ when they are bound.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -22,7 +23,7 @@ from ..kernels.reference import Adapter, Weight
 from ..model import Qwen2ForCausalLM
 from ..ops import dual_lora_linear, pairwise_lora_linear
 from .format import AdapterError, LearnedWeights, LoraAdapter, layer_of
-from .merge import WeightFn, check_strategy, export_pair, fixed_weights, fold_into
+from .merge import WeightFn, check_roles, check_strategy, export_pair, fixed_weights, fold_into
 
 Pair = tuple[LoraAdapter | None, LoraAdapter | None, Weight, Weight]  # (lora_in, lora_out, w_in, w_out)
 
@@ -102,11 +103,16 @@ class _RowsBinding:
         return tuple((_cast(a, x.dtype), _cast(b, x.dtype), *fn(self.layer)) for a, b, fn in self.pairs)
 
 
+# Models whose base weights hold a merged pair: another controller must not merge into them again
+# (its unmerge would restore weights that already held the first pair).
+_MERGED: weakref.WeakSet[Qwen2ForCausalLM] = weakref.WeakSet()
+
+
 class AdapterController:
     """Binds adapters to one model's linears and owns everything that goes with it.
 
     One controller per model: create it once and use it for every adapter operation on that model
-    (a second controller on a model with bound adapters is refused).
+    (a second controller on a model with bound adapters, or with a merged pair, is refused).
 
     Example::
 
@@ -117,6 +123,9 @@ class AdapterController:
     def __init__(self, model: Qwen2ForCausalLM) -> None:
         if any(lin.lora is not None for lin in model.adapted_linears().values()):
             raise AdapterError("this model already has adapters bound by another AdapterController: use that one")
+        if model in _MERGED:
+            raise AdapterError("this model's weights hold a pair merged by another AdapterController: use that one "
+                               "(unmerge() restores them)")
         self.model = model
         self.theta: Tensor | None = None  # [L, 2] while weights are learned
         self._learning: tuple[LoraAdapter, LoraAdapter, str] | None = None
@@ -240,6 +249,7 @@ class AdapterController:
             kept[name] = linears[name].weight.detach().clone()
             fold_into(linears[name].weight, A, B)
         self._merged = kept
+        _MERGED.add(self.model)
 
     def unmerge(self) -> None:
         """Restore the base weights kept by :meth:`merge`, exactly."""
@@ -250,6 +260,7 @@ class AdapterController:
             for name, W in self._merged.items():
                 linears[name].weight.copy_(W)
         self._merged = None
+        _MERGED.discard(self.model)
 
     # -- internals ----------------------------------------------------------------------------------
 
@@ -258,15 +269,11 @@ class AdapterController:
         return self.model.config.num_hidden_layers
 
     def _check_pair(self, lora_in: LoraAdapter | None, lora_out: LoraAdapter | None, strategy: str) -> None:
+        check_roles(lora_in, lora_out)
         check_strategy(strategy, lora_in, lora_out)
-        for slot, a in (("in", lora_in), ("out", lora_out)):
-            if a is None:
-                continue
-            if not isinstance(a, LoraAdapter):
-                raise AdapterError(f"lora_{slot} must be a LoraAdapter or None, got {type(a).__name__}")
-            if a.role not in (None, slot):
-                raise AdapterError(f"lora_{slot} was given {a.label}, an {a.role!r} adapter (swapped in and out?)")
-            a.check(self.model)
+        for a in (lora_in, lora_out):
+            if a is not None:
+                a.check(self.model)
         if self._merged is not None:
             raise AdapterError("a pair is merged into the base weights: call unmerge() first")
 

@@ -85,6 +85,9 @@ class LoraAdapter:
             if A.dim() != 2 or B.dim() != 2 or A.shape[0] != self.rank or B.shape[1] != self.rank:
                 raise AdapterError(f"{self.label}: {name} has A {tuple(A.shape)}, B {tuple(B.shape)}; "
                                    f"expected A [{self.rank}, in] and B [out, {self.rank}]")
+            if self.base is not None and layer_of(name) >= self.base.num_hidden_layers:
+                raise AdapterError(f"{self.label}: {name} lies past the {self.base.num_hidden_layers} layers of "
+                                   f"its base, {self.base}")
 
     @property
     def scale(self) -> float:

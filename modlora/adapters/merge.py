@@ -47,6 +47,17 @@ def check_strategy(strategy: str, lora_in: LoraAdapter | None, lora_out: LoraAda
                            f"{lora_in.label} has rank {lora_in.rank}, {lora_out.label} has rank {lora_out.rank}")
 
 
+def check_roles(lora_in: LoraAdapter | None, lora_out: LoraAdapter | None) -> None:
+    """Raise :class:`AdapterError` unless each slot holds a LoraAdapter (or None) of its role (or of none)."""
+    for slot, a in (("in", lora_in), ("out", lora_out)):
+        if a is None:
+            continue
+        if not isinstance(a, LoraAdapter):
+            raise AdapterError(f"lora_{slot} must be a LoraAdapter or None, got {type(a).__name__}")
+        if a.role not in (None, slot):
+            raise AdapterError(f"lora_{slot} was given {a.label}, an {a.role!r} adapter (swapped in and out?)")
+
+
 def export_pair(lora_in: LoraAdapter | None, lora_out: LoraAdapter | None, *, w_in: Weight = 0.5,
                 w_out: Weight = 0.5, strategy: str = "output") -> LoraAdapter:
     """The pair as ONE fp32 adapter of scale 1 that plain PEFT (or vLLM) serves.
@@ -55,15 +66,16 @@ def export_pair(lora_in: LoraAdapter | None, lora_out: LoraAdapter | None, *, w_
     :func:`modlora.kernels.merge_pair`. Per-layer weights [L] are folded layer by layer.
 
     Raises:
-        AdapterError: no adapter, adapters on different modules, or a strategy/weight error.
+        AdapterError: no adapter, an adapter in the other's role, adapters of different bases, on
+            different modules or of different module shapes, or a strategy/weight error.
     """
     parts = [a for a in (lora_in, lora_out) if a is not None]
     if not parts:
         raise AdapterError("export_pair needs at least one adapter")
+    check_roles(lora_in, lora_out)
     check_strategy(strategy, lora_in, lora_out)
-    if len(parts) == 2 and set(parts[0].tensors) != set(parts[1].tensors):
-        raise AdapterError(f"export_pair needs both adapters on the same modules: {parts[0].label} targets "
-                           f"{parts[0].target_modules}, {parts[1].label} targets {parts[1].target_modules}")
+    if len(parts) == 2:
+        _check_alike(*parts)
     base = parts[0].base
     weights = fixed_weights(w_in, w_out, base.num_hidden_layers if base else 1 + max(map(layer_of, parts[0].tensors)),
                             strategy)
@@ -76,6 +88,20 @@ def export_pair(lora_in: LoraAdapter | None, lora_out: LoraAdapter | None, *, w_
     meta = {"pair": {"in": lora_in and lora_in.language, "out": lora_out and lora_out.language,
                      "strategy": strategy, "w_in": fold[0], "w_out": fold[1]}}
     return LoraAdapter(tensors, rank, float(rank), False, parts[0].target_modules, base=base, metadata=meta)
+
+
+def _check_alike(a: LoraAdapter, b: LoraAdapter) -> None:
+    """Two adapters of one pair fit one base: the same modules, each of the same in/out shape."""
+    if a.base is not None and b.base is not None and a.base != b.base:
+        raise AdapterError(f"{a.label} was trained for {a.base}, {b.label} for {b.base}: not one base")
+    if set(a.tensors) != set(b.tensors):
+        raise AdapterError(f"export_pair needs both adapters on the same modules: {a.label} targets "
+                           f"{a.target_modules}, {b.label} targets {b.target_modules}")
+    for name, (A, B) in a.tensors.items():
+        A2, B2 = b.tensors[name]
+        if (A.shape[1], B.shape[0]) != (A2.shape[1], B2.shape[0]):
+            raise AdapterError(f"{name} maps {A.shape[1]} -> {B.shape[0]} in {a.label} but {A2.shape[1]} -> "
+                               f"{B2.shape[0]} in {b.label}: not one base")
 
 
 @torch.no_grad()
