@@ -28,6 +28,8 @@ def chrf_pp(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
     """Corpus chrF++ and its sacrebleu signature."""
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses for {len(references)} references")
+    if not references:
+        raise ValueError("chrF++ of no sentences is undefined: give at least one hypothesis and reference")
     metric = CHRF(word_order=2)
     score = metric.corpus_score(list(hypotheses), [list(references)])
     return {"score": score.score, "signature": str(metric.get_signature())}

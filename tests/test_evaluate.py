@@ -30,6 +30,8 @@ def test_chrf_pp_equals_sacrebleu_on_the_same_files(tmp_path):
 def test_chrf_pp_needs_aligned_lists():
     with pytest.raises(ValueError, match="2 hypotheses for 3 references"):
         chrf_pp(HYPS[:2], REFS)
+    with pytest.raises(ValueError, match=r"chrF\+\+ of no sentences is undefined"):
+        chrf_pp([], [])
 
 
 LANGS = ["en", "fr", "de", "ja", "zh"]
