@@ -60,5 +60,26 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk: int 
             requires one (full fine-tuning).
         targets: token ids [N].
         chunk: rows per chunk of logits (peak memory ``chunk * V`` fp32).
+
+    Raises:
+        ValueError: shapes or devices that do not fit, or ``chunk`` < 1.
+        IndexError: a target outside ``[0, V)`` (checked on the CPU only: elsewhere reading the
+            targets would wait for the device, and ``gather`` checks them).
     """
+    if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
+        raise ValueError(f"linear_cross_entropy: h must be [N, C] and weight [V, C], got {tuple(h.shape)} and "
+                         f"{tuple(weight.shape)}")
+    if targets.dim() != 1 or targets.shape[0] != h.shape[0] or targets.is_floating_point() \
+            or targets.dtype == torch.bool:
+        raise ValueError(f"linear_cross_entropy: targets must be integer [{h.shape[0]}] (one per row of h), got "
+                         f"{targets.dtype} {tuple(targets.shape)}")
+    if len({h.device, weight.device, targets.device}) != 1:
+        raise ValueError(f"linear_cross_entropy: h, weight and targets must be on one device, got {h.device}, "
+                         f"{weight.device} and {targets.device}")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"linear_cross_entropy: chunk must be a positive integer, got {chunk!r}")
+    if targets.is_cpu and targets.numel():
+        lo, hi = (int(v) for v in torch.aminmax(targets))
+        if lo < 0 or hi >= weight.shape[0]:
+            raise IndexError(f"linear_cross_entropy: targets must lie in [0, {weight.shape[0]}), got {lo}..{hi}")
     return _LinearCrossEntropy.apply(h, weight, targets, chunk)

@@ -14,6 +14,7 @@ the derivation.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -26,7 +27,8 @@ STRATEGIES = ("output", "ab")
 
 
 def check_strategy(strategy: str, lora_in: Adapter | None, lora_out: Adapter | None) -> None:
-    """Raise a clear error for an unknown strategy or ranks that strategy ``ab`` cannot merge."""
+    """Raise a clear error for an unknown strategy or adapters that strategy ``ab`` cannot merge
+    (unequal ranks, or A or B of unequal shapes, which the element-wise sum would broadcast)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}: expected one of {STRATEGIES}")
     if strategy == "ab" and lora_in is not None and lora_out is not None:
@@ -35,6 +37,22 @@ def check_strategy(strategy: str, lora_in: Adapter | None, lora_out: Adapter | N
             raise ValueError(
                 f"strategy 'ab' merges A and B element-wise and needs equal ranks, got r_in={r_in}, r_out={r_out}"
             )
+        shapes = [tuple(t.shape) for t in (lora_in[0], lora_out[0], lora_in[1], lora_out[1])]
+        if shapes[0] != shapes[1] or shapes[2] != shapes[3]:
+            raise ValueError(f"strategy 'ab' merges A and B element-wise and needs equal shapes, got A {shapes[0]} "
+                             f"and {shapes[1]}, B {shapes[2]} and {shapes[3]}")
+
+
+def check_weight(w: Weight, name: str, strategy: str) -> None:
+    """A pair's weight: a finite number (>= 0 under ``ab``, which takes its square root) or a 0-dim
+    tensor (a learned weight; its value is not read here, which would wait for the device)."""
+    if isinstance(w, Tensor):
+        if w.dim() != 0:
+            raise ValueError(f"{name} must be a number or a 0-dim tensor, got shape {tuple(w.shape)}")
+    elif isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w):
+        raise ValueError(f"{name} must be a finite number or a 0-dim tensor, got {w!r}")
+    elif strategy == "ab" and w < 0:
+        raise ValueError(f"strategy 'ab' scales A and B by sqrt(w * scale) and needs {name} >= 0, got {w}")
 
 
 def as_fp32(adapter: Adapter | None) -> Adapter | None:
@@ -61,6 +79,8 @@ def pair_parts(lora_in: Adapter | None, lora_out: Adapter | None, w_in: Weight, 
     :func:`merge_ab`. Empty without adapters. The weights are floats or 0-dim tensors.
     """
     check_strategy(strategy, lora_in, lora_out)
+    check_weight(w_in, "w_in", strategy)
+    check_weight(w_out, "w_out", strategy)
     if lora_in is None and lora_out is None:
         return []
     if strategy == "ab":
@@ -126,6 +146,8 @@ def pairwise_lora_linear_ref(
     """Row b of ``x [B, ..., K]`` uses the pair ``pairs[row_pair[b]]``: rows are grouped by pair."""
     y = torch.nn.functional.linear(x, weight, bias)
     for p in torch.unique(row_pair).tolist():
+        if not 0 <= p < len(pairs):
+            raise IndexError(f"row_pair values must lie in [0, {len(pairs)}), got {p}")
         rows = (row_pair == p).nonzero().squeeze(1)
         delta = lora_delta_ref(x[rows], *pairs[p], strategy=strategy)
         if delta is not None:

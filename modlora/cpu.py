@@ -213,9 +213,18 @@ _lib.impl("lora_bank_linear", lora_bank_linear_torch, "CUDA")
 _OP = torch.ops.modlora.lora_bank_linear.default
 
 
+def _one_device(op: str, *tensors: Tensor | None) -> None:
+    """The fakes' device check. A call whose tensors mix the CPU and the meta device dispatches to
+    the fake (meta outranks the CPU), which would return an uninitialised CPU tensor."""
+    devices = {t.device for t in tensors if t is not None}
+    torch._check(len(devices) == 1,
+                 lambda: f"{op}: every tensor must be on one device, got {sorted(map(str, devices))}")
+
+
 @torch.library.register_fake("modlora::lora_bank_linear")
 def _lora_bank_linear_fake(x, weight, bias=None, A_bank=None, B_bank=None, row_pair=None, isa=None, rank_parts=None,
                            prefetch=None, k_chunk=None):
+    _one_device("lora_bank_linear", x, weight, bias, A_bank, B_bank, row_pair, rank_parts)
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
@@ -399,10 +408,12 @@ def _column_blocks(y: Tensor, blocks) -> list[int] | None:
 if HAVE_C:  # fake (meta) implementations of _C's inference ops: shapes only, for torch.compile and opcheck
     @torch.library.register_fake("modlora::rms_norm")
     def _rms_norm_fake(x, weight, eps):
+        _one_device("rms_norm", x, weight)
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("modlora::decode_attention")
     def _decode_attention_fake(q, k, v, cos, sin, prompt_k, prompt_v, prompt_mask, gen_k, gen_v, step, num_beams):
+        _one_device("decode_attention", q, k, v, cos, sin, prompt_k, prompt_v, prompt_mask, gen_k, gen_v)
         return q.new_empty(q.shape)
 
     @torch.library.register_fake("modlora::topk")

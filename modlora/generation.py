@@ -95,9 +95,16 @@ def generate(model: Qwen2ForCausalLM, input_ids: Tensor, attention_mask: Tensor 
         token log-probs (for greedy computed the same way; transformers reports none there).
 
     Raises:
-        ValueError: bad search settings, or ``row_pair`` without ``adapters``.
+        ValueError: bad search settings, ``input_ids`` not [B, P], no eos id, or ``row_pair`` not a
+            tensor or without ``adapters``.
     """
     params = dataclasses.replace(search or SearchParams(), **overrides)
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, prompt length], got shape {tuple(input_ids.shape)}")
+    if not isinstance(eos_token_id, int) and not list(eos_token_id):
+        raise ValueError("eos_token_id must be an id or a non-empty sequence of ids")
+    if row_pair is not None and not isinstance(row_pair, Tensor):
+        raise ValueError(f"row_pair must be a [B] integer tensor, got {type(row_pair).__name__}")
     if row_pair is not None and adapters is None:
         raise ValueError("row_pair needs adapters=, the AdapterController that set the pairs")
     device = model.lm_head.weight.device

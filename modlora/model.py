@@ -251,6 +251,9 @@ class Qwen2Model(nn.Module):
         b, t = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:  # a [1, T] mask would broadcast over the batch
+            raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got "
+                             f"{tuple(attention_mask.shape)}")
         valid = attention_mask.bool()
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
         causal = torch.ones(t, t, dtype=torch.bool, device=input_ids.device).tril()
@@ -325,6 +328,14 @@ class Qwen2Model(nn.Module):
         """Hidden state [B*beams, C] of one new token per row; advances the cache by one position."""
         if cache.step >= cache.capacity:
             raise RuntimeError(f"KV cache is full: {cache.capacity} generated positions were allocated")
+        rows = cache.gen_k.shape[1]
+        if tokens.shape != (rows,):
+            raise ValueError(f"tokens must be [{rows}] (one per sentence and beam of the cache), got "
+                             f"{tuple(tokens.shape)}")
+        if tokens.is_cpu:  # elsewhere reading them would wait for the device each step
+            lo, hi = (int(v) for v in torch.aminmax(tokens))
+            if lo < 0 or hi >= self.embed_tokens.num_embeddings:
+                raise ValueError(f"token ids must be in [0, {self.embed_tokens.num_embeddings}), got {lo}..{hi}")
         positions = cache.prompt_lengths.repeat_interleave(cache.num_beams) + cache.step
         x = self.embed_tokens(tokens)
         cos, sin = self.rotary_emb(positions, x.dtype)
@@ -388,6 +399,9 @@ class Qwen2ForCausalLM(nn.Module):
 
     def prefill(self, input_ids: Tensor, attention_mask: Tensor | None, cache: KVCache) -> Tensor:
         """Run the prompts [B, P] once, fill the cache's prompt segment; logits [B, V] of the last position."""
+        if input_ids.shape != cache.prompt_mask.shape:  # copy_ would broadcast one prompt into every row
+            raise ValueError(f"input_ids {tuple(input_ids.shape)} must have the shape the cache was made for, "
+                             f"[batch, prompt length] = {tuple(cache.prompt_mask.shape)} (new_cache)")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         cache.prompt_mask.copy_(attention_mask.bool())

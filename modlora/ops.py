@@ -35,6 +35,7 @@ from .kernels.reference import (
     Adapter,
     Weight,
     check_strategy,
+    check_weight,
     dual_lora_linear_ref,
     lora_delta_ref,
     pairwise_lora_linear_ref,
@@ -89,8 +90,44 @@ def _emulated_bf16(x: Tensor, weight: Tensor, tensors: Iterable[Tensor | float |
             and not _builds_graph(chain((x, weight), tensors)))
 
 
+def _check_args(x: Tensor, weight: Tensor, bias: Tensor | None, pairs: Sequence[tuple] = (),
+                row_pair: Tensor | None = None, strategy: str = "output") -> None:
+    """The shapes, weights and pair indices every path relies on, checked before one is chosen: the
+    C++ op checks its own, but torch's GEMMs broadcast some mismatches (a bias [1], an adapter's
+    B [1, r]) silently. Pair indices are checked here only on the CPU (elsewhere reading them would
+    wait for the device; the Triton kernel checks them itself)."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [N, K], got shape {tuple(weight.shape)}")
+    N, K = weight.shape
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"x must be [..., {K}] for weight [{N}, {K}], got shape {tuple(x.shape)}")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"bias must be [{N}] for weight [{N}, {K}], got shape {tuple(bias.shape)}")
+    for i, pair in enumerate(pairs):
+        if len(pair) != 4:
+            raise ValueError(f"pair {i} must be (lora_in, lora_out, w_in, w_out), got {len(pair)} entries")
+        for name, a in zip(("lora_in", "lora_out"), pair[:2], strict=True):
+            if a is None:
+                continue
+            A, B = a[:2] if len(a) == 3 else (None, None)
+            if A is None or A.dim() != 2 or B.dim() != 2 or A.shape[1] != K or B.shape != (N, A.shape[0]):
+                got = f"{len(a)} entries" if A is None else f"A {tuple(A.shape)}, B {tuple(B.shape)}"
+                raise ValueError(f"pair {i} {name} must be (A [r, {K}], B [{N}, r], scale), got {got}")
+        check_weight(pair[2], "w_in", strategy)
+        check_weight(pair[3], "w_out", strategy)
+    if row_pair is not None and (row_pair.dim() != 1 or row_pair.is_floating_point() or row_pair.dtype == torch.bool
+                                 or row_pair.shape[0] != x.shape[0]):
+        raise ValueError(f"row_pair must be a 1-D integer tensor with one entry per row of x ({x.shape[0]}), got "
+                         f"{row_pair.dtype} {tuple(row_pair.shape)}")
+    if row_pair is not None and row_pair.is_cpu and row_pair.numel():
+        lo, hi = (int(v) for v in torch.aminmax(row_pair))
+        if lo < 0 or hi >= len(pairs):
+            raise IndexError(f"row_pair values must lie in [0, {len(pairs)}), got {lo}..{hi}")
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``x W^T + b`` (the un-adapted linears and the ``lm_head``)."""
+    _check_args(x, weight, bias)
     run = lambda path, x: _linear(path, x, weight, bias)
     return run(_cpu_path("linear", x, weight, run, (bias,)), x)
 
@@ -166,6 +203,7 @@ def dual_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_in: Ad
     Raises:
         ValueError: an unknown strategy, or unequal ranks under ``ab``.
     """
+    _check_args(x, weight, bias, [(lora_in, lora_out, w_in, w_out)], strategy=strategy)
     if dropout is not None and any(dropout):
         return linear(x, weight, bias) + _dropped_lora_delta(x, lora_in, lora_out, w_in, w_out, strategy, dropout)
     if x.is_cuda and _HAVE_TRITON and (lora_in is not None or lora_out is not None):
@@ -222,6 +260,7 @@ def pairwise_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None,
         pairs: ``(lora_in, lora_out, w_in, w_out)`` per pair.
         row_pair: [B] integer pair index per entry of dim 0 of x.
     """
+    _check_args(x, weight, bias, pairs, row_pair, strategy)
     if x.is_cuda and _HAVE_TRITON and not _builds_graph(chain((x, weight, bias), _pair_inputs(pairs))):
         x, weight, bias, flat = _autocast(x, weight, bias, [a for p in pairs for a in p[:2]])
         pairs = [(flat[2 * i], flat[2 * i + 1], *p[2:]) for i, p in enumerate(pairs)]
@@ -249,6 +288,7 @@ def grouped_linear(x: Tensor, weight: Tensor, bias: Tensor | None, parts: Sequen
     separate here). Otherwise each part is the ungrouped op (:func:`linear`,
     :func:`dual_lora_linear`, :func:`pairwise_lora_linear`), exactly as called alone.
     """
+    _check_group(x, weight, bias, parts)
     rows = _group_rows(parts)
     if rows is False:
         return [_part(x, p, p[4]) for p in parts]
@@ -259,6 +299,19 @@ def grouped_linear(x: Tensor, weight: Tensor, bias: Tensor | None, parts: Sequen
     run = lambda path, xs: _grouped(path, xs, weight, bias, parts, calib_rows(xs))
     tensors = chain((bias,), *(_pair_inputs(p[2]) for p in parts))
     return _grouped(_cpu_path(kind, x, weight, run, tensors), x, weight, bias, parts, rows)
+
+
+def _check_group(x: Tensor, weight: Tensor, bias: Tensor | None, parts: Sequence[GroupPart]) -> None:
+    """The group and each part as the ungrouped op checks it (:func:`_check_args`): the parts' row
+    blocks tile ``weight``, and a bias of a part is in ``bias``."""
+    _check_args(x, weight, bias)
+    if not parts or sum(p[0].shape[0] for p in parts) != weight.shape[0]:
+        raise ValueError(f"the parts' weights must tile weight's {weight.shape[0]} rows, got "
+                         f"{[p[0].shape[0] for p in parts]}")
+    if bias is None and any(p[1] is not None for p in parts):
+        raise ValueError("a part has a bias but the group's bias is None: pass the parts' biases concatenated")
+    for w, b, pairs, strategy, row_pair in parts:
+        _check_args(x, w, b, pairs, row_pair, strategy)
 
 
 def _group_rows(parts: Sequence[GroupPart]) -> Tensor | None | bool:

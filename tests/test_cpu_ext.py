@@ -558,3 +558,17 @@ def test_environment_switches(env, expect):
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True,
                          text=True, check=True)
     assert out.stdout.strip() == expect
+
+
+@pytest.mark.parametrize("where", ["weight", "bias", "A_bank", "B_bank"])
+def test_a_tensor_off_the_cpu_is_refused_not_read(where):
+    """A call mixing CPU and meta tensors dispatches to the fake (meta outranks the CPU), which
+    returned an uninitialised CPU tensor."""
+    args = dict(x=torch.randn(2, 8), weight=torch.randn(4, 8), bias=torch.randn(4), A_bank=torch.randn(3, 2, 8),
+                B_bank=torch.randn(3, 4, 2))
+    args[where] = args[where].to("meta")
+    with pytest.raises(RuntimeError, match=r"lora_bank_linear: every tensor must be on one device, got \['cpu', "
+                                           r"'meta'\]"):
+        cpu.lora_bank_linear(**args)
+    with pytest.raises(RuntimeError, match="rms_norm: every tensor must be on one device"):
+        torch.ops.modlora.rms_norm(torch.randn(2, 8), torch.ones(8, device="meta"), 1e-6)

@@ -117,6 +117,12 @@ def test_argument_errors(models, prompts):
         SearchParams(num_beams=0)
     with pytest.raises(ValueError, match="row_pair needs adapters="):
         generate(ours, ids, mask, row_pair=torch.tensor([0, 0, 0]), eos_token_id=EARLY_EOS, pad_token_id=PAD)
+    with pytest.raises(ValueError, match=r"row_pair must be a \[B\] integer tensor, got list"):
+        generate(ours, ids, mask, row_pair=[0, 0, 0], eos_token_id=EARLY_EOS, pad_token_id=PAD)
+    with pytest.raises(ValueError, match=r"input_ids must be \[batch, prompt length\], got shape \(9,\)"):
+        generate(ours, ids[0], None, eos_token_id=EARLY_EOS, pad_token_id=PAD)
+    with pytest.raises(ValueError, match="eos_token_id must be an id or a non-empty sequence"):
+        generate(ours, ids, mask, eos_token_id=[], pad_token_id=PAD)
 
 
 class CharTokenizer:

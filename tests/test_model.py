@@ -217,6 +217,25 @@ def test_qwen25_preset_is_the_published_config():
         assert json.loads(SHARED_CONFIG.read_text()) == QWEN25_05B
 
 
+@torch.no_grad()
+def test_mismatched_cache_mask_and_tokens_are_named(pair):
+    """Each would otherwise broadcast: one prompt into every row of the cache, one mask over the batch."""
+    _, ours, _ = pair
+    ids = torch.randint(0, 1000, (2, 5), generator=torch.Generator().manual_seed(5))
+    with pytest.raises(ValueError, match=r"input_ids \(1, 5\) must have the shape the cache was made for, "
+                                         r"\[batch, prompt length\] = \(2, 5\)"):
+        ours.prefill(ids[:1], None, ours.new_cache(2, 5, 2))
+    with pytest.raises(ValueError, match=r"attention_mask must have input_ids' shape \(2, 5\), got \(1, 5\)"):
+        ours(ids, torch.ones(1, 5, dtype=torch.long))
+    cache = ours.new_cache(2, 5, 2, num_beams=2)
+    ours.prefill(ids, None, cache)
+    with pytest.raises(ValueError, match=r"tokens must be \[4\] \(one per sentence and beam of the cache\), "
+                                         r"got \(2,\)"):
+        ours.decode_step(ids[:, 0], cache)
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 1000\), got 0..1000"):
+        ours.decode_step(torch.tensor([0, 1, 2, 1000]), cache)
+
+
 def test_bad_input_ids_are_named():
     model = random_model(Qwen2Config(**_small()), seed=0)
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 1000\), got 3..1000"):

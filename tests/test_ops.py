@@ -323,3 +323,67 @@ def test_cuda_dispatch_under_bf16_autocast_matches_reference(strategy):
     pairs = [(bf16(adapters[0]), bf16(adapters[1]), 0.3, 0.7)]
     assert_kernel_bounded(got, x.bfloat16(), weight.bfloat16(), None, pairs, torch.zeros(37, dtype=torch.long,
                                                                                            device="cuda"), strategy)
+
+
+def _malformed_case(rows: int, edit: str):
+    g = torch.Generator().manual_seed(0)
+    K, N, r = 24, 16, 4
+    x, W, b = torch.randn(rows, K, generator=g), torch.randn(N, K, generator=g), torch.randn(N, generator=g)
+    a_in = (torch.randn(r, K, generator=g), torch.randn(N, r, generator=g), 0.5)
+    a_out = (torch.randn(r, K, generator=g), torch.randn(N, r, generator=g), 0.5)
+    pairs = [(a_in, a_out, 0.3, 0.7), (a_in, None, 1.0, 1.0)]
+    row_pair = torch.arange(rows) % 2
+    strategy = "output"
+    if edit == "bias [1]":
+        b = b[:1]
+    elif edit == "B [1, r]":
+        pairs[0] = (a_in, (a_out[0], a_out[1][:1], 0.5), 0.3, 0.7)
+    elif edit == "ab, A [r, 1]":
+        strategy, pairs[0] = "ab", (a_in, (a_out[0][:, :1], a_out[1], 0.5), 0.3, 0.7)
+    elif edit == "short row_pair":
+        row_pair = row_pair[:2]
+    elif edit == "row_pair out of range":
+        row_pair = row_pair.clone().fill_(5)
+    elif edit == "weight [2]":
+        pairs[0] = (a_in, a_out, torch.tensor([0.3, 0.7]), 0.7)
+    elif edit == "NaN weight":
+        pairs[0] = (a_in, a_out, float("nan"), 0.7)
+    elif edit == "ab, negative weight":
+        strategy, pairs[0] = "ab", (a_in, a_out, -0.3, 0.7)
+    return x, W, b, pairs, row_pair, strategy
+
+
+@pytest.mark.parametrize("edit,message", [
+    ("bias [1]", r"bias must be \[16\] for weight \[16, 24\], got shape \(1,\)"),
+    ("B [1, r]", r"pair 0 lora_out must be \(A \[r, 24\], B \[16, r\], scale\), got A \(4, 24\), B \(1, 4\)"),
+    ("ab, A [r, 1]", r"pair 0 lora_out must be \(A \[r, 24\]"),
+    ("short row_pair", r"row_pair must be a 1-D integer tensor with one entry per row of x"),
+    ("row_pair out of range", r"row_pair values must lie in \[0, 2\)"),
+    ("weight [2]", r"w_in must be a number or a 0-dim tensor, got shape \(2,\)"),
+    ("NaN weight", r"w_in must be a finite number or a 0-dim tensor, got nan"),
+    ("ab, negative weight", r"needs w_in >= 0, got -0.3"),
+])
+@pytest.mark.parametrize("path", ["c or dispatch", "autograd", "rows above the buckets"])
+def test_malformed_arguments_are_named_on_every_path(edit, message, path):
+    """The torch paths (autograd's reference, more rows than dispatch buckets) broadcast some
+    mismatches silently where the C++ op names them: every path checks before it runs."""
+    x, W, b, pairs, row_pair, strategy = _malformed_case(300 if path == "rows above the buckets" else 4, edit)
+    if path == "autograd":
+        x.requires_grad_(True)
+    with pytest.raises((ValueError, IndexError), match=message):
+        ops.pairwise_lora_linear(x, W, b, pairs, row_pair, strategy)
+    if "row_pair" not in edit:
+        with pytest.raises((ValueError, IndexError), match=message.replace("pair 0 ", "pair 0 ")):
+            ops.dual_lora_linear(x, W, b, *pairs[0], strategy)
+
+
+def test_a_grouped_call_checks_its_parts():
+    x, W, b, pairs, _, _ = _malformed_case(4, "")
+    halves = [(W[:8], b[:8], [], "output", None), (W[8:], b[8:], [], "output", None)]
+    with pytest.raises(ValueError, match=r"the parts' weights must tile weight's 16 rows, got \[8\]"):
+        ops.grouped_linear(x, W, b, halves[:1])
+    with pytest.raises(ValueError, match="a part has a bias but the group's bias is None"):
+        ops.grouped_linear(x, W, None, halves)
+    short_b = ((pairs[0][0][0], pairs[0][0][1][:6], 0.5), None, 1.0, 1.0)  # B of 6 rows for a block of 8
+    with pytest.raises(ValueError, match=r"pair 0 lora_in must be \(A \[r, 24\], B \[8, r\], scale\)"):
+        ops.grouped_linear(x, W, b, [(W[:8], b[:8], [short_b], "output", None), halves[1]])

@@ -115,6 +115,22 @@ def test_chunked_cross_entropy_equals_full_logits():
     torch.testing.assert_close(grad, expected_grad)
 
 
+@pytest.mark.parametrize("edit,message", [
+    (lambda h, w, t: (h, w, t[:-1]), r"targets must be integer \[37\] \(one per row of h\)"),
+    (lambda h, w, t: (h, w, t.float()), r"targets must be integer \[37\]"),
+    (lambda h, w, t: (h, w[:, :8], t), r"h must be \[N, C\] and weight \[V, C\], got \(37, 16\) and \(300, 8\)"),
+    (lambda h, w, t: (h, w, t + 299), r"targets must lie in \[0, 300\)"),
+    (lambda h, w, t: (h, w, t, 0), "chunk must be a positive integer, got 0"),
+    (lambda h, w, t: (h, w, t, -1), "chunk must be a positive integer, got -1"),
+])
+def test_chunked_cross_entropy_names_malformed_arguments(edit, message):
+    """Shorter targets than rows summed fewer losses, and chunk <= 0 returned 0, both silently."""
+    g = torch.Generator().manual_seed(0)
+    h, w, targets = torch.randn(37, 16, generator=g), torch.randn(300, 16, generator=g), torch.randint(0, 300, (37,))
+    with pytest.raises((ValueError, IndexError), match=message):
+        linear_cross_entropy(*edit(h, w, targets))
+
+
 def test_buckets_cover_every_example_once_with_little_padding():
     lengths = torch.randint(5, 200, (500,), generator=torch.Generator().manual_seed(0)).tolist()
     batches = bucketed_batches(lengths, 8, seed=1)
