@@ -69,10 +69,9 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk: int 
     if h.dim() != 2 or weight.dim() != 2 or h.shape[1] != weight.shape[1]:
         raise ValueError(f"linear_cross_entropy: h must be [N, C] and weight [V, C], got {tuple(h.shape)} and "
                          f"{tuple(weight.shape)}")
-    if targets.dim() != 1 or targets.shape[0] != h.shape[0] or targets.is_floating_point() \
-            or targets.dtype == torch.bool:
-        raise ValueError(f"linear_cross_entropy: targets must be integer [{h.shape[0]}] (one per row of h), got "
-                         f"{targets.dtype} {tuple(targets.shape)}")
+    if targets.dim() != 1 or targets.shape[0] != h.shape[0] or targets.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"linear_cross_entropy: targets must be int64 or int32 [{h.shape[0]}] (one per row of h), "
+                         f"got {targets.dtype} {tuple(targets.shape)}")
     if len({h.device, weight.device, targets.device}) != 1:
         raise ValueError(f"linear_cross_entropy: h, weight and targets must be on one device, got {h.device}, "
                          f"{weight.device} and {targets.device}")

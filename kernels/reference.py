@@ -15,6 +15,7 @@ the derivation.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -49,7 +50,7 @@ def check_weight(w: Weight, name: str, strategy: str) -> None:
     if isinstance(w, Tensor):
         if w.dim() != 0:
             raise ValueError(f"{name} must be a number or a 0-dim tensor, got shape {tuple(w.shape)}")
-    elif isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w):
+    elif isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w):
         raise ValueError(f"{name} must be a finite number or a 0-dim tensor, got {w!r}")
     elif strategy == "ab" and w < 0:
         raise ValueError(f"strategy 'ab' scales A and B by sqrt(w * scale) and needs {name} >= 0, got {w}")

@@ -48,11 +48,20 @@ def atomic_write_dir(target: str | os.PathLike, write: Callable[[Path], None]) -
     """Call ``write(tmp_dir)`` on a fresh folder beside ``target`` (its files written by the atomic
     writers here), then rename it into place, so a reader finds the old folder or the new one, never
     a mix of both. Replacing a folder takes two renames, the old one aside and the new one in; a
-    crash between them leaves the old folder whole at ``<target>.old-<hex>``. Files of the old folder
-    that the new one lacks (a README, say) move into the new one."""
-    target = Path(target)
+    crash between them leaves the old folder whole at ``<target>.old-<hex>``. The new folder takes
+    the old one's permissions, and files of the old one that the new one lacks (a README, say) move
+    into it. One writer at a time per folder (the pipeline's jobs each have one).
+
+    A folder that cannot be renamed without harm (a symlink, a mount point, the working directory
+    or one above it) is written in place instead by ``write(target)``: each file atomically, in
+    ``write``'s order, whose last file should mark the folder finished."""
+    target = Path(os.path.abspath(target))
     if target.exists() and not target.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, "exists and is not a folder", str(target))
+    cwd = Path.cwd()
+    if target.is_symlink() or os.path.ismount(target) or target == cwd or target in cwd.parents:
+        write(target)
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tag = secrets.token_hex(4)
     tmp, old = target.with_name(f"{target.name}.tmp-{tag}"), target.with_name(f"{target.name}.old-{tag}")
@@ -60,6 +69,7 @@ def atomic_write_dir(target: str | os.PathLike, write: Callable[[Path], None]) -
     try:
         write(tmp)
         if target.exists():
+            shutil.copymode(target, tmp)
             os.rename(target, old)
             os.rename(tmp, target)
             for extra in old.iterdir():

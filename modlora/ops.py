@@ -201,7 +201,9 @@ def dual_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_in: Ad
         y [..., N] in x's dtype.
 
     Raises:
-        ValueError: an unknown strategy, or unequal ranks under ``ab``.
+        ValueError: shapes that do not fit (x, weight, bias, each adapter's A and B), a weight that
+            is not a finite number (>= 0 under ``ab``) or a 0-dim tensor, an unknown strategy, or
+            adapters ``ab`` cannot merge (unequal ranks or shapes).
     """
     _check_args(x, weight, bias, [(lora_in, lora_out, w_in, w_out)], strategy=strategy)
     if dropout is not None and any(dropout):
@@ -259,6 +261,12 @@ def pairwise_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None,
     Args:
         pairs: ``(lora_in, lora_out, w_in, w_out)`` per pair.
         row_pair: [B] integer pair index per entry of dim 0 of x.
+
+    Raises:
+        ValueError: as :func:`dual_lora_linear`, for every pair; a ``row_pair`` that is not a 1-D
+            integer tensor of B entries.
+        IndexError: a ``row_pair`` value outside ``[0, len(pairs))`` (the Triton kernel's device
+            assert on CUDA).
     """
     _check_args(x, weight, bias, pairs, row_pair, strategy)
     if x.is_cuda and _HAVE_TRITON and not _builds_graph(chain((x, weight, bias), _pair_inputs(pairs))):

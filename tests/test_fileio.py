@@ -1,6 +1,7 @@
 """Atomic writes: the old file (or folder) or the new one, never half of one, with normal permissions."""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -99,3 +100,28 @@ def test_a_folder_write_over_a_file_is_refused(tmp_path):
     with pytest.raises(NotADirectoryError, match="exists and is not a folder"):
         atomic_write_dir(tmp_path / "adapter", lambda d: None)
     assert (tmp_path / "adapter").read_text() == "a file"
+
+
+def test_a_folder_save_keeps_the_folders_permissions(tmp_path):
+    target = _folder(tmp_path, {"weights": "old"})
+    os.chmod(target, 0o2750)
+    atomic_write_dir(target, lambda d: atomic_write_json(d / "weights", "new"))
+    assert os.stat(target).st_mode & 0o7777 == 0o2750
+
+
+@pytest.mark.parametrize("where", ["symlink", "working directory", "relative dot"])
+def test_a_folder_that_cannot_be_renamed_is_written_in_place(tmp_path, monkeypatch, where):
+    """Renaming a symlink would replace the link, not its folder; renaming the working directory
+    (or a folder above it) would leave the process in a deleted one."""
+    real = _folder(tmp_path, {"weights": "old", "README.md": "mine"})
+    target = real
+    if where == "symlink":
+        target = tmp_path / "link"
+        target.symlink_to(real, target_is_directory=True)
+    else:
+        monkeypatch.chdir(real)
+        target = real if where == "working directory" else "."
+    atomic_write_dir(target, lambda d: atomic_write_json(d / "weights", "new"))
+    assert _contents(real) == {"weights": '"new"\n', "README.md": "mine"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["adapter", "link"] if where == "symlink" else ["adapter"])
+    assert Path.cwd() == real or where == "symlink"

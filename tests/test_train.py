@@ -116,8 +116,9 @@ def test_chunked_cross_entropy_equals_full_logits():
 
 
 @pytest.mark.parametrize("edit,message", [
-    (lambda h, w, t: (h, w, t[:-1]), r"targets must be integer \[37\] \(one per row of h\)"),
-    (lambda h, w, t: (h, w, t.float()), r"targets must be integer \[37\]"),
+    (lambda h, w, t: (h, w, t[:-1]), r"targets must be int64 or int32 \[37\] \(one per row of h\)"),
+    (lambda h, w, t: (h, w, t.float()), r"targets must be int64 or int32 \[37\]"),
+    (lambda h, w, t: (h, w, t.to(torch.uint8)), r"targets must be int64 or int32 \[37\]"),
     (lambda h, w, t: (h, w[:, :8], t), r"h must be \[N, C\] and weight \[V, C\], got \(37, 16\) and \(300, 8\)"),
     (lambda h, w, t: (h, w, t + 299), r"targets must lie in \[0, 300\)"),
     (lambda h, w, t: (h, w, t, 0), "chunk must be a positive integer, got 0"),

@@ -186,7 +186,8 @@ class LoraAdapter:
 
     def save(self, path: str | Path) -> Path:
         """Write PEFT's format that ``peft.PeftModel.from_pretrained`` loads, the folder atomically
-        (:func:`modlora.fileio.atomic_write_dir`: a failed save leaves the adapter that was there).
+        (:func:`modlora.fileio.atomic_write_dir`: a failed save leaves the adapter that was there;
+        a symlinked folder or the working directory is written file by file, the config last).
 
         Returns:
             ``path``.
@@ -198,17 +199,17 @@ class LoraAdapter:
         for key, t in flat.items():  # a NaN adapter is never saved (as finished)
             validate.check_tensor(key, t, self.label)
 
-        def write(folder: Path) -> None:
+        def write(folder: Path) -> None:  # the config last: a pool counts a folder with it as an adapter
             atomic_write_safetensors(folder / WEIGHTS_FILE, flat, metadata={"format": "pt"})
+            atomic_write_json(folder / SIDECAR_FILE, {
+                "language": self.language, "role": self.role,
+                "base": None if self.base is None else vars(self.base), "metadata": self.metadata,
+            })
             atomic_write_json(folder / CONFIG_FILE, {
                 "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": self.rank, "lora_alpha": self.alpha,
                 "use_rslora": self.use_rslora, "target_modules": list(self.target_modules),
                 "lora_dropout": self.dropout, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
                 "init_lora_weights": True, "modules_to_save": None, "base_model_name_or_path": None,
-            })
-            atomic_write_json(folder / SIDECAR_FILE, {
-                "language": self.language, "role": self.role,
-                "base": None if self.base is None else vars(self.base), "metadata": self.metadata,
             })
 
         return atomic_write_dir(path, write)
