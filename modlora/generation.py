@@ -37,15 +37,15 @@ from .cpu import BoundSites, topk
 from .model import KVCache, Qwen2ForCausalLM
 from .prompt import language_name, translation_prompt_ids
 from .tokenizer import Tokenizer
-from .validate import Rule, checked_field
+from .validate import POSITIVE, Rule, checked_field
 
 DecodeStep = Callable[[Tensor, KVCache], Tensor]  # tokens [rows], cache -> logits [rows, V]
 
 _NEG = -1.0e9  # transformers' "impossible" score; the same constant keeps ties and orderings identical
 
 
-_SEARCH_RULES = {"num_beams": Rule(int, low=1), "max_new_tokens": Rule(int, low=1), "min_new_tokens": Rule(int, low=0),
-                 "length_penalty": Rule(float), "num_return_sequences": Rule(int, low=1)}
+_SEARCH_RULES = {"num_beams": POSITIVE, "max_new_tokens": POSITIVE, "min_new_tokens": Rule(int, low=0),
+                 "length_penalty": Rule(float), "num_return_sequences": POSITIVE}
 
 
 @dataclass(frozen=True)
@@ -266,7 +266,7 @@ def translate(model: Qwen2ForCausalLM, tokenizer: Tokenizer, texts: Sequence[str
     params = dataclasses.replace(search or SearchParams(), **overrides)
     if params.num_return_sequences != 1:
         raise ValueError("translate returns one translation per text; use generate for n-best lists")
-    checked_field(Rule(int, low=1), batch_size, "batch_size")
+    checked_field(POSITIVE, batch_size, "batch_size")
     context = model.config.max_position_embeddings
     if params.max_new_tokens >= context:
         raise ValueError(f"max_new_tokens {params.max_new_tokens} leaves no room for a prompt in the model's "

@@ -243,11 +243,8 @@ class Qwen2Model(nn.Module):
         """Hidden states [B, T, C] after the final norm."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
-        vocab = self.embed_tokens.num_embeddings
         if input_ids.numel():
-            lo, hi = (int(v) for v in torch.aminmax(input_ids))  # one reduction, one sync
-            if lo < 0 or hi >= vocab:
-                raise ValueError(f"token ids must be in [0, {vocab}), got {lo}..{hi}")
+            self._check_ids(input_ids)
         b, t = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -324,6 +321,13 @@ class Qwen2Model(nn.Module):
                      else block(layer, x, xp))
         return self.norm(x)[0]
 
+    def _check_ids(self, ids: Tensor) -> None:
+        """Every id a row of the embedding: one reduction, one read of its result."""
+        vocab = self.embed_tokens.num_embeddings
+        lo, hi = (int(v) for v in torch.aminmax(ids))
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"token ids must be in [0, {vocab}), got {lo}..{hi}")
+
     def decode(self, tokens: Tensor, cache: KVCache, site: Site = run_site) -> Tensor:
         """Hidden state [B*beams, C] of one new token per row; advances the cache by one position."""
         if cache.step >= cache.capacity:
@@ -332,10 +336,8 @@ class Qwen2Model(nn.Module):
         if tokens.shape != (rows,):
             raise ValueError(f"tokens must be [{rows}] (one per sentence and beam of the cache), got "
                              f"{tuple(tokens.shape)}")
-        if tokens.is_cpu:  # elsewhere reading them would wait for the device each step
-            lo, hi = (int(v) for v in torch.aminmax(tokens))
-            if lo < 0 or hi >= self.embed_tokens.num_embeddings:
-                raise ValueError(f"token ids must be in [0, {self.embed_tokens.num_embeddings}), got {lo}..{hi}")
+        if tokens.is_cpu and rows:  # elsewhere reading them would wait for the device each step
+            self._check_ids(tokens)
         positions = cache.prompt_lengths.repeat_interleave(cache.num_beams) + cache.step
         x = self.embed_tokens(tokens)
         cos, sin = self.rotary_emb(positions, x.dtype)

@@ -39,8 +39,7 @@ class _TokenizersBackend:
         tok.no_truncation()
         # A chat token must encode as its one id. One that is missing, or only an ordinary vocabulary
         # entry (BPE would split it into pieces), becomes an added special token (keeping its id).
-        loose = [t for t in CHAT_SPECIAL_TOKENS
-                 if tok.token_to_id(t) is None or tok.encode(t, add_special_tokens=False).ids != [tok.token_to_id(t)]]
+        loose = [t for t in CHAT_SPECIAL_TOKENS if tok.encode(t, add_special_tokens=False).ids != [tok.token_to_id(t)]]
         if loose:
             tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in loose])
         self.tok = tok
