@@ -8,7 +8,7 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import safetensors.torch
@@ -44,23 +44,28 @@ def atomic_write(target: str | os.PathLike, write: Callable[[str], None]) -> Pat
     return target
 
 
-def atomic_write_dir(target: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+def atomic_write_dir(target: str | os.PathLike, write: Callable[[Path], None], drop: Collection[str] = ()) -> Path:
     """Call ``write(tmp_dir)`` on a fresh folder beside ``target`` (its files written by the atomic
     writers here), then rename it into place, so a reader finds the old folder or the new one, never
     a mix of both. Replacing a folder takes two renames, the old one aside and the new one in; a
     crash between them leaves the old folder whole at ``<target>.old-<hex>``. The new folder takes
     the old one's permissions, and files of the old one that the new one lacks (a README, say) move
-    into it. One writer at a time per folder (the pipeline's jobs each have one).
+    into it, except those named in ``drop`` (what the new write replaces in another form, such as
+    a previous save's shards). One writer at a time per folder (the pipeline's jobs each have one).
 
     A folder that cannot be renamed without harm (a symlink, a mount point, the working directory
     or one above it) is written in place instead by ``write(target)``: each file atomically, in
-    ``write``'s order, whose last file should mark the folder finished."""
+    ``write``'s order, whose last file should mark the folder finished; then the files in ``drop``
+    are removed."""
     target = Path(os.path.abspath(target))
     if target.exists() and not target.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, "exists and is not a folder", str(target))
     cwd = Path.cwd()
     if target.is_symlink() or os.path.ismount(target) or target == cwd or target in cwd.parents:
         write(target)
+        for name in drop:
+            (target / name).unlink(missing_ok=True)
+        _fsync(target)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tag = secrets.token_hex(4)
@@ -73,7 +78,7 @@ def atomic_write_dir(target: str | os.PathLike, write: Callable[[Path], None]) -
             os.rename(target, old)
             os.rename(tmp, target)
             for extra in old.iterdir():
-                if not (target / extra.name).exists():
+                if extra.name not in drop and not (target / extra.name).exists():
                     os.rename(extra, target / extra.name)
             shutil.rmtree(old)
         else:

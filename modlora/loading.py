@@ -13,7 +13,7 @@ from safetensors import SafetensorError, safe_open
 
 from . import validate
 from .config import Qwen2Config, as_dtype
-from .fileio import atomic_write_safetensors, atomic_write_text, read_json
+from .fileio import atomic_write_dir, atomic_write_safetensors, atomic_write_text, read_json
 from .hub import resolve_model_path
 from .model import Qwen2ForCausalLM
 
@@ -164,12 +164,39 @@ def random_model(config: Qwen2Config | str, *, seed: int = 0, dtype: torch.dtype
 
 
 def save_pretrained(model: Qwen2ForCausalLM, path: str | os.PathLike) -> None:
-    """Write ``config.json`` and ``model.safetensors`` (HF layout); each file lands atomically."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    """Write ``model.safetensors`` and ``config.json`` (HF layout) as one folder, atomically
+    (:func:`modlora.fileio.atomic_write_dir`): a failed save leaves the checkpoint that was there.
+    A sharded checkpoint there before loses its index and the shards it names (loading prefers an
+    index to ``model.safetensors``, so they would shadow the new weights); every other file (a
+    tokenizer, a README) stays.
+
+    Raises:
+        NotADirectoryError: ``path`` is a file.
+        OSError: the folder cannot be written (a full disk names the file that did not fit).
+    """
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    atomic_write_safetensors(path / _SINGLE, state, metadata={"format": "pt"})
-    atomic_write_text(path / "config.json", json.dumps(model.config.to_dict(), indent=2) + "\n")
+
+    def write(folder: Path) -> None:
+        atomic_write_safetensors(folder / _SINGLE, state, metadata={"format": "pt"})
+        # The config last: written in place (a symlinked folder), it marks a finished save.
+        atomic_write_text(folder / "config.json", json.dumps(model.config.to_dict(), indent=2) + "\n")
+
+    atomic_write_dir(path, write, drop=_sharded_files(Path(path)))
+
+
+def _sharded_files(path: Path) -> set[str]:
+    """A sharded checkpoint's index in ``path`` and the shard files in ``path`` that it names (none
+    where the index cannot be read: it alone is dropped)."""
+    if not (path / _INDEX).is_file():
+        return set()
+    try:
+        index = read_json(path / _INDEX)
+    except ValueError:
+        return {_INDEX}
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    names = weight_map.values() if isinstance(weight_map, dict) else ()
+    shards = {n for n in names if isinstance(n, str) and n == Path(n).name and (path / n).is_file()}
+    return {_INDEX, *shards} - {_SINGLE, "config.json"}
 

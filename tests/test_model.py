@@ -1,13 +1,16 @@
 """The Qwen2 decoder against transformers.Qwen2ForCausalLM on the same random checkpoints."""
 
 import copy
+import errno
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from hf_reference import SMALL, hf_model, save_hf
 
+from modlora import loading
 from modlora.config import Qwen2Config
 from modlora.loading import load_pretrained, random_model, save_pretrained
 
@@ -135,6 +138,68 @@ def test_save_and_reload_round_trip(tmp_path):
     again = load_pretrained(tmp_path)
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+def _assert_same_weights(ours, path):
+    again = load_pretrained(path)
+    for (name, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """A sharded transformers checkpoint and the same weights loaded by us."""
+    path = save_hf(hf_model(seed=7), tmp_path_factory.mktemp("sharded"), shard=True)
+    assert (path / "model.safetensors.index.json").is_file()
+    return path, load_pretrained(path)
+
+
+@pytest.mark.parametrize("linked", [False, True], ids=["folder", "symlinked folder"])
+def test_saving_over_a_sharded_checkpoint_replaces_its_weights(sharded, tmp_path, linked):
+    """A sharded checkpoint's index outranks model.safetensors when loading: a save that left it would
+    load as the old weights. The save drops the old index and shards, and keeps every other file."""
+    sharded, _ = sharded
+    folder = tmp_path / "model"
+    shutil.copytree(sharded, folder)
+    (folder / "README.md").write_text("notes\n")
+    target = folder
+    if linked:  # written in place: a symlinked folder is not renamed
+        target = tmp_path / "link"
+        target.symlink_to(folder)
+    before = {p.name for p in folder.iterdir()}
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    stale = {"model.safetensors.index.json", *index["weight_map"].values()}
+    assert len(stale) > 2 and stale <= before
+    ours = random_model(Qwen2Config(**_small()), seed=5)
+    save_pretrained(ours, target)
+    _assert_same_weights(ours, target)
+    assert {p.name for p in folder.iterdir()} == (before - stale) | {"model.safetensors", "config.json"}
+    assert (folder / "README.md").read_text() == "notes\n"
+
+
+@pytest.mark.parametrize("index", ["{not json", "[1, 2]", '{"weight_map": ["x"]}'])
+def test_saving_over_an_unreadable_index_drops_it(tmp_path, index):
+    (tmp_path / "model.safetensors.index.json").write_text(index)
+    ours = random_model(Qwen2Config(**_small()), seed=6)
+    save_pretrained(ours, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    _assert_same_weights(ours, tmp_path)
+
+
+def test_a_failed_save_leaves_the_old_checkpoint(sharded, tmp_path, monkeypatch):
+    sharded, old = sharded
+    folder = tmp_path / "model"
+    shutil.copytree(sharded, folder)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(loading, "atomic_write_text", full_disk)  # the config, written after the weights
+    with pytest.raises(OSError, match="No space left"):
+        save_pretrained(random_model(Qwen2Config(**_small()), seed=5), folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    _assert_same_weights(old, folder)
 
 
 def _small() -> dict:
