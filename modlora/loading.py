@@ -22,7 +22,11 @@ _SINGLE = "model.safetensors"
 
 
 def _tensor_files(path: Path) -> dict[str, Path]:
-    """Map every tensor name to the safetensors file that holds it."""
+    """Map every tensor name to the safetensors file that holds it: ``model.safetensors`` where there
+    is one, else the shards of ``model.safetensors.index.json`` (transformers' order)."""
+    if (path / _SINGLE).is_file():
+        with _open_safetensors(path / _SINGLE) as f:
+            return {name: path / _SINGLE for name in f.keys()}
     if (path / _INDEX).is_file():
         index = validate.json_object(read_json(path / _INDEX), path / _INDEX)
         weight_map = index.get("weight_map")
@@ -34,9 +38,6 @@ def _tensor_files(path: Path) -> dict[str, Path]:
         if absent:
             raise FileNotFoundError(f"{_INDEX} names shard(s) that do not exist: {', '.join(absent)}")
         return files
-    if (path / _SINGLE).is_file():
-        with _open_safetensors(path / _SINGLE) as f:
-            return {name: path / _SINGLE for name in f.keys()}
     raise FileNotFoundError(f"no {_SINGLE} or {_INDEX} in {path}")
 
 
@@ -166,9 +167,9 @@ def random_model(config: Qwen2Config | str, *, seed: int = 0, dtype: torch.dtype
 def save_pretrained(model: Qwen2ForCausalLM, path: str | os.PathLike) -> None:
     """Write ``model.safetensors`` and ``config.json`` (HF layout) as one folder, atomically
     (:func:`modlora.fileio.atomic_write_dir`): a failed save leaves the checkpoint that was there.
-    A sharded checkpoint there before loses its index and the shards it names (loading prefers an
-    index to ``model.safetensors``, so they would shadow the new weights); every other file (a
-    tokenizer, a README) stays.
+    A sharded checkpoint there before loses its index and the shards it names: the new weights are
+    the folder's only ones (modlora before this, and other tools, may read an index first); every
+    other file (a tokenizer, a README) stays.
 
     Raises:
         NotADirectoryError: ``path`` is a file.

@@ -323,6 +323,8 @@ def test_shard_index_stays_inside_the_model_folder(copy, capsys, shard, message)
                                            ({"weight_map": {"model.norm.weight": "absent.safetensors"}},
                                             "names shard(s) that do not exist")])
 def test_malformed_shard_index(copy, capsys, index, message):
+    # The index is read only where there is no model.safetensors (transformers' order).
+    (copy / "model" / "model.safetensors").rename(copy / "model" / "model-00001-of-00001.safetensors")
     (copy / "model" / "model.safetensors.index.json").write_text(json.dumps(index))
     assert_error(run(translate(copy), capsys), message)
 

@@ -177,6 +177,21 @@ def test_saving_over_a_sharded_checkpoint_replaces_its_weights(sharded, tmp_path
     assert (folder / "README.md").read_text() == "notes\n"
 
 
+@torch.no_grad()
+def test_a_folder_with_both_layouts_loads_what_transformers_loads(sharded, tmp_path):
+    """model.safetensors beside a sharded index: transformers reads the single file; so must we."""
+    import transformers
+
+    sharded, _ = sharded
+    folder = tmp_path / "both"
+    shutil.copytree(sharded, folder)
+    single = save_hf(hf_model(seed=8), tmp_path / "single")
+    shutil.copy(single / "model.safetensors", folder / "model.safetensors")
+    hf = transformers.Qwen2ForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    ids = torch.randint(0, 1000, (2, 7), generator=torch.Generator().manual_seed(9))
+    torch.testing.assert_close(load_pretrained(folder)(ids), hf(ids).logits, **FP32)
+
+
 @pytest.mark.parametrize("index", ["{not json", "[1, 2]", '{"weight_map": ["x"]}'])
 def test_saving_over_an_unreadable_index_drops_it(tmp_path, index):
     (tmp_path / "model.safetensors.index.json").write_text(index)
