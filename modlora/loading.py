@@ -188,8 +188,9 @@ def save_pretrained(model: Qwen2ForCausalLM, path: str | os.PathLike) -> None:
 
 
 def _sharded_files(path: Path) -> set[str]:
-    """A sharded checkpoint's index in ``path`` and the shard files in ``path`` that it names (none
-    where the index cannot be read: it alone is dropped)."""
+    """A sharded checkpoint's index in ``path`` and the ``.safetensors`` files in ``path`` that it
+    names as shards (none where the index cannot be read: it alone is dropped). Only those: the
+    index is data, and naming a tokenizer or a README there must not get them deleted."""
     if not (path / _INDEX).is_file():
         return set()
     try:
@@ -198,6 +199,7 @@ def _sharded_files(path: Path) -> set[str]:
         return {_INDEX}
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     names = weight_map.values() if isinstance(weight_map, dict) else ()
-    shards = {n for n in names if isinstance(n, str) and n == Path(n).name and (path / n).is_file()}
+    shards = {n for n in names if isinstance(n, str) and n == Path(n).name and n.endswith(".safetensors")
+              and (path / n).is_file()}
     return {_INDEX, *shards} - {_SINGLE, "config.json"}
 

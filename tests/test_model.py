@@ -192,6 +192,18 @@ def test_a_folder_with_both_layouts_loads_what_transformers_loads(sharded, tmp_p
     torch.testing.assert_close(load_pretrained(folder)(ids), hf(ids).logits, **FP32)
 
 
+def test_an_index_naming_other_files_as_shards_does_not_get_them_deleted(tmp_path):
+    for name in ("README.md", "tokenizer.json"):
+        (tmp_path / name).write_text("keep\n")
+    index = {"weight_map": {"a": "README.md", "b": "tokenizer.json", "c": "../outside.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    (tmp_path.parent / "outside.safetensors").write_text("keep\n")
+    save_pretrained(random_model(Qwen2Config(**_small()), seed=6), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "config.json", "model.safetensors",
+                                                         "tokenizer.json"]
+    assert (tmp_path.parent / "outside.safetensors").read_text() == "keep\n"
+
+
 @pytest.mark.parametrize("index", ["{not json", "[1, 2]", '{"weight_map": ["x"]}'])
 def test_saving_over_an_unreadable_index_drops_it(tmp_path, index):
     (tmp_path / "model.safetensors.index.json").write_text(index)
