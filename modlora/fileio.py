@@ -46,47 +46,116 @@ def atomic_write(target: str | os.PathLike, write: Callable[[str], None]) -> Pat
 
 def atomic_write_dir(target: str | os.PathLike, write: Callable[[Path], None], drop: Collection[str] = ()) -> Path:
     """Call ``write(tmp_dir)`` on a fresh folder beside ``target`` (its files written by the atomic
-    writers here), then rename it into place, so a reader finds the old folder or the new one, never
-    a mix of both. Replacing a folder takes two renames, the old one aside and the new one in; a
-    crash between them leaves the old folder whole at ``<target>.old-<hex>``. The new folder takes
-    the old one's permissions, and files of the old one that the new one lacks (a README, say) move
-    into it, except those named in ``drop`` (what the new write replaces in another form, such as
-    a previous save's shards). One writer at a time per folder (the pipeline's jobs each have one).
+    writers here) and rename it into place, so that a reader finds the old folder or the new one,
+    never a mix of both.
 
-    A folder that cannot be renamed without harm (a symlink, a mount point, the working directory
-    or one above it) is written in place instead by ``write(target)``: each file atomically, in
-    ``write``'s order, whose last file should mark the folder finished; then the files in ``drop``
-    are removed."""
-    target = Path(os.path.abspath(target))
+    - The old folder's files that the new one lacks (a tokenizer, a README), except those named in
+      ``drop`` (what the new write replaces in another form, such as a previous save's shards), are
+      linked into the new folder before it appears (hard links; copies where the file system has
+      none), so it is whole from its first moment.
+    - Replacing takes two renames, the old folder aside and the new one in; a crash between them
+      leaves the old folder whole at ``<target>.old-<hex>``. The new folder takes the old one's
+      permissions. A symlinked folder: its real folder is replaced, and the link kept.
+    - One writer at a time per folder (the pipeline's jobs each have one).
+
+    A folder that cannot be renamed (a mount point, the working directory or one above it, one whose
+    parent is not writable, one a file system refuses to move, as overlayfs does its lower layers)
+    is written through a hidden folder inside it instead: the new files are renamed into ``target``
+    one by one, in the order ``write`` wrote them (its last file should mark the folder finished),
+    then the files in ``drop`` are removed. A failed write leaves the old files as they were; only a
+    crash amid those renames leaves a mix."""
+    target = Path(os.path.realpath(target))
     if target.exists() and not target.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, "exists and is not a folder", str(target))
-    cwd = Path.cwd()
-    if target.is_symlink() or os.path.ismount(target) or target == cwd or target in cwd.parents:
-        write(target)
-        for name in drop:
-            (target / name).unlink(missing_ok=True)
-        _fsync(target)
-        return target
+    cwd = Path(os.path.realpath(os.getcwd()))
+    if os.path.ismount(target) or target == cwd or target in cwd.parents:
+        return _write_inside(target, write, drop)
     target.parent.mkdir(parents=True, exist_ok=True)
     tag = secrets.token_hex(4)
     tmp, old = target.with_name(f"{target.name}.tmp-{tag}"), target.with_name(f"{target.name}.old-{tag}")
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        if target.is_dir() and e.errno in _UNMOVABLE:
+            return _write_inside(target, write, drop)
+        raise
     try:
         write(tmp)
-        if target.exists():
-            shutil.copymode(target, tmp)
-            os.rename(target, old)
+        if not target.exists():
             os.rename(tmp, target)
-            for extra in old.iterdir():
-                if extra.name not in drop and not (target / extra.name).exists():
-                    os.rename(extra, target / extra.name)
-            shutil.rmtree(old)
         else:
+            written = _in_write_order(tmp)
+            shutil.copymode(target, tmp)
+            _link_missing(target, tmp, drop)
+            try:
+                os.rename(target, old)
+            except OSError as e:
+                if e.errno not in _UNMOVABLE:
+                    raise
+                _publish(tmp, target, written, drop)
+                return target
             os.rename(tmp, target)
+            shutil.rmtree(old)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _fsync(target.parent)
     return target
+
+
+_UNMOVABLE = {errno.EXDEV, errno.EBUSY, errno.EPERM, errno.EACCES}
+"""Errors of a folder's creation or rename that say it cannot be moved, not that the disk failed."""
+
+
+def _write_inside(target: Path, write: Callable[[Path], None], drop: Collection[str]) -> Path:
+    """:func:`atomic_write_dir` for a folder that cannot be renamed: written in a hidden folder
+    inside it, then published file by file."""
+    stage = target / f".tmp-{secrets.token_hex(4)}"
+    stage.mkdir()
+    try:
+        write(stage)
+        _publish(stage, target, _in_write_order(stage), drop)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return target
+
+
+def _in_write_order(folder: Path) -> list[str]:
+    """The files in ``folder``, the first written first (by modification time)."""
+    return [p.name for p in sorted(folder.iterdir(), key=lambda p: p.stat().st_mtime_ns)]
+
+
+def _publish(source: Path, target: Path, names: list[str], drop: Collection[str]) -> None:
+    """Rename ``names`` from ``source`` into ``target`` in that order, then remove ``drop`` there."""
+    for name in names:
+        os.replace(source / name, target / name)
+    for name in drop:
+        (target / name).unlink(missing_ok=True)
+    _fsync(target)
+
+
+def _link_missing(old: Path, new: Path, drop: Collection[str]) -> None:
+    """Link each entry of ``old`` that ``new`` lacks and ``drop`` does not name into ``new``."""
+    for entry in old.iterdir():
+        if entry.name not in drop and not os.path.lexists(new / entry.name):
+            _link(entry, new / entry.name)
+
+
+def _link(source: Path, target: Path) -> None:
+    """``target`` as a hard link to ``source`` (a copy where links fail), a symlink as a symlink with
+    the same text (the folders are siblings, so a relative link still resolves), a folder entry by
+    entry."""
+    if source.is_symlink():
+        os.symlink(os.readlink(source), target)
+    elif source.is_dir():
+        target.mkdir()
+        shutil.copymode(source, target)
+        for entry in source.iterdir():
+            _link(entry, target / entry.name)
+    else:
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copy2(source, target)
 
 
 def read_utf8(path: str | os.PathLike) -> str:

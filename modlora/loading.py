@@ -181,16 +181,17 @@ def save_pretrained(model: Qwen2ForCausalLM, path: str | os.PathLike) -> None:
 
     def write(folder: Path) -> None:
         atomic_write_safetensors(folder / _SINGLE, state, metadata={"format": "pt"})
-        # The config last: written in place (a symlinked folder), it marks a finished save.
+        # The config last: where the folder cannot be renamed, the files land in this order.
         atomic_write_text(folder / "config.json", json.dumps(model.config.to_dict(), indent=2) + "\n")
 
     atomic_write_dir(path, write, drop=_sharded_files(Path(path)))
 
 
 def _sharded_files(path: Path) -> set[str]:
-    """A sharded checkpoint's index in ``path`` and the ``.safetensors`` files in ``path`` that it
-    names as shards (none where the index cannot be read: it alone is dropped). Only those: the
-    index is data, and naming a tokenizer or a README there must not get them deleted."""
+    """A sharded checkpoint's index in ``path`` and the ``.safetensors`` files directly in ``path``
+    that it names as shards (none where the index cannot be read: it alone is dropped). Only those:
+    the index is data, and naming a tokenizer or a README there must not get them deleted; shards in
+    a subfolder (which transformers never writes) stay."""
     if not (path / _INDEX).is_file():
         return set()
     try:

@@ -1,5 +1,6 @@
 """Atomic writes: the old file (or folder) or the new one, never half of one, with normal permissions."""
 
+import errno
 import os
 from pathlib import Path
 
@@ -109,19 +110,91 @@ def test_a_folder_save_keeps_the_folders_permissions(tmp_path):
     assert os.stat(target).st_mode & 0o7777 == 0o2750
 
 
-@pytest.mark.parametrize("where", ["symlink", "working directory", "relative dot"])
-def test_a_folder_that_cannot_be_renamed_is_written_in_place(tmp_path, monkeypatch, where):
-    """Renaming a symlink would replace the link, not its folder; renaming the working directory
-    (or a folder above it) would leave the process in a deleted one."""
+def test_a_symlinked_folder_has_its_real_folder_replaced_and_keeps_the_link(tmp_path):
     real = _folder(tmp_path, {"weights": "old", "README.md": "mine"})
-    target = real
-    if where == "symlink":
-        target = tmp_path / "link"
-        target.symlink_to(real, target_is_directory=True)
-    else:
-        monkeypatch.chdir(real)
-        target = real if where == "working directory" else "."
-    atomic_write_dir(target, lambda d: atomic_write_json(d / "weights", "new"))
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)
+    atomic_write_dir(tmp_path / "link", lambda d: atomic_write_json(d / "weights", "new"))
+    assert (tmp_path / "link").is_symlink()
+    assert _contents(tmp_path / "link") == {"weights": '"new"\n', "README.md": "mine"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "link"]
+
+
+@pytest.mark.parametrize("where", ["working directory", "relative dot", "through a symlinked parent"])
+def test_the_working_directory_is_written_in_place(tmp_path, monkeypatch, where):
+    """Renaming the working directory (or a folder above it) would leave the process in a deleted one,
+    however the path names it."""
+    real = _folder(tmp_path, {"weights": "old", "README.md": "mine", "shard": "old"})
+    monkeypatch.chdir(real)
+    (tmp_path / "parent").symlink_to(tmp_path, target_is_directory=True)
+    target = {"working directory": real, "relative dot": ".",
+              "through a symlinked parent": tmp_path / "parent" / "adapter"}
+    atomic_write_dir(target[where], lambda d: atomic_write_json(d / "weights", "new"), drop=["shard"])
     assert _contents(real) == {"weights": '"new"\n', "README.md": "mine"}
-    assert sorted(p.name for p in tmp_path.iterdir()) == (["adapter", "link"] if where == "symlink" else ["adapter"])
-    assert Path.cwd() == real or where == "symlink"
+    assert Path.cwd() == real and sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "parent"]
+
+
+def test_a_failed_write_in_place_keeps_the_old_files(tmp_path, monkeypatch):
+    real = _folder(tmp_path, {"weights": "old", "config.json": "old"})
+    monkeypatch.chdir(real)
+
+    def half_then_fail(folder) -> None:
+        atomic_write_json(folder / "weights", "new")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write_dir(real, half_then_fail)
+    assert _contents(real) == {"weights": "old", "config.json": "old"}
+
+
+@pytest.mark.parametrize("refused", ["rename", "mkdir"])
+def test_a_folder_that_cannot_be_moved_is_written_in_place(tmp_path, monkeypatch, refused):
+    """overlayfs refuses to rename a folder of a lower layer (EXDEV); a read-only parent refuses the
+    folder beside it (EACCES). The save goes through all the same, in write order."""
+    target = _folder(tmp_path, {"weights": "old", "config.json": "old", "README.md": "mine", "shard": "old"})
+    real_rename, real_mkdir = os.rename, Path.mkdir
+
+    def rename(src, dst):
+        if refused == "rename" and Path(src) == target:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_rename(src, dst)
+
+    def mkdir(self, *args, **kwargs):
+        if refused == "mkdir" and self.parent == tmp_path and ".tmp-" in self.name:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        real_mkdir(self, *args, **kwargs)
+
+    published = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    def replace(src, dst):
+        if Path(dst).parent == target:
+            published.append(Path(dst).name)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    write = lambda d: [atomic_write_json(d / n, n) for n in ("weights", "config.json")]  # noqa: E731
+    atomic_write_dir(target, write, drop=["shard"])
+    assert _contents(target) == {"weights": '"weights"\n', "config.json": '"config.json"\n', "README.md": "mine"}
+    assert published == ["weights", "config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_the_new_folder_holds_the_old_ones_other_files_when_it_appears(tmp_path, monkeypatch):
+    """A reader must never find the folder without its tokenizer, even between the renames."""
+    target = _folder(tmp_path, {"weights": "old", "tokenizer.json": "mine", "shard": "old"})
+    (target / "sub").mkdir()
+    (target / "sub" / "notes").write_text("kept")
+    (target / "link").symlink_to("tokenizer.json")
+    seen, real_rename = [], os.rename
+
+    def rename(src, dst):
+        if Path(dst) == target:
+            seen.append(sorted(os.listdir(src)))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    atomic_write_dir(target, lambda d: atomic_write_json(d / "weights", "new"), drop=["shard"])
+    assert seen == [["link", "sub", "tokenizer.json", "weights"]]
+    assert (target / "sub" / "notes").read_text() == "kept" and (target / "link").read_text() == "mine"
+    assert (target / "link").is_symlink() and os.readlink(target / "link") == "tokenizer.json"

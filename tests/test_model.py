@@ -156,8 +156,9 @@ def sharded(tmp_path_factory):
 
 @pytest.mark.parametrize("linked", [False, True], ids=["folder", "symlinked folder"])
 def test_saving_over_a_sharded_checkpoint_replaces_its_weights(sharded, tmp_path, linked):
-    """A sharded checkpoint's index outranks model.safetensors when loading: a save that left it would
-    load as the old weights. The save drops the old index and shards, and keeps every other file."""
+    """The save drops the old index and its shards, and keeps every other file: modlora once read an
+    index before model.safetensors, and other tools may, so a save that left them could load as the
+    old weights."""
     sharded, _ = sharded
     folder = tmp_path / "model"
     shutil.copytree(sharded, folder)
@@ -192,16 +193,21 @@ def test_a_folder_with_both_layouts_loads_what_transformers_loads(sharded, tmp_p
     torch.testing.assert_close(load_pretrained(folder)(ids), hf(ids).logits, **FP32)
 
 
-def test_an_index_naming_other_files_as_shards_does_not_get_them_deleted(tmp_path):
+@pytest.mark.parametrize("in_place", [False, True], ids=["renamed", "working directory"])
+def test_an_index_naming_other_files_as_shards_does_not_get_them_deleted(tmp_path, monkeypatch, in_place):
+    folder = tmp_path / "model"
+    folder.mkdir()
     for name in ("README.md", "tokenizer.json"):
-        (tmp_path / name).write_text("keep\n")
+        (folder / name).write_text("keep\n")
     index = {"weight_map": {"a": "README.md", "b": "tokenizer.json", "c": "../outside.safetensors"}}
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
-    (tmp_path.parent / "outside.safetensors").write_text("keep\n")
-    save_pretrained(random_model(Qwen2Config(**_small()), seed=6), tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "config.json", "model.safetensors",
-                                                         "tokenizer.json"]
-    assert (tmp_path.parent / "outside.safetensors").read_text() == "keep\n"
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    (tmp_path / "outside.safetensors").write_text("keep\n")
+    if in_place:  # the folder's files are replaced one by one there, so a name with ../ could reach out
+        monkeypatch.chdir(folder)
+    save_pretrained(random_model(Qwen2Config(**_small()), seed=6), folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors",
+                                                       "tokenizer.json"]
+    assert (tmp_path / "outside.safetensors").read_text() == "keep\n"
 
 
 @pytest.mark.parametrize("index", ["{not json", "[1, 2]", '{"weight_map": ["x"]}'])

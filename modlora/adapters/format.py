@@ -187,7 +187,8 @@ class LoraAdapter:
     def save(self, path: str | Path) -> Path:
         """Write PEFT's format that ``peft.PeftModel.from_pretrained`` loads, the folder atomically
         (:func:`modlora.fileio.atomic_write_dir`: a failed save leaves the adapter that was there;
-        a symlinked folder or the working directory is written file by file, the config last).
+        a folder that cannot be renamed, such as the working directory, gets its files one by one,
+        the config last).
 
         Returns:
             ``path``.
