@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable, Collection
@@ -13,6 +15,8 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
+
+log = logging.getLogger("modlora")
 
 
 def _fsync(path: str | os.PathLike) -> None:
@@ -44,118 +48,112 @@ def atomic_write(target: str | os.PathLike, write: Callable[[str], None]) -> Pat
     return target
 
 
-def atomic_write_dir(target: str | os.PathLike, write: Callable[[Path], None], drop: Collection[str] = ()) -> Path:
+def atomic_write_dir(target: str | os.PathLike, write: Callable[[Path], None], drop: Collection[str] = (),
+                     last: Collection[str] = ()) -> Path:
     """Call ``write(tmp_dir)`` on a fresh folder beside ``target`` (its files written by the atomic
-    writers here) and rename it into place, so that a reader finds the old folder or the new one,
-    never a mix of both.
+    writers here), then rename it into place, so that a reader finds the old folder or the new one.
 
-    - The old folder's files that the new one lacks (a tokenizer, a README), except those named in
-      ``drop`` (what the new write replaces in another form, such as a previous save's shards), are
-      linked into the new folder before it appears (hard links; copies where the file system has
-      none), so it is whole from its first moment.
     - Replacing takes two renames, the old folder aside and the new one in; a crash between them
       leaves the old folder whole at ``<target>.old-<hex>``. The new folder takes the old one's
       permissions. A symlinked folder: its real folder is replaced, and the link kept.
+    - Then the old folder's entries that the new one lacks (a tokenizer, a README) move into it,
+      except the files named in ``drop`` (what the new write replaces in another form, such as a
+      previous save's shards), which go with the old folder.
     - One writer at a time per folder (the pipeline's jobs each have one).
 
-    A folder that cannot be renamed (a mount point, the working directory or one above it, one whose
-    parent is not writable, one a file system refuses to move, as overlayfs does its lower layers)
-    is written through a hidden folder inside it instead: the new files are renamed into ``target``
-    one by one, in the order ``write`` wrote them (its last file should mark the folder finished),
-    then the files in ``drop`` are removed. A failed write leaves the old files as they were; only a
-    crash amid those renames leaves a mix."""
+    A folder that cannot be renamed (a mount point, one holding a mount point, the working directory
+    or one above it, one whose parent is not writable, one a file system refuses to move, as
+    overlayfs does its lower layers) is written through a hidden ``.tmp-<hex>`` folder inside it
+    instead: the new files are renamed into ``target`` one by one, the names in ``last`` (the file
+    that marks a finished folder) after the rest, then the files in ``drop`` are removed. A failed
+    write leaves the old files as they were; only a crash amid those renames leaves a mix."""
     target = Path(os.path.realpath(target))
     if target.exists() and not target.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, "exists and is not a folder", str(target))
-    cwd = Path(os.path.realpath(os.getcwd()))
-    if os.path.ismount(target) or target == cwd or target in cwd.parents:
-        return _write_inside(target, write, drop)
+    if _unmovable(target):
+        return _write_inside(target, write, drop, last)
     target.parent.mkdir(parents=True, exist_ok=True)
     tag = secrets.token_hex(4)
     tmp, old = target.with_name(f"{target.name}.tmp-{tag}"), target.with_name(f"{target.name}.old-{tag}")
     try:
         tmp.mkdir()
     except OSError as e:
-        if target.is_dir() and e.errno in _UNMOVABLE:
-            return _write_inside(target, write, drop)
+        if target.is_dir() and e.errno in _CANNOT_MOVE:
+            return _write_inside(target, write, drop, last)
         raise
     try:
         write(tmp)
         if not target.exists():
             os.rename(tmp, target)
         else:
-            written = _in_write_order(tmp)
             shutil.copymode(target, tmp)
-            _link_missing(target, tmp, drop)
             try:
                 os.rename(target, old)
             except OSError as e:
-                if e.errno not in _UNMOVABLE:
+                if e.errno not in _CANNOT_MOVE:
                     raise
-                _publish(tmp, target, written, drop)
+                _publish(tmp, target, drop, last)
                 return target
             os.rename(tmp, target)
-            shutil.rmtree(old)
+            for entry in old.iterdir():
+                if entry.name not in drop and not _STAGE.fullmatch(entry.name) and not os.path.lexists(
+                        target / entry.name):
+                    os.rename(entry, target / entry.name)
+            _fsync(target.parent)
+            shutil.rmtree(old, ignore_errors=True)
+            if old.exists():
+                log.warning("saved %s; could not remove the previous version at %s", target, old)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _fsync(target.parent)
     return target
 
 
-_UNMOVABLE = {errno.EXDEV, errno.EBUSY, errno.EPERM, errno.EACCES}
-"""Errors of a folder's creation or rename that say it cannot be moved, not that the disk failed."""
+_CANNOT_MOVE = {errno.EXDEV, errno.EBUSY, errno.EPERM, errno.EACCES}
+"""Errors of a folder's creation or rename that say it cannot be moved there, not that a disk failed."""
+
+_STAGE = re.compile(r"\.tmp-[0-9a-f]{8}")
+"""The hidden folder a write that cannot rename its folder stages its files in."""
 
 
-def _write_inside(target: Path, write: Callable[[Path], None], drop: Collection[str]) -> Path:
-    """:func:`atomic_write_dir` for a folder that cannot be renamed: written in a hidden folder
-    inside it, then published file by file."""
+def _unmovable(target: Path) -> bool:
+    """Whether renaming ``target`` would do harm: a mount point (or a folder holding one: its mount
+    cannot move), the working directory or a folder above it (the process would be left in a
+    deleted folder)."""
+    cwd = Path.cwd()
+    if os.path.ismount(target) or target == cwd or target in cwd.parents:
+        return True
+    return target.is_dir() and any(os.path.ismount(entry) for entry in target.iterdir())
+
+
+def _write_inside(target: Path, write: Callable[[Path], None], drop: Collection[str],
+                  last: Collection[str]) -> Path:
+    """:func:`atomic_write_dir` for a folder that cannot be renamed: staged in a hidden folder inside
+    it (a stage a killed write left behind is removed first), then published file by file."""
+    for stale in target.iterdir():
+        if _STAGE.fullmatch(stale.name) and stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
     stage = target / f".tmp-{secrets.token_hex(4)}"
     stage.mkdir()
     try:
         write(stage)
-        _publish(stage, target, _in_write_order(stage), drop)
+        _publish(stage, target, drop, last)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return target
 
 
-def _in_write_order(folder: Path) -> list[str]:
-    """The files in ``folder``, the first written first (by modification time)."""
-    return [p.name for p in sorted(folder.iterdir(), key=lambda p: p.stat().st_mtime_ns)]
-
-
-def _publish(source: Path, target: Path, names: list[str], drop: Collection[str]) -> None:
-    """Rename ``names`` from ``source`` into ``target`` in that order, then remove ``drop`` there."""
-    for name in names:
+def _publish(source: Path, target: Path, drop: Collection[str], last: Collection[str]) -> None:
+    """Rename the files of ``source`` into ``target``, those named in ``last`` after the rest, then
+    remove the files named in ``drop`` (but not one just published) from ``target``."""
+    names = sorted(p.name for p in source.iterdir())
+    for name in [n for n in names if n not in last] + [n for n in last if n in names]:
         os.replace(source / name, target / name)
     for name in drop:
-        (target / name).unlink(missing_ok=True)
+        path = target / name
+        if name not in names and (path.is_symlink() or path.is_file()):
+            path.unlink()
     _fsync(target)
-
-
-def _link_missing(old: Path, new: Path, drop: Collection[str]) -> None:
-    """Link each entry of ``old`` that ``new`` lacks and ``drop`` does not name into ``new``."""
-    for entry in old.iterdir():
-        if entry.name not in drop and not os.path.lexists(new / entry.name):
-            _link(entry, new / entry.name)
-
-
-def _link(source: Path, target: Path) -> None:
-    """``target`` as a hard link to ``source`` (a copy where links fail), a symlink as a symlink with
-    the same text (the folders are siblings, so a relative link still resolves), a folder entry by
-    entry."""
-    if source.is_symlink():
-        os.symlink(os.readlink(source), target)
-    elif source.is_dir():
-        target.mkdir()
-        shutil.copymode(source, target)
-        for entry in source.iterdir():
-            _link(entry, target / entry.name)
-    else:
-        try:
-            os.link(source, target)
-        except OSError:
-            shutil.copy2(source, target)
 
 
 def read_utf8(path: str | os.PathLike) -> str:

@@ -181,10 +181,9 @@ def save_pretrained(model: Qwen2ForCausalLM, path: str | os.PathLike) -> None:
 
     def write(folder: Path) -> None:
         atomic_write_safetensors(folder / _SINGLE, state, metadata={"format": "pt"})
-        # The config last: where the folder cannot be renamed, the files land in this order.
         atomic_write_text(folder / "config.json", json.dumps(model.config.to_dict(), indent=2) + "\n")
 
-    atomic_write_dir(path, write, drop=_sharded_files(Path(path)))
+    atomic_write_dir(path, write, drop=_sharded_files(Path(path)), last=("config.json",))
 
 
 def _sharded_files(path: Path) -> set[str]:

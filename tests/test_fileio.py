@@ -2,6 +2,7 @@
 
 import errno
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -119,82 +120,101 @@ def test_a_symlinked_folder_has_its_real_folder_replaced_and_keeps_the_link(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "link"]
 
 
-@pytest.mark.parametrize("where", ["working directory", "relative dot", "through a symlinked parent"])
-def test_the_working_directory_is_written_in_place(tmp_path, monkeypatch, where):
-    """Renaming the working directory (or a folder above it) would leave the process in a deleted one,
-    however the path names it."""
-    real = _folder(tmp_path, {"weights": "old", "README.md": "mine", "shard": "old"})
-    monkeypatch.chdir(real)
-    (tmp_path / "parent").symlink_to(tmp_path, target_is_directory=True)
-    target = {"working directory": real, "relative dot": ".",
-              "through a symlinked parent": tmp_path / "parent" / "adapter"}
-    atomic_write_dir(target[where], lambda d: atomic_write_json(d / "weights", "new"), drop=["shard"])
-    assert _contents(real) == {"weights": '"new"\n', "README.md": "mine"}
-    assert Path.cwd() == real and sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "parent"]
-
-
-def test_a_failed_write_in_place_keeps_the_old_files(tmp_path, monkeypatch):
-    real = _folder(tmp_path, {"weights": "old", "config.json": "old"})
-    monkeypatch.chdir(real)
-
-    def half_then_fail(folder) -> None:
-        atomic_write_json(folder / "weights", "new")
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    with pytest.raises(OSError, match="No space left"):
-        atomic_write_dir(real, half_then_fail)
-    assert _contents(real) == {"weights": "old", "config.json": "old"}
-
-
-@pytest.mark.parametrize("refused", ["rename", "mkdir"])
-def test_a_folder_that_cannot_be_moved_is_written_in_place(tmp_path, monkeypatch, refused):
-    """overlayfs refuses to rename a folder of a lower layer (EXDEV); a read-only parent refuses the
-    folder beside it (EACCES). The save goes through all the same, in write order."""
-    target = _folder(tmp_path, {"weights": "old", "config.json": "old", "README.md": "mine", "shard": "old"})
-    real_rename, real_mkdir = os.rename, Path.mkdir
-
-    def rename(src, dst):
-        if refused == "rename" and Path(src) == target:
-            raise OSError(errno.EXDEV, "Invalid cross-device link")
-        real_rename(src, dst)
-
-    def mkdir(self, *args, **kwargs):
-        if refused == "mkdir" and self.parent == tmp_path and ".tmp-" in self.name:
-            raise PermissionError(errno.EACCES, "Permission denied")
-        real_mkdir(self, *args, **kwargs)
-
-    published = []
-    real_replace = os.replace
-    monkeypatch.setattr(os, "rename", rename)
-    monkeypatch.setattr(Path, "mkdir", mkdir)
-    def replace(src, dst):
-        if Path(dst).parent == target:
-            published.append(Path(dst).name)
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", replace)
-    write = lambda d: [atomic_write_json(d / n, n) for n in ("weights", "config.json")]  # noqa: E731
-    atomic_write_dir(target, write, drop=["shard"])
-    assert _contents(target) == {"weights": '"weights"\n', "config.json": '"config.json"\n', "README.md": "mine"}
-    assert published == ["weights", "config.json"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
-
-
-def test_the_new_folder_holds_the_old_ones_other_files_when_it_appears(tmp_path, monkeypatch):
-    """A reader must never find the folder without its tokenizer, even between the renames."""
+def test_other_entries_move_over_and_a_stale_stage_does_not(tmp_path):
     target = _folder(tmp_path, {"weights": "old", "tokenizer.json": "mine", "shard": "old"})
     (target / "sub").mkdir()
     (target / "sub" / "notes").write_text("kept")
     (target / "link").symlink_to("tokenizer.json")
-    seen, real_rename = [], os.rename
+    (target / ".tmp-0123abcd").mkdir()  # what a killed in-place write leaves
+    atomic_write_dir(target, lambda d: atomic_write_json(d / "weights", "new"), drop=["shard"])
+    assert sorted(os.listdir(target)) == ["link", "sub", "tokenizer.json", "weights"]
+    assert (target / "sub" / "notes").read_text() == "kept" and (target / "link").read_text() == "mine"
+
+
+@pytest.mark.parametrize("where", ["working directory", "relative dot", "through a symlinked parent", "mount point",
+                                   "holding a mount point"])
+def test_a_folder_that_cannot_be_renamed_is_written_in_place(tmp_path, monkeypatch, where):
+    """Renaming the working directory (or a folder above it) would leave the process in a deleted one,
+    however the path names it; a mount point, or one inside the folder, cannot move."""
+    real = _folder(tmp_path, {"weights": "old", "README.md": "mine", "shard": "old", "config.json": "old"})
+    (real / ".tmp-0123abcd").mkdir()  # a stage a killed write left: swept
+    (tmp_path / "parent").symlink_to(tmp_path, target_is_directory=True)
+    target = real
+    if where in ("mount point", "holding a mount point"):
+        mounted = real if where == "mount point" else real / "README.md"
+        real_ismount = os.path.ismount
+        monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == mounted or real_ismount(p))
+    else:
+        monkeypatch.chdir(real)
+        names = {"working directory": real, "relative dot": ".",
+                 "through a symlinked parent": tmp_path / "parent" / "adapter"}
+        target = names[where]
+    published = _record_replaces(monkeypatch, real)
+    write = lambda d: [atomic_write_json(d / n, n) for n in ("config.json", "weights")]  # noqa: E731
+    atomic_write_dir(target, write, drop=["shard", "weights"], last=["config.json"])
+    assert _contents(real) == {"weights": '"weights"\n', "config.json": '"config.json"\n', "README.md": "mine"}
+    assert published == ["weights", "config.json"]  # the marker last, whatever the order written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "parent"]
+
+
+def _record_replaces(monkeypatch, folder: Path) -> list[str]:
+    """The names os.replace puts into ``folder``, in order."""
+    published, real_replace = [], os.replace
+
+    def replace(src, dst):
+        if Path(dst).parent == folder:
+            published.append(Path(dst).name)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    return published
+
+
+@pytest.mark.parametrize("refused", [("rename", errno.EXDEV), ("rename", errno.EBUSY), ("rename", errno.EPERM),
+                                     ("rename", errno.EACCES), ("mkdir", errno.EACCES)])
+@pytest.mark.parametrize("fails", [False, True], ids=["written", "failed write"])
+def test_a_folder_the_system_will_not_move_is_written_in_place(tmp_path, monkeypatch, refused, fails):
+    """overlayfs refuses to rename a folder of a lower layer (EXDEV); a read-only parent refuses the
+    folder beside it (EACCES). The save goes through all the same, and a failed one changes nothing."""
+    call, code = refused
+    target = _folder(tmp_path, {"weights": "old", "config.json": "old", "README.md": "mine", "shard": "old"})
+    real_rename, real_mkdir = os.rename, Path.mkdir
 
     def rename(src, dst):
-        if Path(dst) == target:
-            seen.append(sorted(os.listdir(src)))
+        if call == "rename" and Path(src) == target:
+            raise OSError(code, os.strerror(code))
         real_rename(src, dst)
 
+    def mkdir(self, *args, **kwargs):
+        if call == "mkdir" and self.parent == tmp_path and ".tmp-" in self.name:
+            raise OSError(code, os.strerror(code))
+        real_mkdir(self, *args, **kwargs)
+
+    def write(folder):
+        for name in ("config.json", "weights"):
+            atomic_write_json(folder / name, name)
+            if fails:
+                raise OSError(errno.ENOSPC, "No space left on device")
+
     monkeypatch.setattr(os, "rename", rename)
-    atomic_write_dir(target, lambda d: atomic_write_json(d / "weights", "new"), drop=["shard"])
-    assert seen == [["link", "sub", "tokenizer.json", "weights"]]
-    assert (target / "sub" / "notes").read_text() == "kept" and (target / "link").read_text() == "mine"
-    assert (target / "link").is_symlink() and os.readlink(target / "link") == "tokenizer.json"
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    published = _record_replaces(monkeypatch, target)
+    if fails:
+        with pytest.raises(OSError, match="No space left"):
+            atomic_write_dir(target, write, drop=["shard"], last=["config.json"])
+        assert _contents(target) == {"weights": "old", "config.json": "old", "README.md": "mine", "shard": "old"}
+    else:
+        atomic_write_dir(target, write, drop=["shard"], last=["config.json"])
+        assert _contents(target) == {"weights": '"weights"\n', "config.json": '"config.json"\n', "README.md": "mine"}
+        assert published == ["weights", "config.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_an_old_folder_that_cannot_be_removed_does_not_fail_the_save(tmp_path, monkeypatch, caplog):
+    target = _folder(tmp_path, {"weights": "old"})
+    real_rmtree = shutil.rmtree
+    monkeypatch.setattr(shutil, "rmtree", lambda p, **kw: None if ".old-" in str(p) else real_rmtree(p, **kw))
+    atomic_write_dir(target, lambda d: atomic_write_json(d / "weights", "new"))
+    assert _contents(target) == {"weights": '"new"\n'}
+    (aside,) = (p for p in tmp_path.iterdir() if p.name != "adapter")
+    assert "could not remove the previous version" in caplog.text and str(aside) in caplog.text

@@ -213,7 +213,7 @@ class LoraAdapter:
                 "init_lora_weights": True, "modules_to_save": None, "base_model_name_or_path": None,
             })
 
-        return atomic_write_dir(path, write)
+        return atomic_write_dir(path, write, last=(CONFIG_FILE,))
 
     def check(self, model: Qwen2ForCausalLM) -> None:
         """Raise :class:`AdapterError` unless this adapter fits ``model`` tensor for tensor."""
