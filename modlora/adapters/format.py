@@ -186,9 +186,8 @@ class LoraAdapter:
 
     def save(self, path: str | Path) -> Path:
         """Write PEFT's format that ``peft.PeftModel.from_pretrained`` loads, the folder atomically
-        (:func:`modlora.fileio.atomic_write_dir`: a failed save leaves the adapter that was there;
-        a folder that cannot be renamed, such as the working directory, gets its files one by one,
-        the config last).
+        (:func:`modlora.fileio.atomic_write_dir`: staged, then renamed into place with the config
+        last, so a failed save leaves the adapter that was there).
 
         Returns:
             ``path``.
