@@ -23,6 +23,17 @@ def _fsync(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def _fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a folder's entries to disk where the system lets us: a folder we may enter but not list
+    (mode 0711, common on shared scratch trees) cannot be opened, and some file systems refuse to
+    sync a folder; the write itself has succeeded by then."""
+    try:
+        _fsync(path)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EINVAL):
+            raise
+
+
 def atomic_write(target: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` on a temp file beside ``target``, flush it to disk, then rename it
     into place (and flush the directory), so a crash leaves the old file or the new one. The file
@@ -40,7 +51,7 @@ def atomic_write(target: str | os.PathLike, write: Callable[[str], None]) -> Pat
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):  # say which file did not fit
             raise OSError(errno.ENOSPC, "no space left on device", str(target)) from e
         raise
-    _fsync(target.parent)
+    _fsync_dir(target.parent)
     return target
 
 
@@ -49,14 +60,21 @@ def atomic_write_dir(target: str | os.PathLike, write: Callable[[Path], None], *
     """Write a folder's files so that a failed write changes nothing and no reader finds a file half
     written: ``write(stage)`` puts them in a hidden ``.modlora-stage-<hex>`` folder inside ``target``
     (created if need be; its writers are the atomic ones here), then each is renamed into ``target``,
-    the names in ``last`` (the file that marks a finished folder) after the rest, and the files named
-    in ``drop`` (what the new write replaces in another form, such as a previous save's shards) are
-    removed. Other entries (a tokenizer, a README) stay as they are.
+    the names in ``last`` (the file that marks a finished folder) after the rest, and then the files
+    named in ``drop`` (what the new write replaces in another form, such as a previous save's
+    shards) are removed. Other entries (a tokenizer, a README) stay as they are.
 
     Nothing is renamed but files, so the folder may be a symlink, a mount point, the working
-    directory or under a read-only parent. Only a crash amid the final renames, which take
-    microseconds, leaves old and new files side by side; a stage a killed write left behind is
-    removed by the next write. One writer at a time per folder (the pipeline's jobs each have one)."""
+    directory or under a read-only parent. The final renames take microseconds: a reader in that
+    moment, or a crash or a failed rename (a file the process may not replace) amid them, finds old
+    and new files side by side, the marker still the old one. A stage a killed write left behind is
+    removed by the next write. One writer at a time per folder (the pipeline's jobs each have one):
+    two at once can leave one's weights beside the other's config.
+
+    Raises:
+        IsADirectoryError: ``write`` made a subfolder, or a file's name is a folder in ``target``
+            (nothing is published then).
+    """
     for name, value in (("drop", drop), ("last", last)):
         if isinstance(value, str):
             raise TypeError(f"{name} must be a collection of file names, not the string {value!r}")
@@ -72,6 +90,10 @@ def atomic_write_dir(target: str | os.PathLike, write: Callable[[Path], None], *
     try:
         write(stage)
         names = sorted(p.name for p in stage.iterdir())
+        for name in names:
+            if not (stage / name).is_file() or (target / name).is_dir():
+                where = target / name if (stage / name).is_file() else stage / name
+                raise IsADirectoryError(errno.EISDIR, "a folder where a file of the write goes", str(where))
         for name in [n for n in names if n not in last] + [n for n in last if n in names]:
             os.replace(stage / name, target / name)
         for name in drop:
@@ -80,8 +102,8 @@ def atomic_write_dir(target: str | os.PathLike, write: Callable[[Path], None], *
                 path.unlink()
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    _fsync(target)
-    _fsync(target.parent)
+    _fsync_dir(target)
+    _fsync_dir(target.parent)
     return target
 
 

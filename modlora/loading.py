@@ -166,8 +166,8 @@ def random_model(config: Qwen2Config | str, *, seed: int = 0, dtype: torch.dtype
 
 def save_pretrained(model: Qwen2ForCausalLM, path: str | os.PathLike) -> None:
     """Write ``model.safetensors`` and ``config.json`` (HF layout): staged, then renamed into place
-    with the config last (:func:`modlora.fileio.atomic_write_dir`), so a failed save leaves the
-    checkpoint that was there.
+    with the config last (:func:`modlora.fileio.atomic_write_dir`), so a save that fails while
+    writing leaves the checkpoint that was there.
     A sharded checkpoint there before loses its index and the shards it names: the new weights are
     the folder's only ones (modlora before this, and other tools, may read an index first); every
     other file (a tokenizer, a README) stays.

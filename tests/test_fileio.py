@@ -61,7 +61,7 @@ def test_atomic_folder_write_replaces_ours_and_keeps_other_files(tmp_path):
     target = _folder(tmp_path, {"weights": "old", "config.json": "old", "README.md": "mine"})
     atomic_write_dir(target, lambda d: [atomic_write_json(d / n, n) for n in ("weights", "config.json")])
     assert _contents(target) == {"weights": '"weights"\n', "config.json": '"config.json"\n', "README.md": "mine"}
-    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no stage left
+    assert not any(p.name.startswith(".modlora-stage-") for p in target.iterdir())
     fresh = atomic_write_dir(tmp_path / "new" / "adapter", lambda d: atomic_write_json(d / "config.json", 1))
     assert _contents(fresh) == {"config.json": "1\n"}
 
@@ -82,17 +82,24 @@ def test_a_failed_folder_write_changes_nothing(tmp_path, error):
 def test_the_marker_lands_last_and_drop_removes_only_old_files(tmp_path, monkeypatch):
     target = _folder(tmp_path, {"weights": "old", "config.json": "old", "shard": "old", "README.md": "mine"})
     (target / "folder").mkdir()
-    published, real_replace = [], os.replace
+    events, real_replace, real_unlink = [], os.replace, os.unlink
 
     def replace(src, dst):
         if Path(dst).parent == target:
-            published.append(Path(dst).name)
+            events.append(("replace", Path(dst).name))
         real_replace(src, dst)
 
+    def unlink(path, *args, **kwargs):
+        if Path(path).parent == target:
+            events.append(("unlink", Path(path).name))
+        real_unlink(path, *args, **kwargs)
+
     monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "unlink", unlink)
     write = lambda d: [atomic_write_json(d / n, n) for n in ("config.json", "weights")]  # noqa: E731
     atomic_write_dir(target, write, drop=["shard", "weights", "folder"], last=["config.json"])
-    assert published == ["weights", "config.json"]  # the marker last, whatever the order written
+    # The marker last, whatever the order written; the old form's files only once the new one is whole.
+    assert events == [("replace", "weights"), ("replace", "config.json"), ("unlink", "shard")]
     assert sorted(os.listdir(target)) == ["README.md", "config.json", "folder", "weights"]  # a folder is not dropped
     assert (target / "weights").read_text() == '"weights"\n' and (target / "README.md").read_text() == "mine"
 
@@ -140,3 +147,36 @@ def test_a_folder_save_keeps_the_folders_permissions(tmp_path):
     os.chmod(target, 0o2750)
     atomic_write_dir(target, lambda d: atomic_write_json(d / "weights", "new"))
     assert os.stat(target).st_mode & 0o7777 == 0o2750
+
+
+@pytest.mark.parametrize("where", ["in the folder", "in the write"])
+def test_a_folder_in_a_files_place_is_refused_before_anything_lands(tmp_path, where):
+    target = _folder(tmp_path, {"config.json": "old"})
+
+    def write(folder):
+        atomic_write_json(folder / "config.json", "new")
+        (target if where == "in the folder" else folder).joinpath("weights").mkdir()
+        if where == "in the folder":
+            atomic_write_json(folder / "weights", "new")
+
+    with pytest.raises(IsADirectoryError, match="a folder where a file of the write goes"):
+        atomic_write_dir(target, write)
+    assert (target / "config.json").read_text() == "old"
+
+
+def test_a_folder_that_cannot_be_synced_does_not_fail_a_finished_write(tmp_path, monkeypatch):
+    """A folder we may enter but not list (0711) cannot be opened to sync it."""
+    import modlora.fileio as fileio
+
+    real_fsync = fileio._fsync
+
+    def fsync(path):
+        if Path(path).is_dir():
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        real_fsync(path)
+
+    monkeypatch.setattr(fileio, "_fsync", fsync)
+    target = _folder(tmp_path, {"weights": "old"})
+    atomic_write_dir(target, lambda d: atomic_write_json(d / "weights", "new"))
+    atomic_write(tmp_path / "file", lambda p: Path(p).write_text("x"))
+    assert _contents(target) == {"weights": '"new"\n'} and (tmp_path / "file").read_text() == "x"

@@ -187,7 +187,7 @@ class LoraAdapter:
     def save(self, path: str | Path) -> Path:
         """Write PEFT's format that ``peft.PeftModel.from_pretrained`` loads, the folder atomically
         (:func:`modlora.fileio.atomic_write_dir`: staged, then renamed into place with the config
-        last, so a failed save leaves the adapter that was there).
+        last, so a save that fails while writing leaves the adapter that was there).
 
         Returns:
             ``path``.
