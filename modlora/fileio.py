@@ -90,9 +90,8 @@ def atomic_write_dir(target: str | os.PathLike, write: Callable[[Path], None], *
     try:
         write(stage)
         names = sorted(p.name for p in stage.iterdir())
-        for name in names:
-            if not (stage / name).is_file() or (target / name).is_dir():
-                where = target / name if (stage / name).is_file() else stage / name
+        for where in [stage / n for n in names] + [target / n for n in names]:
+            if where.is_dir():
                 raise IsADirectoryError(errno.EISDIR, "a folder where a file of the write goes", str(where))
         for name in [n for n in names if n not in last] + [n for n in last if n in names]:
             os.replace(stage / name, target / name)

@@ -28,17 +28,22 @@ def _tensor_files(path: Path) -> dict[str, Path]:
         with _open_safetensors(path / _SINGLE) as f:
             return {name: path / _SINGLE for name in f.keys()}
     if (path / _INDEX).is_file():
-        index = validate.json_object(read_json(path / _INDEX), path / _INDEX)
-        weight_map = index.get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise validate.InputError(f"{path / _INDEX}: weight_map must be an object of tensor -> shard file")
-        files = {name: validate.inside(path, shard, f"{path / _INDEX}: shard of {name}")
-                 for name, shard in weight_map.items()}
+        files = _index_files(path)
         absent = sorted({str(f) for f in files.values() if not f.is_file()})
         if absent:
             raise FileNotFoundError(f"{_INDEX} names shard(s) that do not exist: {', '.join(absent)}")
         return files
     raise FileNotFoundError(f"no {_SINGLE} or {_INDEX} in {path}")
+
+
+def _index_files(path: Path) -> dict[str, Path]:
+    """The shard file of every tensor that ``path``'s sharded index names, each inside ``path``."""
+    index = validate.json_object(read_json(path / _INDEX), path / _INDEX)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise validate.InputError(f"{path / _INDEX}: weight_map must be an object of tensor -> shard file")
+    return {name: validate.inside(path, shard, f"{path / _INDEX}: shard of {name}")
+            for name, shard in weight_map.items()}
 
 
 def _open_safetensors(file: Path):
@@ -189,18 +194,16 @@ def save_pretrained(model: Qwen2ForCausalLM, path: str | os.PathLike) -> None:
 
 def _sharded_files(path: Path) -> set[str]:
     """A sharded checkpoint's index in ``path`` and the ``.safetensors`` files directly in ``path``
-    that it names as shards (none where the index cannot be read: it alone is dropped). Only those:
-    the index is data, and naming a tokenizer or a README there must not get them deleted; shards in
-    a subfolder (which transformers never writes) stay."""
+    that it names as shards (none where the index is not one the loader reads: it alone is dropped).
+    Only those: the index is data, and naming a tokenizer or a README there must not get them
+    deleted; shards in a subfolder (which transformers never writes) stay."""
     if not (path / _INDEX).is_file():
         return set()
     try:
-        index = read_json(path / _INDEX)
+        files = _index_files(path)
     except ValueError:
         return {_INDEX}
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    names = weight_map.values() if isinstance(weight_map, dict) else ()
-    shards = {n for n in names if isinstance(n, str) and n == Path(n).name and n.endswith(".safetensors")
-              and (path / n).is_file()}
-    return {_INDEX, *shards} - {_SINGLE, "config.json"}
+    folder = Path(os.path.abspath(path))
+    shards = {f.name for f in files.values() if f.parent == folder and f.suffix == ".safetensors" and f.is_file()}
+    return {_INDEX, *shards} - {_SINGLE}
 
