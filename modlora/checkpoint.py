@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .fileio import atomic_write_safetensors
+from .fileio import atomic_write_safetensors, remove_stale_temps
 from .validate import InputError, check_tensor
 
 FILE = "checkpoint.safetensors"
@@ -57,6 +57,7 @@ def save(path: str | os.PathLike, state: dict) -> None:
         rngs.append({"python": [version, list(internal), gauss], "cuda": len(rng.get("cuda", []))})
     meta = {"format": _FORMAT, "config": state["config"], "step": state["step"], "order": state["order"],
             "rng": rngs, "num_params": len(state["params"])}
+    remove_stale_temps(path)  # a run killed amid a save left one; a run has one writer
     atomic_write_safetensors(path, tensors, metadata={"modlora": json.dumps(meta)})
 
 
@@ -119,6 +120,8 @@ def _optimizer_problem(opt_state: dict[int, dict[str, torch.Tensor]], params: li
 def _state(meta: dict, tensors: dict[str, torch.Tensor], device: torch.device) -> dict:
     if not isinstance(meta, dict) or meta.get("format") not in _READABLE:
         raise ValueError(f"unknown checkpoint format {meta.get('format') if isinstance(meta, dict) else meta!r}")
+    if not isinstance(meta["config"], dict):
+        raise ValueError("config must be a JSON object of the run's settings")
     step, n = meta["step"], meta["num_params"]
     if not (isinstance(step, int) and step >= 0 and isinstance(n, int) and n >= 0):
         raise ValueError("step and num_params must be non-negative integers")
@@ -151,6 +154,8 @@ def _rng(r: int, entry: dict, tensors: dict[str, torch.Tensor]) -> dict:
         raise ValueError(f"rng[{r}].cuda must be a count of CUDA RNG states")
     if n_cuda:
         rng["cuda"] = [tensors[f"rng.{r}.cuda.{j}"] for j in range(n_cuda)]
+        if any(s.dtype != torch.uint8 or s.dim() != 1 for s in rng["cuda"]):
+            raise ValueError(f"rng.{r}.cuda.* must be CUDA RNG states (1-D uint8)")
     return rng
 
 

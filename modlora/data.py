@@ -21,13 +21,13 @@ PIVOT = "en"
 
 
 def read_lines(path: str | Path) -> list[str]:
-    """The stripped lines of a UTF-8 file.
+    """The stripped lines of a UTF-8 file (a leading byte-order mark dropped).
 
     Splits on "\\n" only: `str.splitlines` would also split on U+2028 and friends inside a
     sentence. `str.strip` is Unicode-aware, so it also drops the no-break spaces that end 48
     lines of FLORES fr devtest.
     """
-    lines = read_utf8(path).split("\n")
+    lines = read_utf8(path).removeprefix("\ufeff").split("\n")  # a byte-order mark is not text
     if lines and lines[-1] == "":
         lines.pop()
     return [line.strip() for line in lines]

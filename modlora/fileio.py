@@ -4,8 +4,10 @@ failed folder write leaves the folder as it was."""
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable, Collection
@@ -34,13 +36,17 @@ def _fsync_dir(path: str | os.PathLike) -> None:
             raise
 
 
+_TEMP_BYTES = 4
+"""Random bytes in :func:`atomic_write`'s temp names, ``.<target name>.<hex>``."""
+
+
 def atomic_write(target: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` on a temp file beside ``target``, flush it to disk, then rename it
     into place (and flush the directory), so a crash leaves the old file or the new one. The file
     gets the usual permissions (0666 less the umask), not mkstemp's 0600."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = str(target.parent / f".{target.name}.{secrets.token_hex(4)}")
+    tmp = str(target.parent / f".{target.name}.{secrets.token_hex(_TEMP_BYTES)}")
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # mode 0666, less the umask
     try:
         write(tmp)
@@ -53,6 +59,17 @@ def atomic_write(target: str | os.PathLike, write: Callable[[str], None]) -> Pat
         raise
     _fsync_dir(target.parent)
     return target
+
+
+def remove_stale_temps(target: str | os.PathLike) -> None:
+    """Remove the temp files of :func:`atomic_write` beside ``target``: a process killed mid-write
+    (no cleanup runs) leaves one, as large as the file. Only for a file one process writes at a time
+    (a training checkpoint): another writer's temp file would go too."""
+    target = Path(target)
+    temp = re.compile(rf"\.{re.escape(target.name)}\.[0-9a-f]{{{2 * _TEMP_BYTES}}}")
+    for entry in target.parent.glob(f".{glob.escape(target.name)}.*"):
+        if temp.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
+            entry.unlink(missing_ok=True)
 
 
 def atomic_write_dir(target: str | os.PathLike, write: Callable[[Path], None], *, drop: Collection[str] = (),

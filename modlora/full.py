@@ -56,12 +56,13 @@ def pretrain(model: Qwen2ForCausalLM, tokenizer: Tokenizer, texts: Sequence[str]
              work_dir: str | Path, save_dir: str | Path, *, stop_after: int | None = None,
              log: Log = log_stderr) -> bool:
     """Plain language modelling of every parameter on ``texts`` (each sentence one example, every
-    token after the first trained), as :func:`train_full` resumes and saves.
+    token after the first trained; blank lines, which train nothing, left out), as :func:`train_full`
+    resumes and saves.
 
     The demo's random base learns its languages' tokens this way, not the translation format (no
     chat prompt): a random tied output layer is what keeps adapters from learning (README, demo).
     """
-    examples = [lm_example(tokenizer, text) for text in texts]
+    examples = [lm_example(tokenizer, text) for text in texts if text.strip()]
     return _train_all(model, examples, cfg, work_dir, save_dir, "pretrain", tokenizer.pad_id,
                       f"pre-training: {len(examples)} sentences, plain language modelling", stop_after, log)
 

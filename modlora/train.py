@@ -19,13 +19,14 @@ step) and :func:`save_checkpoint` (the checkpoint file, read back by :func:`modl
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
 import random
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, validate
 from .adapters import AdapterController, LearnedWeights, LoraAdapter
 from .adapters.format import TARGET_MODULES
 from .console import Log, log_stderr, progress
@@ -240,16 +241,23 @@ class TrainRun:
 
 
 def setup(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples: Sequence[Example],
-          cfg: TrainConfig, work_dir: str | Path, pad_id: int) -> TrainRun:
+          cfg: TrainConfig, work_dir: str | Path, pad_id: int, record: Mapping[str, object] | None = None) -> TrainRun:
     """Make ``params`` trainable and build the optimizer, the schedule and the data order.
 
+    ``record``: more of what a checkpoint must match to be resumed (JSON data), beyond the config,
+    the examples, ``pad_id`` and the parameters' shapes: what else shapes the trained tensors
+    (the adapter's LoRA settings, the frozen adapters whose merge weights are learned).
+
     Raises:
-        ValueError: no examples, a token id (or ``pad_id``) outside the model's vocabulary, or a
-        parameter outside ``params`` that requires grad.
+        ValueError: a setting of ``cfg`` out of its range, no examples, a malformed example (see
+        :func:`_check_examples`), ``pad_id`` outside the model's vocabulary, or a parameter outside
+        ``params`` that requires grad.
     """
+    for f in dataclasses.fields(cfg):
+        validate.checked_field(validate.SETTINGS["train"][f.name], getattr(cfg, f.name), f"TrainConfig.{f.name}")
     if not examples:
         raise ValueError("no training examples")
-    _check_token_ids(examples, pad_id, model.config.vocab_size)
+    _check_examples(examples, pad_id, model.config.vocab_size)
     params = list(params)
     trainable = {id(p) for p in params}
     if any(p.requires_grad for p in model.parameters() if id(p) not in trainable):
@@ -269,18 +277,34 @@ def setup(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(round(cfg.warmup_ratio * total), total))
-    record = {**dataclasses.asdict(cfg), "num_examples": len(examples), "param_shapes": [list(p.shape) for p in params]}
-    del record["activation_checkpointing"]  # same gradients either way: a run resumes with it on or off
+    run_record = {**dataclasses.asdict(cfg), "num_examples": len(examples), "pad_id": pad_id,
+                  "examples_sha256": _examples_digest(examples), "param_shapes": [list(p.shape) for p in params],
+                  **(record or {})}
+    del run_record["activation_checkpointing"]  # same gradients either way: a run resumes with it on or off
     if dp:  # another world size is another global batch: that checkpoint does not resume here
-        record["data_parallel_world_size"] = dp.ctx.world_size
+        run_record["data_parallel_world_size"] = dp.ctx.world_size
+    run_record = json.loads(json.dumps(run_record))  # as the checkpoint gives it back (tuples as lists)
     return TrainRun(model, params, examples, cfg, pad_id, work_dir, optimizer, scheduler, steps_per_epoch, total,
-                    batch_size, record, dp=dp)
+                    batch_size, run_record, dp=dp)
 
 
-def _check_token_ids(examples: Sequence[Example], pad_id: int, vocab: int) -> None:
-    """Every id the data feeds the model names a row of its embedding: a tokenizer that is not the
-    model's is named here, not met as an IndexError inside the embedding mid-step."""
-    lo, hi = min(min(ids, default=0) for ids, _ in examples), max(max(ids, default=0) for ids, _ in examples)
+def _check_examples(examples: Sequence[Example], pad_id: int, vocab: int) -> None:
+    """Every example is (token ids, loss mask) of one length, the ids Python ints that name rows of
+    the model's embedding (a tokenizer that is not the model's is named here, not met as an
+    IndexError inside the embedding mid-step), the mask 0/1 with at least one trained token after
+    the first (position t predicts token t + 1): an example that trains nothing would make a
+    step's loss 0/0."""
+    for i, example in enumerate(examples):
+        ids, mask = example if isinstance(example, tuple | list) and len(example) == 2 else (None, None)
+        if not (isinstance(ids, list | tuple) and isinstance(mask, list | tuple) and len(ids) == len(mask)):
+            raise ValueError(f"training example {i} must be (token ids, loss mask), two lists of one length")
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise ValueError(f"training example {i}: token ids must be integers")
+        if not all(m in (0, 1) and not isinstance(m, float) for m in mask):
+            raise ValueError(f"training example {i}: the loss mask must hold 0 and 1 only")
+        if not any(mask[1:]):
+            raise ValueError(f"training example {i} trains no token (its loss mask is 0 after the first token)")
+    lo, hi = min(min(ids) for ids, _ in examples), max(max(ids) for ids, _ in examples)
     if lo < 0 or hi >= vocab:
         raise ValueError(f"the training data holds token ids {lo}..{hi}, outside the model's vocabulary [0, {vocab}): "
                          "the tokenizer does not belong to this model")
@@ -288,18 +312,32 @@ def _check_token_ids(examples: Sequence[Example], pad_id: int, vocab: int) -> No
         raise ValueError(f"pad_id {pad_id} is outside the model's vocabulary [0, {vocab})")
 
 
+def _examples_digest(examples: Sequence[Example]) -> str:
+    """sha256 of the examples' ids and masks: a checkpoint resumes on the data it was trained on."""
+    return hashlib.sha256(json.dumps([[list(ids), list(mask)] for ids, mask in examples]).encode()).hexdigest()
+
+
+def tensors_digest(tensors: Iterable[Tensor]) -> str:
+    """sha256 of tensors' dtypes, shapes and bytes, in order."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype} {tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def save_checkpoint(run: TrainRun) -> None:
     """Write the run after ``run.step`` finished steps (with ``run.rng``), atomically, as data
     (:mod:`modlora.checkpoint`: safetensors and JSON, nothing pickled). Data parallel: with every
     rank's RNG state, written by rank 0 (a collective: every rank calls it)."""
     rng = run.dp.ctx.gather(run.rng) if run.dp else [run.rng]
-    run.checkpointed = run.step
-    if not run.writer:
-        return
-    state = {"config": run.config_record, "step": run.step,
-             "order": run.order(min(run.step, run.total - 1) // run.steps_per_epoch),
-             "params": list(run.params), "optimizer": run.optimizer.state_dict()["state"], "rng": rng}
-    checkpoint.save(run.checkpoint_path, state)
+    if run.writer:
+        state = {"config": run.config_record, "step": run.step,
+                 "order": run.order(min(run.step, run.total - 1) // run.steps_per_epoch),
+                 "params": list(run.params), "optimizer": run.optimizer.state_dict()["state"], "rng": rng}
+        checkpoint.save(run.checkpoint_path, state)
+    run.checkpointed = run.step  # only once written: Ctrl-C amid the write saves again
 
 
 def read_log(path: Path, log: Log) -> list[tuple[str, dict]]:
@@ -461,13 +499,14 @@ def _rng_state() -> dict:
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available():  # the devices both runs see (the run trains on one)
+        for device, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
 
 
 def train(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples: Sequence[Example],
           cfg: TrainConfig, work_dir: str | Path, *, pad_id: int, desc: str = "train",
-          stop_after: int | None = None, log: Log = log_stderr) -> dict:
+          stop_after: int | None = None, record: Mapping[str, object] | None = None, log: Log = log_stderr) -> dict:
     """Train ``params`` (everything else frozen) on ``examples``; resumes from ``work_dir``.
 
     ``work_dir`` receives ``checkpoint.safetensors`` (atomic) and ``log.jsonl``. Ctrl-C between updates
@@ -476,6 +515,7 @@ def train(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples
     Args:
         stop_after: end the run after that many optimizer steps with a checkpoint (as an
             interruption would).
+        record: what else a checkpoint must match to resume (see :func:`setup`).
 
     Returns:
         A summary: ``step`` (steps done), ``total_steps``, ``done`` (the schedule is complete),
@@ -486,7 +526,7 @@ def train(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples
         DivergedError: a step's loss or gradient is not finite (see :func:`train_step`).
         RuntimeError: the base model's weights changed during training.
     """
-    run = setup(model, params, examples, cfg, work_dir, pad_id)
+    run = setup(model, params, examples, cfg, work_dir, pad_id, record)
     resume(run, log, desc)
     trainable = {id(p) for p in run.params}
     base = [p for p in model.parameters() if id(p) not in trainable]
@@ -557,7 +597,8 @@ def train_adapter(adapters: AdapterController, tokenizer: Tokenizer, lang: str, 
     adapters.set_adapters(**{f"lora_{role}": adapter, f"w_{role}": 1.0})
     try:
         result = train(model, list(adapter.parameters()), examples, cfg, work_dir, pad_id=tokenizer.pad_id,
-                       desc=f"{role}[{lang}]", stop_after=stop_after, log=log)
+                       desc=f"{role}[{lang}]", stop_after=stop_after, record={"lora": dataclasses.asdict(lora)},
+                       log=log)
     finally:
         adapters.clear()
     for p in adapter.parameters():
@@ -582,7 +623,9 @@ def learn_weights(adapters: AdapterController, tokenizer: Tokenizer, lora_in: Lo
     work_dir = Path(work_dir)
     try:
         result = train(adapters.model, [theta], examples, cfg, work_dir, pad_id=tokenizer.pad_id,
-                       desc=f"weights {src}->{tgt} {strategy}", stop_after=stop_after, log=log)
+                       desc=f"weights {src}->{tgt} {strategy}", stop_after=stop_after,
+                       record={"strategy": strategy, "lora_in": _adapter_digest(lora_in),
+                               "lora_out": _adapter_digest(lora_out)}, log=log)
         weights = adapters.learned_weights() if result["done"] else None
     finally:
         adapters.clear()
@@ -592,3 +635,7 @@ def learn_weights(adapters: AdapterController, tokenizer: Tokenizer, lora_in: Lo
         weights.save(work_dir / "weights.json")
     return weights
 
+
+def _adapter_digest(adapter: LoraAdapter) -> list:
+    """An adapter's scale and the digest of its tensors: what merge weights learned on it depend on."""
+    return [adapter.scale, tensors_digest(t for name in sorted(adapter.tensors) for t in adapter.tensors[name])]

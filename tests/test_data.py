@@ -52,6 +52,11 @@ def test_custom_folder(tmp_path: Path) -> None:
     assert load_split("train", ["xx", "yy"], root=root) == {"xx": ["a b", "c\u2028d"], "yy": ["A B", "CD"]}
 
 
+def test_byte_order_mark_is_not_text(tmp_path: Path) -> None:
+    root = _corpus(tmp_path, "train", {"xx": "\ufeffHello\n\ufeffagain\n", "yy": "a\nb\n"})
+    assert load_split("train", ["xx", "yy"], root=root)["xx"] == ["Hello", "\ufeffagain"]
+
+
 def test_limit_and_slice() -> None:
     full = load_split("devtest", ["en", "fr"])
     assert load_split("devtest", ["en", "fr"], limit=3) == {k: v[:3] for k, v in full.items()}

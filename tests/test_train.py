@@ -1,5 +1,6 @@
 """The trainer: loss and gradients against transformers + peft, learning, exact resume, frozen base."""
 
+import dataclasses
 import json
 
 import pytest
@@ -300,3 +301,218 @@ def test_tiny_model_learns_a_synthetic_task(tmp_path):
     ctl.set_adapters(lora_out=adapter, w_out=1.0)
     trained = score()
     assert trained > untrained + 5, (untrained, trained)  # measured: 6.5 -> 13.6
+
+
+def _adapter_run(tmp, data, cfg=None, **kw):
+    """One adapter of the small model trained on ``data`` in ``tmp`` (stop_after=1 unless given)."""
+    model = _small_model()
+    adapter = LoraAdapter.init(model, rank=4, alpha=8, seed=0)
+    AdapterController(model).set_adapters(lora_in=adapter, w_in=1.0)
+    cfg = cfg or TrainConfig(epochs=2, lr=1e-2, batch_size=3, grad_accum=1)
+    kw.setdefault("stop_after", 1)
+    return train(model, adapter.parameters(), data, cfg, tmp, pad_id=PAD, log=lambda _: None, **kw)
+
+
+def test_resume_refuses_other_data_and_other_records(tmp_path):
+    """Data of the same lengths (the same batches) but other tokens, another pad id, or another
+    caller's record (the LoRA settings) is another run: its checkpoint is not resumed."""
+    data = _random_examples(6, seed=1)
+    _adapter_run(tmp_path, data, record={"lora": {"alpha": 8}})
+    other = [([t % 999 + 1 for t in ids], mask) for ids, mask in data]
+    with pytest.raises(ValueError, match="different run configuration.*examples_sha256"):
+        _adapter_run(tmp_path, other, record={"lora": {"alpha": 8}})
+    with pytest.raises(ValueError, match=r"different run configuration \(lora \{'alpha': 8\} -> \{'alpha': 64\}\)"):
+        _adapter_run(tmp_path, data, record={"lora": {"alpha": 64}})
+    assert _adapter_run(tmp_path, data, record={"lora": {"alpha": 8}})["step"] == 2
+
+
+def test_train_adapter_resume_refuses_other_lora_settings(tmp_path):
+    model = _small_model()
+
+    class _Tok:
+        pad_id = PAD
+
+    import modlora.train as train_module
+
+    examples = _random_examples(6, seed=2)
+    original = train_module.training_example
+    train_module.training_example = lambda tok, src, tgt, s, t: examples[int(s)]
+    run = lambda alpha: train_adapter(AdapterController(model), _Tok(), "fr", "in", "fr", "en",
+                                      [(str(i), "") for i in range(6)], LoraConfig(rank=2, alpha=alpha),
+                                      TrainConfig(epochs=2, batch_size=3, grad_accum=1), tmp_path, stop_after=1,
+                                      log=lambda _: None)
+    try:
+        run(4.0)
+        with pytest.raises(ValueError, match=r"different run configuration \(lora .*'alpha': 4\.0.*'alpha': 64\.0"):
+            run(64.0)
+    finally:
+        train_module.training_example = original
+
+
+@pytest.mark.parametrize("example,message", [
+    (([1, 2, 3], [0, 1]), "example 1 must be \\(token ids, loss mask\\), two lists of one length"),
+    (([1, 2, 3], [0, 1, 1, 1]), "example 1 must be"),
+    (([1.0, 2, 3], [0, 1, 1]), "example 1: token ids must be integers"),
+    (([1, True, 3], [0, 1, 1]), "example 1: token ids must be integers"),
+    (([1, 2, 3], [0, 2, 1]), "example 1: the loss mask must hold 0 and 1 only"),
+    (([1, 2, 3], [0, 0.5, 1]), "example 1: the loss mask must hold 0 and 1 only"),
+    (([1, 2, 3], [1, 0, 0]), "example 1 trains no token"),
+    (([], []), "example 1 trains no token"),
+    ([1, 2, 3], "example 1 must be"),
+])
+def test_malformed_examples_are_refused_by_index(tmp_path, example, message):
+    with pytest.raises(ValueError, match=message):
+        _adapter_run(tmp_path, [([5, 6, 7], [0, 1, 1]), example])
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("checkpoint_every", 0, "TrainConfig.checkpoint_every must be a positive integer"),
+    ("grad_accum", 0, "TrainConfig.grad_accum must be a positive integer"),
+    ("epochs", 0, "TrainConfig.epochs must be a positive integer"),
+    ("lr", float("nan"), "TrainConfig.lr must be a finite number"),
+    ("warmup_ratio", 1.5, r"TrainConfig.warmup_ratio must be in \[0, 1\]"),
+])
+def test_bad_train_config_is_refused_before_training(tmp_path, field, value, message):
+    cfg = dataclasses.replace(TrainConfig(batch_size=3, grad_accum=1), **{field: value})
+    with pytest.raises(ValueError, match=message):
+        _adapter_run(tmp_path, _random_examples(6, seed=1), cfg)
+    assert not (tmp_path / checkpoint.FILE).exists()
+
+
+def test_train_config_fields_all_have_rules():
+    from modlora.validate import SETTINGS
+
+    assert set(SETTINGS["train"]) == {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def test_ctrl_c_while_the_checkpoint_is_written_saves_it_again(tmp_path, monkeypatch):
+    """An interrupt inside the checkpoint write of step 1 leaves no file; the interrupt handler must
+    then write step 1 (it did not when the step was marked saved before the write)."""
+    real, calls = checkpoint.save, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save", interrupted)
+    cfg = TrainConfig(epochs=2, lr=1e-2, batch_size=3, grad_accum=1, checkpoint_every=1)
+    with pytest.raises(KeyboardInterrupt):
+        _adapter_run(tmp_path, _random_examples(6, seed=1), cfg, stop_after=None)
+    assert len(calls) == 2
+    assert checkpoint.load(tmp_path / checkpoint.FILE, torch.device("cpu"))["step"] == 1
+
+
+def test_a_killed_save_leaves_no_temp_file_after_the_next(tmp_path):
+    """A kill amid a checkpoint write (no cleanup runs) leaves `.checkpoint.safetensors.<hex>`, as
+    large as the checkpoint: the next save removes it, and nothing else."""
+    stale, other = tmp_path / f".{checkpoint.FILE}.0123abcd", tmp_path / f".{checkpoint.FILE}.notours"
+    stale.write_bytes(b"x" * 100)
+    other.write_bytes(b"y")
+    _adapter_run(tmp_path, _random_examples(6, seed=1))
+    assert not stale.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([checkpoint.FILE, "log.jsonl", other.name])
+
+
+def test_grad_accumulation_equals_one_larger_batch(tmp_path):
+    """A step of k micro-batches has the loss and the update of one batch k times larger: the loss
+    is the mean over all trained tokens of the step, not a mean of micro-batch means."""
+    data = _random_examples(8, seed=4)  # one step either way: every example in it
+    assert len(set(sum(m[1:]) for _, m in data)) > 1  # unequal token counts: the two means differ
+    results = []
+    for batch, accum in ((4, 2), (8, 1)):
+        model = _small_model()
+        adapter = LoraAdapter.init(model, rank=4, alpha=8, seed=0)
+        with torch.no_grad():
+            for _, B in adapter.tensors.values():
+                B.normal_(0, 0.1)
+        AdapterController(model).set_adapters(lora_in=adapter, w_in=1.0)
+        cfg = TrainConfig(epochs=1, lr=1e-2, batch_size=batch, grad_accum=accum, warmup_ratio=0.0)
+        result = train(model, adapter.parameters(), data, cfg, tmp_path / str(batch), pad_id=PAD,
+                       log=lambda _: None)
+        results.append((result["losses"], [t.clone() for t in adapter.parameters()]))
+    (loss_a, params_a), (loss_b, params_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-6)
+    for a, b in zip(params_a, params_b, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_learning_rate_per_step_follows_transformers_linear_schedule(tmp_path):
+    """The logged lr of each step is transformers' get_linear_schedule_with_warmup (warmup from 0)."""
+    import transformers
+
+    _train_once(tmp_path)  # 6 steps, warmup_ratio 0.2: 1 warmup step
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-2)
+    schedule = transformers.get_linear_schedule_with_warmup(optimizer, num_warmup_steps=1, num_training_steps=6)
+    expected = []
+    for _ in range(6):
+        expected.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    assert logged == pytest.approx(expected, rel=1e-12, abs=0) and expected[0] == 0 and expected[1] == 1e-2
+
+
+def test_resume_refuses_another_data_order(tmp_path, monkeypatch):
+    import modlora.train as train_module
+
+    _train_once(tmp_path, stop_after=2)
+    real = train_module.bucketed_batches
+    monkeypatch.setattr(train_module, "bucketed_batches", lambda *a, **k: real(*a, **k)[::-1])
+    with pytest.raises(ValueError, match="the data order differs from the checkpoint's"):
+        _train_once(tmp_path)
+
+
+def test_an_unfrozen_base_is_refused(tmp_path):
+    model = _small_model()
+    model.model.norm.weight.requires_grad_(True)
+    adapter = LoraAdapter.init(model, rank=4, alpha=8, seed=0)
+    with pytest.raises(ValueError, match=r"base model parameters must be frozen"):
+        train(model, adapter.parameters(), _random_examples(6, seed=1), TrainConfig(), tmp_path, pad_id=PAD)
+
+
+def test_a_base_weight_written_during_training_is_an_error(tmp_path, monkeypatch):
+    import modlora.train as train_module
+
+    model = _small_model()
+    real = train_module.completion_loss
+
+    def writes_base(*args, **kwargs):
+        with torch.no_grad():
+            model.model.norm.weight.mul_(1.0)  # an in-place write, even of the same values
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "completion_loss", writes_base)
+    with pytest.raises(RuntimeError, match="the base model's weights changed during training"):
+        _train_once(tmp_path, model=model)
+
+
+def test_a_prompt_shared_by_every_row_runs_once_with_the_same_loss():
+    """All rows share their whole prompt: the shared prefix stops one token before the first trained
+    one (that position predicts it), and the loss equals the unshared forward's."""
+    g = torch.Generator().manual_seed(5)
+    prompt = torch.randint(1, 1000, (7,), generator=g).tolist()
+    examples = [(prompt + torch.randint(1, 1000, (n,), generator=g).tolist(), [0] * 7 + [1] * n) for n in (3, 5, 4)]
+    ids, attn, mask = collate(examples, PAD)
+    assert shared_prefix_length(ids, attn, mask) == 6
+    model = _small_model()
+    shared = completion_loss(model, ids, attn, mask, share_prefix=True)
+    plain = completion_loss(model, ids, attn, mask, share_prefix=False)
+    assert shared[1] == plain[1] == 12
+    torch.testing.assert_close(shared[0], plain[0], rtol=1e-5, atol=1e-5)
+
+
+def test_weight_decay_applies_to_matrices_only(tmp_path):
+    """AdamW's decay goes to the LoRA matrices; 1-D parameters (a bias, a norm) get none."""
+    from modlora.train import setup
+
+    model = _small_model()
+    adapter = LoraAdapter.init(model, rank=4, alpha=8, seed=0)
+    vector = torch.nn.Parameter(torch.zeros(3))
+    run = setup(model, [*adapter.parameters(), vector], _random_examples(6, seed=1),
+                TrainConfig(weight_decay=0.1), tmp_path, PAD)
+    decay, no_decay = run.optimizer.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in decay["params"]} == {id(p) for p in adapter.parameters()}
+    assert [id(p) for p in no_decay["params"]] == [id(vector)]
