@@ -14,18 +14,20 @@ from torch import Tensor
 class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of ``softmax(h W^T)`` at ``targets``, chunk by chunk over the rows of h.
 
-    Forward, per chunk c: ``z = h_c W^T`` (fp32), ``loss += sum(lse(z) - z[target])`` and, with
+    Forward, per chunk c: ``z = h_c W^T`` (the GEMM in h's dtype, or autocast's; z then fp32, as
+    transformers' loss takes the logits), ``loss += sum(lse(z) - z[target])`` and, with
     ``d = softmax(z) - onehot(target)``, ``dh_c = d W`` when h needs a gradient and ``dW += d^T h_c``
     (accumulated in fp32) when W does (full fine-tuning trains the output embedding). Backward
     scales both by the incoming gradient. What is kept for backward is dh [N, C] and dW [V, C], the
-    sizes of h and W.
+    sizes of h and W. ``grads``: grad mode at the call (inside ``forward`` it is always off); without
+    it nothing is computed for backward, whatever requires grad.
     """
 
     @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor, chunk: int) -> Tensor:
+    def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor, chunk: int, grads: bool) -> Tensor:
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        needs_w = ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if grads and ctx.needs_input_grad[0] else None
+        needs_w = grads and ctx.needs_input_grad[1]
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_w else None
         for start in range(0, h.shape[0], chunk):
             hc, tc = h[start:start + chunk], targets[start:start + chunk]
@@ -44,11 +46,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
         grad_h, grad_w = ctx.saved_tensors
         grad_h = None if grad_h is None else grad_h * grad_out.to(grad_h.dtype)
         grad_w = None if grad_w is None else (grad_w * grad_out.float()).to(ctx.weight_dtype)
-        return grad_h, grad_w, None, None
+        return grad_h, grad_w, None, None, None
 
 
 def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk: int = 256) -> Tensor:
@@ -81,4 +83,4 @@ def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, chunk: int 
         lo, hi = (int(v) for v in torch.aminmax(targets))
         if lo < 0 or hi >= weight.shape[0]:
             raise IndexError(f"linear_cross_entropy: targets must lie in [0, {weight.shape[0]}), got {lo}..{hi}")
-    return _LinearCrossEntropy.apply(h, weight, targets, chunk)
+    return _LinearCrossEntropy.apply(h, weight, targets, chunk, torch.is_grad_enabled())

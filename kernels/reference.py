@@ -72,6 +72,13 @@ def merge_ab(lora_in: Adapter | None, lora_out: Adapter | None, w_in: Weight, w_
     return a_m, b_m
 
 
+def pair_rank(lora_in: Adapter | None, lora_out: Adapter | None, strategy: str) -> int:
+    """The total rank a pair applies: ``output`` stacks its adapters, ``ab`` merges them into one of
+    their (equal) rank."""
+    ranks = [a[0].shape[0] for a in (lora_in, lora_out) if a is not None]
+    return max(ranks, default=0) if strategy == "ab" else sum(ranks)
+
+
 def pair_parts(lora_in: Adapter | None, lora_out: Adapter | None, w_in: Weight, w_out: Weight,
                strategy: str) -> list[tuple[Tensor, Tensor, Weight]]:
     """The adapters ``(A, B, coef)`` the pair applies: its delta is ``sum ((x A^T) coef) B^T``.

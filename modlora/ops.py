@@ -1,7 +1,8 @@
 """Where a linear's math runs: the one place that picks a backend (docs/design.md, "Backends").
 
 - CUDA with adapters: the fused Triton kernels (``modlora.kernels.dual_lora_linear``, forward and
-  backward; ``modlora.kernels.pairwise_lora_linear`` for per-row pairs, forward);
+  backward; ``modlora.kernels.pairwise_lora_linear`` for per-row pairs, forward), for a total rank
+  up to ``modlora.kernels.configs.MAX_RANK`` a pair (:func:`_triton_takes`);
 - CPU inference: the C++ op of :mod:`modlora.cpu` (one pass over W at memory bandwidth, adapters
   packed once per (pair, weights) into its bank layout) or torch, whichever :mod:`modlora.dispatch`
   measured faster for the case (op kind, shape, dtype, number of rows; :func:`_cpu_path`); linears
@@ -31,6 +32,7 @@ import torch
 from torch import Tensor
 
 from . import cpu, dispatch, kernels
+from .kernels import configs
 from .kernels.reference import (
     Adapter,
     Weight,
@@ -38,6 +40,7 @@ from .kernels.reference import (
     check_weight,
     dual_lora_linear_ref,
     lora_delta_ref,
+    pair_rank,
     pairwise_lora_linear_ref,
 )
 
@@ -51,6 +54,14 @@ def _autocast(x: Tensor, weight: Tensor, bias: Tensor | None, adapters: Sequence
     dt = torch.get_autocast_dtype("cuda")
     cast = lambda a: None if a is None else (a[0].to(dt), a[1].to(dt), a[2])
     return x.to(dt), weight.to(dt), None if bias is None else bias.to(dt), [cast(a) for a in adapters]
+
+
+def _triton_takes(pairs: Sequence[tuple], strategy: str) -> bool:
+    """Whether the Triton kernels run these pairs: Triton is installed, a pair has adapters, and no
+    pair's total rank is wider than the kernels are compiled and checked for (``configs.MAX_RANK``;
+    wider pairs run torch's GEMMs)."""
+    ranks = [pair_rank(p[0], p[1], strategy) for p in pairs]
+    return _HAVE_TRITON and max(ranks, default=0) > 0 and max(ranks) <= configs.MAX_RANK
 
 
 def _cpu_path(kind: str, x: Tensor, weight: Tensor, run: dispatch.Run,
@@ -208,7 +219,7 @@ def dual_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None, lora_in: Ad
     _check_args(x, weight, bias, [(lora_in, lora_out, w_in, w_out)], strategy=strategy)
     if dropout is not None and any(dropout):
         return linear(x, weight, bias) + _dropped_lora_delta(x, lora_in, lora_out, w_in, w_out, strategy, dropout)
-    if x.is_cuda and _HAVE_TRITON and (lora_in is not None or lora_out is not None):
+    if x.is_cuda and _triton_takes([(lora_in, lora_out)], strategy):
         x, weight, bias, (lora_in, lora_out) = _autocast(x, weight, bias, (lora_in, lora_out))
         return kernels.dual_lora_linear(x, weight, bias, lora_in, lora_out, w_in, w_out, strategy)
     run = lambda path, x: _dual(path, x, weight, bias, lora_in, lora_out, w_in, w_out, strategy)
@@ -269,7 +280,8 @@ def pairwise_lora_linear(x: Tensor, weight: Tensor, bias: Tensor | None,
             assert on CUDA).
     """
     _check_args(x, weight, bias, pairs, row_pair, strategy)
-    if x.is_cuda and _HAVE_TRITON and not _builds_graph(chain((x, weight, bias), _pair_inputs(pairs))):
+    if x.is_cuda and _triton_takes(pairs, strategy) and not _builds_graph(chain((x, weight, bias),
+                                                                               _pair_inputs(pairs))):
         x, weight, bias, flat = _autocast(x, weight, bias, [a for p in pairs for a in p[:2]])
         pairs = [(flat[2 * i], flat[2 * i + 1], *p[2:]) for i, p in enumerate(pairs)]
         return kernels.pairwise_lora_linear(x, weight, bias, pairs, row_pair, strategy)  # forward only

@@ -298,6 +298,36 @@ def test_many_row_tiles(strategy, variant):
 
 
 @pytest.mark.parametrize("variant", ["fused", "split"])
+def test_more_row_tiles_than_one_group(variant, monkeypatch):
+    """16-row tiles at M = 150: 10 row tiles, more than a group of GROUP_M = 8 in the grouped tile
+    order, so programs of the second group must find their own rows and columns."""
+    import modlora.kernels.lora_gemm as lora_gemm_module
+
+    monkeypatch.setattr(lora_gemm_module, "gemm_config", lambda *a, **k: lora_gemm_module.GemmConfig(16, 32, 32))
+    case = make_case(torch.float32, 150, 64, 96, 4, 8)
+    assert_matches(case, torch.float32, variant=variant)
+
+
+@pytest.mark.parametrize("variant", ["fused", "split"])
+@pytest.mark.parametrize("trained", ["w_out", "A_out", "B_out"])
+def test_only_the_second_adapter_trains(trained, variant):
+    """The first adapter, its weight and x frozen: the backward computes only what the second needs."""
+    case = make_case(torch.float32, 7, 64, 48, 4, 8, learned=True)
+    (A1, B1, s1), (A2, B2, s2) = case["adapters"]["in"], case["adapters"]["out"]
+    tensors = {"x": case["leaves"]["x"], "A_in": A1, "B_in": B1, "w_in": case["w"]["in"], "A_out": A2, "B_out": B2,
+               "w_out": case["w"]["out"]}
+
+    def grad(dtype, op, **kw):
+        t = {k: v.detach().to(dtype).requires_grad_(k == trained) for k, v in tensors.items()}
+        y = op(t["x"], case["W"].to(dtype), case["b"].to(dtype), (t["A_in"], t["B_in"], s1),
+               (t["A_out"], t["B_out"], s2), t["w_in"], t["w_out"], **kw)
+        return torch.autograd.grad(y, t[trained], _dy(case, y.shape).to(dtype))[0]
+
+    got, ref = grad(torch.float32, dual_lora_linear, variant=variant), grad(torch.float64, dual_lora_linear_ref)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("variant", ["fused", "split"])
 def test_strided_bias(variant):
     case = make_case(torch.float32, 7, 64, 48, 4, 8)
     case["b"] = torch.randn(96, generator=torch.Generator().manual_seed(5)).to(DEVICE)[::2]  # stride 2

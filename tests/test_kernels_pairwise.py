@@ -185,16 +185,26 @@ def test_ops_routes_cuda_rows_to_the_kernel(monkeypatch):
 def test_tuned_table_overrides_the_heuristic_for_its_gpu(tmp_path, monkeypatch):
     from modlora.kernels import configs
 
-    entry = {"m": 4, "n": 896, "k": 896, "rank": 16,
+    entry = {"m": 4, "n": 896, "k": 896, "rank": 16, "fused": True,
              "config": {"BM": 16, "BP": 64, "BQ": 32, "split_k": 2, "num_warps": 2, "num_stages": 4}}
-    (tmp_path / "nvidia-a100-sxm4-80gb.json").write_text(json.dumps({"gpu": "NVIDIA A100-SXM4-80GB",
-                                                                     "entries": [entry]}))
+    table = tmp_path / "nvidia-a100-sxm4-80gb.json"
+    table.write_text(json.dumps({"gpu": "NVIDIA A100-SXM4-80GB", "dtype": "bfloat16", "entries": [entry]}))
     monkeypatch.setattr(configs, "TUNED_DIR", tmp_path)
     configs._table.cache_clear()
+    a100 = "NVIDIA A100-SXM4-80GB"
     try:
-        tuned = configs.gemm_config(3, 896, 896, 16, torch.bfloat16, "NVIDIA A100-SXM4-80GB", 108)
+        tuned = configs.gemm_config(3, 896, 896, 16, torch.bfloat16, a100, 108)
         assert tuned == configs.GemmConfig(**entry["config"])  # M = 3 uses the bucket of 4
         assert configs.gemm_config(3, 896, 896, 16, torch.bfloat16, "NVIDIA H100", 132) != tuned
-        assert configs.gemm_config(3, 896, 896, 32, torch.bfloat16, "NVIDIA A100-SXM4-80GB", 108) != tuned
+        assert configs.gemm_config(3, 896, 896, 32, torch.bfloat16, a100, 108) != tuned
+        # another dtype or variant has other shared-memory and register budgets: not this entry
+        assert configs.gemm_config(3, 896, 896, 16, torch.float32, a100, 108) != tuned
+        assert configs.gemm_config(3, 896, 896, 16, torch.bfloat16, a100, 108, fused=False) != tuned
+        for bad in ({"num_warps": 3}, {"BQ": 8}, {"split_k": 0}, {"num_stages": 1e9}):
+            table.write_text(json.dumps({"gpu": a100, "dtype": "bfloat16",
+                                         "entries": [{**entry, "config": {**entry["config"], **bad}}]}))
+            configs._table.cache_clear()
+            with pytest.raises(ValueError, match=f"{table.name} is not a tuned table"):
+                configs.gemm_config(3, 896, 896, 16, torch.bfloat16, a100, 108)
     finally:
         configs._table.cache_clear()

@@ -325,6 +325,35 @@ def test_cuda_dispatch_under_bf16_autocast_matches_reference(strategy):
                                                                                            device="cuda"), strategy)
 
 
+@pytest.mark.parametrize("ranks,strategy,takes", [
+    ((128, 128), "output", True), ((129, 128), "output", False), ((256, None), "output", True),
+    ((257, None), "output", False), ((256, 256), "ab", True), ((None, None), "output", False),
+])
+def test_triton_takes_total_ranks_up_to_the_compiled_widest(ranks, strategy, takes, monkeypatch):
+    """A pair wider than kernels.configs.MAX_RANK runs torch's GEMMs on CUDA: at 512 fp32 tiles need
+    more shared memory than sm80 has (tests/test_kernels_compile.py compiles up to 256)."""
+    from modlora.kernels import configs
+
+    monkeypatch.setattr(ops, "_HAVE_TRITON", True)
+    adapter = lambda r: None if r is None else (torch.zeros(r, 8), torch.zeros(4, r), 1.0)
+    pair = (adapter(ranks[0]), adapter(ranks[1]), 0.5, 0.5)
+    assert configs.MAX_RANK == 256
+    assert ops._triton_takes([pair], strategy) is takes
+    assert ops._triton_takes([(None, None, 1.0, 1.0), pair], strategy) is takes
+    monkeypatch.setattr(ops, "_HAVE_TRITON", False)
+    assert not ops._triton_takes([pair], strategy)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_pair_wider_than_the_kernels_matches_reference():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x, weight = torch.randn(5, 64, device="cuda", generator=g), torch.randn(48, 64, device="cuda", generator=g)
+    adapters = [(torch.randn(r, 64, device="cuda", generator=g) / 8, torch.randn(48, r, device="cuda", generator=g),
+                 0.5) for r in (200, 100)]
+    got = ops.dual_lora_linear(x, weight, None, *adapters, 0.3, 0.7)
+    torch.testing.assert_close(got, dual_lora_linear_ref(x, weight, None, *adapters, 0.3, 0.7), rtol=1e-5, atol=1e-4)
+
+
 def _malformed_case(rows: int, edit: str):
     g = torch.Generator().manual_seed(0)
     K, N, r = 24, 16, 4

@@ -116,6 +116,36 @@ def test_chunked_cross_entropy_equals_full_logits():
     torch.testing.assert_close(grad, expected_grad)
 
 
+def test_chunked_cross_entropy_under_no_grad_computes_no_gradients():
+    """Inside an autograd.Function's forward grad mode is always off, and needs_input_grad says only
+    what requires grad: under no_grad the loss alone runs (no dh GEMM, no [V, C] fp32 dW)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 16, generator=g, requires_grad=True)
+    w = torch.randn(300, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 300, (37,), generator=g)
+    counted = {}
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), Calls() as calls:
+            loss = linear_cross_entropy(h, w, targets, chunk=5)
+        counted[grad] = [calls.names.count(op) for op in ("aten.mm.default", "aten.addmm_.default")]
+        assert loss.requires_grad is grad
+    chunks = 8
+    assert counted == {False: [chunks, 0], True: [2 * chunks, chunks]}
+    expected = torch.nn.functional.cross_entropy(h.detach() @ w.detach().t(), targets, reduction="sum")
+    torch.testing.assert_close(loss.detach(), expected)
+
+
 @pytest.mark.parametrize("edit,message", [
     (lambda h, w, t: (h, w, t[:-1]), r"targets must be int64 or int32 \[37\] \(one per row of h\)"),
     (lambda h, w, t: (h, w, t.float()), r"targets must be int64 or int32 \[37\]"),

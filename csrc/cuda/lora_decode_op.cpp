@@ -1,5 +1,6 @@
 // Torch binding of the CUDA decode op (csrc/cuda/lora_decode.cu): modlora::lora_decode, CUDA only.
 // Built by setup.py only when nvcc and a CUDA build of torch are both present.
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
@@ -21,12 +22,14 @@ DType dtype_of(const at::Tensor& t) {
   }
 }
 
-void check_operand(const at::Tensor& t, const at::Tensor& x, const char* name) {
+// An operand on x's device, of x's dtype, contiguous; `vectors`: read with 16-byte loads, so aligned
+// (the bias is read one element at a time: any offset).
+void check_operand(const at::Tensor& t, const at::Tensor& x, const char* name, bool vectors = true) {
   TORCH_CHECK(t.is_cuda() && t.device() == x.device(), "lora_decode: ", name, " must be on ", x.device());
   TORCH_CHECK(t.scalar_type() == x.scalar_type(), "lora_decode: ", name, " is ", t.scalar_type(), ", x is ",
               x.scalar_type());
   TORCH_CHECK(t.is_contiguous(), "lora_decode: ", name, " must be contiguous");
-  TORCH_CHECK(reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0, "lora_decode: ", name,
+  TORCH_CHECK(!vectors || reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0, "lora_decode: ", name,
               " must be 16-byte aligned");
 }
 
@@ -46,20 +49,23 @@ at::Tensor lora_decode_cuda(const at::Tensor& x, const at::Tensor& w, const c10:
   check_operand(w, x, "weight");
   check_operand(a, x, "A");
   check_operand(b, x, "B");
-  TORCH_CHECK(coef.is_cuda() && coef.scalar_type() == at::kFloat && coef.is_contiguous(),
-              "lora_decode: coef must be a contiguous float32 CUDA tensor");
+  TORCH_CHECK(coef.is_cuda() && coef.device() == x.device() && coef.scalar_type() == at::kFloat &&
+                  coef.is_contiguous(),
+              "lora_decode: coef must be a contiguous float32 tensor on ", x.device());
   const void* bias_ptr = nullptr;
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "lora_decode: bias must be [", N, "]");
-    check_operand(*bias, x, "bias");
+    check_operand(*bias, x, "bias", /*vectors=*/false);
     bias_ptr = bias->data_ptr();
   }
+  // x's device, not the current one: its stream, and the launch's device.
+  const c10::cuda::CUDAGuard guard(x.device());
   auto y = at::empty({M, N}, x.options());
   auto v = at::empty({M, std::max<int64_t>(R, 1)}, x.options().dtype(at::kFloat));
   const int err = lora_decode(dtype_of(x), x.data_ptr(), w.data_ptr(), bias_ptr, a.data_ptr(), b.data_ptr(),
                               coef.data_ptr<float>(), v.data_ptr<float>(), y.data_ptr(), static_cast<int>(M),
                               static_cast<int>(N), static_cast<int>(K), static_cast<int>(R),
-                              c10::cuda::getCurrentCUDAStream().stream());
+                              c10::cuda::getCurrentCUDAStream(x.get_device()).stream());
   TORCH_CHECK(err == 0, "lora_decode: CUDA error ", cudaGetErrorString(static_cast<cudaError_t>(err)));
   return y;
 }
