@@ -13,19 +13,20 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from . import distributed, validate
 from .adapters import AdapterController, LearnedWeights
 from .console import log_stderr, progress
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, read_json
 from .generation import SearchParams, translate
 from .kernels.reference import STRATEGIES
 from .loading import load_pretrained, random_model
 from .model import Qwen2ForCausalLM
 from .paper import PAPER_TABLE
-from .pipeline import RANDOM_BASE_NOTE, Pipeline, PipelineConfig, default_config
+from .pipeline import RANDOM_BASE_NOTE, RUN_RECORD, Pipeline, PipelineConfig, default_config
 from .pool import AdapterPool
 from .tokenizer import Tokenizer
 from .train import base_parameters, lora_parameters_per_rank, paper_rank
@@ -37,7 +38,9 @@ RUN_EPILOG = """examples:
   modlora run                              # the demo: random tiny base, FLORES slice, a few minutes on CPU
   modlora run --model Qwen2.5-0.5B-Instruct  # the paper: full FLORES-101 dev/devtest (GPU advised)
   modlora run configs/paper.toml --out runs/mine
-Finished work (adapters, weights, evaluations) is skipped; an interrupted training resumes from its checkpoint."""
+Finished work (adapters, weights, evaluations) is skipped; an interrupted training resumes from its checkpoint.
+The run folder keeps its settings (modlora-run.json): later stage commands go on with them, and a change
+that would mix its outputs is refused."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -101,7 +104,16 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace) -> PipelineConfig:
-    cfg = PipelineConfig.from_toml(args.config) if args.config else default_config(args.model)
+    """The config file's settings, else those recorded in the run folder (a later stage of a run goes
+    on with its settings), else the built-in defaults; then the command-line options."""
+    if args.config:
+        cfg = PipelineConfig.from_toml(args.config)
+    else:
+        cfg = default_config(args.model)
+        record = Path(args.out or cfg.out_dir) / RUN_RECORD
+        if record.is_file():
+            cfg = PipelineConfig.from_dict(read_json(record), str(record))
+            cfg.out_dir = str(record.parent)
     if args.model:
         cfg.model.path = args.model
     for attr, section, key in [("preset", cfg.model, "preset"), ("out", cfg, "out_dir"), ("data", cfg.data, "root"),
@@ -142,7 +154,10 @@ def _stage(args: argparse.Namespace) -> int:
             if stage in counts:
                 ctx.check_jobs(stage, counts[stage][0], training=counts[stage][1])
         started = time.perf_counter()
+        if args.command != "run":  # run checks these itself
+            pipe.check_record(write=args.command != "table")  # table may read a read-only finished run
         if args.command not in ("run", "table"):
+            pipe.check_inputs()
             pipe.pretrain()  # every stage starts from the pre-trained base (when the config has one)
         if args.command == "train-adapters":
             pipe.train_adapters()
@@ -226,11 +241,8 @@ def _translate(args: argparse.Namespace) -> int:
         lora_out = pool.get(args.tgt, "out") if args.use in ("both", "out") else None
         w_in, w_out = args.w_in, args.w_out
         if args.weights:
-            learned = LearnedWeights.load(args.weights)
-            if (learned.strategy, learned.src or args.src, learned.tgt or args.tgt) != (args.strategy, args.src,
-                                                                                    args.tgt):
-                raise ValueError(f"{args.weights} holds weights learned for {learned.src}->{learned.tgt} with "
-                                 f"strategy {learned.strategy!r}, not {args.src}->{args.tgt} with {args.strategy!r}")
+            learned = LearnedWeights.load(args.weights, args.src, args.tgt, args.strategy,
+                                          model.config.num_hidden_layers)
             w_in, w_out = learned.w_in, learned.w_out
         elif args.use != "both":  # one adapter alone is used at full strength
             w_in = w_out = 1.0

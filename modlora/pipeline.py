@@ -56,8 +56,18 @@ from .loading import load_pretrained, random_model
 from .model import Qwen2ForCausalLM
 from .paper import compare_markdown, load_paper_table
 from .pool import AdapterPool
+from .prompt import language_name
 from .tokenizer import Tokenizer
 from .train import LoraConfig, TrainConfig, base_parameters, learn_weights, resolve_lora, train_adapter
+
+RUN_RECORD = "modlora-run.json"
+"""The settings a run folder was made with (not ``config.json``: ``--out`` may be a model's folder)."""
+# Settings that shape no finished output: where it runs, how often a checkpoint is written,
+# activation checkpointing (bit-identical gradients), and what is evaluated (each evaluation file
+# keeps the settings it was made with, and evaluate redoes one made with others).
+FREE_SETTINGS = ("out_dir", "model.device", "data.eval_split", "data.eval_limit", "eval.",
+                 *(f"{stage}.{key}" for stage in ("pretrain", "train", "weights")
+                   for key in ("checkpoint_every", "activation_checkpointing")))
 
 RANDOM_BASE_NOTE = ("NOTE: the base model has random weights (no --model DIR): it cannot translate, so these "
                     "scores are noise. Pass --model DIR with a Qwen2.5-0.5B-Instruct checkpoint (and the "
@@ -136,7 +146,10 @@ class PipelineConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> PipelineConfig:
-        import tomllib  # Python >= 3.11; the rest of modlora runs on 3.10
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10: tomllib's origin, a dependency there
+            import tomli as tomllib
 
         try:
             with open(path, "rb") as f:
@@ -176,6 +189,23 @@ def default_config(model_path: str | None = None) -> PipelineConfig:
     return config
 
 
+def _flat(settings: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def changed_settings(saved: dict, now: dict) -> dict[str, tuple[object, object]]:
+    """The settings in which two run configs differ, but for :data:`FREE_SETTINGS`: ``{key: (old, new)}``."""
+    before, after = _flat(saved), _flat(now)
+    return {key: (before.get(key), after.get(key)) for key in sorted(set(before) | set(after))
+            if before.get(key) != after.get(key) and not key.startswith(FREE_SETTINGS)}
+
+
 class Pipeline:
     """The experiment of one :class:`PipelineConfig`; each stage method skips finished work."""
 
@@ -192,6 +222,42 @@ class Pipeline:
         self.out = Path(config.out_dir)
         self.log = log
         self._model = self._adapters = self._full = self._tokenizer = self._pool = None
+
+    def check_record(self, write: bool = True) -> None:
+        """Refuse a run folder whose outputs were made with other settings (named: adapters, weights
+        and evaluations of two settings would mix, and the record would name only one), then record
+        this config in it (``write``; rank 0 of several processes)."""
+        path, now = self.out / RUN_RECORD, json.loads(json.dumps(self.config.to_dict()))
+        if path.is_file():
+            saved = read_json(path)
+            changed = [f"{key} {old!r} -> {new!r}"
+                       for key, (old, new) in changed_settings(saved if isinstance(saved, dict) else {}, now).items()
+                       if self._made_with(key)]
+            if changed:
+                raise validate.InputError(
+                    f"{self.out} was made with other settings ({'; '.join(changed)}): its adapters, weights and "
+                    f"evaluations would mix them. Rerun with those settings, use another --out, or delete "
+                    f"{self.out} to start over")
+        if write and distributed.current().is_writer:
+            atomic_write_json(path, now)
+
+    def _made_with(self, key: str) -> bool:
+        """Whether outputs in the folder, finished or begun, depend on setting ``key``: the merge
+        weights on the ``weights`` settings, every trained output on the others."""
+        if key.startswith(("weights.", "data.weights_limit")):
+            return (self.out / "weights").exists()
+        return any((self.out / name).exists() for name in ("pretrain", "train", "pool", "full", "weights", "eval"))
+
+    def check_inputs(self) -> None:
+        """What the stages read from the data, checked before the first one trains: both splits of
+        every language (aligned lines, none empty) and a prompt name for every language."""
+        d = self.config.data
+        for split, limit in ((d.train_split, d.train_limit), (d.eval_split, d.eval_limit)):
+            lines = load_split(split, d.langs, d.root, limit)
+            if not lines[d.langs[0]]:
+                raise validate.InputError(f"the {split!r} split of {d.root or 'the vendored FLORES-101'} has no lines")
+        for lang in d.langs:
+            language_name(lang)
 
     # -- shared resources, built on first use ------------------------------------------------
 
@@ -390,14 +456,17 @@ class Pipeline:
     def cell_path(self, config: EvalConfig, src: str, tgt: str) -> Path:
         return self.out / "eval" / "cells" / config.slug / f"{src}-{tgt}.json"
 
-    @staticmethod
-    def _stored(path: Path, check: Callable[[object, Path], dict]) -> tuple[dict, list[tuple[str, str]]] | None:
+    def _stored(self, path: Path, check: Callable[[object, Path], dict]) -> tuple[dict, list[tuple[str, str]]] | None:
         """The settings a stored evaluation (``check``: ``validate.eval_file``) or cell file
         (``validate.eval_cell``) was made with, and the directions it holds (sorted); None when there
-        is none. A file is reused only where both are the run's, so a damaged one is redone."""
+        is none, or a damaged one (said). A file is reused only where both are the run's."""
         if not path.is_file():
             return None
-        raw = check(read_json(path), path)
+        try:
+            raw = check(read_json(path), path)
+        except ValueError as e:
+            self.log(f"warning: {path} is damaged ({e}); it is redone")
+            return None
         return raw["settings"], sorted((d["src"], d["tgt"]) for d in raw.get("directions", [raw]))
 
     def evaluate(self) -> None:
@@ -428,7 +497,8 @@ class Pipeline:
                 for config, src, tgt in mine:
                     learned = None
                     if config.learned:
-                        w = LearnedWeights.load(self.weights_path(config.strategy, src, tgt))
+                        w = LearnedWeights.load(self.weights_path(config.strategy, src, tgt), src, tgt,
+                                                config.strategy, self.model.config.num_hidden_layers)
                         learned = {(src, tgt): (w.w_in, w.w_out)}
                     result = evaluate_configuration(
                         self.full_adapters if config.full else self.adapters, self.tokenizer, config, [(src, tgt)],
@@ -504,13 +574,14 @@ class Pipeline:
         return md
 
     def run(self) -> str:
-        """All stages; returns the Markdown table (rank 0 of several processes writes it, the others return "")."""
-        previous = self.out / "config.json"
-        if distributed.current().is_writer:
-            if previous.is_file() and read_json(previous) != json.loads(json.dumps(self.config.to_dict())):
-                self.log(f"warning: {previous} differs from this config; finished stages are reused as they are "
-                         "(delete them, or use another --out, to redo them)")
-            atomic_write_json(previous, self.config.to_dict())
+        """All stages; returns the Markdown table (rank 0 of several processes writes it, the others return "").
+
+        Raises:
+            InputError: the folder's finished outputs were made with other settings, or the data
+                cannot serve every stage (:meth:`check_record`, :meth:`check_inputs`).
+        """
+        self.check_record()
+        self.check_inputs()
         self.pretrain()
         self.train_adapters()
         self.train_full()

@@ -348,7 +348,8 @@ def learned_weights(raw: object, path: str | os.PathLike) -> dict:
 def _direction(d: object, path: str | os.PathLike) -> dict:
     d = json_object(d, path)
     return {"src": _field(d, "src", Rule(str), path), "tgt": _field(d, "tgt", Rule(str), path),
-            "score": _field(d, "score", Rule(float), path), "signature": _field(d, "signature", Rule(str), path)}
+            "score": _field(d, "score", Rule(float, low=0, high=100), path),  # chrF++: a percentage
+            "signature": _field(d, "signature", Rule(str), path)}
 
 
 def _settings(raw: dict, path: str | os.PathLike) -> dict | None:

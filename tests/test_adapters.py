@@ -192,6 +192,14 @@ def test_weight_learning_theta_gradient(hf, ours, strategy, tmp_path, ctl):
     weights.save(tmp_path / "fr-de.json")
     lw = LearnedWeights.load(tmp_path / "fr-de.json")
     assert (lw.src, lw.tgt, lw.strategy) == ("fr", "de", strategy)
+    layers = len(lw.w_in)
+    assert LearnedWeights.load(tmp_path / "fr-de.json", "fr", "de", strategy, layers).pairs() == lw.pairs()
+    other = "ab" if strategy == "output" else "output"
+    for args, message in ((("fr", "en", strategy, layers), "weights learned for fr->de"), (("fr", "de", other, layers),
+                          f"weights learned for fr->de with strategy '{strategy}', not fr->de with '{other}'"),
+                          (("fr", "de", strategy, layers + 1), f"weights of {layers} layers, the model has")):
+        with pytest.raises(ValueError, match=f"fr-de.json holds {message}"):
+            LearnedWeights.load(tmp_path / "fr-de.json", *args)
     with torch.no_grad():
         learned = ours(x)
         ctl.set_adapters(a_in, a_out, w_in=lw.w_in, w_out=lw.w_out, strategy=lw.strategy)

@@ -129,3 +129,21 @@ def test_activation_checkpointing_option_takes_true_or_false(capsys):
     with pytest.raises(SystemExit) as e:
         main(["train-full", "--activation-checkpointing", "yes"])
     assert e.value.code == 2 and "must be true or false, got 'yes'" in capsys.readouterr().err
+
+
+def test_a_stage_command_goes_on_with_the_run_folders_settings(tmp_path, capsys):
+    """Without a config file, a stage of a run folder takes the settings recorded there (then the
+    options); an option that would change begun work is refused by name, before any work."""
+    from modlora.cli import _config, build_parser
+    from modlora.pipeline import Pipeline, PipelineConfig
+
+    cfg = PipelineConfig.from_dict({"out_dir": str(tmp_path), "data": {"langs": ["en", "fr"], "train_limit": 4},
+                                    "train": {"epochs": 3, "lr": 0.005}})
+    Pipeline(cfg).check_record()
+    args = build_parser().parse_args(["learn-weights", "--out", str(tmp_path), "--epochs", "2"])
+    got = _config(args)
+    assert got.train == cfg.train and got.data == cfg.data and got.weights.epochs == 2
+    (tmp_path / "pool").mkdir()  # adapters begun
+    assert main(["train-adapters", "--out", str(tmp_path), "--lr", "0.5"]) == 2
+    assert "made with other settings (train.lr 0.005 -> 0.5)" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["modlora-run.json", "pool"]

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from modlora import checkpoint, cli, distributed
-from modlora.pipeline import Pipeline, PipelineConfig
+from modlora.pipeline import RUN_RECORD, Pipeline, PipelineConfig
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -97,7 +97,7 @@ def _tree(root: Path) -> dict[str, bytes]:
     for p in sorted(root.rglob("*")):
         if p.is_file() and p.name not in ("log.jsonl", checkpoint.FILE) and not p.name.startswith("."):
             raw = p.read_bytes()
-            if p.name in ("config.json", "results.json"):
+            if p.name in (RUN_RECORD, "results.json"):
                 data = json.loads(raw)
                 (data["config"] if "config" in data else data)["out_dir"] = None
                 raw = json.dumps(data, sort_keys=True).encode()

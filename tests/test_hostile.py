@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from modlora import checkpoint
+from modlora import checkpoint, validate
 from modlora.adapters import AdapterController, LoraAdapter
 from modlora.cli import main
 from modlora.config import Qwen2Config
@@ -510,24 +510,29 @@ def finished_run(out: Path, raw: dict = FINISHED) -> PipelineConfig:
 
 @pytest.mark.parametrize("cell,message", [
     ({"score": "99"}, "score must be a number, got '99' (str)"),
+    ({"score": 100.5}, "score must be in [0, 100], got 100.5"),
     ({"hypotheses": ["ok", 1]}, "hypotheses must hold strings only"),
     ({"src": None}, "missing key 'src'"),
     ([], "expected a JSON object, got list"),
 ])
 def test_evaluation_cell_file_is_checked(tmp_path, cell, message):
-    """A configuration left to evaluate reads its cells' files first (to skip finished cells)."""
-    pipe = Pipeline(finished_run(tmp_path), log=lambda _: None)
+    """A configuration left to evaluate reads its cells' files first (to skip finished cells): a
+    damaged one is named, with what is wrong, and redone."""
+    messages = []
+    pipe = Pipeline(finished_run(tmp_path), log=messages.append)
     config = pipe.configurations()[0]
-    pipe.eval_path(config).unlink()
     path = pipe.cell_path(config, "en", "fr")
     path.parent.mkdir(parents=True)
     good = {"settings": pipe.eval_settings(), "src": "en", "tgt": "fr", "score": 1.0, "signature": "s",
             "hypotheses": ["a"]}
+    assert pipe._stored(path, validate.eval_cell) is None  # none yet
+    path.write_text(json.dumps(good))
+    assert pipe._stored(path, validate.eval_cell) == (good["settings"], [("en", "fr")])
     path.write_text(json.dumps({k: v for k, v in {**good, **cell}.items() if v is not None}
                                if isinstance(cell, dict) else cell))
-    with pytest.raises(ValueError) as e:
-        pipe.evaluate()
-    assert str(e.value).startswith(str(path)) and message in str(e.value)
+    assert pipe._stored(path, validate.eval_cell) is None and not messages[:-1]
+    assert messages[-1].startswith(f"warning: {path} is damaged ({path}") and message in messages[-1]
+    assert messages[-1].endswith("; it is redone")
 
 
 def test_evaluate_redoes_a_file_that_lacks_a_direction_or_holds_another(tmp_path):

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from modlora.pipeline import DEMO, PAPER, Pipeline, PipelineConfig, default_config
+from modlora.pipeline import DEMO, PAPER, RUN_RECORD, Pipeline, PipelineConfig, default_config
 from modlora.prompt import training_example
 from modlora.train import collate, completion_loss, train_adapter
+from modlora.validate import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,11 +54,21 @@ def test_whole_pipeline_then_resume_skips_everything(tmp_path):
     assert (tmp_path / "table.md").read_text() == md
 
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()
-              and p.name not in ("results.json", "table.md", "config.json")}
+              and p.name not in ("results.json", "table.md", RUN_RECORD)}
     started = time.perf_counter()
     assert Pipeline(_config(tmp_path), log=lambda _: None).run() == md
     assert time.perf_counter() - started < first / 2
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing recomputed
+
+    # A damaged evaluation (torn, or a score edited out of range) is redone, not a dead end.
+    damaged = tmp_path / "eval" / "output-3-7.json"
+    damaged.write_text('{"directions": [')
+    cell = tmp_path / "eval" / "cells" / "output-3-7" / "fr-zh.json"
+    cell.write_text(cell.read_text().replace('"score": ', '"score": 101.0, "was": '))
+    messages = []
+    assert Pipeline(_config(tmp_path), log=messages.append).run() == md
+    assert json.loads(damaged.read_text())["directions"][0]["hypotheses"] == evaluation["directions"][0]["hypotheses"]
+    assert sum("is damaged" in m and "it is redone" in m for m in messages) == 2, messages
 
 
 def test_shipped_configs_equal_the_builtin_defaults():
@@ -66,6 +77,17 @@ def test_shipped_configs_equal_the_builtin_defaults():
     paper.model.path = "X"
     assert paper == default_config("X")
     assert DEMO["out_dir"] != PAPER["out_dir"]
+
+
+def test_toml_configs_read_on_python_3_10(monkeypatch):
+    """Python 3.10 has no tomllib: its origin, tomli (a dependency there), reads the config."""
+    import sys
+
+    import tomllib
+
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # import tomllib raises ModuleNotFoundError
+    monkeypatch.setitem(sys.modules, "tomli", tomllib)
+    assert PipelineConfig.from_toml(ROOT / "configs" / "default.toml") == default_config()
 
 
 def test_unknown_config_key_is_named():
@@ -106,3 +128,47 @@ def test_demo_recipe_adapters_learn_on_the_pretrained_base(tmp_path):
 def test_pretraining_needs_a_random_base():
     with pytest.raises(ValueError, match="pretrain_limit pre-trains a random base"):
         Pipeline(PipelineConfig.from_dict({"data": {"pretrain_limit": 4}, "model": {"path": "X"}}))
+
+
+def test_a_run_folder_refuses_settings_that_would_mix_its_outputs(tmp_path):
+    """Settings that shape outputs in the folder (here the adapters' lr, once an adapter is begun;
+    the merge weights' settings once weights are) are refused by name; settings that do not (what
+    is evaluated, checkpoint frequency) are recorded. Another program's config.json in the folder is
+    never touched."""
+    (tmp_path / "config.json").write_text('{"model_type": "qwen2"}')
+    Pipeline(_config(tmp_path), log=lambda _: None).check_record()
+    changed = _config(tmp_path)
+    changed.train.lr, changed.lora.rank, changed.weights.epochs = 2e-3, 3, 5
+    Pipeline(changed).check_record(write=False)  # nothing trained yet: any settings
+    (tmp_path / "train" / "fr-in").mkdir(parents=True)
+    with pytest.raises(InputError, match=r"made with other settings \(lora.rank None -> 3; train.lr 0.001 -> 0.002\)"):
+        Pipeline(changed).check_record()
+    (tmp_path / "weights").mkdir()
+    with pytest.raises(InputError, match=r"train.lr 0.001 -> 0.002; weights.epochs 1 -> 5\)"):
+        Pipeline(changed).check_record()
+    free = _config(tmp_path)
+    free.eval.num_beams, free.train.checkpoint_every, free.data.eval_limit = 3, 7, 1
+    Pipeline(free).check_record()
+    assert json.loads((tmp_path / RUN_RECORD).read_text())["eval"]["num_beams"] == 3
+    assert (tmp_path / "config.json").read_text() == '{"model_type": "qwen2"}'
+
+
+@pytest.mark.parametrize("edit,error", [
+    (lambda d: d.update(eval_split="test"), "no split folder"),
+    (lambda d: d.update(langs=["en", "sw"]), "unknown language code 'sw'"),
+    (lambda d: d.update(train_split="empty"), "the 'empty' split of .* has no lines"),
+    (lambda d: d.update(eval_split="short"), r"(?s)fr\.txt: 1.*en\.txt: 2|en\.txt: 2.*fr\.txt: 1"),
+])
+def test_data_that_cannot_serve_every_stage_fails_before_training(tmp_path, edit, error):
+    root = tmp_path / "data"
+    for split, texts in {"dev": ["a", "b"], "devtest": ["c", "d"], "empty": [], "short": ["e", "f"]}.items():
+        (root / split).mkdir(parents=True)
+        for lang in ("en", "fr", "sw"):
+            lines = texts[:1] if split == "short" and lang == "fr" else texts
+            (root / split / f"{lang}.txt").write_text("".join(f"{t} {lang}\n" for t in lines))
+    data = {"root": str(root), "langs": ["en", "fr"]}
+    edit(data)
+    cfg = PipelineConfig.from_dict({"out_dir": str(tmp_path / "out"), "data": data})
+    with pytest.raises((ValueError, FileNotFoundError), match=error):
+        Pipeline(cfg, log=lambda _: None).run()
+    assert not (tmp_path / "out" / "pool").exists() and not (tmp_path / "out" / "train").exists()

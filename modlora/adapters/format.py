@@ -280,9 +280,18 @@ class LearnedWeights:
         })
 
     @classmethod
-    def load(cls, path: str | Path) -> LearnedWeights:
-        """Read :meth:`save`'s JSON; ``w_in``/``w_out`` plug into ``set_adapters`` or ``export_pair``."""
+    def load(cls, path: str | Path, src: str | None = None, tgt: str | None = None,
+             strategy: str | None = None, num_layers: int | None = None) -> LearnedWeights:
+        """Read :meth:`save`'s JSON; ``w_in``/``w_out`` plug into ``set_adapters`` or ``export_pair``.
+        Weights learned for another direction or strategy, or of another number of layers, than
+        those given are an error that names the file."""
         raw = validate.learned_weights(read_json(path), path)
         theta = raw["theta"]
-        return cls(torch.tensor(raw["w_in"]), torch.tensor(raw["w_out"]), raw["strategy"], raw["src"], raw["tgt"],
-                   None if theta is None else torch.tensor(theta))
+        w = cls(torch.tensor(raw["w_in"]), torch.tensor(raw["w_out"]), raw["strategy"], raw["src"], raw["tgt"],
+                None if theta is None else torch.tensor(theta))
+        if (w.src or src, w.tgt or tgt, w.strategy) != (src or w.src, tgt or w.tgt, strategy or w.strategy):
+            raise validate.InputError(f"{path} holds weights learned for {w.src}->{w.tgt} with strategy "
+                                      f"{w.strategy!r}, not {src}->{tgt} with {strategy!r}")
+        if num_layers is not None and len(w.w_in) != num_layers:
+            raise validate.InputError(f"{path} holds weights of {len(w.w_in)} layers, the model has {num_layers}")
+        return w
