@@ -28,6 +28,7 @@ from .model import Qwen2ForCausalLM
 from .paper import PAPER_TABLE
 from .pipeline import RANDOM_BASE_NOTE, RUN_RECORD, Pipeline, PipelineConfig, default_config
 from .pool import AdapterPool
+from .prompt import language_name
 from .tokenizer import Tokenizer
 from .train import base_parameters, lora_parameters_per_rank, paper_rank
 from .validate import cli_rule, cli_type
@@ -230,6 +231,7 @@ def _read_input(args: argparse.Namespace) -> list[str]:
 def _translate(args: argparse.Namespace) -> int:
     if args.output:  # fail now, not after all the translating
         validate.writable_output(args.output, "--output")
+    language_name(args.src), language_name(args.tgt)  # an unknown code is named before the model loads
     texts = _read_input(args)
     validate.check_input_lines(texts, args.input or "stdin")
     _auto_threads(args, args.model, args.preset)

@@ -18,6 +18,7 @@ from typing import Literal
 
 import torch
 
+from .config import Qwen2Config
 from .hub import resolve_model_path
 
 DEFAULT_TOKENIZER = Path(__file__).parent / "assets" / "qwen2.5-tokenizer.json.gz"
@@ -181,11 +182,23 @@ class Tokenizer:
     @staticmethod
     def for_model(path: str | Path | None) -> Tokenizer:
         """The tokenizer a checkpoint directory ships, else the vendored Qwen2.5 one (no model: the
-        embedded preset; or a checkpoint written by ``save_pretrained``, which holds weights only)."""
+        embedded preset; or a checkpoint written by ``save_pretrained``, which holds weights only).
+
+        Raises:
+            ValueError: the folder ships no tokenizer and its model's vocabulary is too small for
+                Qwen2.5's ids (it is another model: its tokenizer must be in the folder).
+        """
         path = path and resolve_model_path(path)
         if path and any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
             return Tokenizer.from_pretrained(path)
-        return Tokenizer.default()
+        default = Tokenizer.default()
+        if path and (path / "config.json").is_file():
+            vocab = Qwen2Config.from_json(path).vocab_size
+            if vocab < default.vocab_size:
+                raise ValueError(f"{path} ships no tokenizer (tokenizer.json or tokenizer.model) and its vocabulary "
+                                 f"({vocab}) is smaller than the vendored Qwen2.5 tokenizer's ({default.vocab_size}): "
+                                 "put the model's own tokenizer in the folder")
+        return default
 
     def encode(self, text: str) -> list[int]:
         return self._backend.encode(text)

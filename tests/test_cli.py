@@ -93,6 +93,7 @@ def _bad_model_dir(tmp_path):
     (["--model", "{tmp}/absent"], "model directory {tmp}/absent does not exist"),
     (["--model", "{bad_model}"], "config.json is not valid JSON"),
     (["--pool", "{tmp}"], "unknown language 'fr'"),
+    (["--tgt", "xx", "--model", "{tmp}/absent"], "unknown language code 'xx'"),  # named before the model loads
     (["--pool", "{tmp}/absent"], "adapter pool {tmp}/absent does not exist"),
     (["--model", "{tmp}/in.txt"], "is a file, not a checkpoint directory"),
 ])

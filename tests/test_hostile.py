@@ -612,9 +612,18 @@ def test_unreadable_checkpoint(tmp_path, capsys, content):
 
 
 def test_tokenizer_beyond_the_models_vocabulary_is_named_before_training(tmp_path, capsys):
+    """Without a tokenizer of its own the folder is refused the vendored one; with one that is not
+    its model's, the training data names the ids outside the vocabulary."""
+    import gzip
+
+    from modlora.tokenizer import DEFAULT_TOKENIZER
+
     model = tmp_path / "model"
     save_pretrained(random_model(dataclasses.replace(SMALL, vocab_size=1000), seed=0), model)
     assert_error(run([*TRAIN, "--model", model, "--out", tmp_path / "run"], capsys),
+                 "ships no tokenizer", "its vocabulary (1000) is smaller than the vendored Qwen2.5 tokenizer's")
+    (model / "tokenizer.json").write_bytes(gzip.decompress(DEFAULT_TOKENIZER.read_bytes()))
+    assert_error(run([*TRAIN, "--model", model, "--out", tmp_path / "run2"], capsys),
                  "outside the model's vocabulary [0, 1000)", "the tokenizer does not belong to this model")
 
 

@@ -135,6 +135,18 @@ def test_missing_paths_name_the_path(tmp_path: Path) -> None:
         Tokenizer.from_pretrained(tmp_path)
 
 
+def test_for_model_refuses_the_vendored_tokenizer_for_a_smaller_vocabulary(tmp_path: Path) -> None:
+    """A folder without a tokenizer whose model could not embed Qwen2.5's ids is another model."""
+    from modlora.config import Qwen2Config
+    from modlora.loading import random_model, save_pretrained
+
+    cfg = Qwen2Config(vocab_size=1000, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0)
+    save_pretrained(random_model(cfg), tmp_path)
+    with pytest.raises(ValueError, match=r"ships no tokenizer .* its vocabulary \(1000\) is smaller than"):
+        Tokenizer.for_model(tmp_path)
+
+
 def test_for_model_prefers_the_checkpoints_own_tokenizer(tmp_path: Path) -> None:
     assert Tokenizer.for_model(None) is Tokenizer.default()
     assert Tokenizer.for_model(tmp_path) is Tokenizer.default()  # save_pretrained writes weights only
