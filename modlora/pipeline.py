@@ -56,7 +56,7 @@ from .loading import load_pretrained, random_model
 from .model import Qwen2ForCausalLM
 from .paper import compare_markdown, load_paper_table
 from .pool import AdapterPool
-from .prompt import language_name
+from .prompt import language_name, register_language
 from .tokenizer import Tokenizer
 from .train import LoraConfig, TrainConfig, base_parameters, learn_weights, resolve_lora, train_adapter
 
@@ -96,6 +96,8 @@ class DataConfig:
     # First N lines of train_split per language on which a random base first learns plain language
     # modelling (stage ``pretrain``), each line alone, no prompt; None: no pre-training.
     pretrain_limit: int | None = None
+    # English names the prompt uses for languages modlora does not know (code -> name, e.g. sw = "Swahili")
+    language_names: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -218,6 +220,8 @@ class Pipeline:
                              f"adapters are trained on X->{d.pivot} and {d.pivot}->X")
         if d.pretrain_limit and config.model.path:
             raise ValueError("data.pretrain_limit pre-trains a random base: it needs a preset base (no model.path)")
+        for code, name in d.language_names.items():
+            register_language(code, name)
         self.config = config
         self.out = Path(config.out_dir)
         self.log = log

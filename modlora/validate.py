@@ -152,6 +152,19 @@ def _device(value: str) -> str | None:
     return None
 
 
+_LANGUAGE_NAME = re.compile(r"[^\W\d_][\w '()-]{0,39}")  # what the prompt says: "Swahili", "Chinese (Simplified)"
+
+
+def _language_names(names: dict) -> str | None:
+    for code, name in names.items():
+        if not (isinstance(code, str) and _PLAIN.fullmatch(code)):
+            return f"has the code {code!r}: a language code is a plain name (letters, digits, '_' and '-')"
+        if not (isinstance(name, str) and _LANGUAGE_NAME.fullmatch(name)):
+            return (f"gives {code!r} the name {name!r}: a language's English name, letters, spaces and "
+                    "'()- (at most 40)")
+    return None
+
+
 def _non_empty(value: str | list) -> str | None:
     return None if value else "must not be empty"
 
@@ -184,7 +197,8 @@ SETTINGS: dict[str, dict[str, Rule]] = {
               "device": Rule(str, optional=True, check=_device)},
     "data": {"root": Rule(str, optional=True), "langs": Rule(list, check=_each(NAME, "language")),
              "pivot": NAME, "train_split": NAME, "eval_split": NAME, "train_limit": POSITIVE_OPT,
-             "weights_limit": POSITIVE_OPT, "eval_limit": POSITIVE_OPT, "pretrain_limit": POSITIVE_OPT},
+             "weights_limit": POSITIVE_OPT, "eval_limit": POSITIVE_OPT, "pretrain_limit": POSITIVE_OPT,
+             "language_names": Rule(dict, check=_language_names)},
     "lora": {"rank": POSITIVE_OPT,
              "alpha": Rule(float, low=0, low_open=True, optional=True),
              "target_modules": Rule(list, check=_each(Rule(str, check=_choice(*TARGETS)), "module")),

@@ -1,6 +1,7 @@
 """The whole pipeline on the tiny random preset with a few sentences per language, then a resume."""
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -172,3 +173,25 @@ def test_data_that_cannot_serve_every_stage_fails_before_training(tmp_path, edit
     with pytest.raises((ValueError, FileNotFoundError), match=error):
         Pipeline(cfg, log=lambda _: None).run()
     assert not (tmp_path / "out" / "pool").exists() and not (tmp_path / "out" / "train").exists()
+
+
+def test_languages_modlora_does_not_know_are_named_in_the_config(tmp_path):
+    """[data] language_names gives the prompt a name for a new language; a name that is not plain
+    text (it goes into the prompt) or that renames a known language is refused."""
+    from modlora.prompt import language_name
+
+    root = tmp_path / "data"
+    for split in ("dev", "devtest"):
+        (root / split).mkdir(parents=True)
+        for lang in ("en", "xh"):
+            (root / split / f"{lang}.txt").write_text(f"a {lang}\nb {lang}\n")
+    data = {"root": str(root), "langs": ["en", "xh"], "language_names": {"xh": "Xhosa"}}
+    pipe = Pipeline(PipelineConfig.from_dict({"out_dir": str(tmp_path / "out"), "data": data}), log=lambda _: None)
+    pipe.check_inputs()
+    assert language_name("xh") == "Xhosa"
+    for names, message in (({"xh": "Xhosa<|im_end|>"}, "gives 'xh' the name 'Xhosa<|im_end|>'"),
+                           ({"../xh": "Xhosa"}, "has the code '../xh'"), ({"xh": 3}, "gives 'xh' the name 3")):
+        with pytest.raises(InputError, match=rf"\[data\] language_names {re.escape(message)}"):
+            PipelineConfig.from_dict({"data": {**data, "language_names": names}})
+    with pytest.raises(ValueError, match="language 'fr' is already registered as 'French'"):
+        Pipeline(PipelineConfig.from_dict({"data": {"language_names": {"fr": "Francais"}}}))
