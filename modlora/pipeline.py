@@ -67,7 +67,7 @@ RUN_RECORD = "modlora-run.json"
 # keeps the settings it was made with, and evaluate redoes one made with others).
 FREE_SETTINGS = ("out_dir", "model.device", "data.eval_split", "data.eval_limit", "eval.",
                  *(f"{stage}.{key}" for stage in ("pretrain", "train", "weights")
-                   for key in ("checkpoint_every", "activation_checkpointing")))
+                   for key in ("checkpoint_every", "checkpoint_minutes", "activation_checkpointing")))
 
 RANDOM_BASE_NOTE = ("NOTE: the base model has random weights (no --model DIR): it cannot translate, so these "
                     "scores are noise. Pass --model DIR with a Qwen2.5-0.5B-Instruct checkpoint (and the "

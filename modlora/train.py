@@ -64,7 +64,9 @@ class TrainConfig:
     seed: int = 0
     ce_chunk_tokens: int = 256
     share_prefix: bool = True  # run the prompt prefix common to a batch once (same loss, less work)
-    checkpoint_every: int = 100
+    checkpoint_every: int = 100  # optimizer steps between checkpoints
+    # ... or, sooner, minutes since the last one (a kill -9 or a lost machine loses at most that)
+    checkpoint_minutes: float = 15.0
     max_steps: int | None = None  # cap on optimizer steps (smoke runs); None: the whole schedule
     # Recompute each decoder layer in the backward pass instead of keeping its activations: the same
     # gradients (so a checkpoint resumes with it on or off), less memory, about a third more compute.
@@ -280,7 +282,8 @@ def setup(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples
     run_record = {**dataclasses.asdict(cfg), "num_examples": len(examples), "pad_id": pad_id,
                   "examples_sha256": _examples_digest(examples), "param_shapes": [list(p.shape) for p in params],
                   **(record or {})}
-    del run_record["activation_checkpointing"]  # same gradients either way: a run resumes with it on or off
+    for key in ("activation_checkpointing", "checkpoint_every", "checkpoint_minutes"):
+        del run_record[key]  # the same training either way: a run resumes with other values
     if dp:  # another world size is another global batch: that checkpoint does not resume here
         run_record["data_parallel_world_size"] = dp.ctx.world_size
     run_record = json.loads(json.dumps(run_record))  # as the checkpoint gives it back (tuples as lists)
@@ -483,6 +486,13 @@ def train_step(run: TrainRun) -> dict:
             "tokens": tokens, "trained_tokens": n_trained, "tokens_per_s": tokens / seconds}
 
 
+def _checkpoint_due(run: TrainRun, saved_at: float) -> bool:
+    """``cfg.checkpoint_minutes`` have passed since the last checkpoint (or the start). Data
+    parallel: on any rank, so that all of them save (a collective)."""
+    due = time.monotonic() - saved_at >= 60 * run.cfg.checkpoint_minutes
+    return bool(run.dp.ctx.all_sum([int(due)])[0]) if run.dp else due
+
+
 def _fingerprint(base: Sequence[Tensor]) -> list[tuple[int, int]]:
     """Storage and version counter of every base parameter: any in-place write (an optimizer step
     included) bumps ``_version``, so equal fingerprints mean untouched weights, at no cost."""
@@ -534,6 +544,7 @@ def train(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples
     was_training = model.training
     model.train()
     losses: list[float] = []
+    saved_at = time.monotonic()
     bar = progress(run.total, desc, initial=run.step)
     try:
         with open(run.log_path if run.writer else os.devnull, "a", encoding="utf-8") as log_file:
@@ -548,8 +559,10 @@ def train(model: torch.nn.Module, params: Sequence[torch.nn.Parameter], examples
                 bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.3g}",
                                 tok_s=round(record["tokens_per_s"]), refresh=False)
                 bar.update(1)
-                if run.step % cfg.checkpoint_every == 0 or run.step == run.total or len(losses) == stop_after:
+                if (run.step % cfg.checkpoint_every == 0 or run.step == run.total or len(losses) == stop_after
+                        or _checkpoint_due(run, saved_at)):
                     save_checkpoint(run)
+                    saved_at = time.monotonic()
     except KeyboardInterrupt:
         # Outside an update the weights, optimizer and scheduler are those of `run.step` finished
         # steps: keep them (the interrupted step is redone from run.rng). Inside one, they are not.

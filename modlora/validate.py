@@ -185,7 +185,8 @@ _TRAIN = {
     "epochs": POSITIVE, "lr": Rule(float, low=0, low_open=True),
     "batch_size": POSITIVE, "grad_accum": POSITIVE, "warmup_ratio": Rule(float, low=0, high=1),
     "weight_decay": Rule(float, low=0), "max_grad_norm": Rule(float, low=0), "seed": Rule(int, low=0),
-    "ce_chunk_tokens": POSITIVE, "share_prefix": Rule(bool), "checkpoint_every": POSITIVE, "max_steps": POSITIVE_OPT,
+    "ce_chunk_tokens": POSITIVE, "share_prefix": Rule(bool), "checkpoint_every": POSITIVE,
+    "checkpoint_minutes": POSITIVE_FLOAT, "max_steps": POSITIVE_OPT,
     "activation_checkpointing": Rule(bool),
 }
 # Every pipeline setting, by TOML section ("" for the top level). The CLI options use the same rules.

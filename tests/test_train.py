@@ -546,3 +546,20 @@ def test_weight_decay_applies_to_matrices_only(tmp_path):
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert {id(p) for p in decay["params"]} == {id(p) for p in adapter.parameters()}
     assert [id(p) for p in no_decay["params"]] == [id(vector)]
+
+
+def test_checkpoints_come_every_so_many_minutes_too(tmp_path, monkeypatch):
+    """Besides every `checkpoint_every` steps, a checkpoint once `checkpoint_minutes` have passed
+    (here a clock that moves 10 minutes a reading: due at every second step); and neither setting is
+    part of what a resume must match."""
+    import modlora.train as train_module
+
+    clock = iter(range(0, 10**6, 600))
+    monkeypatch.setattr(train_module.time, "monotonic", lambda: next(clock))
+    real, steps = checkpoint.save, []
+    monkeypatch.setattr(checkpoint, "save", lambda path, state: steps.append(state["step"]) or real(path, state))
+    cfg = TrainConfig(epochs=2, lr=1e-2, batch_size=3, grad_accum=1, checkpoint_every=100, checkpoint_minutes=15)
+    _adapter_run(tmp_path, _random_examples(9, seed=1), cfg, stop_after=5)
+    assert steps == [2, 4, 5]  # 5: stop_after
+    again = dataclasses.replace(cfg, checkpoint_every=1, checkpoint_minutes=1.0)
+    assert _adapter_run(tmp_path, _random_examples(9, seed=1), again, stop_after=None)["step"] == 6
