@@ -28,7 +28,7 @@ from .model import Qwen2ForCausalLM
 from .paper import PAPER_TABLE
 from .pipeline import RANDOM_BASE_NOTE, RUN_RECORD, Pipeline, PipelineConfig, default_config
 from .pool import AdapterPool
-from .prompt import language_name
+from .prompt import language_name, register_language
 from .tokenizer import Tokenizer
 from .train import base_parameters, lora_parameters_per_rank, paper_rank
 from .validate import cli_rule, cli_type
@@ -113,7 +113,8 @@ def _config(args: argparse.Namespace) -> PipelineConfig:
         cfg = default_config(args.model)
         record = Path(args.out or cfg.out_dir) / RUN_RECORD
         if record.is_file():
-            cfg = PipelineConfig.from_dict(read_json(record), str(record))
+            cfg = PipelineConfig.from_dict(validate.json_object(read_json(record), record).get("config"),
+                                           f"{record}: config")
             cfg.out_dir = str(record.parent)
     if args.model:
         cfg.model.path = args.model
@@ -156,9 +157,10 @@ def _stage(args: argparse.Namespace) -> int:
                 ctx.check_jobs(stage, counts[stage][0], training=counts[stage][1])
         started = time.perf_counter()
         if args.command != "run":  # run checks these itself
-            pipe.check_record(write=args.command != "table")  # table may read a read-only finished run
-        if args.command not in ("run", "table"):
+            pipe.check_record()
+        if args.command not in ("run", "table"):  # table may read a read-only finished run
             pipe.check_inputs()
+            pipe.write_record()
             pipe.pretrain()  # every stage starts from the pre-trained base (when the config has one)
         if args.command == "train-adapters":
             pipe.train_adapters()
@@ -216,22 +218,35 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _read_input(args: argparse.Namespace) -> list[str]:
-    raw = open(args.input, "rb").read() if args.input else sys.stdin.buffer.read()
+    raw = Path(args.input).read_bytes() if args.input else sys.stdin.buffer.read()
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         log_stderr(f"warning: input is not valid UTF-8 ({e}); undecodable bytes replaced by U+FFFD")
         text = raw.decode("utf-8", errors="replace")
-    lines = text.split("\n")
+    lines = text.removeprefix("\ufeff").split("\n")  # a byte-order mark is not text
     if lines and lines[-1] == "":
         lines.pop()
     return lines
 
 
+def _language_name(text: str) -> tuple[str, str]:
+    """``CODE=NAME`` of ``--language-name``, checked as ``[data] language_names`` is."""
+    code, _, name = text.partition("=")
+    try:
+        validate.SETTINGS["data"]["language_names"]({code.strip(): name.strip()})
+    except validate.InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return code.strip(), name.strip()
+
+
 def _translate(args: argparse.Namespace) -> int:
     if args.output:  # fail now, not after all the translating
         validate.writable_output(args.output, "--output")
-    language_name(args.src), language_name(args.tgt)  # an unknown code is named before the model loads
+    for code, name in args.language_name or ():
+        register_language(code, name)
+    for code, what in ((args.src, "--src"), (args.tgt, "--tgt")):  # named before the model loads
+        language_name(validate.plain_name(code, what))
     texts = _read_input(args)
     validate.check_input_lines(texts, args.input or "stdin")
     _auto_threads(args, args.model, args.preset)
@@ -291,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--w-out", type=cli_rule(validate.Rule(float)), default=0.5,
                    help="weight of out[tgt] (default: 0.5)")
     p.add_argument("--use", choices=("both", "in", "out"), default="both", help="which adapters of the pair")
+    p.add_argument("--language-name", action="append", type=_language_name, metavar="CODE=NAME",
+                   help="the English name the prompt gives a language modlora does not know (as the run's "
+                        "[data] language_names), e.g. sw=Swahili; repeatable")
     p.add_argument("--weights", help="learned per-layer weights JSON (from learn-weights) instead of --w-in/--w-out")
     p.add_argument("--input", help="input file (default: stdin)")
     p.add_argument("--output", help="output file, written atomically (default: stdout)")

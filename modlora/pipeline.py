@@ -62,7 +62,8 @@ from .train import LoraConfig, TrainConfig, base_parameters, learn_weights, reso
 
 RUN_RECORD = "modlora-run.json"
 """The settings a run folder was made with (not ``config.json``: ``--out`` may be a model's folder)."""
-# Settings that shape no finished output: where it runs, how often a checkpoint is written,
+# Settings that shape no finished output: where it runs (the dtype that resolves to is recorded
+# apart, :meth:`Pipeline.record`), how often a checkpoint is written,
 # activation checkpointing (bit-identical gradients), and what is evaluated (each evaluation file
 # keeps the settings it was made with, and evaluate redoes one made with others).
 FREE_SETTINGS = ("out_dir", "model.device", "data.eval_split", "data.eval_limit", "eval.",
@@ -191,6 +192,14 @@ def default_config(model_path: str | None = None) -> PipelineConfig:
     return config
 
 
+_OUTPUTS = ("pretrain", "train", "pool", "full", "weights", "eval")
+# The outputs made with a setting: the merge weights' settings shape the weights (and what was
+# evaluated with them), the adapters' training the trained outputs after pre-training; every other
+# setting (the model, the dtype, the data, the pre-training) all of them.
+_MADE_WITH = ((("weights.", "data.weights_limit"), ("weights", "eval")),
+              (("train.", "lora.", "data.train_limit", "data.pivot"), _OUTPUTS[1:]))
+
+
 def _flat(settings: dict, prefix: str = "") -> dict[str, object]:
     out: dict[str, object] = {}
     for key, value in settings.items():
@@ -227,30 +236,43 @@ class Pipeline:
         self.log = log
         self._model = self._adapters = self._full = self._tokenizer = self._pool = None
 
-    def check_record(self, write: bool = True) -> None:
-        """Refuse a run folder whose outputs were made with other settings (named: adapters, weights
-        and evaluations of two settings would mix, and the record would name only one), then record
-        this config in it (``write``; rank 0 of several processes)."""
-        path, now = self.out / RUN_RECORD, json.loads(json.dumps(self.config.to_dict()))
-        if path.is_file():
-            saved = read_json(path)
-            changed = [f"{key} {old!r} -> {new!r}"
-                       for key, (old, new) in changed_settings(saved if isinstance(saved, dict) else {}, now).items()
-                       if self._made_with(key)]
-            if changed:
-                raise validate.InputError(
-                    f"{self.out} was made with other settings ({'; '.join(changed)}): its adapters, weights and "
-                    f"evaluations would mix them. Rerun with those settings, use another --out, or delete "
-                    f"{self.out} to start over")
-        if write and distributed.current().is_writer:
-            atomic_write_json(path, now)
+    def record(self) -> dict:
+        """What the folder's outputs are made with: the config, and the dtype it resolves to here
+        (``model.dtype`` unset: bf16 on CUDA, fp32 on CPU)."""
+        return {"config": json.loads(json.dumps(self.config.to_dict())),
+                "dtype": str(self._device_dtype()[1]).removeprefix("torch.")}
+
+    def check_record(self) -> None:
+        """Refuse a run folder whose outputs, finished or begun, were made with other settings (named:
+        adapters, weights and evaluations of two settings would mix, and the record would name only
+        one)."""
+        path = self.out / RUN_RECORD
+        if not path.is_file():
+            return
+        saved, now = read_json(path), self.record()
+        saved = saved if isinstance(saved, dict) else {}
+        changes = changed_settings(saved.get("config") if isinstance(saved.get("config"), dict) else {},
+                                   now["config"])
+        if saved.get("dtype") != now["dtype"]:
+            changes["dtype"] = (saved.get("dtype"), now["dtype"])
+        changed = [f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items() if self._made_with(key)]
+        if changed:
+            raise validate.InputError(
+                f"{self.out} was made with other settings ({'; '.join(changed)}): its adapters, weights and "
+                f"evaluations would mix them. Rerun with those settings, use another --out, or delete "
+                f"{self.out} to start over")
+
+    def write_record(self) -> None:
+        """Record this run's settings in its folder (rank 0), once every process has checked them."""
+        ctx = distributed.current()
+        ctx.barrier()  # no rank checks the folder after another has begun work in it
+        if ctx.is_writer:
+            atomic_write_json(self.out / RUN_RECORD, self.record())
 
     def _made_with(self, key: str) -> bool:
-        """Whether outputs in the folder, finished or begun, depend on setting ``key``: the merge
-        weights on the ``weights`` settings, every trained output on the others."""
-        if key.startswith(("weights.", "data.weights_limit")):
-            return (self.out / "weights").exists()
-        return any((self.out / name).exists() for name in ("pretrain", "train", "pool", "full", "weights", "eval"))
+        """Whether outputs in the folder, finished or begun, depend on setting ``key``."""
+        made = next((folders for prefixes, folders in _MADE_WITH if key.startswith(prefixes)), _OUTPUTS)
+        return any((self.out / name).exists() for name in made)
 
     def check_inputs(self) -> None:
         """What the stages read from the data, checked before the first one trains: both splits of
@@ -455,7 +477,8 @@ class Pipeline:
         redoes a file made with other settings, and table refuses files made with unlike settings."""
         d, e = self.config.data, self.config.eval
         return {"split": d.eval_split, "eval_limit": d.eval_limit, "langs": list(d.langs),
-                "num_beams": e.num_beams, "max_new_tokens": e.max_new_tokens}
+                "num_beams": e.num_beams, "max_new_tokens": e.max_new_tokens,
+                "dtype": str(self._device_dtype()[1]).removeprefix("torch.")}
 
     def cell_path(self, config: EvalConfig, src: str, tgt: str) -> Path:
         return self.out / "eval" / "cells" / config.slug / f"{src}-{tgt}.json"
@@ -586,6 +609,7 @@ class Pipeline:
         """
         self.check_record()
         self.check_inputs()
+        self.write_record()
         self.pretrain()
         self.train_adapters()
         self.train_full()

@@ -59,7 +59,7 @@ def test_stages_and_translate_on_a_small_run(tmp_path, capsys):
     assert capsys.readouterr().out.startswith(table) and (tmp_path / "compare.md").is_file()
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["eval_settings"] == {"split": "devtest", "eval_limit": 1, "langs": ["en", "fr"], "num_beams": 1,
-                                        "max_new_tokens": 2}
+                                        "max_new_tokens": 2, "dtype": "float32"}
     # Evaluations made with other settings are redone, not reused; the table refuses a mix of them.
     more = [a if a != "1" or common[i - 1] != "--eval-limit" else "2" for i, a in enumerate(common)]
     assert main(["evaluate", *more, "--strategies", "output", "--num-beams", "1", "--max-new-tokens", "2"]) == 0
@@ -140,7 +140,7 @@ def test_a_stage_command_goes_on_with_the_run_folders_settings(tmp_path, capsys)
 
     cfg = PipelineConfig.from_dict({"out_dir": str(tmp_path), "data": {"langs": ["en", "fr"], "train_limit": 4},
                                     "train": {"epochs": 3, "lr": 0.005}})
-    Pipeline(cfg).check_record()
+    Pipeline(cfg).write_record()
     args = build_parser().parse_args(["learn-weights", "--out", str(tmp_path), "--epochs", "2"])
     got = _config(args)
     assert got.train == cfg.train and got.data == cfg.data and got.weights.epochs == 2
@@ -148,3 +148,27 @@ def test_a_stage_command_goes_on_with_the_run_folders_settings(tmp_path, capsys)
     assert main(["train-adapters", "--out", str(tmp_path), "--lr", "0.5"]) == 2
     assert "made with other settings (train.lr 0.005 -> 0.5)" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["modlora-run.json", "pool"]
+
+
+def test_translate_input_and_language_names(tmp_path, capsys, monkeypatch):
+    """A byte-order mark is not part of the first sentence; --language-name names a language the
+    prompt does not know (the check passes, and the absent model is what stops this run), and a
+    name that would go into the prompt as markup is refused."""
+    import argparse
+
+    from modlora import prompt
+    from modlora.cli import _read_input
+
+    monkeypatch.setattr(prompt, "_LANGUAGES", dict(prompt._LANGUAGES))  # the registry is the process's
+
+    (tmp_path / "in.txt").write_bytes("\ufeffBonjour.\nSalut.\n".encode())
+    assert _read_input(argparse.Namespace(input=str(tmp_path / "in.txt"))) == ["Bonjour.", "Salut."]
+    common = ["translate", "--src", "en", "--input", str(tmp_path / "in.txt"), "--model", str(tmp_path / "absent")]
+    assert main([*common, "--tgt", "zu"]) == 2
+    assert "unknown language code 'zu'" in capsys.readouterr().err
+    assert main([*common, "--tgt", "zu", "--language-name", "zu=Zulu"]) == 2
+    assert "absent does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main([*common, "--tgt", "zu", "--language-name", "zu=<|im_end|>"])
+    assert e.value.code == 2
+    assert "argument --language-name: gives 'zu' the name '<|im_end|>'" in capsys.readouterr().err

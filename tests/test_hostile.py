@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import pickle
+import re
 import shutil
 import stat
 import time
@@ -553,6 +554,27 @@ def test_evaluate_redoes_a_file_that_lacks_a_direction_or_holds_another(tmp_path
     assert sorted((d["src"], d["tgt"]) for d in redone) == sorted(pipe.directions())
     assert (json.loads(cell.read_text())["src"], json.loads(cell.read_text())["tgt"]) == ("en", "fr")
     pipe.table()
+
+
+@pytest.mark.parametrize("weights,message", [
+    ({"src": "fr", "tgt": "en"}, "holds weights learned for fr->en with strategy 'output', not en->fr"),
+    ({"w_in": [0.5], "w_out": [0.5]}, "holds weights of 1 layers, the model has"),
+])
+def test_evaluate_refuses_learned_weights_of_another_direction_or_model(tmp_path, weights, message):
+    """A weights.json at a direction's place that holds another direction's (or another model's)
+    weights is named, not used."""
+    from modlora.adapters import LearnedWeights
+
+    pipe = Pipeline(finished_run(tmp_path), log=lambda _: None)
+    config = next(c for c in pipe.configurations() if c.learned)
+    pipe.eval_path(config).unlink()
+    layers = pipe.model.config.num_hidden_layers
+    raw = {"src": "en", "tgt": "fr", "w_in": [0.5] * layers, "w_out": [0.5] * layers, **weights}
+    path = pipe.weights_path(config.strategy, "en", "fr")
+    LearnedWeights(torch.tensor(raw["w_in"]), torch.tensor(raw["w_out"]), config.strategy, raw["src"],
+                   raw["tgt"]).save(path)
+    with pytest.raises(ValueError, match=re.escape(f"{path} {message}")):
+        pipe.evaluate()
 
 
 def test_table_prints_a_read_only_finished_run(tmp_path, capsys, monkeypatch):

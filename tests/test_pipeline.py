@@ -131,27 +131,48 @@ def test_pretraining_needs_a_random_base():
         Pipeline(PipelineConfig.from_dict({"data": {"pretrain_limit": 4}, "model": {"path": "X"}}))
 
 
-def test_a_run_folder_refuses_settings_that_would_mix_its_outputs(tmp_path):
-    """Settings that shape outputs in the folder (here the adapters' lr, once an adapter is begun;
-    the merge weights' settings once weights are) are refused by name; settings that do not (what
-    is evaluated, checkpoint frequency) are recorded. Another program's config.json in the folder is
+def test_a_run_folder_refuses_settings_that_would_mix_its_outputs(tmp_path, monkeypatch):
+    """Settings that shape outputs in the folder are refused by name once those outputs are begun:
+    the pre-training's (and the model's, the data's, the dtype's) with any output, the adapters' lr
+    from the first adapter on, the merge weights' once weights are. Settings that do not (what is
+    evaluated, checkpoint frequency) are recorded. Another program's config.json in the folder is
     never touched."""
     (tmp_path / "config.json").write_text('{"model_type": "qwen2"}')
-    Pipeline(_config(tmp_path), log=lambda _: None).check_record()
+    Pipeline(_config(tmp_path), log=lambda _: None).write_record()
     changed = _config(tmp_path)
-    changed.train.lr, changed.lora.rank, changed.weights.epochs = 2e-3, 3, 5
-    Pipeline(changed).check_record(write=False)  # nothing trained yet: any settings
+    changed.train.lr, changed.lora.rank, changed.weights.epochs, changed.pretrain.epochs = 2e-3, 3, 5, 7
+    Pipeline(changed).check_record()  # nothing begun yet: any settings
+    (tmp_path / "pretrain").mkdir()
+    with pytest.raises(InputError, match=r"made with other settings \(pretrain.epochs 2 -> 7\)"):
+        Pipeline(changed).check_record()
     (tmp_path / "train" / "fr-in").mkdir(parents=True)
-    with pytest.raises(InputError, match=r"made with other settings \(lora.rank None -> 3; train.lr 0.001 -> 0.002\)"):
+    with pytest.raises(InputError, match=r"\(lora.rank None -> 3; pretrain.epochs 2 -> 7; train.lr 0.001 -> 0.002\)"):
         Pipeline(changed).check_record()
     (tmp_path / "weights").mkdir()
     with pytest.raises(InputError, match=r"train.lr 0.001 -> 0.002; weights.epochs 1 -> 5\)"):
         Pipeline(changed).check_record()
+    monkeypatch.setattr(Pipeline, "_device_dtype", lambda self: (torch.device("cuda"), torch.bfloat16))
+    with pytest.raises(InputError, match=r"made with other settings \(dtype 'float32' -> 'bfloat16'\)"):
+        Pipeline(_config(tmp_path)).check_record()  # model.device unset: another machine resolves another dtype
+    monkeypatch.undo()
     free = _config(tmp_path)
     free.eval.num_beams, free.train.checkpoint_every, free.data.eval_limit = 3, 7, 1
     Pipeline(free).check_record()
-    assert json.loads((tmp_path / RUN_RECORD).read_text())["eval"]["num_beams"] == 3
+    Pipeline(free).write_record()
+    assert json.loads((tmp_path / RUN_RECORD).read_text()) == {"config": json.loads(json.dumps(free.to_dict())),
+                                                               "dtype": "float32"}
     assert (tmp_path / "config.json").read_text() == '{"model_type": "qwen2"}'
+
+
+def test_a_refused_run_records_nothing(tmp_path):
+    """Settings whose data cannot serve the stages are not recorded: the next command would inherit them."""
+    Pipeline(_config(tmp_path), log=lambda _: None).write_record()
+    before = (tmp_path / RUN_RECORD).read_text()
+    bad = _config(tmp_path)
+    bad.data.eval_split = "absent"
+    with pytest.raises(FileNotFoundError, match="no split folder"):
+        Pipeline(bad, log=lambda _: None).run()
+    assert (tmp_path / RUN_RECORD).read_text() == before
 
 
 @pytest.mark.parametrize("edit,error", [
@@ -175,10 +196,13 @@ def test_data_that_cannot_serve_every_stage_fails_before_training(tmp_path, edit
     assert not (tmp_path / "out" / "pool").exists() and not (tmp_path / "out" / "train").exists()
 
 
-def test_languages_modlora_does_not_know_are_named_in_the_config(tmp_path):
+def test_languages_modlora_does_not_know_are_named_in_the_config(tmp_path, monkeypatch):
     """[data] language_names gives the prompt a name for a new language; a name that is not plain
     text (it goes into the prompt) or that renames a known language is refused."""
+    from modlora import prompt
     from modlora.prompt import language_name
+
+    monkeypatch.setattr(prompt, "_LANGUAGES", dict(prompt._LANGUAGES))  # the registry is the process's
 
     root = tmp_path / "data"
     for split in ("dev", "devtest"):

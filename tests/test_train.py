@@ -340,7 +340,8 @@ def _adapter_run(tmp, data, cfg=None, **kw):
     AdapterController(model).set_adapters(lora_in=adapter, w_in=1.0)
     cfg = cfg or TrainConfig(epochs=2, lr=1e-2, batch_size=3, grad_accum=1)
     kw.setdefault("stop_after", 1)
-    return train(model, adapter.parameters(), data, cfg, tmp, pad_id=PAD, log=lambda _: None, **kw)
+    kw.setdefault("pad_id", PAD)
+    return train(model, adapter.parameters(), data, cfg, tmp, log=lambda _: None, **kw)
 
 
 def test_resume_refuses_other_data_and_other_records(tmp_path):
@@ -353,6 +354,8 @@ def test_resume_refuses_other_data_and_other_records(tmp_path):
         _adapter_run(tmp_path, other, record={"lora": {"alpha": 8}})
     with pytest.raises(ValueError, match=r"different run configuration \(lora \{'alpha': 8\} -> \{'alpha': 64\}\)"):
         _adapter_run(tmp_path, data, record={"lora": {"alpha": 64}})
+    with pytest.raises(ValueError, match=r"different run configuration \(pad_id 0 -> 1\)"):
+        _adapter_run(tmp_path, data, record={"lora": {"alpha": 8}}, pad_id=1)
     assert _adapter_run(tmp_path, data, record={"lora": {"alpha": 8}})["step"] == 2
 
 
@@ -372,9 +375,10 @@ def test_train_adapter_resume_refuses_other_lora_settings(tmp_path):
                                       TrainConfig(epochs=2, batch_size=3, grad_accum=1), tmp_path, stop_after=1,
                                       log=lambda _: None)
     try:
-        run(4.0)
+        assert run(4.0) is None  # stopped after a step
         with pytest.raises(ValueError, match=r"different run configuration \(lora .*'alpha': 4\.0.*'alpha': 64\.0"):
             run(64.0)
+        assert run(4.0) is None and json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])["step"] == 2
     finally:
         train_module.training_example = original
 
@@ -563,3 +567,46 @@ def test_checkpoints_come_every_so_many_minutes_too(tmp_path, monkeypatch):
     assert steps == [2, 4, 5]  # 5: stop_after
     again = dataclasses.replace(cfg, checkpoint_every=1, checkpoint_minutes=1.0)
     assert _adapter_run(tmp_path, _random_examples(9, seed=1), again, stop_after=None)["step"] == 6
+
+
+def test_tensors_digest_sees_values_dtypes_and_shapes():
+    from modlora.train import tensors_digest
+
+    t = torch.arange(6.0).reshape(2, 3)
+    same = tensors_digest([t, t.t()])
+    assert tensors_digest([t.clone(), t.t().clone()]) == same  # values, not storage or strides
+    changed = t.clone()
+    changed[1, 2] += 1e-6
+    for other in ([changed, t.t()], [t.double(), t.t()], [t.reshape(3, 2), t.t()], [t]):
+        assert tensors_digest(other) != same
+
+
+def test_weight_learning_resumes_only_on_the_same_frozen_adapters(tmp_path):
+    model = _small_model()
+    make = lambda seed, role: LoraAdapter.init(model, rank=4, alpha=8, seed=seed, language="fr", role=role)
+    lora_in, lora_out, other_in = make(1, "in"), make(2, "out"), make(3, "in")
+    for a in (lora_in, lora_out, other_in):
+        with torch.no_grad():
+            for _, B in a.tensors.values():
+                B.normal_(0, 0.1)
+
+    class _Tok:
+        pad_id = PAD
+
+    import modlora.train as train_module
+
+    examples = _random_examples(8, seed=2)
+    original = train_module.training_example
+    train_module.training_example = lambda tok, src, tgt, s, t: examples[int(s)]
+    run = lambda a_in: learn_weights(AdapterController(model), _Tok(), a_in, lora_out, "fr", "de",
+                                     [(str(i), "") for i in range(8)], "output",
+                                     TrainConfig(epochs=2, lr=0.1, batch_size=4, grad_accum=1), tmp_path,
+                                     stop_after=1, log=lambda _: None)
+    try:
+        assert run(lora_in) is None
+        with pytest.raises(ValueError, match=r"different run configuration \(lora_in \["):
+            run(other_in)
+        assert run(lora_in) is None  # the same adapters: resumed to step 2
+        assert json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])["step"] == 2
+    finally:
+        train_module.training_example = original
