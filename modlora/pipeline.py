@@ -194,10 +194,13 @@ def default_config(model_path: str | None = None) -> PipelineConfig:
 
 _OUTPUTS = ("pretrain", "train", "pool", "full", "weights", "eval")
 # The outputs made with a setting: the merge weights' settings shape the weights (and what was
-# evaluated with them), the adapters' training the trained outputs after pre-training; every other
-# setting (the model, the dtype, the data, the pre-training) all of them.
+# evaluated with them), the adapters' training the trained outputs after pre-training, the list of
+# languages only what mixes them (the pre-training's text, the full fine-tuning's data: an adapter
+# or a direction's weights see their own languages only, so a language joins a run as the paper's
+# modules do); every other setting (the model, the dtype, the data, the pre-training) all of them.
 _MADE_WITH = ((("weights.", "data.weights_limit"), ("weights", "eval")),
-              (("train.", "lora.", "data.train_limit", "data.pivot"), _OUTPUTS[1:]))
+              (("train.", "lora.", "data.train_limit", "data.pivot"), _OUTPUTS[1:]),
+              (("data.langs",), ("pretrain", "full")))
 
 
 def _flat(settings: dict, prefix: str = "") -> dict[str, object]:

@@ -164,6 +164,20 @@ def test_a_run_folder_refuses_settings_that_would_mix_its_outputs(tmp_path, monk
     assert (tmp_path / "config.json").read_text() == '{"model_type": "qwen2"}'
 
 
+def test_a_language_joins_a_run_without_redoing_its_adapters(tmp_path):
+    """Adapters and merge weights see their own languages only: adding one to a run is allowed, as
+    the paper's modules are meant to grow; the full fine-tuning (and a pre-training) mixed them all."""
+    Pipeline(_config(tmp_path), log=lambda _: None).write_record()
+    (tmp_path / "pool").mkdir()
+    (tmp_path / "weights").mkdir()
+    more = _config(tmp_path)
+    more.data.langs = ["en", "fr", "zh", "de"]
+    Pipeline(more).check_record()
+    (tmp_path / "full").mkdir()
+    with pytest.raises(InputError, match=r"\(data.langs \['en', 'fr', 'zh'\] -> \['en', 'fr', 'zh', 'de'\]\)"):
+        Pipeline(more).check_record()
+
+
 def test_a_refused_run_records_nothing(tmp_path):
     """Settings whose data cannot serve the stages are not recorded: the next command would inherit them."""
     Pipeline(_config(tmp_path), log=lambda _: None).write_record()
