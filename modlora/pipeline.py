@@ -62,11 +62,11 @@ from .train import LoraConfig, TrainConfig, base_parameters, learn_weights, reso
 
 RUN_RECORD = "modlora-run.json"
 """The settings a run folder was made with (not ``config.json``: ``--out`` may be a model's folder)."""
-# Settings that shape no finished output: where it runs (the dtype that resolves to is recorded
-# apart, :meth:`Pipeline.record`), how often a checkpoint is written,
-# activation checkpointing (bit-identical gradients), and what is evaluated (each evaluation file
-# keeps the settings it was made with, and evaluate redoes one made with others).
-FREE_SETTINGS = ("out_dir", "model.device", "data.eval_split", "data.eval_limit", "eval.",
+# Settings that shape no finished output as such: where it runs and the dtype asked for (the dtype
+# they resolve to is recorded apart and binds, :meth:`Pipeline.record`), how often a checkpoint is
+# written, activation checkpointing (bit-identical gradients), and what is evaluated (each
+# evaluation file keeps the settings it was made with, and evaluate redoes one made with others).
+FREE_SETTINGS = ("out_dir", "model.device", "model.dtype", "data.eval_split", "data.eval_limit", "eval.",
                  *(f"{stage}.{key}" for stage in ("pretrain", "train", "weights")
                    for key in ("checkpoint_every", "checkpoint_minutes", "activation_checkpointing")))
 

@@ -155,6 +155,12 @@ def test_a_run_folder_refuses_settings_that_would_mix_its_outputs(tmp_path, monk
     with pytest.raises(InputError, match=r"made with other settings \(dtype 'float32' -> 'bfloat16'\)"):
         Pipeline(_config(tmp_path)).check_record()  # model.device unset: another machine resolves another dtype
     monkeypatch.undo()
+    spelled = _config(tmp_path)
+    spelled.model.dtype = "float32"  # what an unset dtype resolves to on the CPU: the same outputs
+    Pipeline(spelled).check_record()
+    spelled.model.dtype = "bfloat16"
+    with pytest.raises(InputError, match=r"made with other settings \(dtype 'float32' -> 'bfloat16'\)"):
+        Pipeline(spelled).check_record()
     free = _config(tmp_path)
     free.eval.num_beams, free.train.checkpoint_every, free.data.eval_limit = 3, 7, 1
     Pipeline(free).check_record()
