@@ -95,8 +95,9 @@ def generate(model: Qwen2ForCausalLM, input_ids: Tensor, attention_mask: Tensor 
         token log-probs (for greedy computed the same way; transformers reports none there).
 
     Raises:
-        ValueError: bad search settings, ``input_ids`` not [B, P], no eos id, or ``row_pair`` not a
-            tensor or without ``adapters``.
+        ValueError: bad search settings, ``input_ids`` not [B, P], a prompt that is not left-padded
+            (:func:`_left_padding`; without ``attention_mask`` transformers' rule infers one), no
+            eos id, or ``row_pair`` not a tensor or without ``adapters``.
     """
     params = dataclasses.replace(search or SearchParams(), **overrides)
     if input_ids.dim() != 2:
@@ -109,9 +110,8 @@ def generate(model: Qwen2ForCausalLM, input_ids: Tensor, attention_mask: Tensor 
         raise ValueError("row_pair needs adapters=, the AdapterController that set the pairs")
     device = model.lm_head.weight.device
     input_ids = input_ids.to(device)
-    if attention_mask is not None:
-        attention_mask = attention_mask.to(device)
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
+    attention_mask = _left_padding(input_ids, attention_mask, pad_token_id, eos)
     batch, prompt_len = input_ids.shape
     cache = model.new_cache(batch, prompt_len, params.max_new_tokens, params.num_beams)
     if row_pair is not None:
@@ -129,6 +129,30 @@ def generate(model: Qwen2ForCausalLM, input_ids: Tensor, attention_mask: Tensor 
     generated = tokens[:, : int(lengths.max())]
     out = torch.cat((input_ids.repeat_interleave(params.num_return_sequences, 0), generated), dim=1)
     return (out, scores) if return_scores else out
+
+
+def _left_padding(input_ids: Tensor, attention_mask: Tensor | None, pad_token_id: int, eos: Tensor) -> Tensor:
+    """The prompts' mask, checked left-padded. Without one, transformers' rule: the pad id marks
+    padding where it occurs in the prompts and is no eos id; else every token counts.
+
+    Raises:
+        ValueError: a mask of another shape, or one with padding after a row's first token (right or
+            inner padding: a prompt's last position would be a pad, so its first token would be
+            predicted from the wrong place; transformers also decodes such rows wrongly, with a warning).
+    """
+    if attention_mask is None:
+        pads = input_ids == pad_token_id
+        infer = bool(pads.any()) and not bool(torch.isin(eos, pad_token_id).any())
+        attention_mask = ~pads if infer else torch.ones_like(pads)
+    attention_mask = attention_mask.to(input_ids.device)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must have input_ids' shape "
+                         f"{tuple(input_ids.shape)}")
+    inner = (attention_mask[:, 1:].bool() < attention_mask[:, :-1].bool()).any(1)
+    if bool(inner.any()):
+        raise ValueError(f"generate takes left-padded prompts: row {int(inner.nonzero()[0])} has padding after "
+                         "its first token (pad on the left, as Tokenizer.pad does, or pass attention_mask)")
+    return attention_mask
 
 
 def _log_probs(logits: Tensor, step: int, min_new_tokens: int, eos: Tensor) -> Tensor:

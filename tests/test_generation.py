@@ -106,6 +106,39 @@ def test_single_prompt_without_mask_and_left_padding_is_neutral(models, prompts)
     assert torch.equal(batch[2, 9:], alone[0, 3:])
 
 
+def test_without_a_mask_the_pad_id_marks_padding_as_in_transformers(models, prompts):
+    """transformers infers the mask from the pad id when it occurs in the prompts and is no eos id."""
+    ids, _ = prompts
+    hf, ours = models
+    kw = {"num_beams": 3, "max_new_tokens": 8, "eos_token_id": LATE_EOS, "pad_token_id": PAD}
+    ref = hf.generate(ids, do_sample=False, repetition_penalty=1.0, **{**kw, "eos_token_id": list(LATE_EOS)})
+    assert torch.equal(generate(ours, ids, None, **kw), ref)
+    pad_is_eos = {**kw, "eos_token_id": (PAD, *LATE_EOS)}  # then every token counts, padding too
+    ref = hf.generate(ids, do_sample=False, repetition_penalty=1.0, **{**pad_is_eos, "eos_token_id": [PAD, *LATE_EOS]})
+    assert torch.equal(generate(ours, ids, None, **pad_is_eos), ref)
+
+
+@pytest.mark.parametrize("where", ["right", "inner"])
+def test_prompts_padded_elsewhere_than_on_the_left_are_refused(models, prompts, where):
+    """Right or inner padding put a pad at a prompt's last position: its first token was predicted
+    from there, silently wrong (transformers only warns)."""
+    _, ours = models
+    ids, mask = prompts
+    mask = mask.clone()
+    if where == "right":
+        mask[1] = mask[1].flip(0)
+    else:
+        mask[2, 7] = 0
+    with pytest.raises(ValueError, match=r"generate takes left-padded prompts: row [12] has padding after"):
+        generate(ours, ids, mask, eos_token_id=EARLY_EOS, pad_token_id=PAD)
+    inner = ids.clone()
+    inner[0, 4] = PAD  # the pad id inside a prompt, no mask: inferred as inner padding
+    with pytest.raises(ValueError, match="row 0 has padding after its first token"):
+        generate(ours, inner, None, eos_token_id=EARLY_EOS, pad_token_id=PAD)
+    with pytest.raises(ValueError, match=r"attention_mask \(3, 8\) must have input_ids' shape \(3, 9\)"):
+        generate(ours, ids, mask[:, 1:], eos_token_id=EARLY_EOS, pad_token_id=PAD)
+
+
 def test_argument_errors(models, prompts):
     _, ours = models
     ids, mask = prompts
