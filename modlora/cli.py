@@ -156,11 +156,10 @@ def _stage(args: argparse.Namespace) -> int:
             if stage in counts:
                 ctx.check_jobs(stage, counts[stage][0], training=counts[stage][1])
         started = time.perf_counter()
-        if args.command != "run":  # run checks these itself
+        if args.command == "table":  # reads a finished run, perhaps read-only: checked, not recorded
             pipe.check_record()
-        if args.command not in ("run", "table"):  # table may read a read-only finished run
-            pipe.check_inputs()
-            pipe.write_record()
+        elif args.command != "run":  # run starts itself
+            pipe.start()
             pipe.pretrain()  # every stage starts from the pre-trained base (when the config has one)
         if args.command == "train-adapters":
             pipe.train_adapters()

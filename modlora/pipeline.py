@@ -239,11 +239,21 @@ class Pipeline:
         self.log = log
         self._model = self._adapters = self._full = self._tokenizer = self._pool = None
 
+    def start(self) -> None:
+        """Before a stage works in the folder: its settings checked against the folder's record
+        (:meth:`check_record`) and the data against every stage (:meth:`check_inputs`), then
+        recorded (:meth:`write_record`), so a refused or failing command records nothing."""
+        self.check_record()
+        self.check_inputs()
+        self.write_record()
+
     def record(self) -> dict:
         """What the folder's outputs are made with: the config, and the dtype it resolves to here
         (``model.dtype`` unset: bf16 on CUDA, fp32 on CPU)."""
-        return {"config": json.loads(json.dumps(self.config.to_dict())),
-                "dtype": str(self._device_dtype()[1]).removeprefix("torch.")}
+        return {"config": json.loads(json.dumps(self.config.to_dict())), "dtype": self._dtype_name()}
+
+    def _dtype_name(self) -> str:
+        return str(self._device_dtype()[1]).removeprefix("torch.")
 
     def check_record(self) -> None:
         """Refuse a run folder whose outputs, finished or begun, were made with other settings (named:
@@ -480,8 +490,7 @@ class Pipeline:
         redoes a file made with other settings, and table refuses files made with unlike settings."""
         d, e = self.config.data, self.config.eval
         return {"split": d.eval_split, "eval_limit": d.eval_limit, "langs": list(d.langs),
-                "num_beams": e.num_beams, "max_new_tokens": e.max_new_tokens,
-                "dtype": str(self._device_dtype()[1]).removeprefix("torch.")}
+                "num_beams": e.num_beams, "max_new_tokens": e.max_new_tokens, "dtype": self._dtype_name()}
 
     def cell_path(self, config: EvalConfig, src: str, tgt: str) -> Path:
         return self.out / "eval" / "cells" / config.slug / f"{src}-{tgt}.json"
@@ -608,11 +617,9 @@ class Pipeline:
 
         Raises:
             InputError: the folder's finished outputs were made with other settings, or the data
-                cannot serve every stage (:meth:`check_record`, :meth:`check_inputs`).
+                cannot serve every stage (:meth:`start`).
         """
-        self.check_record()
-        self.check_inputs()
-        self.write_record()
+        self.start()
         self.pretrain()
         self.train_adapters()
         self.train_full()

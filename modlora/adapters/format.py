@@ -289,7 +289,8 @@ class LearnedWeights:
         theta = raw["theta"]
         w = cls(torch.tensor(raw["w_in"]), torch.tensor(raw["w_out"]), raw["strategy"], raw["src"], raw["tgt"],
                 None if theta is None else torch.tensor(theta))
-        if (w.src or src, w.tgt or tgt, w.strategy) != (src or w.src, tgt or w.tgt, strategy or w.strategy):
+        asked = {"src": src, "tgt": tgt, "strategy": strategy}  # None: not asked (or not stored): any
+        if any(value is not None and getattr(w, key) not in (None, value) for key, value in asked.items()):
             raise validate.InputError(f"{path} holds weights learned for {w.src}->{w.tgt} with strategy "
                                       f"{w.strategy!r}, not {src}->{tgt} with {strategy!r}")
         if num_layers is not None and len(w.w_in) != num_layers:
