@@ -51,6 +51,7 @@ from .figures import figure2_data, write_figure2
 from .fileio import atomic_write_json, atomic_write_text, read_json
 from .full import pretrain, train_full, union_directions
 from .generation import SearchParams
+from .hub import resolve_model_path
 from .kernels.reference import STRATEGIES
 from .loading import load_pretrained, random_model
 from .model import Qwen2ForCausalLM
@@ -213,6 +214,23 @@ def _flat(settings: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
+def _located(config: dict) -> dict:
+    """``config`` with ``model.path`` and ``data.root`` as the folders they name here (absolute, links
+    resolved, a hub id as its cached snapshot): ``./flores``, ``flores`` and a link to it are one
+    setting, and a record read from another working directory still names the folder its outputs
+    were made from. A path that names nothing here stays as written."""
+    for section, key in (("model", "path"), ("data", "root")):
+        settings = config.get(section)
+        value = settings.get(key) if isinstance(settings, dict) else None
+        if isinstance(value, str) and value:
+            try:
+                folder = resolve_model_path(value) if key == "path" else Path(value)
+                settings[key] = str(folder.resolve(strict=True))
+            except (OSError, RuntimeError, ValueError):  # missing, a link loop, a bad hub cache entry
+                pass
+    return config
+
+
 def changed_settings(saved: dict, now: dict) -> dict[str, tuple[object, object]]:
     """The settings in which two run configs differ, but for :data:`FREE_SETTINGS`: ``{key: (old, new)}``."""
     before, after = _flat(saved), _flat(now)
@@ -250,7 +268,7 @@ class Pipeline:
     def record(self) -> dict:
         """What the folder's outputs are made with: the config, and the dtype it resolves to here
         (``model.dtype`` unset: bf16 on CUDA, fp32 on CPU)."""
-        return {"config": json.loads(json.dumps(self.config.to_dict())), "dtype": self._dtype_name()}
+        return {"config": _located(json.loads(json.dumps(self.config.to_dict()))), "dtype": self._dtype_name()}
 
     def _dtype_name(self) -> str:
         return str(self._device_dtype()[1]).removeprefix("torch.")
@@ -264,7 +282,7 @@ class Pipeline:
             return
         saved, now = read_json(path), self.record()
         saved = saved if isinstance(saved, dict) else {}
-        changes = changed_settings(saved.get("config") if isinstance(saved.get("config"), dict) else {},
+        changes = changed_settings(_located(saved["config"]) if isinstance(saved.get("config"), dict) else {},
                                    now["config"])
         if saved.get("dtype") != now["dtype"]:
             changes["dtype"] = (saved.get("dtype"), now["dtype"])

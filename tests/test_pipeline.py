@@ -170,6 +170,49 @@ def test_a_run_folder_refuses_settings_that_would_mix_its_outputs(tmp_path, monk
     assert (tmp_path / "config.json").read_text() == '{"model_type": "qwen2"}'
 
 
+def test_a_run_folder_knows_its_data_and_model_by_location(tmp_path, monkeypatch):
+    """model.path and data.root are the folders they name: another spelling of, or a link to, the same
+    folder is the same run, another folder is refused; the record holds the folder itself (a hub id
+    its cached snapshot), so it stays right from another working directory, and a record that holds
+    a path as written (relative) is read from where the command runs."""
+    data = tmp_path / "flores"
+    data.mkdir()
+    (tmp_path / "link").symlink_to(data)
+    (tmp_path / "other").mkdir()
+    snapshot = tmp_path / "hub" / "models--Org--M" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (tmp_path / "hub" / "models--Org--M" / "refs").mkdir()
+    (tmp_path / "hub" / "models--Org--M" / "refs" / "main").write_text("abc\n")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    config = _config(out)
+    config.data.root, config.model.path, config.data.pretrain_limit = "flores", "Org/M", None
+    Pipeline(config).write_record()
+    (out / "pretrain").mkdir()
+    recorded = json.loads((out / RUN_RECORD).read_text())["config"]
+    assert (recorded["data"]["root"], recorded["model"]["path"]) == (str(data.resolve()), str(snapshot.resolve()))
+    for same in ("./flores", str(data), "link", "other/../flores"):
+        config.data.root = same
+        Pipeline(config).check_record()
+    config.model.path = str(snapshot)
+    Pipeline(config).check_record()
+    monkeypatch.chdir(tmp_path / "other")
+    config.data.root = "../flores"
+    Pipeline(config).check_record()
+    config.data.root = "../other"
+    with pytest.raises(InputError, match=r"\(data.root '[^']*/flores' -> '[^']*/other'\)"):
+        Pipeline(config).check_record()
+    monkeypatch.chdir(tmp_path)
+    old = {"config": {**recorded, "data": {**recorded["data"], "root": "flores"}}, "dtype": "float32"}
+    (out / RUN_RECORD).write_text(json.dumps(old))
+    config.data.root = "link"
+    Pipeline(config).check_record()
+    config.data.root = "other"
+    with pytest.raises(InputError, match="data.root"):
+        Pipeline(config).check_record()
+
+
 def test_a_language_joins_a_run_without_redoing_its_adapters(tmp_path):
     """Adapters and merge weights see their own languages only: adding one to a run is allowed, as
     the paper's modules are meant to grow; the full fine-tuning (and a pre-training) mixed them all."""
