@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import validate
-from .adapters.format import CONFIG_FILE, ROLES, AdapterError, LoraAdapter
+from .adapters.format import CONFIG_FILE, ROLES, SIDECAR_FILE, AdapterError, LoraAdapter
 from .model import Qwen2ForCausalLM
 
 
@@ -22,11 +22,12 @@ class AdapterPool:
         return self.root / validate.plain_name(language, "an adapter language") / role
 
     def entries(self) -> list[tuple[str, str]]:
-        """Every (language, role) present, sorted."""
+        """Every (language, role) present, sorted; a folder whose name is no language code (a backup
+        such as ``fr.old``) holds none."""
         if not self.root.is_dir():
             return []
         return sorted((d.parent.name, d.name) for d in self.root.glob("*/*") if d.name in ROLES
-                      and (d / CONFIG_FILE).is_file())
+                      and _is_plain(d.parent.name) and (d / CONFIG_FILE).is_file())
 
     def languages(self) -> list[str]:
         return sorted({lang for lang, _ in self.entries()})
@@ -54,7 +55,9 @@ class AdapterPool:
             if not path.resolve().is_relative_to(self.root.resolve()):  # a link out of the pool
                 raise AdapterError(f"adapter {path} resolves to {path.resolve()}, outside the pool {self.root}")
             adapter = LoraAdapter.load(path)
-            adapter.language, adapter.role = language, role  # the layout is the authority
+            if (adapter.language or language, adapter.role or role) != key:  # a copy in the wrong folder
+                raise AdapterError(f"{path} holds {adapter.label} (its {SIDECAR_FILE}), not {role}[{language}]")
+            adapter.language, adapter.role = language, role
             self._loaded[key] = adapter
         return self._loaded[key]
 
@@ -72,7 +75,7 @@ class AdapterPool:
         for language, role in self.entries():
             try:
                 self.get(language, role).check(model)
-            except AdapterError as e:
+            except ValueError as e:  # AdapterError, or a file's field out of range (validate.InputError)
                 problems.append(f"{role}[{language}]: {e}")
         if problems:
             raise AdapterError(f"adapter pool {self.root} does not fit the model: " + "; ".join(problems))
@@ -84,3 +87,11 @@ class AdapterPool:
             a = self.get(language, role)
             lines.append(f"{language:8} {role:4} r={a.rank:<4} alpha={a.alpha:g} params={a.num_parameters():,}")
         return "\n".join(lines)
+
+
+def _is_plain(name: str) -> bool:
+    try:
+        validate.plain_name(name, "a language")
+    except validate.InputError:
+        return False
+    return True

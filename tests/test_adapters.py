@@ -2,6 +2,7 @@
 
 import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from safetensors.torch import load_file, save_file
 import modlora.adapters.controller as controller_mod
 from modlora import ops
 from modlora.adapters import AdapterController, AdapterError, LearnedWeights, LoraAdapter, export_pair
-from modlora.adapters.format import SIDECAR_FILE
+from modlora.adapters.format import SIDECAR_FILE, TARGET_MODULES
+from modlora.adapters.merge import fold_into
 from modlora.config import Qwen2Config
 from modlora.loading import load_pretrained, random_model
 from modlora.pool import AdapterPool
@@ -220,6 +222,18 @@ def test_save_then_peft_loads(hf, ours, tmp_path, ctl):
     assert (back.language, back.role, back.base, back.target_modules) == ("ja", "out", a.base, ("q_proj", "v_proj"))
 
 
+def test_save_then_load_keeps_every_setting(ours, tmp_path):
+    """What shapes the math (scale, rsLoRA, dropout, which weight learning trains under) and the
+    sidecar's metadata survive a save and a load; tensors bit for bit."""
+    a = adapter(ours, rank=4, alpha=12, seed=1, use_rslora=True, dropout=0.25, target_modules=["k_proj", "up_proj"])
+    a.metadata["note"] = {"steps": 3}
+    back = LoraAdapter.load(a.save(tmp_path / "a"))
+    assert (back.rank, back.alpha, back.use_rslora, back.dropout, back.scale, back.metadata) == \
+        (4, 12.0, True, 0.25, 6.0, {"note": {"steps": 3}})
+    assert back.tensors.keys() == a.tensors.keys()
+    assert all(torch.equal(back.tensors[n][i], a.tensors[n][i].detach()) for n in a.tensors for i in (0, 1))
+
+
 def test_peft_saves_then_we_load(hf, ours, tmp_path, ctl):
     from peft import LoraConfig, get_peft_model
 
@@ -237,11 +251,14 @@ def test_peft_saves_then_we_load(hf, ours, tmp_path, ctl):
         torch.testing.assert_close(ours(x), peft.eval()(x).logits, **FP32)
 
 
+@pytest.mark.parametrize("in_targets", [TARGET_MODULES, ("q_proj", "v_proj")])
 @pytest.mark.parametrize("strategy", ["output", "ab"])
-def test_exported_pair_in_peft_equals_merged(hf, ours, strategy, tmp_path, ctl):
+def test_exported_pair_in_peft_equals_merged(hf, ours, strategy, in_targets, tmp_path, ctl):
+    """Bound, merged and exported (served by PEFT) alike, also for adapters on different modules
+    (the union; a module of one adapter zero-padded to the rank of the rest)."""
     from peft import PeftModel
 
-    a_in = adapter(ours, rank=4, alpha=8, seed=1)
+    a_in = adapter(ours, rank=4, alpha=8, seed=1, target_modules=in_targets)
     a_out = adapter(ours, rank=4 if strategy == "ab" else 8, alpha=4, seed=2, language="de", role="out")
     w_in = torch.tensor([0.2, 0.5, 0.9])  # learned per-layer weights get folded too
     w_out = 1 - w_in
@@ -252,7 +269,7 @@ def test_exported_pair_in_peft_equals_merged(hf, ours, strategy, tmp_path, ctl):
         ctl.merge(a_in, a_out, w_in=w_in, w_out=w_out, strategy=strategy)
         merged = ours(x)
         pair = export_pair(a_in, a_out, w_in=w_in, w_out=w_out, strategy=strategy)
-        assert pair.rank == (4 if strategy == "ab" else 12)
+        assert pair.rank == (4 if strategy == "ab" else 12) and pair.target_modules == TARGET_MODULES
         pair.save(tmp_path / "pair")
         served = PeftModel.from_pretrained(hf, tmp_path / "pair").eval()(x).logits
     torch.testing.assert_close(merged, bound, **FP32)
@@ -336,15 +353,27 @@ def test_ab_with_unequal_ranks_is_rejected(ours, ctl):
         export_pair(a_in, a_out, strategy="ab")
 
 
-def test_a_second_controller_is_refused_while_a_pair_is_merged(base):
+def test_a_merged_pair_belongs_to_the_model_not_its_controller(base):
+    """No controller binds or merges over a merged pair, not even one made before the merge (its
+    unmerge would restore weights that held the first pair); any controller, a new one included, can
+    unmerge it: a merge through a controller that is then dropped is not lost."""
     ours = load_pretrained(base[1], dtype=torch.float32)
     before = {k: v.clone() for k, v in ours.state_dict().items()}
-    first = AdapterController(ours)
-    first.merge(adapter(ours, 4, 8, seed=1), None, w_in=1.0)
-    with pytest.raises(AdapterError, match="hold a pair merged by another AdapterController"):
-        AdapterController(ours)
-    first.unmerge()
-    AdapterController(ours)  # the weights are the base's again
+    a_in, a_out = adapter(ours, 4, 8, seed=1), adapter(ours, 4, 8, seed=2, language="de", role="out")
+    early = AdapterController(ours)
+    AdapterController(ours).merge(a_in, None, w_in=1.0)
+    for attempt in (lambda: early.set_adapters(a_in, w_in=1.0), lambda: early.merge(None, a_out),
+                    lambda: early.set_adapter_pairs([(a_in, a_out, 0.5, 0.5)]),
+                    lambda: early.enable_weight_learning(a_in, a_out)):
+        with pytest.raises(AdapterError, match="a pair is merged into the base weights: call unmerge"):
+            attempt()
+    assert not all(torch.equal(v, before[k]) for k, v in ours.state_dict().items())
+    AdapterController(ours).unmerge()
+    assert all(torch.equal(v, before[k]) for k, v in ours.state_dict().items())
+    with pytest.raises(AdapterError, match="no pair is merged"):
+        early.unmerge()
+    early.merge(None, a_out, w_out=1.0)  # the weights are the base's again
+    early.unmerge()
     assert all(torch.equal(v, before[k]) for k, v in ours.state_dict().items())
 
 
@@ -404,16 +433,17 @@ def test_missing_tensor_in_adapter_file_is_named(ours, tmp_path, ctl):
         ctl.set_adapters(LoraAdapter.load(tmp_path / "a"))
 
 
-@pytest.mark.parametrize("pair", ["in-alone", "output", "ab"])
+@pytest.mark.parametrize("pair", ["in-alone", "output", "ab", "ab-out-undropped"])
 def test_dropout_matches_peft_in_training(hf, ours, pair, ctl):
-    # Same seed, same op order, same shapes: PEFT's dropout masks are ours, bit for bit.
-    rank = 8 if pair == "ab" else 4
+    """Same seed, same op order, same shapes: PEFT's dropout masks are ours, bit for bit. Under
+    ``ab`` the merged adapter is dropped with the larger p (PEFT's merged adapter takes the first's)."""
+    rank = 8 if pair.startswith("ab") else 4
     a_in = adapter(ours, rank=rank, alpha=8, seed=1, dropout=0.3)
     a_out = None if pair == "in-alone" else adapter(ours, rank=8, alpha=4, seed=2, language="de", role="out",
-                                                    dropout=0.3)
+                                                    dropout=0.0 if pair == "ab-out-undropped" else 0.3)
     named = {"in": a_in} | ({"out": a_out} if a_out else {})
     peft = peft_model(hf, named)
-    if pair == "ab":
+    if pair.startswith("ab"):
         ctl.set_adapters(a_in, a_out, w_in=0.3, w_out=0.7, strategy="ab")
         peft.add_weighted_adapter(["in", "out"], [0.3, 0.7], "lin", combination_type="linear")
         peft.set_adapter("lin")
@@ -432,7 +462,7 @@ def test_dropout_matches_peft_in_training(hf, ours, pair, ctl):
     torch.testing.assert_close(got, want, **FP32)
     loss_of(got, labels).backward()
     loss_of(want, labels).backward()
-    if pair != "ab":
+    if not pair.startswith("ab"):
         for name, a in named.items():
             for module, (A, B) in a.tensors.items():
                 layer = peft.base_model.model.get_submodule(module)
@@ -441,6 +471,59 @@ def test_dropout_matches_peft_in_training(hf, ours, pair, ctl):
     ours.eval()
     with torch.no_grad():
         torch.testing.assert_close(ours(x), evaluated, rtol=0, atol=0)  # no dropout in eval mode
+
+
+@pytest.mark.parametrize("w_in,strategy,message", [
+    (torch.ones(L - 1), "output", rf"w_in must be a float or a tensor of shape \[{L}\] \(one per layer\), got shape"),
+    (torch.ones(L, 1), "output", "got shape"),
+    (float("nan"), "output", "w_in must be finite"),
+    (True, "output", "w_in must be a number or a tensor"),
+    (-0.5, "ab", "strategy 'ab' scales A and B by sqrt"),
+    (torch.tensor([0.5, -0.1, 0.5]), "ab", "needs w_in >= 0"),
+])
+def test_bad_weights_are_refused_before_anything_is_bound(ours, ctl, w_in, strategy, message):
+    a_in, a_out = adapter(ours, 4, 8, seed=1), adapter(ours, 4, 8, seed=2, language="de", role="out")
+    ctl.set_adapters(a_in, w_in=1.0)
+    x = ids()
+    with torch.no_grad():
+        before = ours(x)
+    with pytest.raises(AdapterError, match=message):
+        ctl.set_adapters(a_in, a_out, w_in=w_in, w_out=0.5, strategy=strategy)
+    with torch.no_grad():
+        assert torch.equal(ours(x), before)
+
+
+def test_rows_are_routed_by_a_1d_integer_tensor_and_cleared_with_the_pairs(ours, ctl):
+    a_in = adapter(ours, 4, 8, seed=1)
+    ctl.set_adapter_pairs([(a_in, None, 1.0, 0.0), (None, None, 0.0, 0.0)])
+    for bad in (torch.zeros(2), torch.zeros(2, 1, dtype=torch.long)):
+        with pytest.raises(AdapterError, match="row_pair must be a 1-D integer tensor"):
+            ctl.route_rows(bad)
+    ctl.route_rows(torch.tensor([0, 1]))
+    ctl.clear()
+    ctl.set_adapter_pairs([(a_in, None, 1.0, 0.0)])
+    with pytest.raises(AdapterError, match=r"needs route_rows\(row_pair\) before the forward"), torch.no_grad():
+        ours(ids())
+
+
+def test_a_bf16_merge_rounds_once():
+    """``W + B A`` in fp32, rounded to bf16 once: adding a bf16-rounded product rounds twice."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(64, 32, generator=g).bfloat16()
+    A, B = torch.randn(4, 32, generator=g), torch.randn(64, 4, generator=g) * 0.01
+    merged = W.clone()
+    fold_into(merged, A, B)
+    assert torch.equal(merged, (W.float() + B @ A).bfloat16())
+    assert not torch.equal(merged, W + (B @ A).bfloat16())
+
+
+def test_init_is_peft_kaiming_uniform(ours):
+    """A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform with a = sqrt(5)), B = 0, fp32 leaves."""
+    a = LoraAdapter.init(ours, rank=16, alpha=8, seed=3)
+    for A, B in a.tensors.values():
+        bound = A.shape[1] ** -0.5
+        assert 0.9 * bound < A.abs().max() <= bound and not B.any()
+        assert A.dtype == B.dtype == torch.float32 and A.requires_grad and B.requires_grad
 
 
 def test_dropout_is_checked(ours, ctl):
@@ -472,11 +555,37 @@ def test_pool(ours, tmp_path):
         fresh.check(other)
 
 
+def test_a_pool_lists_its_languages_and_names_every_bad_adapter(ours, tmp_path):
+    """A backup folder is no language; an adapter in another adapter's folder (its sidecar says so)
+    is refused, not relabelled; :meth:`check` names every adapter that does not fit, a file's bad
+    field included, in one error."""
+    pool = AdapterPool(tmp_path)
+    for lang in ("fr", "de"):
+        for role in ("in", "out"):
+            pool.save(adapter(ours, 4, 8, seed=len(lang + role), language=lang, role=role))
+    shutil.copytree(tmp_path / "fr", tmp_path / "fr.old")
+    assert pool.languages() == ["de", "fr"] and len(pool.listing().splitlines()) == 4
+    shutil.rmtree(tmp_path / "fr" / "in")
+    shutil.copytree(tmp_path / "de" / "out", tmp_path / "fr" / "in")
+    config = tmp_path / "de" / "in" / "adapter_config.json"
+    config.write_text(config.read_text().replace('"lora_alpha": 8.0', '"lora_alpha": -1'))
+    fresh = AdapterPool(tmp_path)
+    with pytest.raises(AdapterError, match=r"fr/in holds out\[de\] \(its modlora.json\), not in\[fr\]"):
+        fresh.get("fr", "in")
+    with pytest.raises(AdapterError, match=r"in\[de\]: .*lora_alpha must be > 0, got -1.*; in\[fr\]: .* holds out"):
+        fresh.check(ours)
+
+
 def test_learned_weights_json_is_per_direction(ours, tmp_path, ctl):
     a_in, a_out = adapter(ours, 4, 8, seed=1), adapter(ours, 4, 8, seed=2, language="de", role="out")
     ctl.enable_weight_learning(a_in, a_out)
     raw = json.loads(ctl.learned_weights().save(tmp_path / "w.json").read_text())
     assert raw["w_in"] == [0.5] * L and raw["theta"] == [[1.0, 1.0]] * L
+    with torch.no_grad():
+        ctl.theta.copy_(torch.tensor([[0.5, -1.0], [2.0, 0.0], [0.0, 0.0]]))
+    back = LearnedWeights.load(ctl.learned_weights().save(tmp_path / "w.json"), "fr", "de", "output", L)
+    assert torch.equal(back.theta, ctl.theta.detach())
+    assert torch.equal(back.w_in, torch.softmax(ctl.theta.detach(), -1)[:, 0])
 
 
 

@@ -114,7 +114,14 @@ ADAPTER_CONFIGS = [
     (_set("use_rslora", 1), "use_rslora must be true or false"),
     (_set("lora_dropout", 1.0), "lora_dropout must be in [0, 1), got 1.0"),
     (_set("lora_dropout", -0.1), "lora_dropout must be in [0, 1)"),
-    (_set("use_dora", True), "use_dora=True is not supported"),
+    (_set("use_dora", True), "use_dora=True is a PEFT feature modlora does not implement"),
+    (_set("alora_invocation_tokens", [5, 6]), "alora_invocation_tokens=[5, 6] is a PEFT feature"),
+    (_set("bias", "all"), "bias='all' is a PEFT feature"),
+    (_set("some_new_peft_field", {"x": 1}), "some_new_peft_field={'x': 1} is a PEFT feature modlora does not"),
+    (_set("init_lora_weights", "pissa"), "init_lora_weights='pissa' changes the base weights"),
+    (_set("target_modules", ["q_proj"]), "has tensors for ['down_proj', 'gate_proj', 'k_proj'], which adapter_con"),
+    (_set("target_modules", r".*\.q_proj"), "has tensors for ['model.layers.0.mlp.down_proj'"),
+    (_set("target_modules", "(q_proj"), "target_modules '(q_proj' is not a regular expression"),
     (_set("peft_type", "IA3"), "peft_type 'IA3' is not LORA"),
     (_drop("r"), "adapter_config.json: missing key 'r'"),
     (_drop("lora_alpha"), "missing key 'lora_alpha'"),
@@ -122,7 +129,10 @@ ADAPTER_CONFIGS = [
     (lambda raw: None, "expected a JSON object, got NoneType"),
 ]
 LEGAL_ADAPTER_CONFIGS = [_set("lora_alpha", 8), _set("use_rslora", True), _set("lora_dropout", 0.5),
-                         _set("some_new_peft_field", {"x": 1}), _drop("use_rslora")]
+                         _set("some_new_peft_field", None), _set("init_lora_weights", "gaussian"),
+                         _set("target_modules", r".*\.(q|k|v|o|gate|up|down)_proj"),
+                         _set("target_modules", "all-linear"),
+                         _drop("use_rslora")]
 
 
 @pytest.mark.parametrize("edit,message", ADAPTER_CONFIGS)
@@ -494,7 +504,8 @@ def test_full_disk_for_real(tmp_path):
         atomic_write(tmp_path / "x", lambda tmp: Path("/dev/full").write_bytes(b"x" * 65536))
 
 
-FINISHED = {"data": {"langs": ["en", "fr"], "eval_limit": 1}, "eval": {"strategies": ["output"]}}
+# Evaluated as the CLI without a config file (the demo's settings) would: the table refuses other settings.
+FINISHED = {"data": {"langs": ["en", "fr"], "eval_limit": 1}, "eval": {"strategies": ["output"], "max_new_tokens": 12}}
 
 
 def finished_run(out: Path, raw: dict = FINISHED) -> PipelineConfig:

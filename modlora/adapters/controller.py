@@ -103,16 +103,18 @@ class _RowsBinding:
         return tuple((_cast(a, x.dtype), _cast(b, x.dtype), *fn(self.layer)) for a, b, fn in self.pairs)
 
 
-# Models whose base weights hold a merged pair: another controller must not merge into them again
-# (its unmerge would restore weights that already held the first pair).
-_MERGED: weakref.WeakSet[Qwen2ForCausalLM] = weakref.WeakSet()
+# The base weights a merge replaced, per model whose weights hold a merged pair: the model's state,
+# not a controller's, so that no controller binds or merges on top of a merged pair (its unmerge
+# would restore weights that already held the first pair) and any controller can unmerge it.
+_MERGED: weakref.WeakKeyDictionary[Qwen2ForCausalLM, dict[str, Tensor]] = weakref.WeakKeyDictionary()
 
 
 class AdapterController:
     """Binds adapters to one model's linears and owns everything that goes with it.
 
     One controller per model: create it once and use it for every adapter operation on that model
-    (a second controller on a model with bound adapters, or with a merged pair, is refused).
+    (a second controller on a model with bound adapters is refused). A merged pair belongs to the
+    model: any controller of it can :meth:`unmerge` it, none binds or merges until then.
 
     Example::
 
@@ -123,13 +125,9 @@ class AdapterController:
     def __init__(self, model: Qwen2ForCausalLM) -> None:
         if any(lin.lora is not None for lin in model.adapted_linears().values()):
             raise AdapterError("this model already has adapters bound by another AdapterController: use that one")
-        if model in _MERGED:
-            raise AdapterError("this model's weights hold a pair merged by another AdapterController: use that one "
-                               "(unmerge() restores them)")
         self.model = model
         self.theta: Tensor | None = None  # [L, 2] while weights are learned
         self._learning: tuple[LoraAdapter, LoraAdapter, str] | None = None
-        self._merged: dict[str, Tensor] | None = None  # kept base weights while a pair is merged
         self.row_pair: Tensor | None = None  # [rows] pair index per batch row
 
     # -- binding ------------------------------------------------------------------------------
@@ -248,19 +246,18 @@ class AdapterController:
         for name, (A, B) in pair.tensors.items():
             kept[name] = linears[name].weight.detach().clone()
             fold_into(linears[name].weight, A, B)
-        self._merged = kept
-        _MERGED.add(self.model)
+        _MERGED[self.model] = kept
 
     def unmerge(self) -> None:
-        """Restore the base weights kept by :meth:`merge`, exactly."""
-        if self._merged is None:
+        """Restore the base weights kept by :meth:`merge` (of this or another controller), exactly."""
+        kept = _MERGED.get(self.model)
+        if kept is None:
             raise AdapterError("no pair is merged")
         linears = self.model.adapted_linears()
         with torch.no_grad():
-            for name, W in self._merged.items():
+            for name, W in kept.items():
                 linears[name].weight.copy_(W)
-        self._merged = None
-        _MERGED.discard(self.model)
+        del _MERGED[self.model]
 
     # -- internals ----------------------------------------------------------------------------------
 
@@ -274,7 +271,7 @@ class AdapterController:
         for a in (lora_in, lora_out):
             if a is not None:
                 a.check(self.model)
-        if self._merged is not None:
+        if self.model in _MERGED:
             raise AdapterError("a pair is merged into the base weights: call unmerge() first")
 
     def _bind_pair(self, lora_in: LoraAdapter | None, lora_out: LoraAdapter | None, weights: WeightFn,

@@ -32,9 +32,17 @@ CONFIG_FILE, WEIGHTS_FILE, SIDECAR_FILE = "adapter_config.json", "adapter_model.
 PEFT_PREFIX = "base_model.model."  # PeftModel wraps LoraModel wraps the causal LM
 ROLES = ("in", "out")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-# PEFT config features that change the math or the tensor set: reject rather than silently ignore.
-_UNSUPPORTED_CONFIG = {"use_dora": False, "fan_in_fan_out": False, "modules_to_save": None, "rank_pattern": {},
-                       "alpha_pattern": {}, "layers_to_transform": None, "bias": "none"}
+# The PEFT config keys that may hold any value: what modlora reads, bookkeeping, and the settings of
+# features that are off unless another key turns them on. Any other key (DoRA, rank patterns, aLoRA,
+# one a later PEFT adds) must be off: null, false, empty, or ``bias = "none"``; it is refused, not
+# ignored, as it may change the math or the tensor set.
+_FREE_CONFIG = frozenset({"peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path",
+                          "revision", "inference_mode", "r", "lora_alpha", "lora_dropout", "use_rslora",
+                          "target_modules", "layers_pattern", "megatron_core", "qalora_group_size", "loftq_config",
+                          "eva_config", "corda_config", "lora_ga_config", "runtime_config", "ensure_weight_tying"})
+# Inits that leave the base weights as they are (PiSSA, OLoRA, LoftQ, CorDA change them: their
+# adapters fit only the changed base, unless PEFT converted them to a plain LoRA on save).
+_PLAIN_INITS = (True, False, "gaussian")
 
 
 class AdapterError(ValueError):
@@ -151,9 +159,7 @@ class LoraAdapter:
         checked = validate.adapter_config(cfg, path / CONFIG_FILE)
         if cfg.get("peft_type", "LORA") != "LORA":
             raise AdapterError(f"{path}: peft_type {cfg['peft_type']!r} is not LORA")
-        for key, default in _UNSUPPORTED_CONFIG.items():
-            if cfg.get(key, default) not in (default, None, [], {}):
-                raise AdapterError(f"{path}: {key}={cfg[key]!r} is not supported")
+        _check_features(cfg, path)
         try:
             raw = load_file(str(path / WEIGHTS_FILE), device=str(device))
         except SafetensorError as e:
@@ -172,15 +178,11 @@ class LoraAdapter:
                 if half not in ab:
                     raise AdapterError(f"{path / WEIGHTS_FILE}: missing tensor {PEFT_PREFIX}{name}.lora_{half}.weight")
         found = {name.rsplit(".", 1)[-1] for name in halves}
-        listed = cfg.get("target_modules")
-        if isinstance(listed, list):
-            absent = [t for t in listed if t not in found]
-            if absent:
-                raise AdapterError(f"{path}: {CONFIG_FILE} targets {absent} but {WEIGHTS_FILE} has no tensor for them")
+        _check_targeted(cfg.get("target_modules"), halves, found, path)
         side = validate.sidecar(read_json(path / SIDECAR_FILE) if (path / SIDECAR_FILE).is_file() else {},
                                 path / SIDECAR_FILE)
         return cls({n: (ab["A"], ab["B"]) for n, ab in halves.items()}, checked["r"], checked["lora_alpha"],
-                   checked["use_rslora"], _order_targets(found), side["language"], side["role"],
+                   checked["use_rslora"], order_targets(found), side["language"], side["role"],
                    BaseFingerprint(**side["base"]) if side["base"] else None, checked["lora_dropout"],
                    side["metadata"])
 
@@ -234,18 +236,51 @@ class LoraAdapter:
                                    f"linear is [{lin.out_features}, {lin.in_features}]")
 
 
-def _order_targets(names: Iterable[str]) -> tuple[str, ...]:
+def _check_features(cfg: dict, path: Path) -> None:
+    """Refuse a PEFT feature modlora does not implement (see :data:`_FREE_CONFIG`)."""
+    if cfg.get("init_lora_weights", True) not in _PLAIN_INITS:
+        raise AdapterError(f"{path}: init_lora_weights={cfg['init_lora_weights']!r} changes the base weights; "
+                           f"modlora serves adapters of an unchanged base (PEFT converts such an adapter to a "
+                           f"plain LoRA when saved with path_initial_model_for_weight_conversion)")
+    for key, value in cfg.items():
+        if key not in _FREE_CONFIG and key != "init_lora_weights" and value not in (None, False, [], {}) \
+                and not (key == "bias" and value == "none"):
+            raise AdapterError(f"{path}: {key}={value!r} is a PEFT feature modlora does not implement")
+
+
+def _check_targeted(listed: object, halves: dict, found: set[str], path: Path) -> None:
+    """The config's ``target_modules`` and the file's tensors name the same modules: PEFT loads only
+    the targeted ones (a list of names, or a regex over the full module name)."""
+    if isinstance(listed, list):
+        untargeted = sorted(found - set(listed))
+        absent = [t for t in listed if t not in found]
+    elif isinstance(listed, str) and listed != "all-linear":
+        try:
+            pattern = re.compile(listed)
+        except re.error as e:
+            raise AdapterError(f"{path}: target_modules {listed!r} is not a regular expression: {e}") from None
+        untargeted, absent = sorted(n for n in halves if pattern.fullmatch(n) is None), []
+    else:
+        return
+    if absent:
+        raise AdapterError(f"{path}: {CONFIG_FILE} targets {absent} but {WEIGHTS_FILE} has no tensor for them")
+    if untargeted:
+        raise AdapterError(f"{path}: {WEIGHTS_FILE} has tensors for {untargeted[:3]}, which {CONFIG_FILE}'s "
+                           f"target_modules {listed!r} does not target (PEFT would ignore them)")
+
+
+def order_targets(names: Iterable[str]) -> tuple[str, ...]:
     names = set(names)
     return tuple(t for t in TARGET_MODULES if t in names) + tuple(sorted(names - set(TARGET_MODULES)))
 
 
 def _check_targets(model: Qwen2ForCausalLM, target_modules: Iterable[str]) -> tuple[str, ...]:
     targets = tuple(target_modules) if not isinstance(target_modules, str) else (target_modules,)
-    available = _order_targets(n.rsplit(".", 1)[-1] for n in model.adapted_linears())
+    available = order_targets(n.rsplit(".", 1)[-1] for n in model.adapted_linears())
     unknown = [t for t in targets if t not in available]
     if unknown or not targets:
         raise AdapterError(f"unknown target module(s) {unknown}: this model's adaptable linears are {list(available)}")
-    return _order_targets(targets)
+    return order_targets(targets)
 
 
 def layer_of(name: str) -> int:

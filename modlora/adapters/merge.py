@@ -9,10 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..kernels.reference import STRATEGIES, Weight, merge_pair
-from .format import AdapterError, LoraAdapter, layer_of
+from .format import AdapterError, LoraAdapter, layer_of, order_targets
 
 WeightFn = Callable[[int], tuple[Weight, Weight]]  # layer index -> (w_in, w_out)
 
@@ -63,11 +64,14 @@ def export_pair(lora_in: LoraAdapter | None, lora_out: LoraAdapter | None, *, w_
     """The pair as ONE fp32 adapter of scale 1 that plain PEFT (or vLLM) serves.
 
     ``output``: rank r_in + r_out (PEFT's ``cat``); ``ab``: rank r (PEFT's ``linear``); see
-    :func:`modlora.kernels.merge_pair`. Per-layer weights [L] are folded layer by layer.
+    :func:`modlora.kernels.merge_pair`. Per-layer weights [L] are folded layer by layer. Adapters
+    on different modules export the union, as :meth:`AdapterController.set_adapters` serves them:
+    a module of one adapter alone gets its weighted adapter, zero-padded to the rank of the rest
+    (PEFT's config has one rank).
 
     Raises:
-        AdapterError: no adapter, an adapter in the other's role, adapters of different bases, on
-            different modules or of different module shapes, or a strategy/weight error.
+        AdapterError: no adapter, an adapter in the other's role, adapters of different bases or of
+            different module shapes, or a strategy/weight error.
     """
     parts = [a for a in (lora_in, lora_out) if a is not None]
     if not parts:
@@ -76,29 +80,29 @@ def export_pair(lora_in: LoraAdapter | None, lora_out: LoraAdapter | None, *, w_
     check_strategy(strategy, lora_in, lora_out)
     if len(parts) == 2:
         _check_alike(*parts)
-    base = parts[0].base
-    weights = fixed_weights(w_in, w_out, base.num_hidden_layers if base else 1 + max(map(layer_of, parts[0].tensors)),
-                            strategy)
-    fp32 = lambda a, name: None if a is None else (a.tensors[name][0].detach().float(),
-                                                   a.tensors[name][1].detach().float(), a.scale)
-    tensors = {name: merge_pair(fp32(lora_in, name), fp32(lora_out, name), *weights(layer_of(name)), strategy)
-               for name in parts[0].tensors}
-    rank = next(iter(tensors.values()))[0].shape[0]
+    base = next((a.base for a in parts if a.base is not None), None)
+    names = sorted({name for a in parts for name in a.tensors}, key=lambda n: (layer_of(n), n))
+    weights = fixed_weights(w_in, w_out, base.num_hidden_layers if base else 1 + max(map(layer_of, names)), strategy)
+    fp32 = lambda a, name: None if a is None or name not in a.tensors else (
+        a.tensors[name][0].detach().float(), a.tensors[name][1].detach().float(), a.scale)
+    merged = {name: merge_pair(fp32(lora_in, name), fp32(lora_out, name), *weights(layer_of(name)), strategy)
+              for name in names}
+    rank = max(A.shape[0] for A, _ in merged.values())
+    tensors = {name: (F.pad(A, (0, 0, 0, rank - A.shape[0])), F.pad(B, (0, rank - B.shape[1])))
+               for name, (A, B) in merged.items()}
     fold = [w.tolist() if isinstance(w, Tensor) else float(w) for w in (w_in, w_out)]
     meta = {"pair": {"in": lora_in and lora_in.language, "out": lora_out and lora_out.language,
                      "strategy": strategy, "w_in": fold[0], "w_out": fold[1]}}
-    return LoraAdapter(tensors, rank, float(rank), False, parts[0].target_modules, base=base, metadata=meta)
+    targets = order_targets(t for a in parts for t in a.target_modules)
+    return LoraAdapter(tensors, rank, float(rank), False, targets, base=base, metadata=meta)
 
 
 def _check_alike(a: LoraAdapter, b: LoraAdapter) -> None:
-    """Two adapters of one pair fit one base: the same modules, each of the same in/out shape."""
+    """Two adapters of one pair fit one base: each module both adapt of the same in/out shape."""
     if a.base is not None and b.base is not None and a.base != b.base:
         raise AdapterError(f"{a.label} was trained for {a.base}, {b.label} for {b.base}: not one base")
-    if set(a.tensors) != set(b.tensors):
-        raise AdapterError(f"export_pair needs both adapters on the same modules: {a.label} targets "
-                           f"{a.target_modules}, {b.label} targets {b.target_modules}")
-    for name, (A, B) in a.tensors.items():
-        A2, B2 = b.tensors[name]
+    for name in [n for n in a.tensors if n in b.tensors]:
+        (A, B), (A2, B2) = a.tensors[name], b.tensors[name]
         if (A.shape[1], B.shape[0]) != (A2.shape[1], B2.shape[0]):
             raise AdapterError(f"{name} maps {A.shape[1]} -> {B.shape[0]} in {a.label} but {A2.shape[1]} -> "
                                f"{B2.shape[0]} in {b.label}: not one base")
