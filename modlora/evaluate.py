@@ -94,7 +94,7 @@ def summarize(scores: Mapping[tuple[str, str], float], langs: Sequence[str]) -> 
     from_avg = {s: statistics.fmean(scores[(s, t)] for t in langs if t != s) for s in langs}
     to_avg = {t: statistics.fmean(scores[(s, t)] for s in langs if s != t) for t in langs}
     return {"langs": list(langs), "matrix": matrix, "from": from_avg, "to": to_avg,
-            "avg": statistics.fmean(scores.values())}
+            "avg": statistics.fmean(scores[(s, t)] for s in langs for t in langs if s != t)}
 
 
 def beats_both(summary: dict, in_only: dict, out_only: dict) -> dict:
@@ -138,6 +138,14 @@ def markdown_table(rows: Sequence[dict], langs: Sequence[str]) -> str:
             lines.append(f"| {src} | " + " | ".join(_cell(v, bool(m) and m["matrix"][i][j])
                                                    for j, v in enumerate(values)) + " |")
     return "\n".join(lines) + "\n"
+
+
+def settings_line(settings: Mapping) -> str:
+    """What a table's scores were measured on, said above it (``Pipeline.eval_settings``)."""
+    limit = settings["eval_limit"]
+    sentences = "every sentence" if limit is None else f"the first {limit} sentence{'s' * (limit != 1)}"
+    return (f"chrF++ on {sentences} of the {settings['split']!r} split per language, beam {settings['num_beams']}, "
+            f"at most {settings['max_new_tokens']} new tokens, {settings['dtype']}.")
 
 
 def trainable_percent(config: EvalConfig, adapter_params: int, base_params: int, num_layers: int) -> float:

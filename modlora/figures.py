@@ -26,8 +26,8 @@ PAPER_BAND = (0.3, 0.7)
 def figure2_data(weights: Mapping[tuple[str, str], Sequence[tuple[float, float]]],
                  directions: Sequence[tuple[str, str]], strategy: str) -> dict:
     """Panels (a), (b), ... of the directions in order: layers 1..L with w_in and w_out per layer."""
-    if len(directions) > len(string.ascii_lowercase):
-        raise ValueError(f"{len(directions)} directions: more panels than letters (a)-(z)")
+    if not 0 < len(directions) <= len(string.ascii_lowercase):
+        raise ValueError(f"{len(directions)} directions: a figure has panels (a) to (z)")
     panels = []
     for letter, (src, tgt) in zip(string.ascii_lowercase, directions, strict=False):
         if (src, tgt) not in weights:
@@ -77,10 +77,12 @@ def plot_figure2(data: dict, path: str | Path | None = None) -> Figure | None:
 
 
 def write_figure2(data: dict, json_path: str | Path, png_path: str | Path) -> bool:
-    """The figure's data as JSON and, with matplotlib, as a PNG; returns whether the PNG was drawn."""
+    """The figure's data as JSON and, with matplotlib, as a PNG; returns whether the PNG was drawn
+    (if not, a PNG of earlier weights is removed: it would contradict the JSON)."""
     atomic_write_json(json_path, data)
     fig = plot_figure2(data, png_path)
     if fig is None:
+        Path(png_path).unlink(missing_ok=True)
         return False
     import matplotlib.pyplot as plt
 

@@ -128,9 +128,11 @@ _STAGE = ".modlora-stage-"
 
 
 def read_utf8(path: str | os.PathLike) -> str:
-    """A text file's contents; a file that is not UTF-8 is an error that names it."""
+    """A text file's contents, line ends as they are (``read_text`` would turn a lone "\\r" into a
+    line break: sacrebleu, which reads with ``newline="\\n"``, would count other lines); a file
+    that is not UTF-8 is an error that names it."""
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return Path(path).read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text: {e}") from None
 

@@ -43,6 +43,7 @@ from .evaluate import (
     beats_both,
     evaluate_configuration,
     markdown_table,
+    settings_line,
     summarize,
     table1_configs,
     trainable_percent,
@@ -306,13 +307,21 @@ class Pipeline:
         return any((self.out / name).exists() for name in made)
 
     def check_inputs(self) -> None:
-        """What the stages read from the data, checked before the first one trains: both splits of
-        every language (aligned lines, none empty) and a prompt name for every language."""
+        """What the stages read from the data, checked before the first one trains (not hours into
+        it): both splits of every language, their lines aligned, some, none of those used blank (a
+        pair without a side) or holding a chat special token (it would end the prompt's turn), and a
+        prompt name for every language."""
         d = self.config.data
         for split, limit in ((d.train_split, d.train_limit), (d.eval_split, d.eval_limit)):
             lines = load_split(split, d.langs, d.root, limit)
+            where = f"the {split!r} split of {d.root or 'the vendored FLORES-101'}"
             if not lines[d.langs[0]]:
-                raise validate.InputError(f"the {split!r} split of {d.root or 'the vendored FLORES-101'} has no lines")
+                raise validate.InputError(f"{where} has no lines")
+            for lang, text in lines.items():
+                blank = next((number for number, line in enumerate(text, 1) if not line), None)
+                if blank is not None:
+                    raise validate.InputError(f"{where}: {lang}.txt line {blank} is blank")
+                validate.check_input_lines(text, f"{where}: {lang}.txt")
         for lang in d.langs:
             language_name(lang)
 
@@ -586,19 +595,15 @@ class Pipeline:
         langs = cfg.data.langs
         base = base_parameters(self.model)
         adapter_params = self.pool.get(langs[0], "in").num_parameters()
-        rows, settings = [], None
+        rows, settings = [], self.eval_settings()
         for config in self.configurations():
             path = self.eval_path(config)
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is missing: run the evaluate stage first")
             raw = validate.eval_file(read_json(path), path)
-            settings = settings or raw.get("settings")
-            if raw.get("settings") != settings:
-                raise ValueError(f"{path} was made with {raw.get('settings')}, the other evaluations with {settings}: "
-                                 "run the evaluate stage again")
-            if settings is not None and settings.get("langs") != list(langs):
-                raise ValueError(f"{path} covers the languages {settings.get('langs')}, not {list(langs)}: run the "
-                                 "evaluate stage with these languages first")
+            if raw.get("settings") != settings:  # a table states the settings it was asked for
+                raise validate.InputError(f"{path} was made with {raw.get('settings')}, not this run's {settings}: "
+                                          "run the evaluate stage again")
             scores = {(d["src"], d["tgt"]): d["score"] for d in raw["directions"]}
             if set(scores) != set(self.directions()):
                 raise ValueError(f"{path} does not hold the {len(self.directions())} directions of {list(langs)}: "
@@ -611,7 +616,7 @@ class Pipeline:
         for row in rows:
             if row["merged"] and len(single) == 2:
                 row["marks"] = beats_both(row["summary"], single["in only"], single["out only"])
-        md = markdown_table(rows, langs)
+        md = f"{settings_line(settings)}\n\n{markdown_table(rows, langs)}"
         if not cfg.model.path:
             md = f"> {RANDOM_BASE_NOTE}\n\n" + md
         compared = None if compare_paper is None else compare_markdown(rows, langs, load_paper_table(compare_paper))

@@ -52,6 +52,17 @@ def test_custom_folder(tmp_path: Path) -> None:
     assert load_split("train", ["xx", "yy"], root=root) == {"xx": ["a b", "c\u2028d"], "yy": ["A B", "CD"]}
 
 
+def test_a_lone_carriage_return_is_no_line_break(tmp_path: Path) -> None:
+    """Lines as sacrebleu reads them (``newline="\\n"``): a stray "\\r" in each of two files kept
+    their line counts equal but shifted every later pair when read as a break."""
+    root = _corpus(tmp_path, "train", {"xx": "A1\rA1b\nA2\nA3\n", "yy": "B1\nB2\rB2b\nB3\n"})
+    got = load_split("train", ["xx", "yy"], root=root)
+    for lang in ("xx", "yy"):
+        with open(root / "train" / f"{lang}.txt", encoding="utf-8", newline="\n") as f:
+            assert got[lang] == [line.strip() for line in f]
+    assert got == {"xx": ["A1\rA1b", "A2", "A3"], "yy": ["B1", "B2\rB2b", "B3"]}
+
+
 def test_byte_order_mark_is_not_text(tmp_path: Path) -> None:
     root = _corpus(tmp_path, "train", {"xx": "\ufeffHello\n\ufeffagain\n", "yy": "a\nb\n"})
     assert load_split("train", ["xx", "yy"], root=root)["xx"] == ["Hello", "\ufeffagain"]

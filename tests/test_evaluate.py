@@ -53,6 +53,8 @@ def test_table_averages_are_matrix_row_and_column_means():
         assert summary["to"][lang] == pytest.approx(sum(col) / len(col))
     assert summary["avg"] == pytest.approx(sum(scores.values()) / 20)
     assert matrix[1][2] == scores[("fr", "de")]
+    extra = summarize({**scores, ("en", "en"): 100.0, ("en", "sw"): 0.0}, LANGS)  # keys outside the table
+    assert extra["avg"] == summary["avg"] and extra["from"] == summary["from"]
 
 
 def test_table1_configurations_and_markdown():
@@ -70,6 +72,8 @@ def test_table1_configurations_and_markdown():
     assert "|  | % | en→ | fr→ |" in md
     assert "| LoRA_in | 1.00 |" in md and "chrF++ signature: `sig`" in md
     assert "| fr | 10.0 | - | 12.0 | 13.0 | 14.0 |" in md
+    # x-> averages (row means), then ->x (column means), then all 20: worked out by hand
+    assert "| LoRA_in | 1.00 | 2.5 | 12.2 | 22.0 | 31.8 | 41.5 | 25.0 | 23.5 | 22.0 | 20.5 | 19.0 | 22.0 |" in md
 
 
 def test_each_direction_is_translated_by_its_own_pair(tmp_path):
@@ -111,5 +115,6 @@ def test_each_direction_is_translated_by_its_own_pair(tmp_path):
             alone = translate(model, tok, sources[src], src, tgt, **kw)
             ctl.clear()
             assert got[(src, tgt)]["hypotheses"] == alone, (config.name, src, tgt)
+            assert got[(src, tgt)]["score"] == chrf_pp(alone, sources[tgt])["score"]  # against the target's text
     base = evaluate_configuration(ctl, tok, EvalConfig("base"), directions, sources, sources, **kw)
     assert any(base[d]["hypotheses"] != got[d]["hypotheses"] for d in directions)  # the adapters mattered

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from modlora.adapters import LoraAdapter
 from modlora.pipeline import DEMO, PAPER, RUN_RECORD, Pipeline, PipelineConfig, default_config
 from modlora.prompt import training_example
 from modlora.train import collate, completion_loss, train_adapter
@@ -213,6 +214,37 @@ def test_a_run_folder_knows_its_data_and_model_by_location(tmp_path, monkeypatch
         Pipeline(config).check_record()
 
 
+def test_the_table_is_each_files_scores_by_direction_under_the_runs_settings(tmp_path):
+    """Evaluation files made by hand, a distinct score per configuration and direction: the table's
+    matrices are those scores (source rows, target columns), its signature the files', a merged
+    cell is marked where it beats both single adapters' (in only: 50, out only: 50 but 70 for en->fr),
+    the settings are said above it, and files made under other settings are refused."""
+    cfg = PipelineConfig.from_dict({"out_dir": str(tmp_path), "data": {"langs": ["en", "fr", "de"], "eval_limit": 1},
+                                    "eval": {"strategies": ["output"]}})
+    pipe = Pipeline(cfg, log=lambda _: None)
+    pipe.pool.save(LoraAdapter.init(pipe.model, rank=2, alpha=4, language="en", role="in"))
+    def score(k: int, name: str, j: int, direction: tuple[str, str]) -> float:
+        fixed = {"in only": 50.0, "out only": 70.0 if direction == ("en", "fr") else 50.0, "output 3:7": 60.0}
+        return fixed.get(name, k + 0.1 * j)
+
+    for k, config in enumerate(pipe.configurations()):
+        pipe.eval_path(config).parent.mkdir(parents=True, exist_ok=True)
+        pipe.eval_path(config).write_text(json.dumps({"settings": pipe.eval_settings(), "directions": [
+            {"src": s, "tgt": t, "score": score(k, config.name, j, (s, t)), "signature": f"chrF2++|nw:2|{k}"}
+            for j, (s, t) in enumerate(pipe.directions())]}))
+    md = pipe.table()
+    assert md.startswith("> NOTE")
+    assert "chrF++ on the first 1 sentence of the 'devtest' split per language, beam 5" in md
+    rows = {r["name"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
+    assert rows["full"]["signature"] == "chrF2++|nw:2|1"
+    assert rows["full"]["summary"]["matrix"] == [[None, 1.0, 1.1], [1.2, None, 1.3], [1.4, 1.5, None]]
+    marks = rows["output 3:7"]["marks"]["matrix"]
+    assert marks[0][1] is False and marks[1][0] is True and rows["output 3:7"]["marks"]["avg"] is True
+    cfg.eval.num_beams = 2
+    with pytest.raises(InputError, match=r"base.json was made with .*'num_beams': 5.*, not this run's .*beams': 2"):
+        Pipeline(cfg, log=lambda _: None).table()
+
+
 def test_a_language_joins_a_run_without_redoing_its_adapters(tmp_path):
     """Adapters and merge weights see their own languages only: adding one to a run is allowed, as
     the paper's modules are meant to grow; the full fine-tuning (and a pre-training) mixed them all."""
@@ -243,14 +275,18 @@ def test_a_refused_run_records_nothing(tmp_path):
     (lambda d: d.update(langs=["en", "sw"]), "unknown language code 'sw'"),
     (lambda d: d.update(train_split="empty"), "the 'empty' split of .* has no lines"),
     (lambda d: d.update(eval_split="short"), r"(?s)fr\.txt: 1.*en\.txt: 2|en\.txt: 2.*fr\.txt: 1"),
+    (lambda d: d.update(train_split="blank"), r"the 'blank' split of .*: en\.txt line 2 is blank"),
+    (lambda d: d.update(eval_split="chat"), r"'chat' split of .*: en\.txt line 1 contains the special token <\|im_end"),
 ])
 def test_data_that_cannot_serve_every_stage_fails_before_training(tmp_path, edit, error):
     root = tmp_path / "data"
-    for split, texts in {"dev": ["a", "b"], "devtest": ["c", "d"], "empty": [], "short": ["e", "f"]}.items():
+    splits = {"dev": ["a", "b"], "devtest": ["c", "d"], "empty": [], "short": ["e", "f"], "blank": ["g", " "],
+              "chat": ["h<|im_end|>", "i"]}
+    for split, texts in splits.items():
         (root / split).mkdir(parents=True)
         for lang in ("en", "fr", "sw"):
             lines = texts[:1] if split == "short" and lang == "fr" else texts
-            (root / split / f"{lang}.txt").write_text("".join(f"{t} {lang}\n" for t in lines))
+            (root / split / f"{lang}.txt").write_text("".join(f"{t} {lang}\n" if t.strip() else "\n" for t in lines))
     data = {"root": str(root), "langs": ["en", "fr"]}
     edit(data)
     cfg = PipelineConfig.from_dict({"out_dir": str(tmp_path / "out"), "data": data})

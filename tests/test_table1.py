@@ -137,6 +137,21 @@ def test_figure2_has_a_panel_per_direction_in_order_with_layers_from_one():
     plt.close(fig)
 
 
+def test_figure2_limits_and_files(tmp_path, monkeypatch):
+    """The y range stays within [0, 1] (softmax weights); a figure of no direction is an error;
+    without matplotlib the JSON is written and a PNG of earlier weights removed (it would contradict it)."""
+    from modlora import figures
+
+    data = figure2_data({("en", "fr"): [(0.01, 0.99), (0.99, 0.01)]}, [("en", "fr")], "ab")
+    assert data["ylim"] == [0.0, 1.0]
+    with pytest.raises(ValueError, match="0 directions: a figure has panels"):
+        figure2_data({}, [], "ab")
+    (tmp_path / "figure2.png").write_bytes(b"old")
+    monkeypatch.setattr(figures, "plot_figure2", lambda data, path=None: None)
+    assert figures.write_figure2(data, tmp_path / "figure2.json", tmp_path / "figure2.png") is False
+    assert json.loads((tmp_path / "figure2.json").read_text()) == data and not (tmp_path / "figure2.png").exists()
+
+
 def test_hub_id_resolves_from_the_cache_and_a_missing_one_says_where_it_looked(tmp_path, monkeypatch):
     cache = tmp_path / "hub"
     repo = cache / "models--Qwen--Qwen2.5-0.5B-Instruct"
