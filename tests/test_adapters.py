@@ -270,6 +270,9 @@ def test_exported_pair_in_peft_equals_merged(hf, ours, strategy, in_targets, tmp
         merged = ours(x)
         pair = export_pair(a_in, a_out, w_in=w_in, w_out=w_out, strategy=strategy)
         assert pair.rank == (4 if strategy == "ab" else 12) and pair.target_modules == TARGET_MODULES
+        a_in.base = a_out.base = None  # no sidecar: the layers are counted from the tensors' names
+        unplaced = export_pair(a_in, a_out, w_in=w_in, w_out=w_out, strategy=strategy)
+        assert all(torch.equal(unplaced.tensors[n][i], pair.tensors[n][i]) for n in pair.tensors for i in (0, 1))
         pair.save(tmp_path / "pair")
         served = PeftModel.from_pretrained(hf, tmp_path / "pair").eval()(x).logits
     torch.testing.assert_close(merged, bound, **FP32)
@@ -564,6 +567,8 @@ def test_a_pool_lists_its_languages_and_names_every_bad_adapter(ours, tmp_path):
         for role in ("in", "out"):
             pool.save(adapter(ours, 4, 8, seed=len(lang + role), language=lang, role=role))
     shutil.copytree(tmp_path / "fr", tmp_path / "fr.old")
+    (tmp_path / "ja" / "in").mkdir(parents=True)  # a save cut short: no config yet
+    (tmp_path / "ja" / "in" / "adapter_model.safetensors").write_bytes(b"")
     assert pool.languages() == ["de", "fr"] and len(pool.listing().splitlines()) == 4
     shutil.rmtree(tmp_path / "fr" / "in")
     shutil.copytree(tmp_path / "de" / "out", tmp_path / "fr" / "in")
