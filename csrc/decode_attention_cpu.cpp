@@ -39,7 +39,8 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const 
   TORCH_CHECK(num_beams >= 1, kWho, "num_beams must be >= 1, got ", num_beams);
   const int64_t B = prompt_k.size(0), Hkv = prompt_k.size(1), P = prompt_k.size(2), D = prompt_k.size(3);
   const int64_t rows = B * num_beams;
-  TORCH_CHECK(D > 0 && D % 2 == 0 && Hkv > 0, kWho, "head_dim must be even and positive, got ", D);
+  TORCH_CHECK(D > 0 && D % 2 == 0, kWho, "head_dim must be even and positive, got ", D);
+  TORCH_CHECK(Hkv > 0, kWho, "prompt_k must have at least one key/value head, got ", prompt_k.sizes());
   TORCH_CHECK(q.dim() == 2 && q.size(1) % (Hkv * D) == 0, kWho, "q must be [rows, H * ", D, "] with H a multiple of ",
               Hkv, ", got ", q.sizes());
   const int64_t H = q.size(1) / D;

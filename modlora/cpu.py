@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -291,7 +292,7 @@ def lora_bank_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, A_ba
 
 def _as_rows(x: Tensor) -> Tensor:
     """x [..., K] as [rows, K]; the decode path's 2-D x as it is (a reshape costs a few us on a slow core)."""
-    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    return x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # -1 fails at K = 0
 
 
 def _shaped_as(y: Tensor, x: Tensor) -> Tensor:

@@ -426,12 +426,12 @@ def _read() -> dict[str, dict]:
         if not isinstance(data, dict) or data.get("fingerprint") != fingerprint():
             raise ValueError("written for another CPU, version or format")
         choices = data.get("choices")
-        if not isinstance(choices, dict) or not all(_valid(v) for v in choices.values()):
+        if not isinstance(choices, dict) or not all(_valid(v) and _fits(k, v["path"]) for k, v in choices.items()):
             raise ValueError("malformed choices")
         return choices
     except FileNotFoundError:
         return {}
-    except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
         if not _warned:
             log.warning("modlora dispatch cache %s ignored (%s); it will be rewritten", path, e)
             _warned = True
@@ -443,6 +443,17 @@ def _valid(entry: object) -> bool:
     return (isinstance(path, str) and (path == "torch" or _known_path(path, fingerprint()["isas"]))
             and isinstance(entry.get("ms"), dict)
             and all(isinstance(v, float) and math.isfinite(v) for v in entry["ms"].values()))
+
+
+def _fits(name: str, path: str) -> bool:
+    """Whether ``path`` is one :func:`c_paths` could have offered the case ``name``: torch, or the C++
+    op at an ISA up to the one the case was measured under (``MODLORA_CPU_ISA`` caps it), a bf16-dot
+    one only for bf16 x and W. A name that is no case is skipped by :func:`_load`."""
+    key, parsed = _parse(name), _parse_path(path)
+    if key is None or path == "torch":
+        return True
+    return (parsed is not None and parsed[0] in ISAS and key[6] in ISAS and ISAS.index(parsed[0]) <= ISAS.index(key[6])
+            and (key[3] == "bfloat16" or parsed[0] not in BF16_DOT_ISAS))
 
 
 def _load() -> None:

@@ -111,14 +111,30 @@ def test_matches_float64_oracle(isa, case, dtype):
     assert torch.equal(args["gen_v"][:, :, others], before_v[:, :, others])
 
 
+def test_strided_mask_and_rotary_tables_are_read_by_their_strides(isa):
+    """A mask that is every other entry of a wider one (the gaps its negation), cos and sin with a
+    row stride past D (the gaps NaN): the same output and cache, bit for bit, as contiguous ones."""
+    args = make_args(*CASES["gqa8-tails"], torch.float32)
+    strided = {**args, "gen_k": args["gen_k"].clone(), "gen_v": args["gen_v"].clone(),
+               "prompt_mask": torch.stack([args["prompt_mask"], ~args["prompt_mask"]], dim=-1)[..., 0]}
+    for name in ("cos", "sin"):
+        table = args[name]
+        strided[name] = torch.cat([table, torch.full_like(table, float("nan"))], dim=1)[:, :table.shape[1]]
+    assert not strided["prompt_mask"].is_contiguous() and strided["cos"].stride(0) == 2 * strided["cos"].shape[1]
+    out = cpu.decode_attention(**strided)
+    assert torch.equal(out, cpu.decode_attention(**args))
+    assert torch.equal(strided["gen_k"], args["gen_k"]) and torch.equal(strided["gen_v"], args["gen_v"])
+
+
 @pytest.mark.parametrize("change,message", [
     (lambda a: a.update(k=a["k"].double()), "dtype"),
+    (lambda a: a.update(prompt_k=a["prompt_k"][:, :0], prompt_v=a["prompt_v"][:, :0]), "at least one key/value head"),
     (lambda a: a.update(step=a["gen_k"].shape[2]), "outside the cache"),
     (lambda a: a.update(prompt_mask=a["prompt_mask"][:, 1:]), "prompt_mask must be bool"),
     (lambda a: a.update(q=a["q"][:, 1:]), "q must be"),
     (lambda a: a.update(gen_v=a["gen_v"][:, :, :-1]), "gen_v must be"),
     (lambda a: a.update(num_beams=2), "q must be"),
-], ids=["dtype", "step", "mask", "q-width", "cache-length", "beams"])
+], ids=["dtype", "no-kv-head", "step", "mask", "q-width", "cache-length", "beams"])
 def test_bad_arguments_are_named(change, message):
     args = make_args(*CASES["first-step-d24"], torch.float32)
     change(args)

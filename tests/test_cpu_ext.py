@@ -85,6 +85,19 @@ def _pairs(strategy: str, gen: torch.Generator):
             (_adapter(16, 0.25, gen), _adapter(16, 2.0, gen), 0.6, 0.4)]
 
 
+def _in_nan(W: torch.Tensor) -> torch.Tensor:
+    """W as a view with row stride K + 20 into a tensor of NaN: what lies around it must not be read."""
+    full = torch.full((W.shape[0], W.shape[1] + 20), float("nan"), dtype=W.dtype)
+    full[:, 7:7 + W.shape[1]] = W
+    return full[:, 7:7 + W.shape[1]]
+
+
+def _noncontiguous(t: torch.Tensor) -> torch.Tensor:
+    """t's values as a view of every other element of a tensor whose gaps hold NaN (or -1)."""
+    gap = torch.full_like(t, float("nan") if t.is_floating_point() else -1)
+    return torch.stack([t, gap], dim=-1)[..., 0]
+
+
 def _oracle(x, W, b, A_bank, B_bank, row_pair):
     """float64 value and the |terms| magnitude of the bank op, row by row."""
     x64, W64 = x.double(), W.double()
@@ -163,10 +176,11 @@ def test_single_pair_matches_dual_reference(isa, M, strategy):
 @pytest.mark.parametrize("bank_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("M", [1, 2, 5, 13])
 def test_bank_dtypes_and_strided_weight(isa, bank_dtype, M):
-    """bf16 banks (exact fp64 oracle of the rounded bank) and a weight with row stride > K."""
+    """bf16 banks (exact fp64 oracle of the rounded bank) and a weight with row stride > K, whose
+    row gaps hold NaN: a kernel that reads past a row (a full tile at the K tail) poisons its sums."""
     gen = torch.Generator().manual_seed(3 + M)
     x = torch.randn(M, K, generator=gen).to(torch.bfloat16)
-    W = (torch.randn(N, K + 20, generator=gen) / K**0.5).to(torch.bfloat16)[:, 7:7 + K]
+    W = _in_nan((torch.randn(N, K, generator=gen) / K**0.5).to(torch.bfloat16))
     assert W.stride(0) == K + 20
     A_bank, B_bank = cpu.pack_bank(_pairs("output", gen), "output", bank_dtype)
     row_pair = torch.randint(0, 3, (M,), generator=gen)
@@ -263,7 +277,7 @@ def test_bf16_bank_across_tile_shapes(isa, M, k, n):
     whose adapter rows must follow), ranks 1/8/16 unequal, bias, rows alternating between pairs."""
     gen = torch.Generator().manual_seed(M * 131 + k + n)
     x = torch.randn(M, k, generator=gen).to(torch.bfloat16)
-    W = (torch.randn(n, k, generator=gen) / k**0.5).to(torch.bfloat16)
+    W = _in_nan((torch.randn(n, k, generator=gen) / k**0.5).to(torch.bfloat16))  # nothing past a row is read
     b = torch.randn(n, generator=gen).to(torch.bfloat16)
     pairs = [(_adapter(1, 2.0, gen, k, n), _adapter(16, 0.5, gen, k, n), 0.3, 0.7),
              (_adapter(8, 1.0, gen, k, n), None, 1.0, 0.0)]
@@ -296,6 +310,8 @@ def test_rank_parts_read_only_their_ranks(isa, M, dtype, parts):
     row_pair = torch.arange(M) % 2
     rank_parts = torch.tensor(parts)
     y = cpu.lora_bank_linear(x, W, b, A_bank, B_bank, row_pair, rank_parts=rank_parts)
+    strided = [_noncontiguous(t) for t in (A_bank, B_bank, row_pair, rank_parts)]  # views with gaps of NaN / -1
+    assert torch.equal(cpu.lora_bank_linear(x, W, b, *strided[:3], rank_parts=strided[3]), y)
     full = torch.zeros(2, N, R, dtype=dtype)
     n0 = 0
     for n_end, r_lo, r_hi in parts:
@@ -365,19 +381,22 @@ def test_no_adapters_is_plain_linear(isa, w_dtype, M):
 def test_bf16_output_is_the_fp32_result_rounded_to_nearest_even(isa, M):
     """With fp32 W every ISA sums a bf16 x exactly as its fp32 copy, so the bf16 output must be the
     fp32 output rounded as torch rounds: ties to even, NaN stays NaN, overflow to inf. Row 0 (x = 0)
-    is the bias alone, whose entries are ties, NaNs, +-inf and the largest float."""
+    is the bias alone, whose entries are ties, NaNs, +-inf and the largest float, in the first
+    columns (vector stores) and the last (the scalar tail, N = 97)."""
     gen = torch.Generator().manual_seed(M)
     high = torch.randint(0x3F00, 0x4300, (N,), generator=gen, dtype=torch.int32)
     bias = ((high << 16) | 0x8000).view(torch.float32).clone()
-    bias[:4] = torch.tensor([float("nan"), float("inf"), -float("inf"), torch.finfo(torch.float32).max])
-    bias[4] = torch.tensor(0x7FFFFFFF, dtype=torch.int32).view(torch.float32)  # a NaN that rounding would wrap to -0
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), torch.finfo(torch.float32).max,
+                            torch.tensor(0x7FFFFFFF, dtype=torch.int32).view(torch.float32)])  # a NaN that wraps to -0
+    bias[:5], bias[-5:] = special, special.flip(0)
     x = torch.randn(M, K, generator=gen).to(torch.bfloat16)
     x[0] = 0
     W = torch.randn(N, K, generator=gen)
     got = cpu.lora_bank_linear(x, W, bias).float()
     want = cpu.lora_bank_linear(x.float(), W, bias).to(torch.bfloat16).float()
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
-    assert torch.equal(got[0, 5:], bias[5:].to(torch.bfloat16).float())
+    assert torch.equal(got[0, 5:-5], bias[5:-5].to(torch.bfloat16).float())
+    assert got[0, [0, 4, -1, -5]].isnan().all()
 
 
 @pytest.mark.parametrize("bias_dtype", [torch.float16, torch.float64, torch.bfloat16, torch.float32])
@@ -405,6 +424,8 @@ def test_tiny_and_degenerate_shapes(isa):
     for chunk in (None, 8):
         assert torch.equal(cpu.lora_bank_linear(torch.randn(3, 0), torch.randn(4, 0), bias, k_chunk=chunk),
                            bias.expand(3, 4))
+    for op in (cpu.lora_bank_linear, cpu.lora_bank_linear_torch):  # K = 0 under leading dims too
+        assert torch.equal(op(torch.randn(2, 3, 0), torch.randn(4, 0), bias), bias.expand(2, 3, 4))
     A0, B0 = torch.zeros(1, 0, 8), torch.zeros(1, 4, 0)  # rank 0 bank: no adapter at all
     x, W = torch.randn(2, 8), torch.randn(4, 8)
     y64, mag = _oracle(x, W, None, None, None, None)
@@ -455,8 +476,11 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="one entry per row"):
         cpu.lora_bank_linear(x, W, None, A, B, torch.tensor([0, 1, 2]))
     for op, err in ((cpu.lora_bank_linear, RuntimeError), (cpu.lora_bank_linear_torch, IndexError)):
-        with pytest.raises(err, match="out of range|must lie in"):
-            op(x, W, None, A, B, torch.tensor([0, 3]))
+        for bad in ([0, 3], [-1, 0]):  # torch would index -1 from the end
+            with pytest.raises(err, match="out of range|must lie in"):
+                op(x, W, None, A, B, torch.tensor(bad))
+        y = op(x, W, None, A, B, torch.tensor([2, 0], dtype=torch.int32))  # int32 pairs are pairs too
+        assert torch.equal(y, op(x, W, None, A, B, torch.tensor([2, 0])))
     with pytest.raises(RuntimeError, match=r"but weight is \[4, 9\]"):  # the op itself checks too
         torch.ops.modlora.lora_bank_linear(x, torch.randn(4, 9))
     with pytest.raises(RuntimeError, match="unknown ISA 'sse9', expected one of auto, scalar, avx2, avx512, "

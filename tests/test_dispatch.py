@@ -301,7 +301,7 @@ def test_no_calibration_uses_the_defaults_and_no_cache(monkeypatch, c_calls):
 
 
 @pytest.mark.parametrize("content", ["{not json", "truncated", "foreign", "old format", "unknown path",
-                                     "huge k chunk"])
+                                     "huge k chunk", "above its case's ISA", "bf16 dot for fp32", "nested"])
 @torch.no_grad()
 def test_bad_cache_is_ignored_with_one_warning_and_rewritten(content, caplog):
     path = dispatch.cache_file()
@@ -316,6 +316,12 @@ def test_bad_cache_is_ignored_with_one_warning_and_rewritten(content, caplog):
             "unknown path": json.dumps({**good, "choices": {"linear|1|1|float32|1|1|x": {**entry, "path": "c"}}}),
             "huge k chunk": json.dumps({**good, "choices": {"linear|1|1|float32|1|1|x": {
                 **entry, "path": "c:scalar:k99999999999999999999"}}}),
+            # measured under MODLORA_CPU_ISA=scalar: no other ISA was offered; a bf16-dot kernel for fp32 x
+            "above its case's ISA": json.dumps({**good, "choices": {"linear|1|1|float32|1|1|scalar": {
+                **entry, "path": "c:avx2"}}}),
+            "bf16 dot for fp32": json.dumps({**good, "choices": {"linear|1|1|float32|1|1|amx": {
+                **entry, "path": "c:avx512_bf16"}}}),
+            "nested": "[" * 200_000,
             }[content]
     path.write_text(text)
     with caplog.at_level(logging.WARNING, logger="modlora"):
@@ -329,9 +335,38 @@ def test_bad_cache_is_ignored_with_one_warning_and_rewritten(content, caplog):
 
 
 @torch.no_grad()
+def test_calibration_stops_at_its_budget_and_the_rest_is_measured_later(monkeypatch):
+    """Once a process has spent its calibration budget, a new case takes the default path and is not
+    cached: a later process measures it."""
+    monkeypatch.setattr(dispatch, "BUDGET_SECONDS", 1e-9)
+    for m in (1, 2, 3):
+        assert_linear_exact(*_inputs(m))
+    assert [name.split("|")[4] for name in _cache()["choices"]] == ["1"]
+
+
+@torch.no_grad()
+def test_this_processs_measurement_wins_over_the_files_for_its_case(monkeypatch):
+    """A case this process measured is written as measured, whatever the file held for it; the
+    file's other cases are kept."""
+    x, w = _inputs(3)
+    name = f"linear|{N}|{K}|float32|3|{torch.get_num_threads()}|{cpu._C.isa()}"
+    other = name.replace("|3|", "|2|")
+    stale = {"path": "torch", "ms": {"torch": 9.0}}
+    dispatch.cache_file().parent.mkdir(parents=True, exist_ok=True)
+    dispatch.cache_file().write_text(json.dumps({"fingerprint": dispatch.fingerprint(), "choices": {other: stale}}))
+    dispatch._load()  # the file was read before another process wrote this case into it
+    dispatch.cache_file().write_text(json.dumps({"fingerprint": dispatch.fingerprint(),
+                                                 "choices": {other: stale, name: stale}}))
+    monkeypatch.setattr(dispatch, "_measure", lambda *a: {"c:scalar": 1.0, "torch": 2.0})
+    assert_linear_exact(x, w)
+    assert _cache()["choices"] == {other: stale, name: {"path": "c:scalar", "rows": 3,
+                                                        "ms": {"c:scalar": 1.0, "torch": 2.0}}}
+
+
+@torch.no_grad()
 def test_a_cached_l2_choice_is_read_and_obeyed(monkeypatch, c_calls):
     """A choice of the C++ op prefetching into L2, as another process cached it, runs as cached."""
-    path = f"c:{cpu._C.supported_isas()[-1]}:l2"
+    path = f"c:{[isa for isa in cpu._C.supported_isas() if isa not in dispatch.BF16_DOT_ISAS][-1]}:l2"  # fp32 x
     x, w = _inputs(3)
     name = f"linear|{N}|{K}|float32|3|{torch.get_num_threads()}|{cpu._C.isa()}"
     dispatch.cache_file().parent.mkdir(parents=True, exist_ok=True)
