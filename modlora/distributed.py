@@ -142,6 +142,12 @@ def config_hash(command: str, config: dict, data_parallel: bool) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def backend() -> str:
+    """The process group's backend for the tensors of each device: gloo for CPU tensors (also on a
+    machine with GPUs, where a run may keep its model on the CPU), NCCL for CUDA ones."""
+    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+
+
 def init(command: str, config: dict, *, data_parallel: bool = False) -> Context:
     """Join the process group torchrun describes (if any) and check the ranks agree.
 
@@ -158,12 +164,9 @@ def init(command: str, config: dict, *, data_parallel: bool = False) -> Context:
         return _CONTEXT
     rank, local = _env_int("RANK", None, 0, world - 1), _env_int("LOCAL_RANK", "0", 0, world - 1)
     stage_timeout = _stage_timeout()
-    if torch.cuda.is_available():
+    if local < torch.cuda.device_count():
         torch.cuda.set_device(local)  # "cuda" is cuda:LOCAL_RANK from here on
-        backend = "nccl"
-    else:
-        backend = "gloo"
-    dist.init_process_group(backend, timeout=stage_timeout)
+    dist.init_process_group(backend(), timeout=stage_timeout)
     ctx = Context(rank, world, local, data_parallel, dist.new_group(backend="gloo", timeout=STARTUP_TIMEOUT),
                   dist.new_group(backend="gloo", timeout=stage_timeout))
     _CONTEXT = ctx

@@ -202,7 +202,8 @@ _OUTPUTS = ("pretrain", "train", "pool", "full", "weights", "eval")
 # modules do); every other setting (the model, the dtype, the data, the pre-training) all of them.
 _MADE_WITH = ((("weights.", "data.weights_limit"), ("weights", "eval")),
               (("train.", "lora.", "data.train_limit", "data.pivot"), _OUTPUTS[1:]),
-              (("data.langs",), ("pretrain", "full")))
+              (("data.langs",), ("pretrain", "full")),
+              (("data_parallel_processes",), _OUTPUTS[:-1]))  # each step's batch: every training's
 
 
 def _flat(settings: dict, prefix: str = "") -> dict[str, object]:
@@ -267,9 +268,12 @@ class Pipeline:
         self.write_record()
 
     def record(self) -> dict:
-        """What the folder's outputs are made with: the config, and the dtype it resolves to here
-        (``model.dtype`` unset: bf16 on CUDA, fp32 on CPU)."""
-        return {"config": _located(json.loads(json.dumps(self.config.to_dict()))), "dtype": self._dtype_name()}
+        """What the folder's outputs are made with: the config, the dtype it resolves to here
+        (``model.dtype`` unset: bf16 on CUDA, fp32 on CPU), and the processes a training step's batch
+        is spread over (``--data-parallel`` on N processes trains on N times ``batch_size``)."""
+        ctx = distributed.current()
+        return {"config": _located(json.loads(json.dumps(self.config.to_dict()))), "dtype": self._dtype_name(),
+                "data_parallel_processes": ctx.world_size if ctx.data_parallel else 1}
 
     def _dtype_name(self) -> str:
         return str(self._device_dtype()[1]).removeprefix("torch.")
@@ -287,6 +291,9 @@ class Pipeline:
                                    now["config"])
         if saved.get("dtype") != now["dtype"]:
             changes["dtype"] = (saved.get("dtype"), now["dtype"])
+        processes = saved.get("data_parallel_processes", now["data_parallel_processes"])  # an older record: any
+        if processes != now["data_parallel_processes"]:
+            changes["data_parallel_processes"] = (processes, now["data_parallel_processes"])
         changed = [f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items() if self._made_with(key)]
         if changed:
             raise validate.InputError(

@@ -165,6 +165,46 @@ def test_data_parallel_equals_one_process_with_the_global_batch(setup):
                 torch.testing.assert_close(b[k], a[k], rtol=0, atol=0.1 * LR)
 
 
+def test_data_parallel_killed_mid_job_resumes_as_if_never_stopped(setup):
+    """2 ranks, LoRA dropout (each rank its own masks, restored from the checkpoint's per-rank RNG
+    states) and a last global batch rank 1 has no example of (5 examples, batch 1 x 2): killed in
+    the first job and rerun, the adapters equal an uninterrupted data-parallel run's, bit for bit."""
+    args = ["train-adapters", "--config", str(setup / "c.toml"), "--train-limit", "5", "--dropout", "0.1",
+            "--data-parallel"]
+    whole = _wait(_launch([*args, "--out", str(setup / "dp-whole")]))
+    assert [rc for rc, _, _ in whole] == [0, 0], whole[0][2][-2000:]
+    out = setup / "dp-killed"
+    procs = _launch([*args, "--out", str(out)])
+    first = out / "train" / "en-in" / checkpoint.FILE
+    deadline = time.monotonic() + 120
+    while not first.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    procs[1].send_signal(signal.SIGKILL)
+    procs[0].terminate()
+    try:
+        procs[0].wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        procs[0].kill()
+    _wait(procs)
+    assert not (out / "pool" / "en" / "in").exists()
+    results = _wait(_launch([*args, "--out", str(out)]))
+    assert [rc for rc, _, _ in results] == [0, 0], results[0][2][-2000:] + results[1][2][-2000:]
+    assert "in[en]: resumed at step" in results[0][2]
+    for lang in ("en", "fr"):
+        for role in ("in", "out"):
+            name = f"pool/{lang}/{role}/adapter_model.safetensors"
+            a, b = load_file(setup / "dp-whole" / name), load_file(out / name)
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_the_backend_serves_cpu_tensors_on_a_machine_with_gpus(monkeypatch):
+    """A run may keep its model on the CPU where CUDA exists: NCCL alone cannot sum CPU gradients."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert distributed.backend() == "cpu:gloo,cuda:nccl"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert distributed.backend() == "gloo"
+
+
 def test_ranks_with_different_configs_stop_with_one_line(setup):
     started = time.monotonic()
     results = _wait(_launch(["train-adapters", "--config", str(setup / "c.toml"), "--out", str(setup / "mm")],

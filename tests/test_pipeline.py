@@ -167,8 +167,31 @@ def test_a_run_folder_refuses_settings_that_would_mix_its_outputs(tmp_path, monk
     Pipeline(free).check_record()
     Pipeline(free).write_record()
     assert json.loads((tmp_path / RUN_RECORD).read_text()) == {"config": json.loads(json.dumps(free.to_dict())),
-                                                               "dtype": "float32"}
+                                                               "dtype": "float32", "data_parallel_processes": 1}
     assert (tmp_path / "config.json").read_text() == '{"model_type": "qwen2"}'
+
+
+def test_a_run_folder_refuses_another_data_parallel_batch(tmp_path, monkeypatch):
+    """``--data-parallel`` on N processes trains on N times ``batch_size`` a step: like a batch size,
+    it binds the trained outputs once begun (not evaluations, which any processes share out alike);
+    a record from before it was recorded binds nothing."""
+    from modlora import distributed
+
+    Pipeline(_config(tmp_path), log=lambda _: None).write_record()
+    (tmp_path / "eval").mkdir()
+    two = distributed.Context(rank=0, world_size=2, data_parallel=True)
+    monkeypatch.setattr(distributed, "current", lambda: two)
+    Pipeline(_config(tmp_path)).check_record()
+    (tmp_path / "train" / "fr-in").mkdir(parents=True)
+    with pytest.raises(InputError, match=r"made with other settings \(data_parallel_processes 1 -> 2\)"):
+        Pipeline(_config(tmp_path)).check_record()
+    monkeypatch.setattr(distributed, "current", lambda: distributed.Context(rank=0, world_size=2))
+    Pipeline(_config(tmp_path)).check_record()  # sharding jobs over processes trains each as one does
+    record = json.loads((tmp_path / RUN_RECORD).read_text())
+    del record["data_parallel_processes"]
+    (tmp_path / RUN_RECORD).write_text(json.dumps(record))
+    monkeypatch.setattr(distributed, "current", lambda: two)
+    Pipeline(_config(tmp_path)).check_record()
 
 
 def test_a_run_folder_knows_its_data_and_model_by_location(tmp_path, monkeypatch):
