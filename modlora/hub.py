@@ -3,8 +3,8 @@
 modlora never downloads. A hub id names the snapshot that ``transformers`` / ``huggingface_hub``
 left in the cache, laid out as ``<cache>/models--Org--Name/snapshots/<revision>/`` with the
 revision of the ``main`` branch in ``<cache>/models--Org--Name/refs/main``. The caches are tried in
-huggingface_hub's order: ``$HF_HUB_CACHE``, ``$HF_HOME/hub``, ``$XDG_CACHE_HOME/huggingface/hub``,
-``~/.cache/huggingface/hub``.
+huggingface_hub's order: ``$HF_HUB_CACHE``, ``$HUGGINGFACE_HUB_CACHE``, ``$HF_HOME/hub``,
+``$XDG_CACHE_HOME/huggingface/hub``, ``~/.cache/huggingface/hub``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 def cache_dirs() -> list[Path]:
     """The hub caches to look in, in order, without duplicates."""
     env = os.environ
-    candidates = [env.get("HF_HUB_CACHE"),
+    candidates = [env.get("HF_HUB_CACHE"), env.get("HUGGINGFACE_HUB_CACHE"),  # the latter: its older name
                   env.get("HF_HOME") and str(Path(env["HF_HOME"]) / "hub"),
                   env.get("XDG_CACHE_HOME") and str(Path(env["XDG_CACHE_HOME"]) / "huggingface" / "hub"),
                   str(Path.home() / ".cache" / "huggingface" / "hub")]

@@ -79,6 +79,10 @@ def _check_headers(config: Qwen2Config, files: dict[str, Path], path: Path, tied
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in Qwen2ForCausalLM(config).named_parameters()}
     validate.check_shapes(expected, found, path, optional=frozenset({tied_head} - {None}))
+    embedding = expected["model.embed_tokens.weight"]
+    if tied_head in found and found[tied_head] != embedding:
+        raise validate.InputError(f"checkpoint {path}: tensor {tied_head} has shape {found[tied_head]}, the tied "
+                                  f"embedding {embedding}")
 
 
 def _build_empty(config: Qwen2Config, dtype: torch.dtype, device: torch.device | str | None) -> Qwen2ForCausalLM:
@@ -124,14 +128,37 @@ def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | str | None 
             file = files[name]
             if file not in handles:
                 handles[file] = _open_safetensors(file)
-            tensor = validate.check_tensor(name, handles[file].get_tensor(name), file)
-            _set_parameter(model, name, tensor.to(device=device, dtype=dtype))
+            _set_parameter(model, name, _converted(name, handles[file].get_tensor(name), file, device, dtype))
+        if tied_head in files:
+            _check_tied_head(model, files[tied_head], _open_safetensors(files[tied_head]), device, dtype)
     finally:
         handles.clear()
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.pack_weights()
     return model.eval()
+
+
+def _converted(name: str, tensor: torch.Tensor, file: Path, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A checkpoint tensor, finite, on ``device`` in ``dtype``, where it must stay finite (a bf16 or
+    fp32 weight of 1e5 is infinite in fp16). Always a copy: a tensor of the file's own dtype is a
+    view of its mapping, which would keep the whole file mapped and resident beside the model."""
+    converted = validate.check_tensor(name, tensor, file).to(device=device, dtype=dtype, copy=True)
+    if converted.dtype != tensor.dtype and not bool(torch.isfinite(converted).all()):
+        raise validate.InputError(f"{file}: tensor {name} overflows {dtype}: load the model as {tensor.dtype} "
+                                  "or float32")
+    return converted
+
+
+def _check_tied_head(model: Qwen2ForCausalLM, file: Path, handle: object, device: torch.device,
+                     dtype: torch.dtype) -> None:
+    """A tied checkpoint may also store ``lm_head.weight``, as a copy of the embeddings; one that
+    differs contradicts its config (transformers then unties, with a warning): refused, naming both ways out."""
+    head = handle.get_tensor("lm_head.weight").to(device=device, dtype=dtype)
+    if not torch.equal(head, model.model.embed_tokens.weight):
+        raise validate.InputError(f"{file}: lm_head.weight differs from model.embed_tokens.weight, but config.json "
+                                  "ties them (tie_word_embeddings true): set it to false to use this output layer, "
+                                  "or remove the tensor")
 
 
 def _set_parameter(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -66,6 +66,29 @@ def test_atomic_folder_write_replaces_ours_and_keeps_other_files(tmp_path):
     assert _contents(fresh) == {"config.json": "1\n"}
 
 
+def test_safetensors_are_written_from_the_tensors_and_a_system_error_names_the_file(tmp_path, monkeypatch):
+    """The file equals what ``safetensors.torch.save`` serialises; safetensors' own error for a full
+    disk comes out as the OSError ENOSPC naming the target, and no temp file is left."""
+    import safetensors.torch
+    import torch
+    from safetensors import SafetensorError
+
+    from modlora.fileio import atomic_write_safetensors
+
+    tensors = {"a": torch.arange(6.0).view(2, 3), "b": torch.ones(4, dtype=torch.bfloat16)}
+    atomic_write_safetensors(tmp_path / "x.safetensors", tensors, {"format": "pt"})
+    assert (tmp_path / "x.safetensors").read_bytes() == safetensors.torch.save(tensors, {"format": "pt"})
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(OSError, match="no space left on device") as e:
+        atomic_write_safetensors(tmp_path / "y.safetensors", tensors)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "y.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.safetensors"]
+
+
 @pytest.mark.parametrize("error", [KeyboardInterrupt, OSError(errno.ENOSPC, "No space left on device")])
 def test_a_failed_folder_write_changes_nothing(tmp_path, error):
     target = _folder(tmp_path, {"weights": "old", "config.json": "old", "shard": "old"})

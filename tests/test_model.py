@@ -140,6 +140,47 @@ def test_save_and_reload_round_trip(tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_a_tied_checkpoint_may_store_its_head_only_as_a_copy(tmp_path):
+    """tie_word_embeddings with an lm_head.weight in the file: a copy of the embeddings loads; another
+    head or shape contradicts the config (transformers unties, warning) and is refused."""
+    from safetensors.torch import load_file, save_file
+
+    model = random_model(Qwen2Config(**{**_small(), "tie_word_embeddings": True}), seed=3)
+    save_pretrained(model, tmp_path)
+    file = tmp_path / "model.safetensors"
+    tensors = load_file(file)
+    embedding = tensors["model.embed_tokens.weight"]
+    for head, error in ((embedding.clone(), None), (embedding + 1e-3, "lm_head.weight differs from"),
+                        (embedding[:, :3].clone(), r"lm_head.weight has shape \(\d+, 3\), the tied embedding")):
+        save_file({**tensors, "lm_head.weight": head}, file, metadata={"format": "pt"})
+        if error is None:
+            assert torch.equal(load_pretrained(tmp_path).lm_head.weight, embedding)
+        else:
+            with pytest.raises(ValueError, match=error):
+                load_pretrained(tmp_path)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="no /proc/self/maps here")
+def test_a_loaded_model_holds_no_mapping_of_its_files(tmp_path):
+    """safetensors maps the file and a same-dtype ``.to`` would keep its pages as the parameter (an
+    embedding, a norm): the whole file stayed mapped and resident beside the model's own copy
+    (2.3 against 1.3 GB RSS for Qwen2.5-0.5B in bf16)."""
+    save_pretrained(random_model(Qwen2Config(**{**_small(), "tie_word_embeddings": True}), seed=3), tmp_path)
+    model = load_pretrained(tmp_path, dtype="float32")
+    assert str(tmp_path) not in Path("/proc/self/maps").read_text()
+    assert model.model.embed_tokens.weight.dtype == torch.float32
+
+
+def test_a_weight_that_overflows_the_asked_dtype_is_refused(tmp_path):
+    model = random_model(Qwen2Config(**_small()), seed=3)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = 1e5  # fp16's largest finite value: 65504
+    save_pretrained(model, tmp_path)
+    assert load_pretrained(tmp_path, dtype="bfloat16").model.layers[0].mlp.up_proj.weight[0, 0] == 99840.0
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.up_proj.weight overflows torch.float16: load the"):
+        load_pretrained(tmp_path, dtype="float16")
+
+
 def _assert_same_weights(ours, path):
     again = load_pretrained(path)
     for (name, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items(), strict=True):

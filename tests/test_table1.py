@@ -170,6 +170,9 @@ def test_hub_id_resolves_from_the_cache_and_a_missing_one_says_where_it_looked(t
     msg = str(e.value)
     assert str(cache / "models--Qwen--Missing" / "refs" / "main") in msg
     assert str(tmp_path / "home" / "hub" / "models--Qwen--Missing") in msg and "never downloads" in msg
+    monkeypatch.delenv("HF_HUB_CACHE")
+    monkeypatch.setenv("HUGGINGFACE_HUB_CACHE", str(cache))  # huggingface_hub's older name, still honoured
+    assert resolve_model_path("Qwen/Qwen2.5-0.5B-Instruct") == repo / "snapshots" / "abc123"
 
 
 def test_hub_id_loads_the_model(tmp_path, monkeypatch):

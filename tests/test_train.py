@@ -439,14 +439,17 @@ def test_ctrl_c_while_the_checkpoint_is_written_saves_it_again(tmp_path, monkeyp
 
 
 def test_a_killed_save_leaves_no_temp_file_after_the_next(tmp_path):
-    """A kill amid a checkpoint write (no cleanup runs) leaves `.checkpoint.safetensors.<hex>`, as
-    large as the checkpoint: the next save removes it, and nothing else."""
-    stale, other = tmp_path / f".{checkpoint.FILE}.0123abcd", tmp_path / f".{checkpoint.FILE}.notours"
-    stale.write_bytes(b"x" * 100)
-    other.write_bytes(b"y")
+    """A kill amid a checkpoint write (no cleanup runs) leaves `.checkpoint.safetensors.<hex>`, or
+    safetensors' own `.tmp<6 characters>` inside it, as large as the checkpoint: the next save removes
+    them, and nothing else."""
+    stale = [tmp_path / f".{checkpoint.FILE}.0123abcd", tmp_path / ".tmpAb12Cd"]
+    other = [tmp_path / f".{checkpoint.FILE}.notours", tmp_path / ".tmpAb12Cde", tmp_path / "tmpAb12Cd"]
+    for path in stale + other:
+        path.write_bytes(b"x" * 100)
     _adapter_run(tmp_path, _random_examples(6, seed=1))
-    assert not stale.exists() and other.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([checkpoint.FILE, "log.jsonl", other.name])
+    assert not any(p.exists() for p in stale)
+    kept = [checkpoint.FILE, "log.jsonl", *(o.name for o in other)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
 
 
 def test_grad_accumulation_equals_one_larger_batch(tmp_path):
