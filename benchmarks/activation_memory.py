@@ -6,15 +6,18 @@ first FLORES-101 dev pairs fr->en, real tokenizer and chat prompt, fp32). At the
 it counts 1- and 2-layer models and extrapolates linearly to the 24 layers (per layer = the
 difference); the tiny preset (the demo's base) is counted whole.
 
-Writes ``benchmarks/results/activation_memory.json``.
+Writes ``benchmarks/results/activation_memory.json`` (``--out-dir`` elsewhere).
+
+    python benchmarks/activation_memory.py [--out-dir DIR]
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 
 import torch
-from common import environment, write_json
+from common import add_out_dir, environment, write_json
 
 from modlora import Tokenizer
 from modlora.config import PRESETS
@@ -49,6 +52,9 @@ def count(config, batch) -> dict[bool, int]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_out_dir(parser)
+    args = parser.parse_args()
     torch.set_num_threads(1)
     tok = Tokenizer.default()
     data = load_split("dev", ["fr", "en"], None, 8)
@@ -68,7 +74,7 @@ def main() -> None:
                                     "total_24_layers_gib": (rest + base.num_hidden_layers * per_layer) / 2**30}
     tiny = count(PRESETS["tiny"], demo_batch)
     out["tiny"].update({"no_checkpointing_mib": tiny[False] / MiB, "checkpointing_mib": tiny[True] / MiB})
-    print(write_json("activation_memory", out))
+    print(write_json("activation_memory", out, args.out_dir))
     print({k: v for k, v in out.items() if k != "environment"})
 
 

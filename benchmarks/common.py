@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import platform
 import subprocess
 import sys
@@ -32,8 +33,9 @@ def environment(device: torch.device | str = "cpu") -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent, check=True).stdout.strip()
-        # Results files do not count: the benchmarks rewrite them while they run.
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+        # Untracked files count (a new source file changes what ran; ignored ones do not), results
+        # files do not: the benchmarks rewrite them while they run.
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=normal", "--",
                                      ":/", ":(exclude,top)benchmarks/results"],
                                     capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip())
     except (OSError, subprocess.CalledProcessError):
@@ -55,6 +57,25 @@ def environment(device: torch.device | str = "cpu") -> dict:
     }
 
 
+def import_peft():
+    """peft, or an error that says why not: without it the reference column would be missing."""
+    try:
+        import peft
+    except ImportError as e:
+        raise RuntimeError(f"peft cannot be imported ({e}): it is the reference these benchmarks compare with. "
+                           "If the error names this repository's kernels/__init__.py, the repository root is on "
+                           "sys.path (PYTHONPATH, or python -m / -c run from it) and shadows Hugging Face's "
+                           "`kernels` package: run the script by its path, `python benchmarks/NAME.py`.") from e
+    return peft
+
+
+def check_adapter_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """peft upcasts bf16/fp16 adapters to fp32 unless told not to: the two sides would not do the same work."""
+    wrong = {n: p.dtype for n, p in model.named_parameters() if "lora_" in n and p.dtype != dtype}
+    if wrong:
+        raise AssertionError(f"peft adapter parameters not in {dtype}: {wrong}")
+
+
 def cpu_tag() -> str:
     """The CPU's model, family and model numbers and best ISA as a file-name part, e.g.
     ``amd-epyc-f25-m17-avx512-bf16``: each kind of machine keeps its results (VMs often report only
@@ -64,6 +85,11 @@ def cpu_tag() -> str:
     generation = f"f{ids[1]} m{ids[2]}" if ids else ""
     name = f"{dispatch.cpu_model()} {generation} {isa}".lower()
     return "-".join("".join(ch if ch.isalnum() else " " for ch in name).split())
+
+
+def add_out_dir(parser: argparse.ArgumentParser) -> None:
+    """``--out-dir``: where a run writes its JSON and plot (a smoke test need not touch results/)."""
+    parser.add_argument("--out-dir", type=Path, default=RESULTS, help="output folder (default: benchmarks/results)")
 
 
 def write_json(name: str, payload: dict, directory: Path = RESULTS) -> Path:
@@ -103,6 +129,11 @@ def bench(fn: Callable[[], object], *, warmup: int = 2, reps: int = 10, device: 
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
+    return quantiles(times)
+
+
+def quantiles(times: list[float]) -> dict:
+    """Median and 20/80% quantiles of a list of times in ms."""
+    times = sorted(times)
     pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]
     return {"ms": pick(0.5), "q20": pick(0.2), "q80": pick(0.8)}

@@ -2,6 +2,7 @@
 
     python benchmarks/cpu_linear.py              # Qwen2.5-0.5B shapes + lm_head, M in 1, 2, 5, ... 160
     python benchmarks/cpu_linear.py --quick      # fewer reps (smoke test)
+    python benchmarks/cpu_linear.py --quick --out-dir /tmp/bench   # ... without touching results/
 
 Per shape and M, the weight is read from memory, not cache: each call uses the next of enough
 copies of W to exceed three times the L3 cache (modlora.dispatch.llc_bytes, recorded in the JSON
@@ -20,6 +21,11 @@ model and its ISAs. Writes results/cpu_linear_<cpu>.json and .png, prints a tabl
 
 Every provider runs under torch.no_grad(), as inference does (generate): with grad mode on, ops
 checks each input for requires_grad first (autograd must go through torch).
+
+Before anything of an M is timed, each provider's output is checked against a float64 evaluation
+of the same rounded inputs (tests/test_cpu_ext.py's bound: 2 (K + R) 2^-24 sum|terms| for the fp32
+accumulation, 2^-8 |y| for the bf16 output, and 2^-8 sum|terms| more where torch's bf16 GEMMs
+round partial results); an output outside it is an error.
 
 Providers, all bf16 (bias and adapters as in the model: two rank-16 adapters, "output", R=32):
   c@<isa>                   modlora._C at each vector ISA of the CPU, no adapters (the lm_head case)
@@ -48,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench, cpu_tag, environment, in_weight_memory, memory_probe, write_json  # noqa: E402
+from common import add_out_dir, bench, cpu_tag, environment, in_weight_memory, memory_probe, write_json  # noqa: E402
 
 from modlora import cpu, dispatch, ops  # noqa: E402
 
@@ -59,6 +65,12 @@ MS = [1, 2, 5, 10, 16, 40, 64, 160]
 RANK = 16
 LLC_MULTIPLE = 3  # copies of W until they exceed this many times the last-level cache
 
+
+# Providers that may run torch's bf16 GEMMs, which round partial results (x W^T before the bias,
+# the LoRA terms) to bf16: one more 2^-8 sum|terms|, as tests/test_cpu_ext.py allows torch's path
+# (the C++ op accumulates in fp32 and rounds once). Seen: within 0.17 of that bound; a dropped
+# adapter 6x over it.
+TORCH_PATHS = {"torch_bf16", "unfused_lora_bf16", "ops_bf16", "ops_lora_bf16"}
 
 LLC = dispatch.llc_bytes()
 ISAS = [isa for isa in cpu._C.supported_isas() if isa != "scalar"] if cpu.HAVE_C else []
@@ -84,6 +96,34 @@ def adapters(n: int, k: int, gen: torch.Generator):
     return lora_in, lora_out, 0.6, 0.4
 
 
+def oracle(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, bank: tuple = (None, None),
+           row_pair: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 value of x W^T + b + (x A_p^T) B_p^T, row m by pair row_pair[m] (default 0), from the
+    very inputs the providers get, and the sum of the absolute values of its terms."""
+    x64, w64 = x.double(), w.double()
+    y, mag = x64 @ w64.t(), x64.abs() @ w64.abs().t()
+    if b is not None:
+        y, mag = y + b.double(), mag + b.double().abs()
+    A, B = bank
+    if A is not None:
+        pairs = torch.zeros(len(x), dtype=torch.long) if row_pair is None else row_pair
+        for p in pairs.unique().tolist():
+            rows, a64, b64 = pairs == p, A[p].double(), B[p].double()
+            y[rows] += (x64[rows] @ a64.t()) @ b64.t()
+            mag[rows] += (x64[rows].abs() @ a64.abs().t()) @ b64.abs().t()
+    return y, mag
+
+
+def check(name: str, y: torch.Tensor, y64: torch.Tensor, mag: torch.Tensor, k_eff: int) -> None:
+    """``y`` (bf16) within its float64 bound, or an error: a dropped bias or LoRA term, a wrong pair
+    or row, a skipped tail is off by O(|y|), far beyond it."""
+    extra = 2.0**-8 if name in TORCH_PATHS else 0.0
+    tol = (2 * k_eff * 2.0**-24 + extra) * mag + 2.0**-8 * y64.abs() + 1e-30
+    worst = float(((y.double() - y64).abs() / tol).max())
+    if not worst <= 1.0:
+        raise AssertionError(f"{name}: output off its float64 value by {worst:.2f}x the bound (before timing)")
+
+
 def run_shape(name: str, n: int, k: int, reps: int, gen: torch.Generator) -> list[dict]:
     rows = []
     op = torch.ops.modlora.lora_bank_linear if cpu.HAVE_C else None
@@ -98,9 +138,16 @@ def run_shape(name: str, n: int, k: int, reps: int, gen: torch.Generator) -> lis
     lin, lout, wi, wo = pair
     pair_bf16 = tuple((a.to(torch.bfloat16), bb.to(torch.bfloat16), sc) for a, bb, sc in (lin, lout)) + (wi, wo)
     unf = [(a.to(torch.bfloat16), bb.to(torch.bfloat16), s * w) for (a, bb, s), w in ((lin, wi), (lout, wo))]
+    # Every M takes the first rows of one x, so each oracle is computed once per shape.
+    x_all = torch.randn(max(MS), k, generator=gen).to(torch.bfloat16)
+    rp_all = torch.arange(max(MS)) % 2
+    expected = {"plain": oracle(x_all, w_bf16[0], b)}
+    if not lm_head:
+        expected.update(bank=oracle(x_all, w_bf16[0], b, (A1, B1)), rows=oracle(x_all, w_bf16[0], b, (A2, B2), rp_all),
+                        pair=oracle(x_all, w_bf16[0], b, cpu.pack_bank([pair_bf16], "output", torch.float64)))
+    kind = {"c_lora_bf16": "bank", "c_lora_rows_bf16": "rows", "unfused_lora_bf16": "pair", "ops_lora_bf16": "pair"}
     for m in MS:
-        x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
-        rp = torch.arange(m) % 2
+        x, rp = x_all[:m], rp_all[:m]
 
         def unfused(w, x=x):
             y = F.linear(x, w, b)
@@ -118,15 +165,18 @@ def run_shape(name: str, n: int, k: int, reps: int, gen: torch.Generator) -> lis
             prov["c_lora_bf16"] = cycling(lambda w, x=x: op(x, w, b, A1, B1, None), rotation)
             prov["c_lora_rows_bf16"] = cycling(lambda w, x=x, rp=rp: op(x, w, b, A2, B2, rp), rotation)
         # What the model runs: modlora.ops, its path chosen by modlora.dispatch (calibrated at the
-        # first call, in the warm-up).
+        # first call, in the check).
         prov["ops_bf16"] = cycling(lambda w, x=x: ops.linear(x, w, b), rotation)
         if not lm_head:
             prov["ops_lora_bf16"] = cycling(lambda w, x=x: ops.dual_lora_linear(x, w, b, *pair_bf16), rotation)
         for pname, fn in prov.items():
+            y64, mag = (t[:m] for t in expected[kind.get(pname, "plain")])
+            check(pname, fn(), y64, mag, k + A1.shape[1])
+        for pname, fn in prov.items():
             t = bench(fn, warmup=3, reps=reps)
             row = {"shape": name, "N": n, "K": k, "M": m, "provider": pname, **t,
                    "W_GBs": n * k * 2 / t["ms"] / 1e6, "W_GBs_q20": n * k * 2 / t["q20"] / 1e6}
-            if pname.startswith("ops_") and cpu.HAVE_C:  # the path calibrated in the warm-up (cached now)
+            if pname.startswith("ops_") and cpu.HAVE_C:  # the path calibrated in the check (cached now)
                 row["path"] = dispatch.choose("linear" if pname == "ops_bf16" else "lora", x, w_bf16[0], None)
             rows.append(row)
     return rows
@@ -162,6 +212,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    add_out_dir(ap)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -205,7 +256,7 @@ def main() -> None:
                "llc": LLC, "weight_rotation_bytes": LLC_MULTIPLE * LLC["bytes"], "quick": args.quick,
                "goals": goals, "goal_rows": summary, "results": rows,
                "dispatch_cache": json.loads(cache.read_text()) if (cache := dispatch.cache_file()).exists() else None}
-    path = write_json(f"cpu_linear_{tag}_{torch.get_num_threads()}t", payload)
+    path = write_json(f"cpu_linear_{tag}_{torch.get_num_threads()}t", payload, args.out_dir)
     plot(rows, probes, path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png').name}")
 

@@ -1,17 +1,21 @@
 """One forward pass and one decode step of the Qwen2.5-0.5B shape: modlora vs transformers.
 
-Both models hold the same random weights; timings are taken in the same run, alternating, so
-the ratio is robust to this machine's noise. Writes benchmarks/results/forward-<device>.json.
+Both models hold the same random weights and must agree on the logits before anything is timed.
+Timings alternate round by round (one modlora call, one transformers call, ...; on CUDA one
+do_bench of each) and the speedup is the median of the rounds' ratios, so a slow spell of this
+machine falls on both sides of a ratio. Writes benchmarks/results/forward-<device>.json.
 
-    python benchmarks/forward.py [--quick] [--device cuda]
+    python benchmarks/forward.py [--quick] [--device cuda] [--out-dir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+from collections.abc import Callable
 
 import torch
-from common import bench, environment, write_json
+from common import add_out_dir, bench, environment, quantiles, write_json
 
 from modlora.config import Qwen2Config
 from modlora.loading import random_model
@@ -26,10 +30,24 @@ def hf_twin(model: Qwen2ForCausalLM):
     hf_cfg = transformers.Qwen2Config(**{k: v for k, v in cfg.items() if k != "torch_dtype"})
     with torch.device("meta"):
         hf = transformers.Qwen2ForCausalLM(hf_cfg)
-    hf.load_state_dict(model.state_dict(), assign=True, strict=False)
+    hf.load_state_dict(model.state_dict(), assign=True)  # strict: every weight has its twin
     hf.tie_weights()
     hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_cfg).to(model.lm_head.weight.device)
     return hf.eval()
+
+
+def alternating(ours: Callable, hf: Callable, rounds: int, device: str, warmup: int = 2) -> dict:
+    """Each side's median and quantiles over rounds of one timing of each in turn, and the median of
+    the rounds' ratios (transformers / modlora): a ratio compares timings taken moments apart."""
+    for _ in range(warmup):
+        ours(), hf()
+    times: dict[str, list[float]] = {"modlora": [], "transformers": []}
+    for _ in range(rounds):
+        for side, fn in (("modlora", ours), ("transformers", hf)):
+            times[side].append(bench(fn, warmup=0, reps=1, device=device)["ms"])
+    ratios = [h / o for o, h in zip(times["modlora"], times["transformers"], strict=True)]
+    return {**{side: quantiles(t) for side, t in times.items()}, "rounds": rounds,
+            "speedup_vs_transformers": statistics.median(ratios)}
 
 
 def run(dtype: torch.dtype, device: str, prompt_len: int, batch: int, reps: int) -> dict:
@@ -58,14 +76,8 @@ def run(dtype: torch.dtype, device: str, prompt_len: int, batch: int, reps: int)
             hf_cache.crop(-1)  # drop the step again, so every call decodes at the same position
             return logits
 
-        timings = {
-            "forward": {"modlora": bench(lambda: ours(ids), reps=reps, device=device),
-                        "transformers": bench(lambda: hf(ids).logits, reps=reps, device=device)},
-            "decode_step": {"modlora": bench(ours_step, reps=reps, device=device),
-                            "transformers": bench(hf_step, reps=reps, device=device)},
-        }
-    for t in timings.values():
-        t["speedup_vs_transformers"] = t["transformers"]["ms"] / t["modlora"]["ms"]
+        timings = {"forward": alternating(lambda: ours(ids), lambda: hf(ids).logits, reps, device),
+                   "decode_step": alternating(ours_step, hf_step, reps, device)}
     return {"dtype": str(dtype).removeprefix("torch."), "batch": batch, "prompt_len": prompt_len, **timings}
 
 
@@ -73,6 +85,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (CI smoke test)")
+    add_out_dir(parser)
     args = parser.parse_args()
     reps = 3 if args.quick else 10
     dtypes = [torch.bfloat16] if args.device == "cuda" else [torch.float32, torch.bfloat16]
@@ -81,8 +94,9 @@ def main() -> None:
         parts = [f"{what} {r[what]['modlora']['ms']:.1f} ms vs {r[what]['transformers']['ms']:.1f} ms"
                  f" ({r[what]['speedup_vs_transformers']:.2f}x)" for what in ("forward", "decode_step")]
         print(f"{r['dtype']:>9}: " + "; ".join(parts))
-    path = write_json(f"forward-{args.device}", {"benchmark": "forward", "env": environment(args.device),
-                                                  "model": "qwen2.5-0.5b (random weights)", "results": results})
+    payload = {"benchmark": "forward", "env": environment(args.device), "model": "qwen2.5-0.5b (random weights)",
+               "results": results}
+    path = write_json(f"forward-{args.device}", payload, args.out_dir)
     print(f"wrote {path}")
 
 

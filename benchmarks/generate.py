@@ -4,7 +4,10 @@ Real FLORES devtest sentences (en -> de prompts, real Qwen2.5 tokenizer), the qw
 with random weights, two rank-16 LoRA adapters on every linear, both active on both sides (PEFT:
 two active adapters, unfused; modlora: the `output` pair with w_in = w_out = 1, the same function).
 Both sides decode exactly ``max_new_tokens`` steps (``min_new_tokens = max_new_tokens``: no eos
-stops either early). ms/step: the median gap between consecutive decode steps within a run;
+stops either early). Before anything is timed, both sides' first-step (prefill) logits must agree
+(fp32: to 1e-4 of the largest logit; bf16: to 16 bf16 ulps of it); a mismatch is an error. Whether
+the beams then pick the same tokens is recorded, not required: in bf16, near-ties legitimately
+break either way. ms/step: the median gap between consecutive decode steps within a run;
 prefill: the time to the first step.
 On CPU, a decode step is also compared with the time to read the model's weights once (every
 linear and the lm_head, at the median bandwidth of a memory-read probe run before and after each
@@ -17,9 +20,11 @@ op in one decode step are counted (torch profiler).
     python benchmarks/generate.py --threads 1                 # both sides on one thread (a shared box)
 
 The JSON is rewritten after every case (atomically), so an interrupted run keeps what it measured;
-cases of an earlier file that this run does not measure are kept, each row with its own commit and
-time. Batch 1 is timed over 3 runs after a warm-up; larger batches, minutes per run on a CPU, in
-one run (its steps give the median). Each dtype runs in its own process.
+cases of an earlier file that this run does not measure are kept, each row with the environment
+(versions, commit, time) of the run that measured it. Batch 1 is timed over 3 runs after a
+full-length warm-up; larger batches, minutes per run on a CPU, in one run (its steps give the
+median) after a 2-token warm-up (one-time setup at that batch: modlora's CPU dispatch calibration
+at new row counts, Triton's compiles). Each dtype runs in its own process.
 """
 
 from __future__ import annotations
@@ -37,7 +42,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, cpu_tag, environment, in_weight_memory, memory_probe, write_json  # noqa: E402
+from common import (  # noqa: E402
+    add_out_dir,
+    check_adapter_dtype,
+    cpu_tag,
+    environment,
+    import_peft,
+    in_weight_memory,
+    memory_probe,
+    write_json,
+)
 
 from modlora.adapters import AdapterController, LoraAdapter  # noqa: E402
 from modlora.config import Qwen2Config  # noqa: E402
@@ -69,8 +83,8 @@ def adapters(model: Qwen2ForCausalLM) -> list[LoraAdapter]:
 def hf_peft(model: Qwen2ForCausalLM, pair: list[LoraAdapter], dtype: torch.dtype):
     """transformers Qwen2 with our weights and PEFT holding the same two adapters, both active."""
     import transformers
-    from peft import LoraConfig, get_peft_model
 
+    peft_lib = import_peft()
     cfg = model.config
     hf_cfg = transformers.Qwen2Config(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
@@ -78,23 +92,43 @@ def hf_peft(model: Qwen2ForCausalLM, pair: list[LoraAdapter], dtype: torch.dtype
         num_key_value_heads=cfg.num_key_value_heads, rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps,
         max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_word_embeddings)
     hf = transformers.Qwen2ForCausalLM(hf_cfg).to(dtype).eval()
-    hf.load_state_dict(model.state_dict(), strict=False)  # tied lm_head: one tensor, both names
+    hf.load_state_dict(model.state_dict())  # strict: a missing or extra weight is an error
     hf.generation_config.update(pad_token_id=151643, eos_token_id=[151645, 151643], bos_token_id=151643,
                                 use_cache=True)
     peft = None
     for name, a in zip(("in", "out"), pair, strict=True):
-        lcfg = LoraConfig(r=a.rank, lora_alpha=a.alpha, lora_dropout=0.0, target_modules=list(a.target_modules))
+        lcfg = peft_lib.LoraConfig(r=a.rank, lora_alpha=a.alpha, lora_dropout=0.0,
+                                   target_modules=list(a.target_modules))
         if peft is None:
-            peft = get_peft_model(hf, lcfg, adapter_name=name)
+            peft = peft_lib.get_peft_model(hf, lcfg, adapter_name=name, autocast_adapter_dtype=False)
         else:
-            peft.add_adapter(name, lcfg)
+            peft.add_adapter(name, lcfg, autocast_adapter_dtype=False)
         with torch.no_grad():
             for module, (A, B) in a.tensors.items():
                 layer = peft.base_model.model.get_submodule(module)
                 layer.lora_A[name].weight.copy_(A)
                 layer.lora_B[name].weight.copy_(B)
     peft.base_model.set_adapter(["in", "out"])
-    return peft.to(dtype).eval()
+    check_adapter_dtype(peft, dtype)
+    return peft.eval()
+
+
+@torch.no_grad()
+def check_prefill(ours: Qwen2ForCausalLM, peft, ids: torch.Tensor, mask: torch.Tensor) -> float:
+    """Both sides' logits of the first step agree, or an error: fp32 to 1e-4 of the largest logit,
+    bf16 to 16 bf16 ulps of it. tests/test_dispatch.py allows 4 over 2 layers; over this shape's 24,
+    each side was 4-5 ulps from an fp32 evaluation of the same bf16 weights and they differed by 5-7
+    (batch 1-16), while a dropped adapter moves them by ~180. Positions as generate counts them
+    under left padding. Returns the largest difference over the largest logit."""
+    got = ours.prefill(ids, mask, ours.new_cache(ids.shape[0], ids.shape[1], 1)).float()
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    ref = peft(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].float()
+    tol = 1e-4 if ours.lm_head.weight.dtype == torch.float32 else 16 * 2.0**-8
+    err = float((got - ref).abs().max() / ref.abs().max())
+    if not err <= tol:
+        raise AssertionError(f"first-step logits of modlora and transformers+PEFT differ by {err:.3g} of the "
+                             f"largest logit > {tol:.3g} (batch {ids.shape[0]}): not the same model")
+    return err
 
 
 def weight_bytes(model: Qwen2ForCausalLM) -> int:
@@ -161,10 +195,10 @@ def runners(ours, peft, ids, mask, tok: Tokenizer, clock: StepClock):
     return ours_run, hf_run
 
 
-def timed(run, steps: int, clock: StepClock, warmup: int, reps: int) -> tuple[torch.Tensor, dict]:
-    """Output of the last run; median total and prefill ms, median ms per step over all runs' steps."""
-    for _ in range(warmup):
-        run(steps)
+def timed(run, steps: int, clock: StepClock, warmup_steps: int, reps: int) -> tuple[torch.Tensor, dict]:
+    """Output of the last run; median total and prefill ms, median ms per step over all runs' steps,
+    after one warm-up run of ``warmup_steps`` new tokens."""
+    run(warmup_steps)
     totals, prefills, gaps = [], [], []
     for _ in range(reps):
         clock.stamps.clear()
@@ -187,6 +221,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, help="decode steps (default 16; quick 6)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch threads on both sides (default: torch's)")
+    add_out_dir(parser)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -195,7 +230,8 @@ def main() -> None:
     if len(args.dtypes) > 1:
         # One process per dtype: run after the fp32 models, the bf16 decode steps measured twice as
         # slow as in a fresh process on the 2-core CPU box.
-        same = ["--batches", *map(str, batches), "--max-new-tokens", str(steps), "--device", args.device]
+        same = ["--batches", *map(str, batches), "--max-new-tokens", str(steps), "--device", args.device,
+                "--out-dir", str(args.out_dir)]
         same += ["--threads", str(args.threads)] if args.threads else []
         for dname in args.dtypes:
             subprocess.run([sys.executable, __file__, *same, "--dtypes", dname] + ["--quick"] * args.quick,
@@ -210,7 +246,8 @@ def main() -> None:
     name = f"generate-{args.device}" + (f"-{cpu_tag()}" if args.device == "cpu" else "")
     name += "-quick" if args.quick else ""
     env = environment(args.device)
-    rows = earlier_rows(name)
+    path = args.out_dir / f"{name}.json"
+    rows = earlier_rows(path)
     # 512 MiB in the weights' kind of memory, probed around every timed run: a shared VM's bandwidth
     # can jump (here from ~35 to ~60 GB/s for seconds at a time), so one probe may miss the runs'.
     probe_buffer = in_weight_memory(torch.ones(128 << 20)) if args.device == "cpu" else None
@@ -228,11 +265,12 @@ def main() -> None:
             ours_run, hf_run = runners(ours, peft, ids, mask, tok, clock)
 
             row = {"dtype": dname, "batch": batch, "num_beams": 5, "new_tokens": steps,
-                   "prompt_tokens": int(mask.sum()), "padded_prompt_len": ids.shape[1]}
+                   "prompt_tokens": int(mask.sum()), "padded_prompt_len": ids.shape[1],
+                   "prefill_logits_max_diff_rel": check_prefill(ours, peft, ids, mask)}
             tokens, probes = {}, probe()
             for side, run in (("modlora", ours_run), ("transformers_peft", hf_run)):
-                r, warmup = (reps, 1) if batch == 1 else (1, 0)
-                tokens[side], t = timed(run, steps, clock, warmup, r)
+                r, warmup_steps = (reps, steps) if batch == 1 else (1, 2)
+                tokens[side], t = timed(run, steps, clock, warmup_steps, r)
                 row[side] = {**t, "sentences_per_s": batch / (t["ms"] / 1e3), "repetitions": r}
                 probes += probe()
             read_ms = None
@@ -243,6 +281,7 @@ def main() -> None:
                 row["modlora"]["c_calls_per_step"] = c_calls_per_step(ours, ids, mask)
             row["threads"] = torch.get_num_threads()
             row["load_average_1min"] = os.getloadavg()[0]  # other jobs on the box skew CPU timings
+            # Information, not a check: in bf16 beams may part after a near-tie of two scores.
             row["tokens_match"] = bool(torch.equal(tokens["modlora"], tokens["transformers_peft"]))
             row["speedup"] = row["modlora"]["sentences_per_s"] / row["transformers_peft"]["sentences_per_s"]
             row["step_speedup"] = row["transformers_peft"]["ms_per_step"] / row["modlora"]["ms_per_step"]
@@ -253,24 +292,35 @@ def main() -> None:
                   f" tokens match: {row['tokens_match']}"
                   + (f" | step = {row['step_over_weight_read']:.2f}x weight read ({read_ms:.1f} ms),"
                      f" {m['c_calls_per_step']} C++ calls per step" if read_ms else ""), flush=True)
-            rows = save(name, env, row, rows)
-    print(f"wrote {RESULTS / name}.json")
+            rows = save(path, env, row, rows)
+    print(f"wrote {path}")
 
 
-def save(name: str, env: dict, row: dict, rows: list[dict]) -> list[dict]:
-    """Rows with `row` added or replacing the same (dtype, batch, threads) case; writes the JSON and the plot."""
-    row.update(commit=env["commit"], dirty=env["dirty"], time=env["time"])
+def save(path: Path, env: dict, row: dict, rows: list[dict]) -> list[dict]:
+    """Rows with `row` added or replacing the same (dtype, batch, threads) case; writes the JSON and
+    the plot. Each row holds the environment of the run that measured it: rows of earlier runs
+    (other commits, versions) are kept, none is attributed to this run's."""
+    row["environment"] = env
     case = lambda r: (r["dtype"], r["batch"], r.get("threads"))
     rows = sorted([r for r in rows if case(r) != case(row)] + [row],
                   key=lambda r: (list(DTYPES).index(r["dtype"]), r["batch"], r.get("threads") or 0))
-    write_json(name, {"benchmark": "generate", "environment": env, "results": rows})
-    plot(rows, RESULTS / f"{name}.png")
+    write_json(path.stem, {"benchmark": "generate", "results": rows}, path.parent)
+    plot(rows, path.with_suffix(".png"))
     return rows
 
 
-def earlier_rows(name: str) -> list[dict]:
-    path = RESULTS / f"{name}.json"
-    return json.loads(path.read_text())["results"] if path.is_file() else []
+def earlier_rows(path: Path) -> list[dict]:
+    """An earlier file's rows, each with its own environment. Files written before rows held theirs
+    had one top-level environment, the last run's: it goes to the rows of that run (same time), the
+    others keep only their commit, dirty flag and time."""
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    env = data.get("environment")
+    for r in data["results"]:
+        if "environment" not in r and env and r.get("time") == env["time"]:
+            r["environment"] = env
+    return data["results"]
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -279,7 +329,8 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['dtype']}\nbatch {r['batch']}\n{r.get('threads', '?')} thr" for r in rows]
+    labels = [f"{r['dtype']}\nbatch {r['batch']}\n{r.get('threads', '?')} thr\n{r['new_tokens']} tokens"
+              for r in rows]
     x = range(len(rows))
     fig, ax = plt.subplots(figsize=(1.8 * len(rows) + 2, 4))
     for k, (side, color) in enumerate((("modlora", "tab:blue"), ("transformers_peft", "tab:gray"))):
@@ -291,7 +342,7 @@ def plot(rows: list[dict], path: Path) -> None:
                     ha="center", va="bottom")
     ax.set_xticks(list(x), labels)
     ax.set_ylabel("sentences / s")
-    ax.set_title(f"beam-5 decoding, {rows[0]['new_tokens']} new tokens, qwen2.5-0.5b shape, two LoRA adapters")
+    ax.set_title("beam-5 decoding (new tokens per bar), qwen2.5-0.5b shape, two LoRA adapters")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

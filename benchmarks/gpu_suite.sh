@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Everything GPU in one command, on a CUDA machine with a fresh checkout (nothing but pip reachable):
 #
-#   bash benchmarks/gpu_suite.sh            # about 8 minutes on an A100/H100; results in benchmarks/results/
-#   TUNE=1 bash benchmarks/gpu_suite.sh     # first tune the decode tiles (kernels/tuned/<gpu>.json)
+#   bash benchmarks/gpu_suite.sh            # at most 13.3 minutes (the steps' limits); results in benchmarks/results/
+#   TUNE=1 bash benchmarks/gpu_suite.sh     # first tune the decode tiles (kernels/tuned/<gpu>.json): 4 minutes more
 #
 # 1. installs what is missing (a CUDA torch, modlora with its CUDA decode op when nvcc is present,
 #    test and benchmark dependencies); 2. runs the CUDA tests (Triton kernels on the GPU, the decode
 #    op, CUDA dispatch); 3. benchmarks/lora_linear.py (bf16, Qwen2.5-0.5B shapes + lm_head, M 1..8192,
 #    ranks 8 and 16: fused vs split vs F.linear vs PEFT vs the decode op), benchmarks/generate.py
 #    (beam 5, batch 1 and 32) and benchmarks/train_step.py on the GPU. Each step has its own time
-#    limit and a failed step does not stop the others; the last lines say which failed. The tokenizer
-#    and FLORES are vendored in modlora/assets: no /work/shared, no model or dataset download.
+#    limit (together 800 s) and a failed step does not stop the others; the last lines say which
+#    failed. lora_linear.py rewrites its JSON after every case, so a run stopped at its limit (its
+#    ~1100 timed calls may outlast 200 s) keeps the cases it measured. The tokenizer and FLORES are vendored in
+#    modlora/assets: no /work/shared, no model or dataset download.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -52,6 +54,8 @@ step tests 150 $PY -m pytest -q --no-header -p no:cacheprovider \
 if [ "${TUNE:-0}" = 1 ]; then  # decode tiles for this GPU into kernels/tuned/, read by the runs below
     step tune 240 $PY benchmarks/tune_lora_gemm.py
 fi
+# ~1120 timed calls (80 cases x ~14 providers and modes) of ~0.15 s each (triton's do_bench: 25 ms of
+# warm-up, 100 ms of repetitions, and setup), plus the checks and Triton's compiles.
 step lora_linear 200 $PY benchmarks/lora_linear.py --dtype bfloat16 --ranks 8 16 --strategies output \
     --m 1 4 16 64 160 640 2048 8192
 step generate 90 $PY benchmarks/generate.py --device cuda --batches 1 32 --dtypes bf16

@@ -4,8 +4,10 @@
     python benchmarks/lora_linear.py --quick    # CPU smoke test: torch providers, a few cases
 
 Every provider runs on the same tensors; each is checked against an fp32 reference before it is
-timed. Writes ``results/lora_linear_<device>_<dtype>.json`` and a plot of time relative to
-``F.linear`` over M, per shape, and prints the ratios.
+timed; PEFT's adapters are kept in the run's dtype (peft upcasts bf16 ones to fp32 by default).
+Writes ``results/lora_linear_<device>_<dtype>.json`` (``--out-dir`` elsewhere), rewritten after
+every case ("complete": false until the last) so a run stopped at a time limit keeps what it
+measured, then a plot of time relative to ``F.linear`` over M, per shape, and prints the ratios.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, bench, environment, write_json  # noqa: E402
+from common import add_out_dir, bench, check_adapter_dtype, environment, import_peft, write_json  # noqa: E402
 
 from modlora.kernels import dual_lora_linear_ref, merge_ab  # noqa: E402
 
@@ -46,13 +48,10 @@ def make_tensors(k: int, n: int, m: int, r: int, dtype: torch.dtype, device: str
     }
 
 
-def peft_layer(t: dict, strategy: str) -> nn.Module | None:
+def peft_layer(t: dict, strategy: str) -> nn.Module:
     """A real ``peft.tuners.lora.Linear`` with adapters "in" and "out" both active ("output"), or
-    their ``add_weighted_adapter(..., "linear")`` merge active ("ab"). None without peft."""
-    try:
-        import peft
-    except ImportError:
-        return None
+    their ``add_weighted_adapter(..., "linear")`` merge active ("ab"); adapters in W's dtype."""
+    peft = import_peft()
     W, b = t["W"], t["b"]
     base = nn.Sequential()
     base.lin = nn.Linear(W.shape[1], W.shape[0], device=W.device, dtype=W.dtype)
@@ -61,8 +60,8 @@ def peft_layer(t: dict, strategy: str) -> nn.Module | None:
         base.lin.bias.copy_(b)
     r = t["in"][0].shape[0]
     cfg = peft.LoraConfig(r=r, lora_alpha=ALPHA_PER_RANK * r, target_modules=["lin"], lora_dropout=0.0)
-    model = peft.get_peft_model(base, cfg, adapter_name="in")
-    model.add_adapter("out", cfg)
+    model = peft.get_peft_model(base, cfg, adapter_name="in", autocast_adapter_dtype=False)
+    model.add_adapter("out", cfg, autocast_adapter_dtype=False)
     layer = model.base_model.model.lin
     with torch.no_grad():
         for name in ("in", "out"):
@@ -75,6 +74,7 @@ def peft_layer(t: dict, strategy: str) -> nn.Module | None:
         model.base_model.set_adapter(["in", "out"])
         layer.scaling["in"] *= W_IN
         layer.scaling["out"] *= W_OUT
+    check_adapter_dtype(layer, W.dtype)
     return layer
 
 
@@ -99,10 +99,8 @@ def providers(t: dict, strategy: str, triton_ok: bool) -> dict[str, Provider]:
         "reference": lambda x: dual_lora_linear_ref(x, W, b, lin, lout, W_IN, W_OUT, strategy),
         "peft-style": peft_style,
         "merged": lambda x: F.linear(x, merged, b),
+        "peft": peft_layer(t, strategy),
     }
-    layer = peft_layer(t, strategy)
-    if layer is not None:
-        out["peft"] = layer
     if triton_ok:
         from modlora.kernels import dual_lora_linear
 
@@ -237,6 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     ap.add_argument("--threads", type=int, default=1,
                     help="CPU threads (default 1: multi-threaded GEMMs time erratically on a shared machine)")
+    add_out_dir(ap)
     args = ap.parse_args(argv)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -251,6 +250,11 @@ def main(argv: list[str] | None = None) -> None:
     if triton_ok:
         from modlora.kernels.dual_lora import FUSED_MAX_M as fused_max_m
 
+    env = environment(device)
+    slug = re.sub(r"[^a-z0-9]+", "-", env["device_name"].lower()).strip("-")
+    name = f"lora_linear_{slug}_{str(dtype).removeprefix('torch.')}{'_quick' if args.quick else ''}"
+    payload = {"env": env, "dtype": str(dtype), "quick": args.quick, "fused_max_m": fused_max_m,
+               "dispatch": {m: ("fused" if m <= fused_max_m else "split") for m in ms} if triton_ok else None}
     rows = []
     for shape in shapes:
         for m in ms:
@@ -258,16 +262,12 @@ def main(argv: list[str] | None = None) -> None:
                 for strategy in args.strategies:
                     rows += run_case(shape, m, r, strategy, args.modes, dtype, device, triton_ok)
                     print(f"{shape:8s} M={m:<5d} r={r:<3d} {strategy:6s}", end="\r", flush=True)
+                    # After every case: a run stopped at its time limit keeps what it measured.
+                    write_json(name, {**payload, "complete": False, "summary": summarize(rows, fused_max_m),
+                                      "rows": rows}, args.out_dir)
     summary = summarize(rows, fused_max_m)
-
-    env = environment(device)
-    slug = re.sub(r"[^a-z0-9]+", "-", env["device_name"].lower()).strip("-")
-    name = f"lora_linear_{slug}_{str(dtype).removeprefix('torch.')}{'_quick' if args.quick else ''}"
-    payload = {"env": env, "dtype": str(dtype), "quick": args.quick, "fused_max_m": fused_max_m,
-               "dispatch": {m: ("fused" if m <= fused_max_m else "split") for m in ms} if triton_ok else None,
-               "summary": summary, "rows": rows}
-    path = write_json(name, payload)
-    plot(rows, min(ranks, key=lambda r: abs(r - 16)), RESULTS / f"{name}.png")
+    path = write_json(name, {**payload, "complete": True, "summary": summary, "rows": rows}, args.out_dir)
+    plot(rows, min(ranks, key=lambda r: abs(r - 16)), path.with_suffix(".png"))
 
     print(f"{'':60s}\n{env['device_name']} {dtype}: time / F.linear (median), rank {ranks}")
     provs = [p for p in dict.fromkeys(r["provider"] for r in rows) if p != "F.linear"]

@@ -14,6 +14,8 @@ own subprocess so that its peak memory (VmHWM, resident set) is its own. Variant
 - ``transformers+peft``: ``get_peft_model`` on ``transformers.Qwen2ForCausalLM``, loss from
   ``labels`` (the plain loop a user would write).
 
+The reference (transformers + peft) runs first; before any timing, each other side's first-step
+loss must match the reference's: fp32 to 1e-5, bf16 to one bf16 ulp; a mismatch is an error.
 Reported: non-padding tokens/s (median step), peak RSS and its growth over the loaded model, the
 loss of every step (equal across sides up to float noise). On a GPU (``--device cuda``, the default
 when one is visible) the memory is torch's peak allocated CUDA memory instead of the RSS, and the
@@ -35,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, environment, write_json  # noqa: E402
+from common import add_out_dir, check_adapter_dtype, environment, import_peft, write_json  # noqa: E402
 
 from modlora.adapters import TARGET_MODULES, AdapterController, LoraAdapter  # noqa: E402
 from modlora.loading import load_pretrained, random_model, save_pretrained  # noqa: E402
@@ -71,23 +73,21 @@ def _memory_mib(device: str, peak: bool) -> float:
     return _rss_mib("VmHWM" if peak else "VmRSS")
 
 
-def worker(variant: str, ckpt: str, batch_size: int, steps: int, dtype: str, device: str) -> dict:
-    """One side of the comparison, run in its own process; prints its result as JSON."""
+def build(variant: str, ckpt: str, dt: torch.dtype, device: str):
+    """``(model, trained parameters, loss_fn(ids, attn, mask))`` of one side, in training mode."""
     torch.manual_seed(0)
-    dt = getattr(torch, dtype)
-    batches = [tuple(t.to(device) for t in b) for b in _batches(batch_size, steps)]
     ours = load_pretrained(ckpt, dtype=dt, device=device)
-
     adapter = LoraAdapter.init(ours, rank=RANK, alpha=ALPHA, seed=0, dtype=dt)
     if variant == "transformers+peft":
-        import peft
         import transformers
 
+        peft = import_peft()
         init = {name: A.detach().clone() for name, (A, _) in adapter.tensors.items()}
         del ours, adapter
         hf = transformers.Qwen2ForCausalLM.from_pretrained(ckpt, dtype=dt).to(device)
         model = peft.get_peft_model(hf, peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(TARGET_MODULES),
-                                                        lora_dropout=0.0))
+                                                        lora_dropout=0.0), autocast_adapter_dtype=False)
+        check_adapter_dtype(model, dt)  # else its LoRA matmuls and AdamW state run in fp32
         modules = dict(model.named_modules())
         with torch.no_grad():
             for name, A in init.items():
@@ -109,6 +109,31 @@ def worker(variant: str, ckpt: str, batch_size: int, steps: int, dtype: str, dev
                 labels = ids.masked_fill(mask == 0, -100)[:, 1:]
                 return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten())
     model.train()
+    return model, params, loss_fn
+
+
+@torch.no_grad()
+def first_loss(loss_fn, batch: tuple) -> float:
+    """The first step's loss (B = 0: the base model's), computed before any timing."""
+    return float(loss_fn(*batch))
+
+
+def check_loss(variant: str, got: float, ref: float, dt: torch.dtype) -> None:
+    """fp32: the same function up to summation order; bf16: one bf16 ulp of the loss, a mean of fp32
+    cross-entropies over bf16 logits that differ by a few ulps each (seen: 7e-5 at the 0.5B shape)."""
+    tol = 1e-5 if dt == torch.float32 else 2.0**-8
+    if not abs(got - ref) <= tol * abs(ref):
+        raise AssertionError(f"{variant}: first-step loss {got!r} vs transformers+peft's {ref!r}: relative "
+                             f"difference {abs(got - ref) / abs(ref):.3g} > {tol:.3g} (checked before timing)")
+
+
+def worker(variant: str, ckpt: str, batch_size: int, steps: int, dtype: str, device: str,
+           ref_loss: float | None) -> dict:
+    """One side of the comparison, run in its own process; prints its result as JSON. Its first-step
+    loss is checked against ``ref_loss`` (None: this is the reference) before anything is timed."""
+    dt = getattr(torch, dtype)
+    batches = [tuple(t.to(device) for t in b) for b in _batches(batch_size, steps)]
+    model, params, loss_fn = build(variant, ckpt, dt, device)
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
     with torch.no_grad():  # page the (possibly memory-mapped) weights in before taking the baseline
         for p in model.parameters():
@@ -116,6 +141,9 @@ def worker(variant: str, ckpt: str, batch_size: int, steps: int, dtype: str, dev
     sync = torch.cuda.synchronize if device == "cuda" else lambda: None
     sync()
     loaded = _memory_mib(device, peak=False)
+    first = first_loss(loss_fn, batches[0])
+    if ref_loss is not None:
+        check_loss(variant, first, ref_loss, dt)
     losses, seconds, tokens = [], [], []
     for ids, attn, mask in batches:
         start = time.perf_counter()
@@ -129,8 +157,9 @@ def worker(variant: str, ckpt: str, batch_size: int, steps: int, dtype: str, dev
         losses.append(float(loss.detach()))
         tokens.append(int(attn.sum()))
     med = sorted(s / t for s, t in zip(seconds[1:], tokens[1:], strict=True))[(len(seconds) - 1) // 2]
-    return {"variant": variant, "losses": losses, "step_seconds": seconds, "tokens_per_step": tokens,
-            "tokens_per_s": 1.0 / med, "tokens_per_s_note": "non-padding tokens, median over steps after the first",
+    return {"variant": variant, "first_loss": first, "losses": losses, "step_seconds": seconds,
+            "tokens_per_step": tokens, "tokens_per_s": 1.0 / med,
+            "tokens_per_s_note": "non-padding tokens, median over steps after the first",
             "memory": "cuda_allocated" if device == "cuda" else "rss", "loaded_mib": loaded,
             "peak_mib": _memory_mib(device, peak=True), "peak_growth_mib": _memory_mib(device, peak=True) - loaded}
 
@@ -165,32 +194,39 @@ def plot(payload: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=4, help="at least 2: the first step is not timed")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--ckpt", help=argparse.SUPPRESS)
+    parser.add_argument("--ref-loss", type=float, help=argparse.SUPPRESS)
+    add_out_dir(parser)
     args = parser.parse_args()
+    if args.steps < 2:
+        parser.error("--steps must be at least 2: the first step (warm-up) is not timed")
     if args.worker:
-        print(json.dumps(worker(args.worker, args.ckpt, args.batch_size, args.steps, args.dtype, args.device)))
+        print(json.dumps(worker(args.worker, args.ckpt, args.batch_size, args.steps, args.dtype, args.device,
+                                args.ref_loss)))
         return
 
-    runs = []
+    runs, ref_loss = [], None
     with tempfile.TemporaryDirectory() as ckpt:
         save_pretrained(random_model("qwen2.5-0.5b", seed=0, dtype=getattr(torch, args.dtype)), ckpt)
-        for variant in VARIANTS:
+        for variant in sorted(VARIANTS, key=lambda v: v != "transformers+peft"):  # the reference first
             out = subprocess.run([sys.executable, __file__, "--worker", variant, "--ckpt", ckpt, "--steps",
                                   str(args.steps), "--batch-size", str(args.batch_size), "--dtype", args.dtype,
-                                  "--device", args.device],
+                                  "--device", args.device] + ["--ref-loss", repr(ref_loss)] * (ref_loss is not None),
                                  capture_output=True, text=True)
             if out.returncode:
                 raise RuntimeError(f"{variant} failed:\n{out.stderr[-3000:]}")
             runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
             r = runs[-1]
+            ref_loss = runs[0]["first_loss"]
             print(f"{variant:22} {r['tokens_per_s']:8.1f} tok/s  peak {r['peak_mib']:7.0f} MiB "
                   f"(+{r['peak_growth_mib']:.0f} over loaded)  losses {[round(x, 5) for x in r['losses']]}",
                   file=sys.stderr)
+    runs.sort(key=lambda r: VARIANTS.index(r["variant"]))
     by = {r["variant"]: r for r in runs}
     ref = by["transformers+peft"]
     payload = {
@@ -206,8 +242,8 @@ def main() -> None:
             v: max(abs(a - b) / abs(b) for a, b in zip(by[v]["losses"], ref["losses"], strict=True)) for v in by},
     }
     name = "train_step" if args.device == "cpu" else f"train_step-{args.device}"
-    path = write_json(name, payload)
-    plot(payload, RESULTS / f"{name}.png")
+    path = write_json(name, payload, args.out_dir)
+    plot(payload, path.with_suffix(".png"))
     print(json.dumps({k: payload[k] for k in ("speedup_vs_transformers_peft", "peak_growth_ratio_vs_transformers_peft",
                                               "max_loss_rel_diff_vs_transformers_peft")}, indent=2))
     print(f"wrote {path}", file=sys.stderr)
