@@ -90,6 +90,21 @@ def setup(tmp_path_factory):
     return root
 
 
+def _kill_at(procs: list[subprocess.Popen], checkpoint_file: Path) -> None:
+    """Once ``checkpoint_file`` exists (a job's first step saved), SIGKILL rank 1 mid-job and stop
+    rank 0 as torchrun does (SIGTERM, then SIGKILL after a grace period)."""
+    deadline = time.monotonic() + 120
+    while not checkpoint_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    procs[1].send_signal(signal.SIGKILL)
+    procs[0].terminate()
+    try:
+        procs[0].wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        procs[0].kill()
+    _wait(procs)
+
+
 def _tree(root: Path) -> dict[str, bytes]:
     """Every output but the timing logs, checkpoints, the run's own out_dir and the temp files a
     SIGKILLed process leaves (hidden names, never read)."""
@@ -110,18 +125,7 @@ def test_two_ranks_killed_mid_stage_resume_and_equal_one_process(setup):
     does), the command rerun: every output equals the one-process run's, bit for bit."""
     out = setup / "two"
     args = ["run", str(setup / "c.toml"), "--out", str(out)]
-    procs = _launch(args)
-    first_of_rank1 = out / "train" / "en-out" / checkpoint.FILE  # jobs in[en], out[en], in[fr], out[fr]
-    deadline = time.monotonic() + 120
-    while not first_of_rank1.exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    procs[1].send_signal(signal.SIGKILL)  # mid-job: its checkpoint is at step 1 of 8
-    procs[0].terminate()  # as torchrun does: SIGTERM, then SIGKILL after a grace period
-    try:
-        procs[0].wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        procs[0].kill()
-    _wait(procs)
+    _kill_at(_launch(args), out / "train" / "en-out" / checkpoint.FILE)  # jobs in[en], out[en], in[fr], out[fr]
     assert not (out / "pool" / "en" / "out").exists()
 
     results = _wait(_launch(args))
@@ -174,18 +178,7 @@ def test_data_parallel_killed_mid_job_resumes_as_if_never_stopped(setup):
     whole = _wait(_launch([*args, "--out", str(setup / "dp-whole")]))
     assert [rc for rc, _, _ in whole] == [0, 0], whole[0][2][-2000:]
     out = setup / "dp-killed"
-    procs = _launch([*args, "--out", str(out)])
-    first = out / "train" / "en-in" / checkpoint.FILE
-    deadline = time.monotonic() + 120
-    while not first.exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    procs[1].send_signal(signal.SIGKILL)
-    procs[0].terminate()
-    try:
-        procs[0].wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        procs[0].kill()
-    _wait(procs)
+    _kill_at(_launch([*args, "--out", str(out)]), out / "train" / "en-in" / checkpoint.FILE)
     assert not (out / "pool" / "en" / "in").exists()
     results = _wait(_launch([*args, "--out", str(out)]))
     assert [rc for rc, _, _ in results] == [0, 0], results[0][2][-2000:] + results[1][2][-2000:]
