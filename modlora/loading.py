@@ -123,14 +123,18 @@ def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | str | None 
     model = _build_empty(config, dtype, device)
     expected = dict(model.named_parameters())  # tied lm_head appears once, as embed_tokens
     handles: dict[Path, object] = {}
+
+    def handle(file: Path) -> object:  # each file opened once
+        if file not in handles:
+            handles[file] = _open_safetensors(file)
+        return handles[file]
+
     try:
         for name in expected:
-            file = files[name]
-            if file not in handles:
-                handles[file] = _open_safetensors(file)
-            _set_parameter(model, name, _converted(name, handles[file].get_tensor(name), file, device, dtype))
+            _set_parameter(model, name, _converted(name, handle(files[name]).get_tensor(name), files[name], device,
+                                                   dtype))
         if tied_head in files:
-            _check_tied_head(model, files[tied_head], _open_safetensors(files[tied_head]), device, dtype)
+            _check_tied_head(model, files[tied_head], handle(files[tied_head]), device, dtype)
     finally:
         handles.clear()
     if config.tie_word_embeddings:

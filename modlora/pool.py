@@ -27,7 +27,7 @@ class AdapterPool:
         if not self.root.is_dir():
             return []
         return sorted((d.parent.name, d.name) for d in self.root.glob("*/*") if d.name in ROLES
-                      and _is_plain(d.parent.name) and (d / CONFIG_FILE).is_file())
+                      and validate.is_plain_name(d.parent.name) and (d / CONFIG_FILE).is_file())
 
     def languages(self) -> list[str]:
         return sorted({lang for lang, _ in self.entries()})
@@ -87,11 +87,3 @@ class AdapterPool:
             a = self.get(language, role)
             lines.append(f"{language:8} {role:4} r={a.rank:<4} alpha={a.alpha:g} params={a.num_parameters():,}")
         return "\n".join(lines)
-
-
-def _is_plain(name: str) -> bool:
-    try:
-        validate.plain_name(name, "a language")
-    except validate.InputError:
-        return False
-    return True

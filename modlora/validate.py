@@ -431,6 +431,11 @@ def inside(folder: str | os.PathLike, name: object, what: str) -> Path:
     return Path(target)
 
 
+def is_plain_name(value: object) -> bool:
+    """Whether ``value`` is a language code or split name (:func:`plain_name` would take it)."""
+    return isinstance(value, str) and _PLAIN.fullmatch(value) is not None
+
+
 def plain_name(value: object, what: str) -> str:
     """A language code or split name used as one path component."""
     try:

@@ -197,21 +197,26 @@ def _train_once(tmp, stop_after=None, model=None):
     return adapter, result
 
 
+def _interrupting(real, at: int):
+    """``real``, but its ``at``-th call raises KeyboardInterrupt (Ctrl-C there); ``.calls`` counts them."""
+    def wrapper(*args, **kwargs):
+        wrapper.calls.append(1)
+        if len(wrapper.calls) == at:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    wrapper.calls = []
+    return wrapper
+
+
 def test_ctrl_c_inside_a_step_keeps_the_finished_steps(tmp_path, monkeypatch):
     """Interrupted in the 8th micro-batch (the 2nd of step 4 of 6; the last scheduled checkpoint is step 2):
     the save on interrupt keeps step 3, and the resumed run equals the uninterrupted one."""
     from modlora import train as train_module
 
     straight, full = _train_once(tmp_path / "a")
-    real, calls = train_module.completion_loss, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 8:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "completion_loss", interrupted)
+    real = train_module.completion_loss
+    monkeypatch.setattr(train_module, "completion_loss", _interrupting(real, at=8))
     with pytest.raises(KeyboardInterrupt):
         _train_once(tmp_path / "b")
     assert checkpoint.load(tmp_path / "b" / checkpoint.FILE, torch.device("cpu"))["step"] == 3
@@ -422,19 +427,12 @@ def test_train_config_fields_all_have_rules():
 def test_ctrl_c_while_the_checkpoint_is_written_saves_it_again(tmp_path, monkeypatch):
     """An interrupt inside the checkpoint write of step 1 leaves no file; the interrupt handler must
     then write step 1 (it did not when the step was marked saved before the write)."""
-    real, calls = checkpoint.save, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(checkpoint, "save", interrupted)
+    save = _interrupting(checkpoint.save, at=1)
+    monkeypatch.setattr(checkpoint, "save", save)
     cfg = TrainConfig(epochs=2, lr=1e-2, batch_size=3, grad_accum=1, checkpoint_every=1)
     with pytest.raises(KeyboardInterrupt):
         _adapter_run(tmp_path, _random_examples(6, seed=1), cfg, stop_after=None)
-    assert len(calls) == 2
+    assert len(save.calls) == 2
     assert checkpoint.load(tmp_path / checkpoint.FILE, torch.device("cpu"))["step"] == 1
 
 
